@@ -1,0 +1,339 @@
+"""Settings: one TOML file plus ``DICOM_NODE_<SECTION>__<KEY>`` environment overrides.
+
+Built once in ``main()`` and passed down.  Unknown keys and wrong types stop the program with
+one readable line naming the key (:func:`load_settings` raises :class:`ConfigError`).
+Relative paths (storage root, ``sqlite:`` database and broker files, model paths) resolve
+against the folder of the configuration file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from dicom_node.errors import ConfigError
+
+ENV_PREFIX = "DICOM_NODE_"
+DEFAULT_CONFIG = Path("config/dicom-node.toml")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_ae_title(value: str) -> str:
+    if not 0 < len(value) <= 16 or "\\" in value or not value.isprintable():
+        raise ValueError(f"an AE title has 1-16 printable characters without backslash, got {value!r}")
+    return value
+
+
+class TlsSettings(_Section):
+    """DICOM TLS (PS3.15 BCP 195): TLS >= 1.2 with a server certificate."""
+
+    certificate: Path
+    private_key: Path
+    #: CA bundle used to verify client certificates; set it to require them.
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = False
+
+
+class ListenerSettings(_Section):
+    ae_title: str = "DICOM_NODE"
+    host: str = "127.0.0.1"
+    port: int = Field(11112, ge=1, le=65535)
+    #: Calling AE titles allowed to associate; empty means any.
+    allowed_calling_ae_titles: list[str] = Field(default_factory=list)
+    #: Reject associations whose called AE title is not ``ae_title``.
+    require_called_ae_title: bool = True
+    max_associations: int = Field(16, ge=1)
+    #: Largest PDU we accept (0 = unlimited; DCMTK then sends 128 KiB PDUs).
+    maximum_pdu_size: int = Field(0, ge=0)
+    acse_timeout: float = Field(30.0, gt=0)
+    dimse_timeout: float = Field(60.0, gt=0)
+    network_timeout: float = Field(60.0, gt=0)
+    tls: TlsSettings | None = None
+
+    _v_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+
+class StorageSettings(_Section):
+    root: Path = Path("var/spool")
+    #: Below this much free space (MiB) C-STORE is answered 0xA700 (out of resources).
+    min_free_mb: int = Field(512, ge=0)
+    #: Delivered series are removed after this many days (``dicom-node gc``); 0 keeps them.
+    retention_days: float = Field(0, ge=0)
+
+
+class DatabaseSettings(_Section):
+    url: str = "sqlite:///var/dicom-node.db"
+
+
+class BrokerSettings(_Section):
+    url: str = "sqla+sqlite:///var/broker.db"
+
+    @property
+    def embedded(self) -> bool:
+        """True for the SQLite-backed broker that ``serve`` pairs with an in-process worker."""
+        return self.url.startswith("sqla+sqlite:")
+
+
+class WebSettings(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    #: Bearer token for mutating API calls; unset means mutating calls are refused.
+    api_token: str | None = None
+    show_patient_id: bool = False
+
+
+class LateInstancePolicy(str, Enum):
+    REPROCESS = "reprocess"
+    IGNORE = "ignore"
+
+
+class CompletionSettings(_Section):
+    #: A series is complete after this many seconds without a new instance.
+    idle_seconds: float = Field(5.0, gt=0)
+    #: How often the completion loop looks at the catalog.
+    poll_seconds: float = Field(0.25, gt=0)
+    late_instances: LateInstancePolicy = LateInstancePolicy.REPROCESS
+
+
+class WorkerSettings(_Section):
+    #: ``auto`` picks CUDA when ``torch.cuda.is_available()``, else CPU.
+    device: str = "auto"
+    amp: bool = False
+    #: Run a worker next to ``serve``: ``auto`` does so for the embedded SQLite broker.
+    in_process: Literal["auto", "yes", "no"] = "auto"
+    concurrency: int = Field(1, ge=1)
+    #: Inference attempts before a job that keeps failing is ``failed``.
+    max_attempts: int = Field(3, ge=1)
+    soft_time_limit: float = Field(600.0, gt=0)
+    time_limit: float = Field(900.0, gt=0)
+
+
+class DeliverySettings(_Section):
+    max_attempts: int = Field(5, ge=1)
+    backoff_seconds: float = Field(2.0, ge=0)
+    backoff_max_seconds: float = Field(300.0, ge=0)
+
+
+class ResultsSettings(_Section):
+    seg_series_number: int = Field(9901, ge=0)
+    sr_series_number: int = Field(9902, ge=0)
+    manufacturer: str = "dicom-node"
+
+
+class DestinationSettings(_Section):
+    name: str
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    #: Our calling AE title towards this destination (defaults to ``listener.ae_title``).
+    calling_ae_title: str | None = None
+
+    _v_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+
+class Priority(str, Enum):
+    NORMAL = "normal"
+    URGENT = "urgent"
+
+
+class RuleSettings(_Section):
+    name: str
+    #: Attribute -> expected value.  Strings match exactly (case-insensitive); ``/regex/``
+    #: matches a regular expression; ``[min, max]`` is a numeric range.
+    match: dict[str, Any] = Field(default_factory=dict)
+    models: list[str] = Field(min_length=1)
+    destinations: list[str] = Field(default_factory=list)
+    priority: Priority = Priority.NORMAL
+
+
+class ModelSettings(_Section):
+    name: str
+    path: Path
+
+
+class Settings(BaseSettings):
+    """The whole configuration of a node (and of its workers)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    listener: ListenerSettings = Field(default_factory=ListenerSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
+    completion: CompletionSettings = Field(default_factory=CompletionSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    results: ResultsSettings = Field(default_factory=ResultsSettings)
+    destinations: list[DestinationSettings] = Field(default_factory=list)
+    rules: list[RuleSettings] = Field(default_factory=list)
+    models: list[ModelSettings] = Field(default_factory=list)
+    #: Folder of the configuration file; relative paths were resolved against it.
+    config_dir: Path = Path(".")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the file (passed as init kwargs).
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _check_references(self) -> Settings:
+        names = [d.name for d in self.destinations]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"destination names must be unique, repeated: {sorted(dupes)}")
+        for rule in self.rules:
+            unknown = [d for d in rule.destinations if d not in names]
+            if unknown:
+                raise ValueError(f"rule {rule.name!r} names unknown destinations {unknown}")
+        return self
+
+    def destination(self, name: str) -> DestinationSettings:
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        raise KeyError(name)
+
+    @property
+    def run_in_process_worker(self) -> bool:
+        if self.worker.in_process == "auto":
+            return self.broker.embedded
+        return self.worker.in_process == "yes"
+
+    @property
+    def outbox(self) -> Path:
+        """Where encoded results wait for delivery (next to the spool)."""
+        return self.storage.root.parent / "outbox"
+
+
+_SQLITE_URL = re.compile(r"^(?P<scheme>(sqla\+)?sqlite(\+\w+)?:///)(?P<path>[^?]*)(?P<query>\?.*)?$")
+
+
+def _resolve_url(url: str, base: Path) -> str:
+    """Make the file path of a ``sqlite:///relative`` URL absolute against ``base``."""
+    m = _SQLITE_URL.match(url)
+    if not m or not m.group("path") or m.group("path") == ":memory:":
+        return url
+    path = Path(m.group("path"))
+    if not path.is_absolute():
+        path = (base / path).resolve()
+    return f"{m.group('scheme')}{path}{m.group('query') or ''}"
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    storage = data.get("storage")
+    if isinstance(storage, dict) and isinstance(storage.get("root"), str):
+        root = Path(storage["root"])
+        storage["root"] = str(root if root.is_absolute() else (base / root).resolve())
+    for section in ("database", "broker"):
+        sec = data.get(section)
+        if isinstance(sec, dict) and isinstance(sec.get("url"), str):
+            sec["url"] = _resolve_url(sec["url"], base)
+    for model in data.get("models") or []:
+        if isinstance(model, dict) and isinstance(model.get("path"), str):
+            p = Path(model["path"])
+            model["path"] = str(p if p.is_absolute() else (base / p).resolve())
+    tls = (data.get("listener") or {}).get("tls")
+    if isinstance(tls, dict):
+        for key in ("certificate", "private_key", "ca_certificates"):
+            if isinstance(tls.get(key), str):
+                p = Path(tls[key])
+                tls[key] = str(p if p.is_absolute() else (base / p).resolve())
+    return data
+
+
+def _env_overrides() -> dict[str, Any]:
+    """Environment overrides as a nested dict, so they pass through path resolution too."""
+    out: dict[str, Any] = {}
+    for key, raw in os.environ.items():
+        if not key.startswith(ENV_PREFIX) or key.startswith(ENV_PREFIX + "TEST_"):
+            continue
+        value: Any = raw
+        if raw[:1] in "[{":  # lists and tables are given as JSON
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{key}: not valid JSON: {exc}") from None
+        section, _, name = key[len(ENV_PREFIX):].lower().partition("__")
+        if name:
+            out.setdefault(section, {})[name] = value
+        elif section in ("destinations", "rules", "models"):
+            out[section] = value
+    return out
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One readable line per problem, naming the key (``listener.port: ...``)."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if p not in ("function-after[_check_references(), Settings]",))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        if "input" in err and err["type"] not in ("extra_forbidden", "missing") and not isinstance(err["input"], dict):
+            msg += f" (got {err['input']!r})"
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(lines)
+
+
+def load_settings(path: Path | str | None = None, *, overrides: dict[str, Any] | None = None) -> Settings:
+    """Read the TOML file at ``path`` (default ``config/dicom-node.toml`` if present), apply
+    ``DICOM_NODE_*`` environment overrides, resolve relative paths and validate.
+
+    Raises
+    ------
+    ConfigError
+        With one line naming each offending key.
+    """
+    data: dict[str, Any] = {}
+    if path is None and DEFAULT_CONFIG.exists():
+        path = DEFAULT_CONFIG
+    base = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        base = path.resolve().parent
+    for layer in (_env_overrides(), overrides or {}):
+        for section, values in layer.items():
+            if isinstance(values, dict) and isinstance(data.get(section), dict):
+                data[section].update(values)
+            else:
+                data[section] = values
+    data = _resolve_paths(data, base)
+    data["config_dir"] = str(base)
+    try:
+        # Environment values were merged above (so their paths resolve); keep pydantic's own
+        # env source from reading them a second time.
+        return Settings(_env_prefix="DICOM_NODE_IGNORED_", **data)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        where = f"{path}: " if path else ""
+        raise ConfigError(f"{where}{format_validation_error(exc)}") from None

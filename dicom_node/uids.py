@@ -1,0 +1,36 @@
+"""UID validation (before a UID becomes a path part) and deterministic result UIDs."""
+
+from __future__ import annotations
+
+import re
+
+from pydicom.uid import generate_uid
+
+from dicom_node.errors import InvalidUIDError
+
+# PS3.5 9.1: components of digits separated by '.', no leading zero in a multi-digit
+# component, at most 64 characters.
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
+MAX_UID_LENGTH = 64
+
+
+def is_valid_uid(value: object) -> bool:
+    """True when ``value`` is a syntactically valid DICOM UID."""
+    return isinstance(value, str) and len(value) <= MAX_UID_LENGTH and bool(_UID_RE.match(value))
+
+
+def validate_uid(value: object, name: str) -> str:
+    """Return ``value`` if it is a valid UID, else raise :class:`InvalidUIDError` naming it."""
+    if not is_valid_uid(value):
+        shown = repr(value)[:80]
+        raise InvalidUIDError(f"{name} is not a valid DICOM UID: {shown}")
+    return str(value)
+
+
+def derived_uid(*parts: str) -> str:
+    """A UID under the 2.25 root derived only from ``parts`` (same parts -> same UID).
+
+    Result UIDs derive from (source series, model name, model version, role), so a retried
+    or re-run job produces the same SEG/SR UIDs and an archive replaces instead of duplicating.
+    """
+    return str(generate_uid(prefix=None, entropy_srcs=["dicom-node", *parts]))

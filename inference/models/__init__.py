@@ -1,0 +1,1 @@
+"""Built-in models: classical image analysis written in torch, no downloaded weights."""

@@ -1,0 +1,68 @@
+"""Shared fixtures: real peers (redis-server, DCMTK, dicom3tools) on free loopback ports.
+
+A missing tool skips the test locally, and fails it when ``DICOM_NODE_REQUIRE_TOOLS=1``
+(``.ci/run`` sets it), so CI can never go green by skipping the real parts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dicom_node.testing import procs
+
+REQUIRE_TOOLS = os.environ.get("DICOM_NODE_REQUIRE_TOOLS") == "1"
+
+
+def require_tool(*names: str) -> None:
+    """Skip (or fail under DICOM_NODE_REQUIRE_TOOLS=1) unless every tool is on PATH."""
+    missing = [n for n in names if procs.tool_path(n) is None]
+    if missing:
+        msg = f"required tool(s) not installed: {', '.join(missing)}"
+        if REQUIRE_TOOLS:
+            pytest.fail(msg + " (DICOM_NODE_REQUIRE_TOOLS=1)")
+        pytest.skip(msg)
+
+
+@pytest.fixture
+def tool() -> object:
+    """``tool("storescu", "dciodvfy")`` inside a test: require those tools."""
+    return require_tool
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[procs.Server]:
+    """A real redis-server on a free port; ``.extra["url"]`` is its URL."""
+    require_tool("redis-server")
+    server = procs.start_redis(tmp_path / "redis")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def storescp_archive(tmp_path: Path) -> Iterator[procs.Server]:
+    """DCMTK storescp acting as the archive (AE ``ARCHIVE``); files land in ``.extra["received"]``."""
+    require_tool("storescp")
+    server = procs.start_storescp(tmp_path / "archive")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def dciodvfy_clean() -> object:
+    """``dciodvfy_clean(path)`` asserts that ``dciodvfy -new`` reports no error, returns warnings."""
+    require_tool("dciodvfy")
+
+    def check(path: Path | str) -> list[str]:
+        errors, warnings, text = procs.dciodvfy(path)
+        assert errors == [], f"dciodvfy errors for {path}:\n{text}"
+        return warnings
+
+    return check
