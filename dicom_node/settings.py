@@ -206,7 +206,10 @@ class Settings(BaseSettings):
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise ValueError(f"destination names must be unique, repeated: {sorted(dupes)}")
+        from dicom_node.routing import validate_rule
+
         for rule in self.rules:
+            validate_rule(rule)
             unknown = [d for d in rule.destinations if d not in names]
             if unknown:
                 raise ValueError(f"rule {rule.name!r} names unknown destinations {unknown}")

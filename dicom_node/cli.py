@@ -1,0 +1,221 @@
+"""The ``dicom-node`` command line.
+
+Settings are loaded once here and passed down.  A configuration error prints one line naming
+the key and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dicom_node.errors import ConfigError, DicomNodeError
+from dicom_node.settings import Settings, load_settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def _print(args: argparse.Namespace, data: Any, text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print(text)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dicom_node.logs import configure_logging
+    from dicom_node.node import Node
+    from workers.app import CeleryJobQueue, create_celery_app
+
+    settings = _settings(args)
+    configure_logging(args.log_format)
+    app = create_celery_app(settings)
+    node = Node(settings, CeleryJobQueue(app), config_path=Path(args.config) if args.config else None)
+    node.serve_forever()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from dicom_node.logs import configure_logging
+    from workers.app import DISPATCH_QUEUE, INFERENCE_QUEUE, create_celery_app
+
+    settings = _settings(args)
+    configure_logging(args.log_format)
+    app = create_celery_app(settings, with_tasks=True)
+    queues = args.queues or f"{INFERENCE_QUEUE},{DISPATCH_QUEUE}"
+    argv = ["worker", "-Q", queues, "--concurrency", str(args.concurrency or settings.worker.concurrency),
+            "--prefetch-multiplier", "1", "--loglevel", "INFO", "-E", "--without-gossip", "--without-mingle"]
+    if args.hostname:
+        argv += ["--hostname", args.hostname]
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    data = settings.model_dump(mode="json")
+    summary = (f"configuration OK: AE {settings.listener.ae_title} on {settings.listener.host}:"
+               f"{settings.listener.port}, {len(settings.rules)} rule(s), "
+               f"{len(settings.destinations)} destination(s), broker {settings.broker.url.split('://')[0]}")
+    _print(args, data, summary)
+    return 0
+
+
+def _job_dict(job: Any) -> dict[str, Any]:
+    return {
+        "id": job.id, "state": job.state, "model": job.model, "rule": job.rule,
+        "series_instance_uid": job.series_instance_uid, "study_instance_uid": job.study_instance_uid,
+        "modality": job.modality, "priority": job.priority, "attempts": job.attempts,
+        "reason": job.reason, "created_at": job.created_at, "updated_at": job.updated_at,
+        "destinations": job.destinations, "results": job.results,
+    }
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from dicom_node.catalog import Catalog
+
+    catalog = Catalog(_settings(args).database.url)
+    jobs = catalog.list_jobs(state=args.state, limit=args.limit)
+    now = time.time()
+    lines = [f"{'ID':>5}  {'STATE':<10} {'MODEL':<16} {'AGE':>7}  SERIES / REASON"]
+    for job in jobs:
+        age = f"{now - job.created_at:.0f}s"
+        lines.append(f"{job.id:>5}  {job.state:<10} {job.model:<16} {age:>7}  {job.series_instance_uid}")
+        if job.reason:
+            lines.append(f"{'':>36}{job.reason}")
+    _print(args, [_job_dict(j) for j in jobs], "\n".join(lines) if jobs else "no jobs")
+    return 0
+
+
+def _job_action(args: argparse.Namespace, action: str) -> int:
+    from dicom_node.catalog import Catalog, CatalogError, JobState
+    from dicom_node.jobs import queue_job
+    from workers.app import CeleryJobQueue, create_celery_app
+
+    settings = _settings(args)
+    catalog = Catalog(settings.database.url)
+    try:
+        if action == "retry":
+            queue_job(catalog, CeleryJobQueue(create_celery_app(settings)), args.job, reason="retried by operator")
+        else:
+            catalog.transition(args.job, JobState.CANCELLED, reason="cancelled by operator")
+    except CatalogError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    job = catalog.get_job(args.job)
+    assert job is not None
+    _print(args, _job_dict(job), f"job {job.id} is now {job.state}")
+    return 0
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from dicom_node.sender import echo
+
+    settings = _settings(args)
+    try:
+        dest = settings.destination(args.destination)
+    except KeyError:
+        print(f"error: no destination named {args.destination!r}", file=sys.stderr)
+        return 1
+    ok = echo(dest, calling_ae_title=dest.calling_ae_title or settings.listener.ae_title)
+    _print(args, {"destination": dest.name, "ok": ok},
+           f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): {'OK' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+def cmd_rules_test(args: argparse.Namespace) -> int:
+    from dicom_node.recorder import instance_from_file
+    from dicom_node.routing import evaluate
+
+    settings = _settings(args)
+    series: dict[str, dict[str, Any]] = {}
+    for path in sorted(Path(args.directory).rglob("*")):
+        if not path.is_file():
+            continue
+        try:
+            inst = instance_from_file(path)
+        except Exception:  # noqa: BLE001 - a folder may hold anything; skip what is not DICOM
+            continue
+        entry = series.setdefault(inst.series_instance_uid, {"attrs": dict(inst.attributes), "count": 0})
+        entry["count"] += 1
+        entry["attrs"]["SOPClassUID"] = inst.sop_class_uid
+    out = []
+    lines = []
+    for uid, entry in series.items():
+        attrs = {**entry["attrs"], "InstanceCount": entry["count"]}
+        results = [evaluate(rule, attrs) for rule in settings.rules]
+        out.append({"series_instance_uid": uid, "instances": entry["count"],
+                    "rules": [{"rule": r.rule.name, "matched": r.matched, "reasons": list(r.reasons),
+                               "models": r.rule.models if r.matched else []} for r in results]})
+        lines.append(f"series {uid} ({entry['count']} instances, {attrs.get('Modality', '?')})")
+        for r in results:
+            lines.append(f"  {'MATCH' if r.matched else 'no   '} {r.rule.name}: {'; '.join(r.reasons)}")
+    _print(args, out, "\n".join(lines) if lines else "no DICOM files found")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__import__('dicom_node').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Any, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--config", "-c", default=None, help="TOML file (default config/dicom-node.toml)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("serve", cmd_serve, "run the node: listener, completion, jobs (and a worker for the embedded broker)")
+    p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    p = add("worker", cmd_worker, "run a Celery worker (inference and dispatch queues)")
+    p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    p.add_argument("--queues", "-Q", default=None, help="comma-separated queues (default inference,dispatch)")
+    p.add_argument("--concurrency", type=int, default=None)
+    p.add_argument("--hostname", default=None, help="worker node name (default celery@host)")
+    cfg = sub.add_parser("config", help="configuration commands")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
+    p = cfg_sub.add_parser("check", help="validate the configuration and summarise it")
+    p.add_argument("--config", "-c", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_config_check)
+    p = add("jobs", cmd_jobs, "list jobs")
+    p.add_argument("--state", default=None)
+    p.add_argument("--limit", type=int, default=50)
+    p = add("retry", lambda a: _job_action(a, "retry"), "queue a job again")
+    p.add_argument("job", type=int)
+    p = add("cancel", lambda a: _job_action(a, "cancel"), "cancel a job")
+    p.add_argument("job", type=int)
+    p = add("echo", cmd_echo, "C-ECHO a configured destination")
+    p.add_argument("destination")
+    rules = sub.add_parser("rules", help="routing rule commands")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True)
+    p = rules_sub.add_parser("test", help="show which rules match the series in a folder, and why")
+    p.add_argument("directory")
+    p.add_argument("--config", "-c", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_rules_test)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except DicomNodeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Completion: decide when a series is complete, route it and queue its jobs.
+
+A series is complete when no instance arrived for ``completion.idle_seconds``, or earlier when
+the association that sent it was released and the instance count reached the series' own
+expected count (ImagesInAcquisition, or one enhanced multi-frame instance).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import structlog
+
+from dicom_node.catalog import Catalog, JobSpec
+from dicom_node.jobs import JobQueue, queue_job
+from dicom_node.routing import matching_rules
+from dicom_node.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+class CompletionLoop:
+    """Polls the catalog for complete series and turns them into queued jobs."""
+
+    def __init__(self, settings: Settings, catalog: Catalog, queue: JobQueue) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.queue = queue
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="completion", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.completion.poll_seconds):
+            try:
+                self.tick()
+            except Exception:  # process boundary: keep completing series after a hiccup
+                log.exception("completion_tick_failed")
+
+    def tick(self, now: float | None = None) -> list[int]:
+        """Complete every due series; return the ids of the jobs queued."""
+        now = time.time() if now is None else now
+        queued: list[int] = []
+        for series in self.catalog.due_series(now, self.settings.completion.idle_seconds):
+            uid = series.series_instance_uid
+            reason = "idle" if series.last_received_at + self.settings.completion.idle_seconds <= now else "association"
+            rules = matching_rules(self.settings.rules, series.routing_attributes())
+            specs = [JobSpec(uid, rule.name, model, rule.destinations, rule.priority.value)
+                     for rule in rules for model in rule.models]
+            note = None if specs else "no routing rule matched"
+            self.catalog.mark_series_complete(uid, reason, note)
+            log.info("series_completed", series_instance_uid=uid, study_instance_uid=series.study_instance_uid,
+                     instances=series.instance_count, reason=reason, rules=[r.name for r in rules],
+                     calling_ae_title=series.calling_ae_title)
+            for job_id in self.catalog.create_jobs(specs):
+                queue_job(self.catalog, self.queue, job_id, reason=f"series complete ({reason})")
+                queued.append(job_id)
+        return queued

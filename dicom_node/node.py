@@ -1,0 +1,124 @@
+"""``dicom-node serve``: listener, catalog recorder, completion loop and (embedded) worker.
+
+Start-up order matters for "nothing lost": clean temp files, record spooled instances the
+catalog missed, re-enqueue unfinished jobs, and only then accept associations.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import structlog
+
+from dicom_node.catalog import Catalog
+from dicom_node.completion import CompletionLoop
+from dicom_node.jobs import JobQueue, reconcile_jobs
+from dicom_node.recorder import CatalogRecorder, reconcile_spool
+from dicom_node.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+class WorkerProcess:
+    """A ``dicom-node worker`` child process, restarted if it dies."""
+
+    def __init__(self, config_path: Path | None, env: dict[str, str] | None = None) -> None:
+        self.config_path = config_path
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._supervise, name="worker-supervisor", daemon=True)
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        args = [sys.executable, "-m", "dicom_node", "worker"]
+        if self.config_path is not None:
+            args += ["--config", str(self.config_path)]
+        proc = subprocess.Popen(args, env=self.env)
+        log.info("worker_started", pid=proc.pid)
+        return proc
+
+    def start(self) -> None:
+        self.proc = self._spawn()
+        self._thread.start()
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(1.0):
+            if self.proc is not None and self.proc.poll() is not None:
+                log.warning("worker_exited", pid=self.proc.pid, returncode=self.proc.returncode)
+                self.proc = self._spawn()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+class Node:
+    """Everything ``serve`` runs in one process, wired from one :class:`Settings`."""
+
+    def __init__(self, settings: Settings, queue: JobQueue, *, config_path: Path | None = None) -> None:
+        from dicom_node.listener import Listener
+        from dicom_node.spool import Spool
+
+        self.settings = settings
+        self.queue = queue
+        self.catalog = Catalog(settings.database.url)
+        self.spool = Spool(settings.storage.root)
+        self.recorder = CatalogRecorder(self.catalog, late_policy=settings.completion.late_instances.value)
+        self.listener = Listener(settings.listener, self.spool, self.recorder, settings.storage)
+        self.completion = CompletionLoop(settings, self.catalog, queue)
+        self.worker: WorkerProcess | None = None
+        if settings.run_in_process_worker:
+            self.worker = WorkerProcess(config_path, dict(os.environ))
+        self.web: object | None = None
+
+    def start(self) -> None:
+        self.spool.clean_temp_files()
+        recovered = reconcile_spool(self.catalog, self.spool.iter_instances())
+        requeued = reconcile_jobs(self.catalog, self.queue)
+        self.recorder.start()
+        self.completion.start()
+        if self.worker is not None:
+            self.worker.start()
+        self.listener.start()
+        log.info("node_started", ae_title=self.settings.listener.ae_title, host=self.settings.listener.host,
+                 port=self.listener.port, recovered_instances=recovered, requeued_jobs=requeued,
+                 in_process_worker=self.worker is not None)
+
+    def stop(self) -> None:
+        self.listener.stop()
+        self.recorder.stop()
+        self.completion.stop()
+        if self.worker is not None:
+            self.worker.stop()
+        self.catalog.close()
+        log.info("node_stopped")
+
+    def serve_forever(self) -> None:
+        stop = threading.Event()
+
+        def _handler(signum: int, _frame: object) -> None:
+            log.info("signal_received", signal=signal.Signals(signum).name)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, _handler)
+        signal.signal(signal.SIGINT, _handler)
+        self.start()
+        try:
+            while not stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
+        time.sleep(0)

@@ -1,0 +1,153 @@
+"""The catalog side of the ingest boundary: records stored instances off the association thread.
+
+The listener hands each durably stored instance to :class:`CatalogRecorder`; a background
+thread writes them to the catalog in batches (one transaction per batch), so a C-STORE
+response never waits for the database.  An instance that is fsync'd but not yet recorded when
+the process dies is found again by :func:`reconcile_spool` at the next start.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import structlog
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from dicom_node.catalog import Catalog
+from dicom_node.ingest import CATALOG_ATTRIBUTES, AssociationSummary, StoredInstance
+
+log = structlog.get_logger(__name__)
+
+_STOP = object()
+
+
+class CatalogRecorder:
+    """An :class:`~dicom_node.ingest.IngestSink` that batches writes into the catalog."""
+
+    def __init__(self, catalog: Catalog, *, late_policy: str = "reprocess", max_batch: int = 500,
+                 on_reopened: Callable[[list[str]], None] | None = None) -> None:
+        self.catalog = catalog
+        self.late_policy = late_policy
+        self.max_batch = max_batch
+        self.on_reopened = on_reopened
+        self._queue: queue.Queue[object] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="catalog-recorder", daemon=True)
+        self._idle = threading.Event()
+        self._idle.set()
+        self._pending = 0
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(_STOP)
+        self._thread.join(timeout=30)
+
+    # IngestSink
+    def instance_stored(self, instance: StoredInstance) -> None:
+        self._put(instance)
+
+    def association_ended(self, summary: AssociationSummary) -> None:
+        self._put(summary)
+
+    def _put(self, item: object) -> None:
+        with self._lock:
+            self._pending += 1
+            self._idle.clear()
+        self._queue.put(item)
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until everything handed over so far is in the catalog."""
+        return self._idle.wait(timeout)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            batch = [item]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(b is _STOP for b in batch)
+            self._write([b for b in batch if b is not _STOP])
+            if stop:
+                return
+
+    def _write(self, batch: list[object]) -> None:
+        # Keep order: instances before the association end that follows them.
+        instances: list[StoredInstance] = []
+        try:
+            for item in batch:
+                if isinstance(item, StoredInstance):
+                    instances.append(item)
+                elif isinstance(item, AssociationSummary):
+                    self._record_instances(instances)
+                    instances = []
+                    self.catalog.record_association(item)
+            self._record_instances(instances)
+        except Exception:  # process boundary: the thread must survive a database hiccup
+            log.exception("catalog_write_failed", batch=len(batch))
+        finally:
+            with self._lock:
+                self._pending -= len(batch)
+                if self._pending <= 0:
+                    self._pending = 0
+                    self._idle.set()
+
+    def _record_instances(self, instances: list[StoredInstance]) -> None:
+        if not instances:
+            return
+        reopened = self.catalog.record_instances(instances, late_policy=self.late_policy)
+        if reopened:
+            log.info("series_reopened_by_late_instances", series=reopened)
+            if self.on_reopened:
+                self.on_reopened(reopened)
+
+
+def instance_from_file(path: Path, *, calling_ae_title: str = "", association_id: str = "") -> StoredInstance:
+    """Describe a spooled file as a :class:`StoredInstance` (headers only, pixels not read)."""
+    ds = dcmread(path, stop_before_pixels=True)
+    attrs: dict[str, str | int | float] = {}
+    for key in CATALOG_ATTRIBUTES:
+        value = ds.get(key)
+        if value is None or value == "":
+            continue
+        attrs[key] = value if isinstance(value, int | float) else str(value)
+    return StoredInstance(
+        study_instance_uid=str(ds.StudyInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        sop_class_uid=str(ds.SOPClassUID),
+        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        path=path,
+        size=path.stat().st_size,
+        calling_ae_title=calling_ae_title,
+        association_id=association_id,
+        received_at=path.stat().st_mtime,
+        attributes=attrs,
+    )
+
+
+def reconcile_spool(catalog: Catalog, paths: Iterable[Path]) -> int:
+    """Record spooled instances the catalog does not know (the process died between the
+    fsync and the catalog write).  Returns how many were added."""
+    known = catalog.known_sop_instance_uids()
+    missing = []
+    for path in paths:
+        if path.stem in known:
+            continue
+        try:
+            missing.append(instance_from_file(path, calling_ae_title="(recovered)"))
+        except (InvalidDicomError, OSError, AttributeError, ValueError) as exc:
+            log.warning("spool_file_unreadable", path=str(path), error=str(exc))
+    for start in range(0, len(missing), 500):
+        catalog.record_instances(missing[start:start + 500])
+    if missing:
+        log.info("spool_reconciled", recovered=len(missing))
+    return len(missing)

@@ -1,0 +1,156 @@
+"""Catalog and completion: counting, re-sends, late instances, completion hints, job states."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from dicom_node.catalog import Catalog, CatalogError, JobSpec, JobState
+from dicom_node.completion import CompletionLoop
+from dicom_node.ingest import AssociationSummary, StoredInstance
+from dicom_node.jobs import reconcile_jobs
+from dicom_node.recorder import CatalogRecorder
+from dicom_node.settings import load_settings
+
+STUDY, SERIES = "1.2.3", "1.2.3.4"
+
+
+def inst(n: int, t: float, series: str = SERIES, **attrs: object) -> StoredInstance:
+    base: dict[str, str | int | float] = {"Modality": "CT", "ImagesInAcquisition": 3}
+    base.update(attrs)  # type: ignore[arg-type]
+    return StoredInstance(STUDY, series, f"{series}.{n}", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
+                          Path(f"/spool/{n}.dcm"), 100, "CT1", "a1", t, base)
+
+
+class RecordingQueue:
+    """The JobQueue protocol kept in memory: what would have been sent to Celery."""
+
+    def __init__(self) -> None:
+        self.inference: list[tuple[int, str]] = []
+        self.dispatch: list[int] = []
+
+    def enqueue_inference(self, job_id: int, priority: str) -> None:
+        self.inference.append((job_id, priority))
+
+    def enqueue_dispatch(self, job_id: int) -> None:
+        self.dispatch.append(job_id)
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> Catalog:
+    return Catalog(f"sqlite:///{tmp_path / 'c.db'}")
+
+
+def settings(tmp_path: Path, idle: float = 5.0, late: str = "reprocess"):  # type: ignore[no-untyped-def]
+    cfg = tmp_path / "n.toml"
+    cfg.write_text(f"""
+[completion]
+idle_seconds = {idle}
+late_instances = "{late}"
+[[destinations]]
+name = "archive"
+ae_title = "ARCHIVE"
+host = "127.0.0.1"
+port = 4242
+[[rules]]
+name = "ct"
+match = {{ Modality = "CT" }}
+models = ["ct-tissue", "foreground"]
+destinations = ["archive"]
+priority = "urgent"
+""")
+    return load_settings(cfg)
+
+
+def test_resent_instance_is_counted_once(catalog: Catalog) -> None:
+    """Receiving the same SOP Instance UID twice keeps one instance row."""
+    catalog.record_instances([inst(1, 10.0), inst(1, 11.0), inst(2, 12.0)])
+    row = catalog.get_series(SERIES)
+    assert row is not None and row.instance_count == 2 and row.last_received_at == 12.0
+
+
+def test_idle_and_association_completion(catalog: Catalog) -> None:
+    """A series completes after the idle time, or at release once the expected count is reached."""
+    catalog.record_instances([inst(1, 100.0), inst(2, 100.0)])
+    assert catalog.due_series(104.0, 5.0) == []
+    catalog.record_association(AssociationSummary("a1", "CT1", True, frozenset({SERIES}), 100.5))
+    assert catalog.due_series(101.0, 5.0) == []  # 2 of 3 expected
+    assert [s.series_instance_uid for s in catalog.due_series(105.0, 5.0)] == [SERIES]
+    catalog.record_instances([inst(3, 101.0)])
+    catalog.record_association(AssociationSummary("a2", "CT1", True, frozenset({SERIES}), 101.2))
+    assert [s.series_instance_uid for s in catalog.due_series(101.3, 5.0)] == [SERIES]
+
+
+def test_completion_creates_one_job_per_model_and_queues_it(tmp_path: Path, catalog: Catalog) -> None:
+    """A complete CT series gets one queued job per model of the matching rule, with its priority."""
+    queue = RecordingQueue()
+    loop = CompletionLoop(settings(tmp_path), catalog, queue)
+    catalog.record_instances([inst(1, 100.0)])
+    assert loop.tick(now=106.0) != []
+    assert sorted(j.model for j in catalog.list_jobs()) == ["ct-tissue", "foreground"]
+    assert all(j.state == "queued" and j.queued_at for j in catalog.list_jobs())
+    assert [p for _, p in queue.inference] == ["urgent", "urgent"]
+    assert loop.tick(now=200.0) == []  # completed once
+
+
+def test_unrouted_series_is_noted(tmp_path: Path, catalog: Catalog) -> None:
+    """A series no rule matches completes with a note and no job."""
+    loop = CompletionLoop(settings(tmp_path), catalog, RecordingQueue())
+    catalog.record_instances([inst(1, 100.0, Modality="MR")])
+    assert loop.tick(now=106.0) == []
+    row = catalog.get_series(SERIES)
+    assert row is not None and row.state == "complete" and row.note == "no routing rule matched"
+
+
+@pytest.mark.parametrize(("policy", "jobs_after"), [("reprocess", 4), ("ignore", 2)])
+def test_late_instance_policy(tmp_path: Path, catalog: Catalog, policy: str, jobs_after: int) -> None:
+    """An instance arriving after processing re-opens the series as a new generation (or is ignored)."""
+    s = settings(tmp_path, late=policy)
+    queue = RecordingQueue()
+    loop = CompletionLoop(s, catalog, queue)
+    recorder = CatalogRecorder(catalog, late_policy=policy)
+    recorder.start()
+    recorder.instance_stored(inst(1, 100.0))
+    assert recorder.flush()
+    loop.tick(now=106.0)
+    recorder.instance_stored(inst(2, 107.0))
+    recorder.instance_stored(inst(2, 107.5))  # re-sent late instance: still one new generation
+    assert recorder.flush()
+    loop.tick(now=120.0)
+    recorder.stop()
+    assert len(catalog.list_jobs()) == jobs_after
+    if policy == "reprocess":
+        assert {j.generation for j in catalog.list_jobs()} == {1, 2}
+
+
+def test_transitions_are_guarded_and_timestamped(catalog: Catalog) -> None:
+    """Illegal transitions raise; every transition leaves a timestamped event."""
+    catalog.record_instances([inst(1, 1.0)])
+    [job_id] = catalog.create_jobs([JobSpec(SERIES, "r", "ct-tissue", ["archive"])])
+    with pytest.raises(CatalogError, match="cannot go from received to done"):
+        catalog.transition(job_id, JobState.DONE)
+    for state in (JobState.QUEUED, JobState.RUNNING, JobState.ENCODED, JobState.DELIVERING, JobState.DONE):
+        catalog.transition(job_id, state)
+    job = catalog.get_job(job_id)
+    assert job is not None and job.done_at and job.running_at and job.done_at >= job.running_at
+    assert [e.state for e in catalog.job_events(job_id)] == [
+        "received", "queued", "running", "encoded", "delivering", "done"]
+    with pytest.raises(CatalogError, match="expected queued"):
+        catalog.transition(job_id, JobState.RUNNING, expect=(JobState.QUEUED,))
+
+
+def test_reconcile_requeues_unfinished_jobs(catalog: Catalog) -> None:
+    """Jobs left queued/running/encoded by a crash are sent again at start-up."""
+    catalog.record_instances([inst(1, 1.0), inst(1, 1.0, series="1.2.3.5"), inst(2, 1.0, series="1.2.3.6")])
+    a, b, c = (catalog.create_jobs([JobSpec(s, "r", "m", [])])[0] for s in (SERIES, "1.2.3.5", "1.2.3.6"))
+    catalog.transition(a, JobState.QUEUED)
+    catalog.transition(b, JobState.QUEUED)
+    catalog.transition(b, JobState.RUNNING)
+    for st in (JobState.QUEUED, JobState.RUNNING, JobState.ENCODED):
+        catalog.transition(c, st)
+    queue = RecordingQueue()
+    assert reconcile_jobs(catalog, queue) == 3
+    assert sorted(j for j, _ in queue.inference) == [a, b] and queue.dispatch == [c]
+    assert time.time() - (catalog.get_job(b).queued_at or 0) < 60  # type: ignore[union-attr]

@@ -1,0 +1,68 @@
+"""Settings: the documented TOML works as written, env overrides, readable errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicom_node.errors import ConfigError
+from dicom_node.settings import load_settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_config_loads_and_resolves_paths_against_its_folder() -> None:
+    """The shipped config/dicom-node.toml loads and its relative paths resolve next to it."""
+    s = load_settings(REPO / "config" / "dicom-node.toml")
+    assert s.listener.ae_title == "DICOM_NODE"
+    assert s.listener.port == 11112
+    assert s.storage.root == REPO / "config" / "var" / "spool"
+    assert s.database.url == f"sqlite:///{REPO / 'config' / 'var' / 'dicom-node.db'}"
+    assert s.broker.url == f"sqla+sqlite:///{REPO / 'config' / 'var' / 'broker.db'}"
+    assert s.broker.embedded and s.run_in_process_worker
+    assert s.completion.idle_seconds == 5
+    assert s.destination("archive").port == 4242
+    assert s.rules[0].match == {"Modality": "CT"} and s.rules[0].models == ["ct-tissue"]
+
+
+def test_environment_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DICOM_NODE_<SECTION>__<KEY> overrides the file, lists come as JSON."""
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('[listener]\nport = 104\n[broker]\nurl = "sqla+sqlite:///b.db"\n')
+    monkeypatch.setenv("DICOM_NODE_LISTENER__PORT", "11999")
+    monkeypatch.setenv("DICOM_NODE_LISTENER__ALLOWED_CALLING_AE_TITLES", '["CT1", "PACS"]')
+    monkeypatch.setenv("DICOM_NODE_BROKER__URL", "redis://127.0.0.1:6379/0")
+    s = load_settings(cfg)
+    assert s.listener.port == 11999
+    assert s.listener.allowed_calling_ae_titles == ["CT1", "PACS"]
+    assert s.broker.url == "redis://127.0.0.1:6379/0"
+    assert not s.run_in_process_worker
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[listener]\nport = 'abc'\n", r"listener\.port: .*valid integer.*'abc'"),
+        ("[listener]\nportt = 1\n", r"listener\.portt: unknown key"),
+        ("[nonsense]\nx = 1\n", r"nonsense: unknown key"),
+        ("[listener]\nae_title = 'THIS_TITLE_IS_TOO_LONG'\n", r"listener\.ae_title: .*1-16"),
+        ("[[rules]]\nname='r'\nmodels=['ct-tissue']\ndestinations=['nowhere']\n", r"unknown destinations \['nowhere'\]"),
+        ("[[rules]]\nname='r'\nmodels=['m']\nmatch={Colour='red'}\n", r"cannot match on 'Colour'"),
+        ("[[rules]]\nname='r'\nmodels=['m']\nmatch={SeriesDescription='/([/'}\n", r"bad regular expression"),
+        ("[listener\n", r"not valid TOML"),
+    ],
+)
+def test_invalid_config_names_the_key(tmp_path: Path, toml: str, message: str) -> None:
+    """A wrong key or type raises ConfigError with one line naming the key."""
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(toml)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_settings(cfg)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    """A configuration path that does not exist is reported as such."""
+    with pytest.raises(ConfigError, match="configuration file not found"):
+        load_settings(tmp_path / "nope.toml")

@@ -1,0 +1,100 @@
+"""The Celery app, configured from dicom-node settings.
+
+``create_celery_app(settings)`` builds it; ``celery -A workers.app worker`` finds a default
+app built from ``$DICOM_NODE_CONFIG`` (or ``config/dicom-node.toml``) on first access.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from dicom_node.settings import Settings, load_settings
+
+INFERENCE_QUEUE = "inference"
+DISPATCH_QUEUE = "dispatch"
+INFERENCE_TASK = "dicom_node.inference"
+DISPATCH_TASK = "dicom_node.dispatch"
+#: Redis priorities: lower runs first.
+PRIORITIES = {"urgent": 0, "normal": 5}
+
+
+def create_celery_app(settings: Settings, *, with_tasks: bool = False) -> Celery:
+    """A Celery app on ``settings.broker.url``.
+
+    The producer side (``serve``) sends tasks by name and does not import them (no torch);
+    workers pass ``with_tasks=True``.
+    """
+    app = Celery("dicom_node", broker=settings.broker.url, set_as_current=False)
+    transport_options: dict[str, Any] = {}
+    if settings.broker.url.startswith(("redis://", "rediss://", "redis+socket://")):
+        transport_options = {
+            "priority_steps": list(range(10)),
+            "sep": ":",
+            "queue_order_strategy": "priority",
+            # A job whose worker died is redelivered after this long without an ack.
+            "visibility_timeout": int(settings.worker.time_limit * 2),
+        }
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=INFERENCE_QUEUE,
+        task_queues=[Queue(INFERENCE_QUEUE), Queue(DISPATCH_QUEUE)],
+        task_routes={INFERENCE_TASK: {"queue": INFERENCE_QUEUE}, DISPATCH_TASK: {"queue": DISPATCH_QUEUE}},
+        task_soft_time_limit=settings.worker.soft_time_limit,
+        task_time_limit=settings.worker.time_limit,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        # Events on, so Flower works out of the box.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+    )
+    app.dicom_node_settings = settings  # type: ignore[attr-defined]
+    if with_tasks:
+        from workers.tasks import register_tasks
+
+        register_tasks(app)
+    return app
+
+
+class CeleryJobQueue:
+    """:class:`dicom_node.jobs.JobQueue` over Celery (sends by task name: no task import)."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+
+    def enqueue_inference(self, job_id: int, priority: str) -> None:
+        self.app.send_task(INFERENCE_TASK, args=[job_id], queue=INFERENCE_QUEUE,
+                           priority=PRIORITIES.get(priority, PRIORITIES["normal"]))
+
+    def enqueue_dispatch(self, job_id: int) -> None:
+        self.app.send_task(DISPATCH_TASK, args=[job_id], queue=DISPATCH_QUEUE)
+
+
+def backoff_seconds(attempt: int, base: float, ceiling: float) -> float:
+    """Exponential backoff with full jitter: ``uniform(0.5, 1) * min(ceiling, base * 2**attempt)``."""
+    return min(ceiling, base * (2 ** max(0, attempt - 1))) * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not security
+
+
+_default: Celery | None = None
+
+
+def __getattr__(name: str) -> Any:
+    # ``celery -A workers.app worker`` looks up ``app``/``celery`` here.
+    global _default
+    if name in ("app", "celery"):
+        if _default is None:
+            _default = create_celery_app(load_settings(os.environ.get("DICOM_NODE_CONFIG")), with_tasks=True)
+        return _default
+    raise AttributeError(name)

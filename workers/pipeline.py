@@ -1,0 +1,154 @@
+"""The work of a job as plain functions: load → predict → encode → deliver.
+
+Tasks (``workers.tasks``) only handle retries and state; everything here is callable and
+testable without Celery.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from dicom_node.catalog import Catalog, JobRow, JobState
+from dicom_node.errors import PermanentError
+from dicom_node.settings import Settings
+from inference.registry import ModelRegistry
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class WorkerContext:
+    """Per-process resources of a worker: settings, catalog connection, loaded models."""
+
+    settings: Settings
+    catalog: Catalog
+    registry: ModelRegistry
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def build_context(settings: Settings) -> WorkerContext:
+    """Create the catalog connection and the model registry on the configured device."""
+    from inference.registry import select_device
+    from inference.user_models import entry_point_factories, load_user_model
+
+    device = select_device(settings.worker.device)
+    registry = ModelRegistry(device)
+    for name, factory in entry_point_factories().items():
+        registry.register(name, factory)
+    for spec in settings.models:
+        path = spec.path
+        registry.register(spec.name, lambda dev, p=path: load_user_model(p, dev))
+    log.info("worker_context_ready", device=str(device), models=registry.names)
+    return WorkerContext(settings, Catalog(settings.database.url), registry)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _dataset_bytes(ds: Any) -> bytes:
+    from io import BytesIO
+
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
+    """Load the series, run the job's model, encode SEG + SR into the outbox.
+
+    Raises ``dicom_node.PermanentError`` / ``inference.PermanentError`` for input the model
+    cannot use, ``TransientError`` for conditions worth retrying.
+    """
+    from dicom_node.loading import load_series
+    from dicom_node.results import ResultOptions, encode_results
+
+    bound = log.bind(job_id=job.id, model=job.model, series_instance_uid=job.series_instance_uid)
+    t0 = time.perf_counter()
+    paths = ctx.catalog.series_paths(job.series_instance_uid)
+    if not paths:
+        raise PermanentError(f"series {job.series_instance_uid} has no stored instances")
+    loaded = load_series(paths)
+    t1 = time.perf_counter()
+    model = ctx.registry.get(job.model)
+    if model.modalities and loaded.volume.modality not in model.modalities:
+        raise PermanentError(
+            f"model {model.name} accepts {'/'.join(sorted(model.modalities))}, "
+            f"but the series is {loaded.volume.modality or 'of unknown modality'}"
+        )
+    prediction = model.predict(loaded.volume)
+    t2 = time.perf_counter()
+    opts = ctx.settings.results
+    encoded = encode_results(
+        prediction, loaded.volume, loaded.sources, loaded.frame_refs,
+        ResultOptions(seg_series_number=opts.seg_series_number, sr_series_number=opts.sr_series_number,
+                      manufacturer=opts.manufacturer),
+    )
+    outdir = ctx.settings.outbox / f"job-{job.id}"
+    outdir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"segments": len(prediction.segments), "files": []}
+    for role, ds in (("seg", encoded.seg), ("sr", encoded.sr)):
+        if ds is None:
+            continue
+        path = outdir / f"{role}-{ds.SOPInstanceUID}.dcm"
+        _write_durably(path, _dataset_bytes(ds))
+        results["files"].append(str(path))
+        results[f"{role}_sop_instance_uid"] = str(ds.SOPInstanceUID)
+        results[f"{role}_series_instance_uid"] = str(ds.SeriesInstanceUID)
+    t3 = time.perf_counter()
+    results["timings"] = {"load_s": round(t1 - t0, 3), "inference_s": round(t2 - t1, 3), "encode_s": round(t3 - t2, 3)}
+    results["excluded"] = [list(e) for e in loaded.excluded][:50]
+    bound.info("job_encoded", segments=len(prediction.segments), **results["timings"])
+    return results
+
+
+def deliver(ctx: WorkerContext, job: JobRow) -> list[str]:
+    """Send the job's result files to every destination not yet done.
+
+    Returns the destinations that still failed transiently (empty: all done).  A permanent
+    refusal raises ``PermanentError``.
+    """
+    from dicom_node.errors import TransientError
+    from dicom_node.sender import send_instances
+
+    files = [Path(p) for p in job.results.get("files", [])]
+    missing = [str(p) for p in files if not p.exists()]
+    if missing:
+        raise PermanentError(f"result files are gone from the outbox: {', '.join(missing)}")
+    done = {d.destination for d in ctx.catalog.deliveries(job.id) if d.state == "done"}
+    pending: list[str] = []
+    for name in job.destinations:
+        if name in done:
+            continue
+        try:
+            dest = ctx.settings.destination(name)
+        except KeyError:
+            raise PermanentError(f"destination {name!r} is not configured any more") from None
+        calling = dest.calling_ae_title or ctx.settings.listener.ae_title
+        try:
+            send_instances(dest, files, calling_ae_title=calling)
+        except TransientError as exc:
+            ctx.catalog.record_delivery(job.id, name, ok=False, error=str(exc))
+            log.warning("delivery_failed", job_id=job.id, destination=name, error=str(exc), transient=True)
+            pending.append(f"{name}: {exc}")
+            continue
+        except PermanentError as exc:
+            ctx.catalog.record_delivery(job.id, name, ok=False, error=str(exc))
+            raise PermanentError(f"destination {name} refused the results: {exc}") from exc
+        ctx.catalog.record_delivery(job.id, name, ok=True)
+        log.info("results_sent", job_id=job.id, destination=name, files=len(files))
+    return pending
+
+
+__all__ = ["JobState", "WorkerContext", "build_context", "deliver", "run_inference"]

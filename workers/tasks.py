@@ -1,0 +1,121 @@
+"""Celery tasks: thin glue.  They own retries and job states; the work is in ``pipeline``.
+
+Both tasks are idempotent (result UIDs derive from series + model + version), which is what
+makes ``acks_late`` + ``reject_on_worker_lost`` safe: a job whose worker died runs again and
+produces the very same objects.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from celery import Celery, Task
+from celery.exceptions import SoftTimeLimitExceeded
+
+import inference
+from dicom_node import errors
+from dicom_node.catalog import CatalogError, JobState
+from workers.app import DISPATCH_QUEUE, DISPATCH_TASK, INFERENCE_TASK, backoff_seconds
+from workers.pipeline import WorkerContext, build_context, deliver, run_inference
+
+log = structlog.get_logger(__name__)
+
+PERMANENT = (errors.PermanentError, inference.PermanentError)
+TRANSIENT = (errors.TransientError, inference.TransientError)
+
+
+class NodeTask(Task):  # type: ignore[misc]  # celery is untyped
+    """Holds the per-process :class:`WorkerContext`, created on first use (after fork)."""
+
+    _ctx: WorkerContext | None = None
+
+    @property
+    def ctx(self) -> WorkerContext:
+        if NodeTask._ctx is None:
+            NodeTask._ctx = build_context(self.app.dicom_node_settings)
+        return NodeTask._ctx
+
+
+def _fail(ctx: WorkerContext, job_id: int, reason: str) -> None:
+    try:
+        ctx.catalog.transition(job_id, JobState.FAILED, reason=reason)
+    except CatalogError as exc:
+        log.warning("job_fail_skipped", job_id=job_id, error=str(exc))
+    log.error("job_failed", job_id=job_id, reason=reason)
+
+
+def inference_task(task: NodeTask, job_id: int) -> str:
+    ctx = task.ctx
+    job = ctx.catalog.get_job(job_id)
+    if job is None or job.state not in (JobState.QUEUED.value, JobState.RUNNING.value):
+        log.info("job_skipped", job_id=job_id, state=job.state if job else None)
+        return "skipped"
+    max_attempts = ctx.settings.worker.max_attempts
+    if job.attempts >= max_attempts:
+        # Every earlier attempt died without recording an outcome (worker killed, hard limit).
+        _fail(ctx, job_id, f"stopped after {job.attempts} attempts: the worker died or hit the "
+                           f"time limit each time (poison job)")
+        return "failed"
+    job = ctx.catalog.transition(job_id, JobState.RUNNING, expect=(JobState.QUEUED, JobState.RUNNING),
+                                 count_attempt=True)
+    try:
+        results = run_inference(ctx, job)
+    except PERMANENT as exc:
+        _fail(ctx, job_id, str(exc))
+        return "failed"
+    except SoftTimeLimitExceeded:
+        _fail(ctx, job_id, f"inference exceeded the soft time limit of {ctx.settings.worker.soft_time_limit:g} s")
+        return "failed"
+    except Exception as exc:  # process boundary: a model crash becomes a job state
+        transient = isinstance(exc, TRANSIENT)
+        if not transient:
+            log.exception("inference_crashed", job_id=job_id, model=job.model)
+        reason = f"{'transient error' if transient else 'model crashed'}: {type(exc).__name__}: {exc}"
+        if job.attempts < max_attempts:
+            ctx.catalog.transition(job_id, JobState.QUEUED, reason=f"attempt {job.attempts} failed, retrying: {reason}")
+            raise task.retry(exc=exc, countdown=backoff_seconds(job.attempts, 1.0, 60.0),
+                             max_retries=max_attempts) from exc
+        _fail(ctx, job_id, f"{reason} (after {job.attempts} attempts)")
+        return "failed"
+    ctx.catalog.set_results(job_id, results)
+    ctx.catalog.transition(job_id, JobState.ENCODED)
+    task.app.send_task(DISPATCH_TASK, args=[job_id], queue=DISPATCH_QUEUE)
+    return "encoded"
+
+
+def dispatch_task(task: NodeTask, job_id: int) -> str:
+    ctx = task.ctx
+    job = ctx.catalog.get_job(job_id)
+    if job is None or job.state not in (JobState.ENCODED.value, JobState.DELIVERING.value):
+        log.info("dispatch_skipped", job_id=job_id, state=job.state if job else None)
+        return "skipped"
+    job = ctx.catalog.transition(job_id, JobState.DELIVERING, expect=(JobState.ENCODED, JobState.DELIVERING))
+    delivery = ctx.settings.delivery
+    try:
+        pending = deliver(ctx, job)
+    except PERMANENT as exc:
+        _fail(ctx, job_id, str(exc))
+        return "failed"
+    except Exception as exc:  # process boundary
+        log.exception("dispatch_crashed", job_id=job_id)
+        pending = [f"{type(exc).__name__}: {exc}"]
+    if not pending:
+        ctx.catalog.transition(job_id, JobState.DONE)
+        log.info("job_done", job_id=job_id)
+        return "done"
+    attempts = max((d.attempts for d in ctx.catalog.deliveries(job_id) if d.state != "done"), default=1)
+    reason = "; ".join(pending)
+    if attempts >= delivery.max_attempts:
+        _fail(ctx, job_id, f"delivery failed after {attempts} attempts: {reason}")
+        return "failed"
+    countdown = backoff_seconds(attempts, delivery.backoff_seconds, delivery.backoff_max_seconds)
+    log.info("delivery_retry_scheduled", job_id=job_id, attempt=attempts, countdown=round(countdown, 2))
+    raise task.retry(countdown=countdown, max_retries=None)
+
+
+def register_tasks(app: Celery) -> None:
+    """Register both tasks on ``app`` under their fixed names."""
+    common: dict[str, Any] = {"bind": True, "base": NodeTask, "acks_late": True, "reject_on_worker_lost": True}
+    app.task(name=INFERENCE_TASK, **common)(inference_task)
+    app.task(name=DISPATCH_TASK, **common)(dispatch_task)
