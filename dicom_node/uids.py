@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import re
-
-from pydicom.uid import generate_uid
+import uuid
 
 from dicom_node.errors import InvalidUIDError
 
@@ -33,4 +32,6 @@ def derived_uid(*parts: str) -> str:
     Result UIDs derive from (source series, model name, model version, role), so a retried
     or re-run job produces the same SEG/SR UIDs and an archive replaces instead of duplicating.
     """
-    return str(generate_uid(prefix=None, entropy_srcs=["dicom-node", *parts]))
+    # A name-based UUID (RFC 4122 v5) under 2.25 (PS3.5 B.2).  pydicom's generate_uid ignores
+    # entropy_srcs when prefix is None and returns a random UID, so it cannot be used here.
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, chr(0).join(['dicom-node', *parts])).int}"

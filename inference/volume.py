@@ -56,10 +56,10 @@ class Volume:
     def index_to_patient(self, index: np.ndarray) -> np.ndarray:
         """Map voxel indices ``(..., 3)`` (slice, row, column) to LPS mm ``(..., 3)``."""
         idx = np.asarray(index, dtype=np.float64)
-        return idx @ self.affine[:3, :3].T + self.affine[:3, 3]
+        return np.asarray(idx @ self.affine[:3, :3].T + self.affine[:3, 3])
 
     def patient_to_index(self, points: np.ndarray) -> np.ndarray:
         """Map LPS mm points ``(..., 3)`` to (fractional) voxel indices ``(..., 3)``."""
         inv = np.linalg.inv(self.affine)
         pts = np.asarray(points, dtype=np.float64)
-        return pts @ inv[:3, :3].T + inv[:3, 3]
+        return np.asarray(pts @ inv[:3, :3].T + inv[:3, 3])

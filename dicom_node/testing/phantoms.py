@@ -230,7 +230,7 @@ def slice_datasets(
         sop_uid = derived_uid("phantom", info.seed, "sop", str(k))
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = sop_class
-        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.MediaStorageSOPInstanceUID = UID(sop_uid)
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
         ds.file_meta = meta

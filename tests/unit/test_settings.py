@@ -66,3 +66,13 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     """A configuration path that does not exist is reported as such."""
     with pytest.raises(ConfigError, match="configuration file not found"):
         load_settings(tmp_path / "nope.toml")
+
+
+def test_derived_uids_are_deterministic_valid_and_distinct() -> None:
+    """derived_uid gives the same valid UID for the same parts and different ones otherwise."""
+    from dicom_node.uids import derived_uid, is_valid_uid
+
+    a = derived_uid("1.2.3", "ct-tissue", "1.0.0", "seg")
+    assert a == derived_uid("1.2.3", "ct-tissue", "1.0.0", "seg")
+    assert a != derived_uid("1.2.3", "ct-tissue", "1.0.1", "seg")
+    assert is_valid_uid(a) and a.startswith("2.25.")
