@@ -1,0 +1,291 @@
+"""Ingest throughput: dicom-node listener vs DCMTK storescp (and Orthanc), DCMTK senders.
+
+Run by hand: ``python -m benchmarks.ingest [--instances 200] [--runs 3] [--orthanc]``.
+
+The fair protocol comparison: ``TCP_NODELAY=1`` in the environment of every DCMTK tool (sender
+and storescp), see ``BENCHMARKING.md``.  1 and 4 parallel associations (4 storescu processes,
+each sending a quarter of the corpus).  dicom-node runs in child processes: one listener, and
+``--processes N`` listeners sharing the port with ``SO_REUSEPORT`` (one Python process is held
+to one core by the GIL).  dicom-node fsyncs every file and its folder before answering;
+storescp and Orthanc (as configured here) do not fsync, so the node's ceiling is lower by design.
+
+Also used by :mod:`benchmarks.stock_sender` (same corpus, same helpers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom.uid import UID
+
+from dicom_node.testing import procs
+
+CORPUS_STUDY = "1.2.826.0.1.3680043.8.498.4242"
+CORPUS_SERIES = "1.2.826.0.1.3680043.8.498.4242.1"
+
+
+def make_corpus(out: Path, n: int = 200, size: int = 512) -> list[Path]:
+    """``n`` single-frame CT instances (``size``x``size`` int16, ~0.5 MB), seeded and reused."""
+    from dicom_node.testing.phantoms import (
+        ChestSpec,
+        SeriesInfo,
+        make_chest_phantom,
+        slice_datasets,
+    )
+
+    out.mkdir(parents=True, exist_ok=True)
+    existing = sorted(out.glob("*.dcm"))
+    if len(existing) == n:
+        return existing
+    base = 10
+    spec = ChestSpec(rows=size, columns=size, slices=base, pixel_spacing=0.7, slice_spacing=2.0)
+    phantom = make_chest_phantom(spec)
+    datasets = slice_datasets(
+        phantom.hu, phantom.affine, SeriesInfo(study_uid=CORPUS_STUDY, series_uid=CORPUS_SERIES)
+    )
+    paths = []
+    for i in range(n):
+        ds = datasets[i % base]
+        uid = UID(f"{CORPUS_SERIES}.{i + 1}")
+        ds.SOPInstanceUID = uid
+        ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.InstanceNumber = i + 1
+        path = out / f"{i + 1:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def _listener_main(port: int, root: str, reuse_port: bool, ready: Any, stop: Any) -> None:
+    import structlog
+
+    from dicom_node.ingest import AssociationSummary, StoredInstance
+    from dicom_node.listener import Listener
+    from dicom_node.settings import ListenerSettings, StorageSettings
+    from dicom_node.spool import Spool
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+    class CountingSink:
+        def instance_stored(self, instance: StoredInstance) -> None:
+            pass
+
+        def association_ended(self, summary: AssociationSummary) -> None:
+            pass
+
+    storage = StorageSettings(root=Path(root), min_free_mb=0)
+    listener = Listener(
+        ListenerSettings(port=port, max_associations=64),
+        Spool(storage.root),
+        CountingSink(),
+        storage,
+        reuse_port=reuse_port,
+    )
+    listener.start()
+    ready.set()
+    stop.wait()
+    listener.stop()
+
+
+@contextmanager
+def dicom_node_listeners(root: Path, processes: int = 1) -> Iterator[int]:
+    """Run ``processes`` listener processes on one port (SO_REUSEPORT when > 1); yield the port."""
+    ctx = mp.get_context("spawn")
+    port = procs.free_port()
+    stop = ctx.Event()
+    children = []
+    for _ in range(processes):
+        ready = ctx.Event()
+        p = ctx.Process(target=_listener_main, args=(port, str(root), processes > 1, ready, stop))
+        p.start()
+        if not ready.wait(30):
+            raise RuntimeError("listener process did not start")
+        children.append(p)
+    try:
+        yield port
+    finally:
+        stop.set()
+        for p in children:
+            p.join(10)
+            if p.is_alive():
+                p.terminate()
+
+
+@contextmanager
+def stock_storescp(workdir: Path, nodelay: bool) -> Iterator[int]:
+    """DCMTK storescp (no fsync), Nagle on unless ``nodelay``; yield its port."""
+    server = procs.start_storescp(workdir, nodelay=nodelay)
+    try:
+        yield server.port
+    finally:
+        server.stop()
+
+
+@contextmanager
+def orthanc(workdir: Path, nodelay: bool) -> Iterator[int]:
+    """Orthanc with a throw-away storage folder and SQLite index; yield its DICOM port."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = procs.free_port()
+    config = {
+        "Name": "bench",
+        "StorageDirectory": str(workdir / "storage"),
+        "IndexDirectory": str(workdir / "index"),
+        "DicomAet": "ORTHANC",
+        "DicomPort": port,
+        "HttpPort": procs.free_port(),
+        "HttpServerEnabled": True,
+        "RemoteAccessAllowed": False,
+        "DicomCheckCalledAet": False,
+        "StorageCompression": False,
+        "Plugins": [],
+        "DicomAlwaysAllowStore": True,
+        "UnknownSopClassAccepted": True,
+    }
+    cfg = workdir / "config.json"
+    cfg.write_text(json.dumps(config))
+    log = (workdir / "orthanc.log").open("wb")
+    proc = subprocess.Popen(
+        ["Orthanc", str(cfg)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=procs.dcmtk_env(nodelay),
+        cwd=workdir,
+    )
+    log.close()
+    try:
+        procs.wait_for_port(port, proc=proc, timeout=30)
+        yield port
+    finally:
+        procs.stop_process(proc)
+
+
+def send_parallel(
+    port: int, ae_title: str, files: Sequence[Path], parallel: int, nodelay: bool
+) -> float:
+    """Send ``files`` with ``parallel`` concurrent storescu processes; return the wall time."""
+    chunks = [list(files[i::parallel]) for i in range(parallel)]
+    start = time.perf_counter()
+    running = [
+        subprocess.Popen(
+            ["storescu", "-aec", ae_title, "127.0.0.1", str(port), *map(str, chunk)],
+            env=procs.dcmtk_env(nodelay),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for chunk in chunks
+    ]
+    outputs = [p.communicate()[0] for p in running]
+    elapsed = time.perf_counter() - start
+    for p, out in zip(running, outputs, strict=True):
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu failed ({p.returncode}): {out.decode(errors='replace')}")
+    return elapsed
+
+
+@dataclass
+class Target:
+    name: str
+    ae_title: str
+    start: Callable[[Path], Any]  # (workdir) -> context manager yielding the port
+    note: str = ""
+
+
+def measure_interleaved(
+    targets: Sequence[Target],
+    files: Sequence[Path],
+    parallel: int,
+    nodelay: bool,
+    runs: int,
+    scratch: Path,
+) -> dict[str, list[float]]:
+    """Instances/s per target; runs interleave the targets so ratios share the machine's mood.
+
+    Each run starts a fresh receiver on a fresh folder (no file is ever replaced).
+    """
+    rates: dict[str, list[float]] = {t.name: [] for t in targets}
+    for run in range(runs):
+        for target in targets:
+            workdir = scratch / f"{target.name}-{parallel}-{run}".replace(" ", "_")
+            with target.start(workdir) as port:
+                seconds = send_parallel(port, target.ae_title, files, parallel, nodelay)
+            rates[target.name].append(len(files) / seconds)
+            shutil.rmtree(workdir, ignore_errors=True)
+    return rates
+
+
+def print_table(title: str, rows: list[tuple[str, int, list[float], float | None]]) -> None:
+    """Print ``(receiver, parallel, rates, ratio)`` rows with median and spread."""
+    print(f"\n{title}")
+    print(f"{'receiver':<36} {'assoc':>5} {'median/s':>9} {'runs (instances/s)':<28} {'ratio':>6}")
+    for name, parallel, rates, ratio in rows:
+        runs = ", ".join(f"{r:.0f}" for r in rates)
+        shown = f"{ratio:.2f}x" if ratio is not None else ""
+        print(f"{name:<36} {parallel:>5} {statistics.median(rates):>9.1f} {runs:<28} {shown:>6}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instances", type=int, default=200)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=2,
+        help="listener processes sharing the port in the SO_REUSEPORT variant",
+    )
+    parser.add_argument("--parallel", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--orthanc", action="store_true", help="also measure Orthanc")
+    parser.add_argument(
+        "--corpus", type=Path, default=Path(tempfile.gettempdir()) / "dn-bench-corpus"
+    )
+    args = parser.parse_args(argv)
+
+    files = make_corpus(args.corpus, args.instances)
+    nodelay = True
+    targets = [
+        Target("storescp (no fsync)", "ARCHIVE", lambda w: stock_storescp(w, nodelay)),
+        Target(
+            "dicom-node, 1 process (fsync)",
+            "DICOM_NODE",
+            lambda w: dicom_node_listeners(w / "spool", 1),
+        ),
+        Target(
+            f"dicom-node, {args.processes} proc SO_REUSEPORT",
+            "DICOM_NODE",
+            lambda w: dicom_node_listeners(w / "spool", args.processes),
+        ),
+    ]
+    if args.orthanc and procs.tool_path("Orthanc"):
+        targets.append(Target("Orthanc (no fsync)", "ORTHANC", lambda w: orthanc(w, nodelay)))
+    with tempfile.TemporaryDirectory(prefix="dn-bench-") as tmp:
+        scratch = Path(tmp)
+        rows: list[tuple[str, int, list[float], float | None]] = []
+        for parallel in args.parallel:
+            results = measure_interleaved(targets, files, parallel, nodelay, args.runs, scratch)
+            base = statistics.median(results[targets[0].name])
+            for t in targets:
+                ratio = None if t is targets[0] else statistics.median(results[t.name]) / base
+                rows.append((t.name, parallel, results[t.name], ratio))
+    print_table(
+        f"Ingest, {len(files)} CT instances 512x512, DCMTK with TCP_NODELAY=1, "
+        f"median of {args.runs} runs (ratio vs storescp)",
+        rows,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,168 @@
+"""The spool: received instances as files, ``<root>/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``.
+
+Every write is durable before the caller answers the sender: the bytes go to a temporary file in
+the destination folder, the file is fsync'd, renamed over its final name (so a re-sent instance
+replaces its copy atomically) and the folder is fsync'd (new folders too, up to the root).  A
+crash leaves at worst a temporary file, which :meth:`Spool.clean_temp_files` removes on start and
+which is never taken for an instance.  UIDs are validated before they become path parts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from dicom_node.errors import TransientError
+from dicom_node.uids import is_valid_uid, validate_uid
+
+#: Suffix of files being written; never an instance, removed by :meth:`Spool.clean_temp_files`.
+TEMP_SUFFIX = ".dn-partial"
+INSTANCE_SUFFIX = ".dcm"
+
+BytesLike = bytes | bytearray | memoryview
+
+
+class SpoolWriteError(TransientError):
+    """Writing an instance to the spool failed (disk full, I/O error); the sender may retry."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, chunk: BytesLike) -> int:
+    view = memoryview(chunk).cast("B")
+    written = 0
+    while written < len(view):
+        written += os.write(fd, view[written:])
+    return written
+
+
+class Spool:
+    """Durable file store for received instances.
+
+    Parameters
+    ----------
+    root : Path
+        The spool folder; created (and fsync'd into its parent) when missing.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._known_dirs: set[Path] = set()
+        self._lock = threading.Lock()
+        self._ensure_dir(self.root)
+
+    def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """Return ``root/<study>/<series>/<sop>.dcm`` after validating the three UIDs.
+
+        Raises
+        ------
+        InvalidUIDError
+            When a UID is syntactically invalid, longer than 64 characters or holds ``../``.
+        """
+        study = validate_uid(study_uid, "StudyInstanceUID")
+        series = validate_uid(series_uid, "SeriesInstanceUID")
+        sop = validate_uid(sop_uid, "SOPInstanceUID")
+        return self.root / study / series / f"{sop}{INSTANCE_SUFFIX}"
+
+    def store(
+        self,
+        study_uid: str,
+        series_uid: str,
+        sop_uid: str,
+        data: BytesLike | Iterable[BytesLike],
+    ) -> Path:
+        """Write ``data`` (bytes or an iterable of chunks) durably as the instance; return its path.
+
+        Raises
+        ------
+        InvalidUIDError
+            When a UID cannot be a path part.
+        SpoolWriteError
+            When the write, fsync or rename fails (the temporary file is removed).
+        """
+        final = self.path_for(study_uid, series_uid, sop_uid)
+        chunks: Iterable[BytesLike] = (
+            [data] if isinstance(data, bytes | bytearray | memoryview) else data
+        )
+        tmp = final.with_name(f".{final.stem}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
+        try:
+            self._ensure_dir(final.parent)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileNotFoundError:
+                # The folder was removed behind our back (retention gc): forget and recreate it.
+                with self._lock:
+                    self._known_dirs.discard(final.parent)
+                    self._known_dirs.discard(final.parent.parent)
+                self._ensure_dir(final.parent)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                for chunk in chunks:
+                    _write_all(fd, chunk)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+            # The rename is durable only once the folder entry is.
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise SpoolWriteError(f"could not write {final} to the spool: {exc}") from exc
+        return final
+
+    def _ensure_dir(self, path: Path) -> None:
+        """Create ``path`` (and missing parents), fsync'ing each parent that gained an entry."""
+        if path in self._known_dirs:
+            return
+        missing: list[Path] = []
+        p = path
+        while not p.is_dir():
+            missing.append(p)
+            p = p.parent
+        for d in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                d.mkdir()
+            _fsync_dir(d.parent)
+        with self._lock:
+            self._known_dirs.add(path)
+
+    def free_mb(self) -> float:
+        """Free space (MiB) available to us on the spool's filesystem."""
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize / (1024 * 1024)
+
+    def clean_temp_files(self) -> int:
+        """Remove temporary files left by an interrupted write; return how many were removed."""
+        removed = 0
+        for path in self.root.glob(f"*/*/*{TEMP_SUFFIX}"):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed += 1
+        return removed
+
+    def iter_instances(self) -> Iterator[Path]:
+        """Yield the path of every stored instance (temporary files and strays are skipped)."""
+        for study in sorted(self.root.iterdir()):
+            if not (study.is_dir() and is_valid_uid(study.name)):
+                continue
+            for series in sorted(study.iterdir()):
+                if not (series.is_dir() and is_valid_uid(series.name)):
+                    continue
+                for path in sorted(series.iterdir()):
+                    if (
+                        path.suffix == INSTANCE_SUFFIX
+                        and is_valid_uid(path.stem)
+                        and path.is_file()
+                    ):
+                        yield path
