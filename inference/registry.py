@@ -20,11 +20,16 @@ def select_device(preference: str = "auto") -> torch.device:
 
 
 def builtin_factories() -> dict[str, ModelFactory]:
-    """The models that ship with dicom-node, by name."""
+    """The models that ship with dicom-node, by name (one entry per model class)."""
+    # Imported on call: the model modules load only in processes that build models.
     from inference.models.ct_tissue import CtTissueModel
+    from inference.models.foreground import ForegroundModel
+    from inference.models.lung_nodules import LungNoduleModel
 
     return {
         CtTissueModel.name: CtTissueModel,
+        ForegroundModel.name: ForegroundModel,
+        LungNoduleModel.name: LungNoduleModel,
     }
 
 
@@ -37,13 +42,16 @@ class ModelRegistry:
         self._loaded: dict[str, Model] = {}
 
     def register(self, name: str, factory: ModelFactory) -> None:
+        """Add (or replace) the factory of model ``name``; it is created on first :meth:`get`."""
         self._factories[name] = factory
 
     @property
     def names(self) -> list[str]:
+        """Names of every model this registry can create, sorted."""
         return sorted(self._factories)
 
     def get(self, name: str) -> Model:
+        """The model ``name`` on this registry's device, created on first use then reused."""
         if name not in self._loaded:
             try:
                 factory = self._factories[name]

@@ -35,15 +35,14 @@ class WorkerContext:
 def build_context(settings: Settings) -> WorkerContext:
     """Create the catalog connection and the model registry on the configured device."""
     from inference.registry import select_device
-    from inference.user_models import entry_point_factories, load_user_model
+    from inference.user_models import entry_point_factories, user_model_factory
 
     device = select_device(settings.worker.device)
     registry = ModelRegistry(device)
     for name, factory in entry_point_factories().items():
         registry.register(name, factory)
     for spec in settings.models:
-        path = spec.path
-        registry.register(spec.name, lambda dev, p=path: load_user_model(p, dev))
+        registry.register(spec.name, user_model_factory(spec.path))
     log.info("worker_context_ready", device=str(device), models=registry.names)
     return WorkerContext(settings, Catalog(settings.database.url), registry)
 
