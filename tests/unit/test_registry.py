@@ -13,6 +13,7 @@ from inference import PermanentError
 from inference.model import Model
 from inference.models.ct_tissue import CtTissueModel
 from inference.models.foreground import ForegroundModel
+from inference.models.lung_nodules import LungNoduleModel
 from inference.registry import ModelRegistry, builtin_factories, select_device
 
 CPU = torch.device("cpu")
@@ -21,7 +22,8 @@ CPU = torch.device("cpu")
 def test_builtin_factories_name_the_builtin_models() -> None:
     """The built-ins are ct-tissue and foreground, keyed by the models' own names."""
     factories = builtin_factories()
-    assert factories == {"ct-tissue": CtTissueModel, "foreground": ForegroundModel}
+    assert factories == {"ct-tissue": CtTissueModel, "foreground": ForegroundModel,
+                         "ct-lung-nodules": LungNoduleModel}
     for name, factory in factories.items():
         model = factory(CPU)
         assert isinstance(model, Model)
@@ -33,7 +35,7 @@ def test_builtin_factories_name_the_builtin_models() -> None:
 def test_get_creates_each_model_once_on_the_registry_device() -> None:
     """get() builds a model once, on the registry's device, then returns the same one."""
     registry = ModelRegistry(CPU)
-    assert registry.names == ["ct-tissue", "foreground"]
+    assert registry.names == ["ct-lung-nodules", "ct-tissue", "foreground"]
     first = registry.get("ct-tissue")
     assert isinstance(first, CtTissueModel)
     assert first.device == CPU
@@ -44,7 +46,7 @@ def test_get_creates_each_model_once_on_the_registry_device() -> None:
 def test_unknown_model_is_a_permanent_error() -> None:
     """Asking for a model nobody registered names the model and the known ones."""
     with pytest.raises(
-        PermanentError, match=r"unknown model 'nope'; known models: ct-tissue, foreground"
+        PermanentError, match=r"unknown model 'nope'; known models: ct-lung-nodules, ct-tissue, foreground"
     ):
         ModelRegistry(CPU).get("nope")
     with pytest.raises(PermanentError, match="known models: none"):
