@@ -71,7 +71,9 @@ def masks_by_slice(
         ref = item.DerivationImageSequence[0].SourceImageSequence[0]
         frame = int(ref.ReferencedFrameNumber) if "ReferencedFrameNumber" in ref else None
         k = slice_of[(ref.ReferencedSOPInstanceUID, frame)]
-        number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        # With a single segment highdicom moves the identification to the shared groups.
+        ident = item if "SegmentIdentificationSequence" in item else seg.SharedFunctionalGroupsSequence[0]
+        number = int(ident.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         assert not out[number][k].any(), f"slice {k} of segment {number} encoded twice"
         out[number][k] = pixels[f] > 0
     return out
