@@ -129,7 +129,7 @@ class InstanceRow(Base):
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)
     size: Mapped[int] = mapped_column(Integer)
-    received_at: Mapped[float] = mapped_column(Float)
+    received_at: Mapped[float] = mapped_column(Float, index=True)
     calling_ae_title: Mapped[str | None] = mapped_column(String(16))
     instance_number: Mapped[int | None] = mapped_column(Integer)
 

@@ -36,8 +36,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     configure_logging(args.log_format)
+    from workers.heartbeat import broker_check
+
     app = create_celery_app(settings)
-    node = Node(settings, CeleryJobQueue(app), config_path=Path(args.config) if args.config else None)
+    node = Node(settings, CeleryJobQueue(app), config_path=Path(args.config) if args.config else None,
+                broker_check=broker_check(app))
     node.serve_forever()
     return 0
 

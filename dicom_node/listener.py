@@ -24,7 +24,7 @@ import uuid
 import zlib
 from dataclasses import dataclass, field
 from io import BytesIO
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, Protocol, cast
 
 import structlog
 from pydicom.charset import convert_encodings, decode_bytes
@@ -228,6 +228,16 @@ class _AssociationState:
     reported: bool = False
 
 
+class ListenerMetrics(Protocol):
+    """What the listener reports to metrics (``dicom_node.metrics.NodeMetrics`` implements it)."""
+
+    def instance_received(self, calling_ae: str, nbytes: int) -> None: ...
+
+    def association(self, calling_ae: str, result: str) -> None: ...
+
+    def store_status(self, status: int) -> None: ...
+
+
 class Listener:
     """Storage + Verification SCP writing to a :class:`Spool` and reporting to a sink.
 
@@ -254,8 +264,10 @@ class Listener:
         storage: StorageSettings,
         *,
         reuse_port: bool = False,
+        metrics: ListenerMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.reuse_port = reuse_port
         self.spool = spool
         self.sink = sink
@@ -371,6 +383,8 @@ class Listener:
         state.log.info(
             "association_accepted", peer=f"{peer.address}:{peer.port}" if peer else None
         )
+        if self.metrics is not None:
+            self.metrics.association(state.calling_ae_title, "accepted")
 
     def _handle_rejected(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -388,6 +402,8 @@ class Listener:
             "association_rejected", calling_ae_title=calling, called_ae_title=called,
             reason=reason,
         )
+        if self.metrics is not None:
+            self.metrics.association(calling, "rejected")
 
     def _end(self, assoc: Any, released: bool) -> None:
         with self._lock:
@@ -406,6 +422,8 @@ class Listener:
             "association_released" if released else "association_aborted",
             instances=state.stored, series=len(state.series),
         )
+        if self.metrics is not None:
+            self.metrics.association(state.calling_ae_title, "released" if released else "aborted")
         try:
             self.sink.association_ended(summary)
         except Exception:
@@ -467,13 +485,16 @@ class Listener:
         req = cast(C_STORE, event.request)
         log = state.log.bind(sop_instance_uid=str(req.AffectedSOPInstanceUID or "")[:80])
         try:
-            return self._store(event, state, received_at)
+            status = self._store(event, state, received_at)
         except _Refused as refused:
             log.warning(refused.event, status=f"0x{refused.status:04X}", **refused.fields)
-            return refused.status
+            status = refused.status
         except Exception:
             log.exception("store_failed", status=f"0x{statuses.PROCESSING_FAILURE:04X}")
-            return statuses.PROCESSING_FAILURE
+            status = statuses.PROCESSING_FAILURE
+        if self.metrics is not None:
+            self.metrics.store_status(status)
+        return status
 
     def _store(self, event: evt.Event, state: _AssociationState, received_at: float) -> int:
         req = cast(C_STORE, event.request)
@@ -545,6 +566,8 @@ class Listener:
             attributes=attributes,
         )
         self.sink.instance_stored(instance)
+        if self.metrics is not None:
+            self.metrics.instance_received(state.calling_ae_title, size)
         state.series.add(series)
         state.stored += 1
         return statuses.SUCCESS

@@ -12,7 +12,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -21,6 +23,9 @@ from dicom_node.completion import CompletionLoop
 from dicom_node.jobs import JobQueue, reconcile_jobs
 from dicom_node.recorder import CatalogRecorder, reconcile_spool
 from dicom_node.settings import Settings
+
+if TYPE_CHECKING:
+    from dicom_node.web import WebServer
 
 log = structlog.get_logger(__name__)
 
@@ -68,8 +73,10 @@ class WorkerProcess:
 class Node:
     """Everything ``serve`` runs in one process, wired from one :class:`Settings`."""
 
-    def __init__(self, settings: Settings, queue: JobQueue, *, config_path: Path | None = None) -> None:
+    def __init__(self, settings: Settings, queue: JobQueue, *, config_path: Path | None = None,
+                 broker_check: Callable[[], tuple[bool, str]] | None = None) -> None:
         from dicom_node.listener import Listener
+        from dicom_node.metrics import NodeMetrics
         from dicom_node.spool import Spool
 
         self.settings = settings
@@ -77,28 +84,43 @@ class Node:
         self.catalog = Catalog(settings.database.url)
         self.spool = Spool(settings.storage.root)
         self.recorder = CatalogRecorder(self.catalog, late_policy=settings.completion.late_instances.value)
-        self.listener = Listener(settings.listener, self.spool, self.recorder, settings.storage)
+        self.metrics = NodeMetrics(self.catalog, free_mb=self.spool.free_mb,
+                                   min_free_mb=settings.storage.min_free_mb)
+        self.listener = Listener(settings.listener, self.spool, self.recorder, settings.storage,
+                                 metrics=self.metrics)
         self.completion = CompletionLoop(settings, self.catalog, queue)
         self.worker: WorkerProcess | None = None
         if settings.run_in_process_worker:
             self.worker = WorkerProcess(config_path, dict(os.environ))
-        self.web: object | None = None
+        self.web: WebServer | None = None
+        if settings.web.enabled:
+            from dicom_node.web import WebServer, create_app, readiness_checks
+
+            app = create_app(settings, self.catalog, queue, metrics=self.metrics,
+                             readiness=readiness_checks(broker=broker_check, free_mb=self.spool.free_mb,
+                                                        min_free_mb=settings.storage.min_free_mb))
+            self.web = WebServer(app, settings.web.host, settings.web.port)
 
     def start(self) -> None:
         self.spool.clean_temp_files()
         recovered = reconcile_spool(self.catalog, self.spool.iter_instances())
         requeued = reconcile_jobs(self.catalog, self.queue)
+        self.metrics.skip_history(self.catalog)
         self.recorder.start()
         self.completion.start()
         if self.worker is not None:
             self.worker.start()
+        if self.web is not None:
+            self.web.start()  # before the listener: /healthz answers first
         self.listener.start()
         log.info("node_started", ae_title=self.settings.listener.ae_title, host=self.settings.listener.host,
                  port=self.listener.port, recovered_instances=recovered, requeued_jobs=requeued,
-                 in_process_worker=self.worker is not None)
+                 in_process_worker=self.worker is not None, web_port=self.web.port if self.web else None)
 
     def stop(self) -> None:
         self.listener.stop()
+        if self.web is not None:
+            self.web.stop()
         self.recorder.stop()
         self.completion.stop()
         if self.worker is not None:

@@ -336,7 +336,7 @@ def load_settings(path: Path | str | None = None, *, overrides: dict[str, Any] |
     try:
         # Environment values were merged above (so their paths resolve); keep pydantic's own
         # env source from reading them a second time.
-        return Settings(_env_prefix="DICOM_NODE_IGNORED_", **data)  # type: ignore[call-arg]
+        return Settings(_env_prefix="DICOM_NODE_IGNORED_", **data)
     except ValidationError as exc:
         where = f"{path}: " if path else ""
         raise ConfigError(f"{where}{format_validation_error(exc)}") from None

@@ -11,7 +11,7 @@ import random
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu import Queue  # type: ignore[attr-defined]  # kombu has no type hints
 
 from dicom_node.settings import Settings, load_settings
 
@@ -48,7 +48,7 @@ def create_celery_app(settings: Settings, *, with_tasks: bool = False) -> Celery
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
         task_default_queue=INFERENCE_QUEUE,
-        task_queues=[Queue(INFERENCE_QUEUE), Queue(DISPATCH_QUEUE)],
+        task_queues=[Queue(INFERENCE_QUEUE), Queue(DISPATCH_QUEUE)],  # type: ignore[no-untyped-call]
         task_routes={INFERENCE_TASK: {"queue": INFERENCE_QUEUE}, DISPATCH_TASK: {"queue": DISPATCH_QUEUE}},
         task_soft_time_limit=settings.worker.soft_time_limit,
         task_time_limit=settings.worker.time_limit,
@@ -60,11 +60,13 @@ def create_celery_app(settings: Settings, *, with_tasks: bool = False) -> Celery
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
     )
-    app.dicom_node_settings = settings  # type: ignore[attr-defined]
+    app.dicom_node_settings = settings
     if with_tasks:
+        from workers.heartbeat import install_heartbeat
         from workers.tasks import register_tasks
 
         register_tasks(app)
+        install_heartbeat(app, settings.database.url)
     return app
 
 
@@ -84,7 +86,7 @@ class CeleryJobQueue:
 
 def backoff_seconds(attempt: int, base: float, ceiling: float) -> float:
     """Exponential backoff with full jitter: ``uniform(0.5, 1) * min(ceiling, base * 2**attempt)``."""
-    return min(ceiling, base * (2 ** max(0, attempt - 1))) * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not security
+    return float(min(ceiling, base * (2 ** max(0, attempt - 1))) * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not security
 
 
 _default: Celery | None = None

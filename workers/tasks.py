@@ -79,7 +79,11 @@ def inference_task(task: NodeTask, job_id: int) -> str:
         _fail(ctx, job_id, f"{reason} (after {job.attempts} attempts)")
         return "failed"
     ctx.catalog.set_results(job_id, results)
-    ctx.catalog.transition(job_id, JobState.ENCODED)
+    try:
+        ctx.catalog.transition(job_id, JobState.ENCODED, expect=(JobState.RUNNING,))
+    except CatalogError as exc:  # cancelled (or re-queued by an operator) while the model ran
+        log.info("job_cancelled_while_running", job_id=job_id, error=str(exc))
+        return "cancelled"
     task.app.send_task(DISPATCH_TASK, args=[job_id], queue=DISPATCH_QUEUE)
     return "encoded"
 

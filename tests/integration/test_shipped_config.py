@@ -1,10 +1,11 @@
-"""`make run`'s configuration, config/dicom-node.toml, starts a node that answers C-ECHO."""
+"""`make run`'s configuration, config/dicom-node.toml, starts a node that answers C-ECHO and /healthz."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,17 +18,17 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_shipped_config_serves_echo(tmp_path: Path) -> None:
-    """`dicom-node serve --config config/dicom-node.toml` (paths and port moved by environment
-    overrides) accepts an association from DCMTK echoscu and stops cleanly on SIGTERM."""
+    """`dicom-node serve --config config/dicom-node.toml` (paths and ports moved by environment
+    overrides) accepts an association from DCMTK echoscu, answers /healthz and stops cleanly on SIGTERM."""
     require_tool("echoscu")
-    port = procs.free_port()
+    port, web_port = procs.free_port(), procs.free_port()
     env = {
         **os.environ,
         "DICOM_NODE_LISTENER__PORT": str(port),
         "DICOM_NODE_STORAGE__ROOT": str(tmp_path / "spool"),
         "DICOM_NODE_DATABASE__URL": f"sqlite:///{tmp_path / 'node.db'}",
         "DICOM_NODE_BROKER__URL": f"sqla+sqlite:///{tmp_path / 'broker.db'}",
-        "DICOM_NODE_WEB__ENABLED": "false",
+        "DICOM_NODE_WEB__PORT": str(web_port),
     }
     log = (tmp_path / "node.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "serve", "--config", str(REPO / "config" / "dicom-node.toml"),
@@ -36,6 +37,8 @@ def test_shipped_config_serves_echo(tmp_path: Path) -> None:
         procs.wait_for_port(port, timeout=60, proc=proc)
         res = procs.run_tool(["echoscu", "-aec", "DICOM_NODE", procs.LOOPBACK, str(port)])
         assert res.returncode == 0, res.stdout + res.stderr
+        with urllib.request.urlopen(f"http://{procs.LOOPBACK}:{web_port}/healthz", timeout=10) as reply:
+            assert reply.status == 200
     finally:
         procs.stop_process(proc, timeout=30)
     assert proc.returncode == 0, (tmp_path / "node.log").read_text()

@@ -1,0 +1,185 @@
+"""Worker heartbeats: which worker processes are alive, on which queues, running which job.
+
+Each worker process (the Celery main process and every pool child) keeps one row keyed by
+``(hostname, pid)`` fresh every few seconds (``workers.heartbeat`` writes them).  The web
+dashboard, ``/readyz`` and ``/metrics`` read them through :func:`worker_statuses`.
+
+The table lives in the catalog database.  Importing this module registers it on
+:data:`dicom_node.catalog.Base`, so ``Catalog(...)`` creates it; :func:`ensure_table` creates it
+on a catalog that was opened before the import.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Float, Integer, String, delete, select
+from sqlalchemy.orm import Mapped, mapped_column
+
+from dicom_node.catalog import Base, Catalog
+
+#: A worker whose last heartbeat is older than this (seconds) counts as gone.
+ALIVE_WITHIN_S = 30.0
+
+
+class WorkerHeartbeatRow(Base):
+    __tablename__ = "worker_heartbeats"
+
+    #: Celery node name (``celery@gpu-01``), the same for the main process and its pool children.
+    hostname: Mapped[str] = mapped_column(String(255), primary_key=True)
+    pid: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    #: Comma-separated queue names the worker consumes (``inference,dispatch``).
+    queues: Mapped[str] = mapped_column(String(255), default="")
+    #: ``cuda:0``, ``cpu`` once the process has resolved it, else the configured value (``auto``).
+    device: Mapped[str | None] = mapped_column(String(64))
+    started_at: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float] = mapped_column(Float, index=True)
+    current_job_id: Mapped[int | None] = mapped_column(Integer)
+    current_model: Mapped[str | None] = mapped_column(String(128))
+    current_since: Mapped[float | None] = mapped_column(Float)
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """One worker process as the dashboard shows it."""
+
+    hostname: str
+    pid: int
+    queues: tuple[str, ...]
+    device: str | None
+    started_at: float
+    last_seen: float
+    age_s: float
+    alive: bool
+    current_job_id: int | None
+    current_model: str | None
+    current_since: float | None
+
+
+def ensure_table(catalog: Catalog) -> None:
+    """Create the heartbeat table if the catalog was created before this module was imported."""
+    WorkerHeartbeatRow.__table__.create(catalog.engine, checkfirst=True)  # type: ignore[attr-defined]
+
+
+def beat(
+    catalog: Catalog,
+    hostname: str,
+    pid: int,
+    *,
+    queues: Sequence[str],
+    device: str | None,
+    now: float | None = None,
+) -> None:
+    """Record that process ``pid`` of worker ``hostname`` is alive now."""
+    now = time.time() if now is None else now
+    with catalog.session() as s:
+        row = s.get(WorkerHeartbeatRow, (hostname, pid))
+        if row is None:
+            s.add(
+                WorkerHeartbeatRow(
+                    hostname=hostname,
+                    pid=pid,
+                    queues=",".join(queues),
+                    device=device,
+                    started_at=now,
+                    last_seen=now,
+                )
+            )
+            return
+        row.last_seen = now
+        row.queues = ",".join(queues)
+        if device is not None:
+            row.device = device
+
+
+def set_current_job(
+    catalog: Catalog,
+    hostname: str,
+    pid: int,
+    job_id: int | None,
+    model: str | None,
+    *,
+    queues: Sequence[str],
+    device: str | None,
+    now: float | None = None,
+) -> None:
+    """Record the job process ``pid`` started (``job_id=None``: it finished and is idle)."""
+    now = time.time() if now is None else now
+    beat(catalog, hostname, pid, queues=queues, device=device, now=now)
+    with catalog.session() as s:
+        row = s.get(WorkerHeartbeatRow, (hostname, pid))
+        if row is not None:
+            row.current_job_id = job_id
+            row.current_model = model if job_id is not None else None
+            row.current_since = now if job_id is not None else None
+
+
+def remove(catalog: Catalog, hostname: str, pid: int | None = None) -> None:
+    """Forget a process (or every process of ``hostname``) that shut down cleanly."""
+    with catalog.session() as s:
+        stmt = delete(WorkerHeartbeatRow).where(WorkerHeartbeatRow.hostname == hostname)
+        if pid is not None:
+            stmt = stmt.where(WorkerHeartbeatRow.pid == pid)
+        s.execute(stmt)
+
+
+def prune(catalog: Catalog, older_than_s: float = 3600.0, *, now: float | None = None) -> int:
+    """Delete rows not refreshed for ``older_than_s`` (processes killed without a goodbye)."""
+    now = time.time() if now is None else now
+    with catalog.session() as s:
+        result = s.execute(
+            delete(WorkerHeartbeatRow).where(WorkerHeartbeatRow.last_seen < now - older_than_s)
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
+
+
+def worker_statuses(
+    catalog: Catalog,
+    *,
+    within_s: float = ALIVE_WITHIN_S,
+    include_stale_s: float = 600.0,
+    now: float | None = None,
+) -> list[WorkerStatus]:
+    """Worker processes seen in the last ``include_stale_s`` seconds, alive or not, by hostname."""
+    now = time.time() if now is None else now
+    with catalog.session() as s:
+        rows = list(
+            s.scalars(
+                select(WorkerHeartbeatRow)
+                .where(WorkerHeartbeatRow.last_seen >= now - include_stale_s)
+                .order_by(WorkerHeartbeatRow.hostname, WorkerHeartbeatRow.pid)
+            )
+        )
+    return [
+        WorkerStatus(
+            hostname=r.hostname,
+            pid=r.pid,
+            queues=tuple(q for q in r.queues.split(",") if q),
+            device=r.device,
+            started_at=r.started_at,
+            last_seen=r.last_seen,
+            age_s=max(0.0, now - r.last_seen),
+            alive=now - r.last_seen <= within_s,
+            current_job_id=r.current_job_id,
+            current_model=r.current_model,
+            current_since=r.current_since,
+        )
+        for r in rows
+    ]
+
+
+def alive_workers(
+    catalog: Catalog,
+    queue: str | None = None,
+    *,
+    within_s: float = ALIVE_WITHIN_S,
+    now: float | None = None,
+) -> list[WorkerStatus]:
+    """Processes with a heartbeat in the last ``within_s`` s (consuming ``queue``, if given)."""
+    return [
+        w
+        for w in worker_statuses(catalog, within_s=within_s, include_stale_s=within_s, now=now)
+        if w.alive and (queue is None or queue in w.queues)
+    ]

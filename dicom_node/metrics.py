@@ -1,0 +1,387 @@
+"""Prometheus metrics of one node, on a registry the node owns (never the global default one).
+
+Three sources feed it:
+
+- the listener calls :meth:`NodeMetrics.instance_received`, :meth:`NodeMetrics.association` and
+  :meth:`NodeMetrics.store_status` (counters, in-process);
+- the catalog is read at scrape time by a custom collector: jobs by state, queue depth, oldest
+  queued job, delivery failures per destination, live workers, free spool space;
+- finished jobs are turned into histogram observations by :meth:`NodeMetrics.observe_finished_jobs`,
+  which remembers the last job event it read, so each job is observed exactly once (at its first
+  arrival in ``done``) however often it is called.  ``/metrics`` calls it before every scrape.
+
+Per-stage timing is defined once, in :func:`stage_durations`, and shared with the REST API.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session
+
+from dicom_node.catalog import (
+    Catalog,
+    DeliveryRow,
+    InstanceRow,
+    JobEventRow,
+    JobRow,
+    JobState,
+    SeriesRow,
+)
+from dicom_node.heartbeat import ALIVE_WITHIN_S, WorkerHeartbeatRow
+
+#: The stages of a job, in order, as the dashboard columns and the ``stage`` label name them.
+STAGES: tuple[str, ...] = (
+    "receive",
+    "complete",
+    "queued",
+    "load",
+    "inference",
+    "encode",
+    "deliver",
+)
+#: What each stage measures (shown in the API's OpenAPI description and in docs/operations.md).
+STAGE_DEFINITIONS: dict[str, str] = {
+    "receive": "first to last instance of the series received",
+    "complete": "last instance received to series complete (quiet period or association end)",
+    "queued": "job queued to a worker starting it",
+    "load": "worker reading the series into a volume",
+    "inference": "model prediction",
+    "encode": "SEG + SR encoding",
+    "deliver": "results encoded to delivered to every destination (dispatch queue + C-STORE)",
+}
+#: Queue a job in this state is waiting in.
+QUEUE_OF_STATE = {JobState.QUEUED.value: "inference", JobState.ENCODED.value: "dispatch"}
+
+_STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+_E2E_BUCKETS = (5, 10, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+#: Distinct calling AE titles kept as label values; more are counted as ``other`` so a peer
+#: inventing AE titles cannot blow up the series count.
+MAX_AE_LABELS = 64
+_BATCH = 500
+
+
+def _interval(start: float | None, end: float | None) -> float | None:
+    if start is None or end is None or end < start:
+        return None
+    return end - start
+
+
+def stage_durations(job: JobRow, series: SeriesRow | None) -> dict[str, float | None]:
+    """Seconds spent in each of :data:`STAGES` (``None`` when not reached or not measurable).
+
+    Times come from the latest attempt: a retried job shows the stages of its last run.
+    """
+    timings: dict[str, Any] = job.results.get("timings") or {}
+
+    def timing(key: str) -> float | None:
+        value = timings.get(key)
+        return float(value) if isinstance(value, int | float) else None
+
+    receive = complete = None
+    if series is not None and series.generation == job.generation:
+        receive = _interval(series.first_received_at, series.last_received_at)
+        complete = _interval(series.last_received_at, series.completed_at)
+    return {
+        "receive": receive,
+        "complete": complete,
+        "queued": _interval(job.queued_at, job.running_at),
+        "load": timing("load_s"),
+        "inference": timing("inference_s"),
+        "encode": timing("encode_s"),
+        "deliver": _interval(job.encoded_at, job.done_at),
+    }
+
+
+def last_instance_before(session: Session, job: JobRow) -> float | None:
+    """When the last instance of the job's series arrived before the job was created."""
+    return session.scalar(
+        select(func.max(InstanceRow.received_at)).where(
+            InstanceRow.series_instance_uid == job.series_instance_uid,
+            InstanceRow.received_at <= job.created_at,
+        )
+    )
+
+
+def end_to_end_seconds(job: JobRow, last_received_at: float | None) -> float | None:
+    """Last instance received to results delivered (``None`` until the job is done)."""
+    if job.state != JobState.DONE.value:
+        return None
+    return _interval(last_received_at, job.done_at)
+
+
+class _CatalogCollector(Collector):
+    """Gauges read from the catalog at scrape time (nothing cached, nothing to drift)."""
+
+    def __init__(
+        self, catalog: Catalog, free_mb: Callable[[], float] | None, min_free_mb: float | None
+    ) -> None:
+        self.catalog = catalog
+        self.free_mb = free_mb
+        self.min_free_mb = min_free_mb
+
+    def describe(self) -> Iterable[Any]:
+        # Describing without querying keeps registration cheap and the database out of start-up.
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        now = time.time()
+        by_state = GaugeMetricFamily(
+            "dicom_node_jobs", "Jobs in the catalog by state.", labels=["state"]
+        )
+        depth = GaugeMetricFamily(
+            "dicom_node_queue_depth",
+            "Jobs waiting in a queue (queued: inference, encoded: dispatch).",
+            labels=["queue", "priority"],
+        )
+        oldest = GaugeMetricFamily(
+            "dicom_node_queue_oldest_age_seconds",
+            "Age of the oldest job waiting in a queue (0 when empty).",
+            labels=["queue"],
+        )
+        failures = CounterMetricFamily(
+            "dicom_node_delivery_failures",
+            "Failed delivery attempts per destination (from the catalog).",
+            labels=["destination"],
+        )
+        workers = GaugeMetricFamily(
+            "dicom_node_workers_alive",
+            f"Worker processes with a heartbeat in the last {ALIVE_WITHIN_S:g} s.",
+            labels=["queue"],
+        )
+        with self.catalog.session() as s:
+            counts: dict[str, int] = {
+                st: n
+                for st, n in s.execute(select(JobRow.state, func.count()).group_by(JobRow.state))
+            }
+            for state in JobState:
+                by_state.add_metric([state.value], counts.get(state.value, 0))
+            waiting = s.execute(
+                select(JobRow.state, JobRow.priority, func.count(), func.min(JobRow.updated_at))
+                .where(JobRow.state.in_(list(QUEUE_OF_STATE)))
+                .group_by(JobRow.state, JobRow.priority)
+            )
+            oldest_at: dict[str, float] = {}
+            seen: set[tuple[str, str]] = set()
+            for job_state, priority, n, first in waiting:
+                queue = QUEUE_OF_STATE[job_state]
+                depth.add_metric([queue, priority], n)
+                seen.add((queue, priority))
+                oldest_at[queue] = min(first, oldest_at.get(queue, first))
+            for queue, priority in (
+                ("inference", "normal"),
+                ("inference", "urgent"),
+                ("dispatch", "normal"),
+            ):
+                if (queue, priority) not in seen:
+                    depth.add_metric([queue, priority], 0)
+            for queue in ("inference", "dispatch"):
+                oldest.add_metric(
+                    [queue], max(0.0, now - oldest_at[queue]) if queue in oldest_at else 0.0
+                )
+            # Every attempt that did not end in success was a failure.
+            failed_attempts = s.execute(
+                select(
+                    DeliveryRow.destination,
+                    func.sum(DeliveryRow.attempts)
+                    - func.sum(case((DeliveryRow.state == "done", 1), else_=0)),
+                ).group_by(DeliveryRow.destination)
+            )
+            for destination, n in failed_attempts:
+                failures.add_metric([destination], float(n or 0))
+            alive: dict[str, int] = {"inference": 0, "dispatch": 0}
+            for queues in s.scalars(
+                select(WorkerHeartbeatRow.queues).where(
+                    WorkerHeartbeatRow.last_seen >= now - ALIVE_WITHIN_S
+                )
+            ):
+                for queue in filter(None, queues.split(",")):
+                    alive[queue] = alive.get(queue, 0) + 1
+            for queue, n in sorted(alive.items()):
+                workers.add_metric([queue], n)
+        yield from (by_state, depth, oldest, failures, workers)
+        if self.free_mb is not None:
+            yield GaugeMetricFamily(
+                "dicom_node_spool_free_bytes",
+                "Free space on the spool filesystem.",
+                value=self.free_mb() * 1024 * 1024,
+            )
+        if self.min_free_mb is not None:
+            yield GaugeMetricFamily(
+                "dicom_node_spool_min_free_bytes",
+                "Watermark below which C-STORE is refused (storage.min_free_mb).",
+                value=self.min_free_mb * 1024 * 1024,
+            )
+
+
+class NodeMetrics:
+    """The node's metrics: listener counters, catalog gauges and per-job histograms.
+
+    Parameters
+    ----------
+    catalog : Catalog, optional
+        Read at scrape time for the gauges; without it only the listener counters and the
+        histograms are exposed.
+    free_mb : callable, optional
+        Free spool space in MiB (``Spool.free_mb``), exposed with ``min_free_mb`` as watermark.
+    min_free_mb : float, optional
+        ``storage.min_free_mb``.
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog | None = None,
+        *,
+        free_mb: Callable[[], float] | None = None,
+        min_free_mb: float | None = None,
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.instances_received = Counter(
+            "dicom_node_instances_received",
+            "Instances stored (C-STORE success).",
+            ["calling_ae"],
+            registry=r,
+        )
+        self.bytes_received = Counter(
+            "dicom_node_bytes_received", "Bytes of stored instances.", ["calling_ae"], registry=r
+        )
+        self.associations = Counter(
+            "dicom_node_associations",
+            "Associations by outcome (accepted, rejected, released, aborted).",
+            ["calling_ae", "result"],
+            registry=r,
+        )
+        self.store_statuses = Counter(
+            "dicom_node_store_status", "C-STORE responses by status (hex).", ["status"], registry=r
+        )
+        self.stage_seconds = Histogram(
+            "dicom_node_stage_seconds",
+            "Seconds per job stage, observed once per job when it is done.",
+            ["stage"],
+            buckets=_STAGE_BUCKETS,
+            registry=r,
+        )
+        self.end_to_end_seconds = Histogram(
+            "dicom_node_end_to_end_seconds",
+            "Last instance received to results delivered, once per job.",
+            buckets=_E2E_BUCKETS,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "dicom_node_inference_seconds",
+            "Model prediction seconds per job (worker timings), by model.",
+            ["model"],
+            buckets=_STAGE_BUCKETS,
+            registry=r,
+        )
+        self.catalog = catalog
+        if catalog is not None:
+            r.register(_CatalogCollector(catalog, free_mb, min_free_mb))
+        self._last_event_id = 0
+        self._observe_lock = threading.Lock()
+        self._ae_lock = threading.Lock()
+        self._ae_titles: set[str] = set()
+
+    # -- called by the listener ------------------------------------------------------------
+
+    def _ae(self, calling_ae: str) -> str:
+        calling_ae = calling_ae.strip()
+        with self._ae_lock:
+            if calling_ae in self._ae_titles:
+                return calling_ae
+            if len(self._ae_titles) < MAX_AE_LABELS:
+                self._ae_titles.add(calling_ae)
+                return calling_ae
+        return "other"
+
+    def instance_received(self, calling_ae: str, nbytes: int) -> None:
+        """Count one stored instance of ``nbytes`` bytes from ``calling_ae``."""
+        ae = self._ae(calling_ae)
+        self.instances_received.labels(ae).inc()
+        self.bytes_received.labels(ae).inc(nbytes)
+
+    def association(self, calling_ae: str, result: str) -> None:
+        """Count an association event (``accepted``, ``rejected``, ``released``, ``aborted``)."""
+        self.associations.labels(self._ae(calling_ae), result).inc()
+
+    def store_status(self, status: int) -> None:
+        """Count one C-STORE response with DIMSE ``status`` (label ``0x0000`` style)."""
+        self.store_statuses.labels(f"0x{status:04X}").inc()
+
+    # -- finished jobs -----------------------------------------------------------------------
+
+    def skip_history(self, catalog: Catalog) -> None:
+        """Start observing after the newest existing job event (call once at node start-up, so
+        a restart does not replay every job ever done into the histograms)."""
+        with catalog.session() as s:
+            newest = s.scalar(select(func.max(JobEventRow.id)))
+        with self._observe_lock:
+            self._last_event_id = max(self._last_event_id, int(newest or 0))
+
+    def observe_finished_jobs(self, catalog: Catalog | None = None) -> int:
+        """Observe the histograms for jobs that reached ``done`` since the last call.
+
+        Each job counts once, at its first ``done`` event (a job re-run after ``done`` is not
+        observed again).  Returns how many jobs were observed.
+        """
+        catalog = catalog or self.catalog
+        if catalog is None:
+            raise ValueError("observe_finished_jobs needs a catalog: none given and none attached")
+        observed = 0
+        with self._observe_lock, catalog.session() as s:
+            while True:
+                events = list(
+                    s.scalars(
+                        select(JobEventRow)
+                        .where(
+                            JobEventRow.id > self._last_event_id,
+                            JobEventRow.state == JobState.DONE.value,
+                        )
+                        .order_by(JobEventRow.id)
+                        .limit(_BATCH)
+                    )
+                )
+                for ev in events:
+                    earlier = s.scalar(
+                        select(func.count()).where(
+                            JobEventRow.job_id == ev.job_id,
+                            JobEventRow.state == JobState.DONE.value,
+                            JobEventRow.id < ev.id,
+                        )
+                    )
+                    job = s.get(JobRow, ev.job_id)
+                    if not earlier and job is not None:
+                        self._observe_job(s, job)
+                        observed += 1
+                    self._last_event_id = ev.id
+                if len(events) < _BATCH:
+                    break
+        return observed
+
+    def _observe_job(self, session: Session, job: JobRow) -> None:
+        series = session.get(SeriesRow, job.series_instance_uid)
+        for stage, seconds in stage_durations(job, series).items():
+            if seconds is not None:
+                self.stage_seconds.labels(stage).observe(seconds)
+        inference = stage_durations(job, None)["inference"]
+        if inference is not None:
+            self.inference_seconds.labels(job.model).observe(inference)
+        e2e = _interval(last_instance_before(session, job), job.done_at)
+        if e2e is not None:
+            self.end_to_end_seconds.observe(e2e)
+
+    # -- exposition --------------------------------------------------------------------------
+
+    def exposition(self) -> bytes:
+        """The registry in Prometheus text format (observing newly finished jobs first)."""
+        if self.catalog is not None:
+            self.observe_finished_jobs(self.catalog)
+        return generate_latest(self.registry)

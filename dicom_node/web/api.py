@@ -1,0 +1,716 @@
+"""The REST API under ``/api``: jobs, series, destinations, queue, throughput; retry and cancel.
+
+Reads go straight to the catalog.  Mutating calls (retry, cancel) need
+``Authorization: Bearer <web.api_token>``; with no token configured they are refused (403), so a
+node is read-only until someone chooses a token.  No patient data: the catalog holds none, and
+the ``patient_id`` fields stay empty unless ``web.show_patient_id`` is set *and* the node was
+given a ``patient_id_lookup`` (a documented hook; nothing provides one today).
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from pydantic import BaseModel, Field
+from sqlalchemy import distinct, func, select
+
+from dicom_node.catalog import (
+    UNFINISHED,
+    Catalog,
+    CatalogError,
+    DeliveryRow,
+    InstanceRow,
+    JobEventRow,
+    JobRow,
+    JobState,
+    SeriesRow,
+)
+from dicom_node.heartbeat import ALIVE_WITHIN_S, worker_statuses
+from dicom_node.jobs import JobQueue, queue_job
+from dicom_node.metrics import (
+    QUEUE_OF_STATE,
+    STAGE_DEFINITIONS,
+    STAGES,
+    last_instance_before,
+    stage_durations,
+)
+from dicom_node.settings import Settings
+
+#: States from which a job may be retried; unfinished jobs are still owned by a worker or queue.
+RETRYABLE = (JobState.FAILED, JobState.CANCELLED, JobState.DONE)
+PatientIdLookup = Callable[[str], str | None]
+
+
+@dataclass
+class ApiContext:
+    """What the API handlers need, built once by :func:`dicom_node.web.app.create_app`."""
+
+    settings: Settings
+    catalog: Catalog
+    queue: JobQueue
+    patient_id_lookup: PatientIdLookup | None = None
+
+    def patient_id(self, series_instance_uid: str) -> str | None:
+        """PatientID for display, only when ``web.show_patient_id`` is on and a lookup exists."""
+        if not self.settings.web.show_patient_id or self.patient_id_lookup is None:
+            return None
+        return self.patient_id_lookup(series_instance_uid)
+
+
+# -- response models ------------------------------------------------------------------------
+
+
+class JobSummary(BaseModel):
+    id: int
+    series_instance_uid: str
+    study_instance_uid: str
+    patient_id: str | None = Field(
+        None, description="Only with web.show_patient_id and a lookup hook."
+    )
+    modality: str | None
+    rule: str
+    model: str
+    priority: str
+    state: str
+    reason: str | None
+    attempts: int
+    generation: int
+    destinations: list[str]
+    created_at: float
+    updated_at: float
+    age_s: float = Field(description="Seconds since the job was created.")
+    queued_at: float | None
+    running_at: float | None
+    encoded_at: float | None
+    delivering_at: float | None
+    done_at: float | None
+    failed_at: float | None
+    stages: dict[str, float | None] = Field(
+        description="Seconds per stage: "
+        + "; ".join(f"{k}: {v}" for k, v in STAGE_DEFINITIONS.items())
+    )
+    end_to_end_s: float | None = Field(description="Last instance received to results delivered.")
+
+
+class JobEvent(BaseModel):
+    id: int
+    state: str
+    at: float
+    detail: str | None
+
+
+class Delivery(BaseModel):
+    destination: str
+    state: str
+    attempts: int
+    last_error: str | None
+    last_attempt_at: float | None
+    done_at: float | None
+
+
+class JobDetail(JobSummary):
+    events: list[JobEvent]
+    deliveries: list[Delivery]
+    results: dict[str, Any] = Field(
+        description="Timings, result UIDs and file count (no file paths)."
+    )
+    actions: list[str] = Field(description="Actions the job's state allows: retry, cancel.")
+
+
+class ActionResult(BaseModel):
+    job_id: int
+    state: str
+    message: str
+
+
+class SeriesSummary(BaseModel):
+    series_instance_uid: str
+    study_instance_uid: str
+    patient_id: str | None = None
+    modality: str | None
+    body_part_examined: str | None
+    series_description: str | None
+    calling_ae_title: str | None
+    instance_count: int
+    expected_count: int | None
+    bytes_received: int
+    first_received_at: float
+    last_received_at: float
+    state: str
+    completed_at: float | None
+    completion_reason: str | None
+    generation: int
+    note: str | None
+
+
+class SeriesDetail(SeriesSummary):
+    jobs: list[JobSummary]
+
+
+class DestinationHealth(BaseModel):
+    name: str
+    configured: bool = Field(
+        description="False for a destination that only appears in old deliveries."
+    )
+    ae_title: str | None
+    host: str | None
+    port: int | None
+    status: str = Field(
+        description="ok (last attempt succeeded), failing, or unknown (never tried)."
+    )
+    last_success_at: float | None
+    last_failure_at: float | None
+    last_error: str | None
+    delivered: int
+    failed: int
+    pending: int
+    failed_attempts: int
+
+
+class QueueDepth(BaseModel):
+    queue: str
+    priority: str
+    depth: int
+    oldest_age_s: float | None
+
+
+class Worker(BaseModel):
+    hostname: str
+    pid: int
+    queues: list[str]
+    device: str | None
+    alive: bool
+    last_seen: float
+    age_s: float
+    current_job_id: int | None
+    current_model: str | None
+    current_since: float | None
+
+
+class QueueStatus(BaseModel):
+    queues: list[QueueDepth]
+    jobs_by_state: dict[str, int]
+    workers: list[Worker]
+    alive_within_s: float
+
+
+class Throughput(BaseModel):
+    window_s: float
+    instances: int
+    bytes: int
+    instances_per_minute: float
+    studies: int
+    studies_per_hour: float
+    jobs_done: int
+    jobs_failed: int
+    per_minute: list[int] = Field(description="Instances received per minute, oldest first.")
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def _summary(
+    ctx: ApiContext, job: JobRow, series: SeriesRow | None, last_received: float | None, now: float
+) -> JobSummary:
+    return JobSummary(
+        id=job.id,
+        series_instance_uid=job.series_instance_uid,
+        study_instance_uid=job.study_instance_uid,
+        patient_id=ctx.patient_id(job.series_instance_uid),
+        modality=job.modality,
+        rule=job.rule,
+        model=job.model,
+        priority=job.priority,
+        state=job.state,
+        reason=job.reason,
+        attempts=job.attempts,
+        generation=job.generation,
+        destinations=job.destinations,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        age_s=max(0.0, now - job.created_at),
+        queued_at=job.queued_at,
+        running_at=job.running_at,
+        encoded_at=job.encoded_at,
+        delivering_at=job.delivering_at,
+        done_at=job.done_at,
+        failed_at=job.failed_at,
+        stages=stage_durations(job, series),
+        end_to_end_s=(
+            job.done_at - last_received
+            if job.state == JobState.DONE.value
+            and job.done_at is not None
+            and last_received is not None
+            and job.done_at >= last_received
+            else None
+        ),
+    )
+
+
+def _summaries(ctx: ApiContext, jobs: list[JobRow]) -> list[JobSummary]:
+    now = time.time()
+    uids = {j.series_instance_uid for j in jobs}
+    with ctx.catalog.session() as s:
+        series = (
+            {
+                r.series_instance_uid: r
+                for r in s.scalars(select(SeriesRow).where(SeriesRow.series_instance_uid.in_(uids)))
+            }
+            if uids
+            else {}
+        )
+    out = []
+    for job in jobs:
+        row = series.get(job.series_instance_uid)
+        # The series' last instance is the job's only if no late instance re-opened it since.
+        last = (
+            row.last_received_at
+            if row is not None and row.last_received_at <= job.created_at
+            else None
+        )
+        out.append(_summary(ctx, job, row, last, now))
+    return out
+
+
+def _series_summary(ctx: ApiContext, row: SeriesRow) -> SeriesSummary:
+    return SeriesSummary(
+        series_instance_uid=row.series_instance_uid,
+        study_instance_uid=row.study_instance_uid,
+        patient_id=ctx.patient_id(row.series_instance_uid),
+        modality=row.modality,
+        body_part_examined=row.body_part_examined,
+        series_description=row.series_description,
+        calling_ae_title=row.calling_ae_title,
+        instance_count=row.instance_count,
+        expected_count=row.expected_count,
+        bytes_received=row.bytes_received,
+        first_received_at=row.first_received_at,
+        last_received_at=row.last_received_at,
+        state=row.state,
+        completed_at=row.completed_at,
+        completion_reason=row.completion_reason,
+        generation=row.generation,
+        note=row.note,
+    )
+
+
+def _public_results(results: dict[str, Any]) -> dict[str, Any]:
+    # File paths reveal the outbox layout and nothing useful to a dashboard user.
+    if not results:
+        return {}
+    out = {k: v for k, v in results.items() if k not in ("files", "excluded")}
+    out["file_count"] = len(results.get("files", []))
+    out["excluded_count"] = len(results.get("excluded", []))
+    return out
+
+
+def _actions(state: str) -> list[str]:
+    actions = []
+    if state in {s.value for s in RETRYABLE}:
+        actions.append("retry")
+    if state in {s.value for s in UNFINISHED}:
+        actions.append("cancel")
+    return actions
+
+
+def _token_dependency(settings: Settings) -> Callable[[Request], None]:
+    def require_token(request: Request) -> None:
+        expected = settings.web.api_token
+        if not expected:
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN,
+                "mutating API calls are disabled because no API token is configured; set "
+                "[web] api_token in the configuration file (or DICOM_NODE_WEB__API_TOKEN) and "
+                "send it as 'Authorization: Bearer <token>'",
+            )
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                "this call needs an 'Authorization: Bearer <token>' header",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if not hmac.compare_digest(given.strip().encode(), expected.encode()):
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                "the API token is wrong",
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
+
+    return require_token
+
+
+# -- router ---------------------------------------------------------------------------------
+
+
+def create_router(ctx: ApiContext) -> APIRouter:
+    """The ``/api`` routes bound to ``ctx``."""
+    router = APIRouter(prefix="/api")
+    authorized = [Depends(_token_dependency(ctx.settings))]
+    catalog = ctx.catalog
+
+    def get_job_or_404(job_id: int) -> JobRow:
+        job = catalog.get_job(job_id)
+        if job is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
+        return job
+
+    @router.get(
+        "/jobs", response_model=list[JobSummary], tags=["jobs"], summary="List jobs, newest first"
+    )
+    def list_jobs(
+        state: JobState | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    ) -> list[JobSummary]:
+        return _summaries(ctx, catalog.list_jobs(state.value if state else None, limit=limit))
+
+    @router.get(
+        "/jobs/{job_id}",
+        response_model=JobDetail,
+        tags=["jobs"],
+        summary="A job with its timeline, stage durations and deliveries",
+    )
+    def job_detail(job_id: int) -> JobDetail:
+        now = time.time()
+        with catalog.session() as s:
+            job = s.get(JobRow, job_id)
+            if job is None:
+                raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
+            series = s.get(SeriesRow, job.series_instance_uid)
+            last = last_instance_before(s, job)
+            events = list(
+                s.scalars(
+                    select(JobEventRow).where(JobEventRow.job_id == job_id).order_by(JobEventRow.id)
+                )
+            )
+            deliveries = list(
+                s.scalars(
+                    select(DeliveryRow).where(DeliveryRow.job_id == job_id).order_by(DeliveryRow.id)
+                )
+            )
+            summary = _summary(ctx, job, series, last, now)
+            return JobDetail(
+                **summary.model_dump(),
+                events=[JobEvent(id=e.id, state=e.state, at=e.at, detail=e.detail) for e in events],
+                deliveries=[
+                    Delivery(
+                        destination=d.destination,
+                        state=d.state,
+                        attempts=d.attempts,
+                        last_error=d.last_error,
+                        last_attempt_at=d.last_attempt_at,
+                        done_at=d.done_at,
+                    )
+                    for d in deliveries
+                ],
+                results=_public_results(job.results),
+                actions=_actions(job.state),
+            )
+
+    @router.post(
+        "/jobs/{job_id}/retry",
+        response_model=ActionResult,
+        tags=["jobs"],
+        dependencies=authorized,
+        summary="Queue a failed, cancelled or done job again",
+        responses={
+            401: {"description": "missing or wrong token"},
+            403: {"description": "no API token configured"},
+            404: {"description": "no such job"},
+            409: {"description": "the job is still unfinished"},
+        },
+    )
+    def retry_job(job_id: int) -> ActionResult:
+        job = get_job_or_404(job_id)
+        if job.state not in {s.value for s in RETRYABLE}:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT,
+                f"job {job_id} is {job.state}; only failed, cancelled or done jobs can be retried",
+            )
+        try:
+            queue_job(catalog, ctx.queue, job_id, reason="retried from the web API")
+        except CatalogError as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        after = get_job_or_404(job_id)
+        return ActionResult(
+            job_id=job_id,
+            state=after.state,
+            message=f"job {job_id} sent to the {QUEUE_OF_STATE.get(after.state, 'inference')} "
+            "queue",
+        )
+
+    @router.post(
+        "/jobs/{job_id}/cancel",
+        response_model=ActionResult,
+        tags=["jobs"],
+        dependencies=authorized,
+        summary="Cancel an unfinished job (a worker skips it; a running model is not interrupted)",
+        responses={
+            401: {"description": "missing or wrong token"},
+            403: {"description": "no API token configured"},
+            404: {"description": "no such job"},
+            409: {"description": "the job is already finished"},
+        },
+    )
+    def cancel_job(job_id: int) -> ActionResult:
+        job = get_job_or_404(job_id)
+        try:
+            catalog.transition(
+                job_id, JobState.CANCELLED, reason="cancelled from the web API", expect=UNFINISHED
+            )
+        except CatalogError as exc:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT,
+                f"job {job_id} is {job.state} and cannot be cancelled ({exc})",
+            ) from None
+        return ActionResult(
+            job_id=job_id, state=JobState.CANCELLED.value, message=f"job {job_id} cancelled"
+        )
+
+    @router.get(
+        "/series",
+        response_model=list[SeriesSummary],
+        tags=["series"],
+        summary="Series, most recently received first",
+    )
+    def list_series(limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[SeriesSummary]:
+        return [_series_summary(ctx, r) for r in catalog.list_series(limit=limit)]
+
+    @router.get(
+        "/series/{series_instance_uid}",
+        response_model=SeriesDetail,
+        tags=["series"],
+        summary="A series with its jobs",
+    )
+    def series_detail(series_instance_uid: str) -> SeriesDetail:
+        row = catalog.get_series(series_instance_uid)
+        if row is None:
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND, f"series {series_instance_uid} not found"
+            )
+        with catalog.session() as s:
+            jobs = list(
+                s.scalars(
+                    select(JobRow)
+                    .where(JobRow.series_instance_uid == series_instance_uid)
+                    .order_by(JobRow.id)
+                )
+            )
+        return SeriesDetail(**_series_summary(ctx, row).model_dump(), jobs=_summaries(ctx, jobs))
+
+    @router.get(
+        "/destinations",
+        response_model=list[DestinationHealth],
+        tags=["operations"],
+        summary="Per-destination delivery health",
+    )
+    def destinations() -> list[DestinationHealth]:
+        return destination_health(ctx.settings, catalog)
+
+    @router.get(
+        "/queue",
+        response_model=QueueStatus,
+        tags=["operations"],
+        summary="Queue depth per queue and priority, and the workers seen",
+    )
+    def queue_status() -> QueueStatus:
+        now = time.time()
+        with catalog.session() as s:
+            counts: dict[str, int] = {
+                st: n
+                for st, n in s.execute(select(JobRow.state, func.count()).group_by(JobRow.state))
+            }
+            rows = s.execute(
+                select(JobRow.state, JobRow.priority, func.count(), func.min(JobRow.updated_at))
+                .where(JobRow.state.in_(list(QUEUE_OF_STATE)))
+                .group_by(JobRow.state, JobRow.priority)
+            )
+            depth = {(QUEUE_OF_STATE[st], pr): (n, now - first) for st, pr, n, first in rows}
+        keys = sorted(
+            set(depth) | {("inference", "urgent"), ("inference", "normal"), ("dispatch", "normal")},
+            key=lambda k: (k[0] != "inference", k[1] != "urgent", k),
+        )
+        queues = [
+            QueueDepth(
+                queue=q,
+                priority=p,
+                depth=depth.get((q, p), (0, 0.0))[0],
+                oldest_age_s=max(0.0, depth[(q, p)][1]) if (q, p) in depth else None,
+            )
+            for q, p in keys
+        ]
+        workers = [
+            Worker(
+                hostname=w.hostname,
+                pid=w.pid,
+                queues=list(w.queues),
+                device=w.device,
+                alive=w.alive,
+                last_seen=w.last_seen,
+                age_s=w.age_s,
+                current_job_id=w.current_job_id,
+                current_model=w.current_model,
+                current_since=w.current_since,
+            )
+            for w in worker_statuses(catalog, now=now)
+        ]
+        return QueueStatus(
+            queues=queues,
+            jobs_by_state={st.value: counts.get(st.value, 0) for st in JobState},
+            workers=workers,
+            alive_within_s=ALIVE_WITHIN_S,
+        )
+
+    @router.get(
+        "/throughput",
+        response_model=Throughput,
+        tags=["operations"],
+        summary="Instances per minute and studies per hour over the last hour",
+    )
+    def throughput(minutes: Annotated[int, Query(ge=1, le=1440)] = 60) -> Throughput:
+        return compute_throughput(catalog, window_s=minutes * 60.0)
+
+    return router
+
+
+def destination_health(settings: Settings, catalog: Catalog) -> list[DestinationHealth]:
+    """Delivery health per destination: configured ones first, then any only seen in deliveries."""
+    stats: dict[str, dict[str, Any]] = {}
+    with catalog.session() as s:
+        for row in s.scalars(select(DeliveryRow)):
+            st = stats.setdefault(
+                row.destination,
+                {
+                    "delivered": 0,
+                    "failed": 0,
+                    "pending": 0,
+                    "failed_attempts": 0,
+                    "last_success_at": None,
+                    "last_failure_at": None,
+                    "last_error": None,
+                },
+            )
+            if row.state == "done":
+                st["delivered"] += 1
+                st["failed_attempts"] += max(0, row.attempts - 1)
+                if row.done_at is not None and (st["last_success_at"] or 0) < row.done_at:
+                    st["last_success_at"] = row.done_at
+            else:
+                st["failed" if row.state == "failed" else "pending"] += 1
+                st["failed_attempts"] += row.attempts
+                if (
+                    row.state == "failed"
+                    and row.last_attempt_at is not None
+                    and (st["last_failure_at"] or 0) < row.last_attempt_at
+                ):
+                    st["last_failure_at"] = row.last_attempt_at
+                    st["last_error"] = row.last_error
+    configured = {d.name: d for d in settings.destinations}
+    out = []
+    for name in [*configured, *sorted(set(stats) - set(configured))]:
+        st = stats.get(
+            name,
+            {
+                "delivered": 0,
+                "failed": 0,
+                "pending": 0,
+                "failed_attempts": 0,
+                "last_success_at": None,
+                "last_failure_at": None,
+                "last_error": None,
+            },
+        )
+        ok_at, bad_at = st["last_success_at"], st["last_failure_at"]
+        health = (
+            "unknown"
+            if ok_at is None and bad_at is None
+            else "failing"
+            if bad_at is not None and (ok_at is None or bad_at > ok_at)
+            else "ok"
+        )
+        dest = configured.get(name)
+        out.append(
+            DestinationHealth(
+                name=name,
+                configured=dest is not None,
+                ae_title=dest.ae_title if dest else None,
+                host=dest.host if dest else None,
+                port=dest.port if dest else None,
+                status=health,
+                **st,
+            )
+        )
+    return out
+
+
+def compute_throughput(
+    catalog: Catalog, *, window_s: float = 3600.0, now: float | None = None
+) -> Throughput:
+    """Instances, bytes and studies received, and jobs finished, in the last ``window_s`` s."""
+    now = time.time() if now is None else now
+    since = now - window_s
+    minutes = max(1, round(window_s / 60))
+    per_minute = [0] * minutes
+    with catalog.session() as s:
+        instances, nbytes = s.execute(
+            select(func.count(), func.coalesce(func.sum(InstanceRow.size), 0)).where(
+                InstanceRow.received_at >= since
+            )
+        ).one()
+        studies = (
+            s.scalar(
+                select(func.count(distinct(SeriesRow.study_instance_uid)))
+                .select_from(InstanceRow)
+                .join(SeriesRow, SeriesRow.series_instance_uid == InstanceRow.series_instance_uid)
+                .where(InstanceRow.received_at >= since)
+            )
+            or 0
+        )
+        # Bucketed in Python: floor() and integer casts differ between SQLite and PostgreSQL.
+        for at in s.scalars(
+            select(InstanceRow.received_at).where(InstanceRow.received_at >= since)
+        ):
+            per_minute[min(minutes - 1, max(0, int((at - since) // 60)))] += 1
+        done = (
+            s.scalar(
+                select(func.count())
+                .select_from(JobRow)
+                .where(JobRow.done_at >= since, JobRow.state == JobState.DONE.value)
+            )
+            or 0
+        )
+        failed = (
+            s.scalar(
+                select(func.count())
+                .select_from(JobRow)
+                .where(JobRow.failed_at >= since, JobRow.state == JobState.FAILED.value)
+            )
+            or 0
+        )
+    return Throughput(
+        window_s=window_s,
+        instances=int(instances),
+        bytes=int(nbytes),
+        instances_per_minute=instances / (window_s / 60.0),
+        studies=int(studies),
+        studies_per_hour=studies / (window_s / 3600.0),
+        jobs_done=int(done),
+        jobs_failed=int(failed),
+        per_minute=per_minute,
+    )
+
+
+__all__ = [
+    "RETRYABLE",
+    "STAGES",
+    "ApiContext",
+    "JobDetail",
+    "JobSummary",
+    "compute_throughput",
+    "create_router",
+    "destination_health",
+]

@@ -1,0 +1,183 @@
+"""The dashboard in a real headless Chromium: a failed job is listed, its page shows the timeline,
+and the Retry button re-queues it through the token-protected API."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dicom_node import heartbeat
+from dicom_node.catalog import Catalog, JobState
+from dicom_node.jobs import queue_job
+from dicom_node.web import WebServer, create_app
+from tests.conftest import REQUIRE_TOOLS, require_tool
+from tests.unit.test_web_api import (
+    ROOT,
+    TOKEN,
+    MemoryQueue,
+    fail_delivery,
+    make_job,
+    make_settings,
+    receive_series,
+    run_to_done,
+)
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+CRASH = "model crashed: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+
+
+def _playwright() -> Any:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        msg = "the Python package playwright is not installed (pip install playwright)"
+        if REQUIRE_TOOLS:
+            pytest.fail(msg + " (DICOM_NODE_REQUIRE_TOOLS=1)")
+        pytest.skip(msg)
+    return sync_playwright
+
+
+@pytest.fixture
+def browser_page(tmp_path: Path) -> Iterator[Any]:
+    """A page of the Debian Chromium (never a downloaded browser) with a fresh profile."""
+    require_tool("chromium")
+    sync_playwright = _playwright()
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            user_data_dir=str(tmp_path / "chromium-profile"),
+            executable_path=shutil.which("chromium"),
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            viewport={"width": 1500, "height": 1100},
+        )
+        try:
+            page = context.new_page()
+            page.set_default_timeout(10_000)
+            yield page
+        finally:
+            context.close()
+
+
+@pytest.fixture
+def populated(tmp_path: Path) -> Iterator[tuple[Catalog, MemoryQueue, dict[str, int]]]:
+    """A catalog with a done job, an inference failure, a delivery failure and a queued job."""
+    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    queue = MemoryQueue()
+    now = time.time()
+    receive_series(catalog, f"{ROOT}.1", f"{ROOT}.1.1", 120, start=now - 300, step=0.5)
+    receive_series(catalog, f"{ROOT}.2", f"{ROOT}.2.1", 60, start=now - 200, step=0.5)
+    receive_series(catalog, f"{ROOT}.3", f"{ROOT}.3.1", 40, start=now - 100, step=0.5)
+    receive_series(catalog, f"{ROOT}.4", f"{ROOT}.4.1", 30, start=now - 60, step=0.5)
+    jobs = {
+        "done": make_job(catalog, f"{ROOT}.1.1", destinations=["archive", "viewer"]),
+        "failed": make_job(catalog, f"{ROOT}.2.1", model="lung-nodules", priority="urgent"),
+        "undelivered": make_job(
+            catalog, f"{ROOT}.3.1", model="foreground", destinations=["viewer"]
+        ),
+        "queued": make_job(catalog, f"{ROOT}.4.1"),
+    }
+    run_to_done(catalog, queue, jobs["done"])
+    queue_job(catalog, queue, jobs["failed"])
+    catalog.transition(jobs["failed"], JobState.RUNNING, count_attempt=True)
+    catalog.transition(jobs["failed"], JobState.FAILED, reason=CRASH)
+    fail_delivery(
+        catalog,
+        queue,
+        jobs["undelivered"],
+        "viewer",
+        "association rejected by VIEWER@127.0.0.1:4243: called AE title not recognised",
+    )
+    queue_job(catalog, queue, jobs["queued"])
+    heartbeat.beat(catalog, "celery@gpu-01", 4242, queues=["inference", "dispatch"], device="cpu")
+    queue.inference.clear()
+    queue.dispatch.clear()
+    try:
+        yield catalog, queue, jobs
+    finally:
+        catalog.close()
+
+
+def test_failed_job_is_listed_shown_and_retried(
+    tmp_path: Path, browser_page: Any, populated: tuple[Catalog, MemoryQueue, dict[str, int]]
+) -> None:
+    """The dashboard lists the failed job, its page shows timeline and error, Retry re-queues it."""
+    catalog, queue, jobs = populated
+    failed = jobs["failed"]
+    server = WebServer(create_app(make_settings(tmp_path), catalog, queue), "127.0.0.1", 0)
+    server.start()
+    page = browser_page
+    try:
+        page.goto(server.url + "/")
+        row = page.locator(f'#jobs-table tbody tr[data-job-id="{failed}"]')
+        row.wait_for()
+        assert row.get_attribute("data-state") == "failed"
+        assert "lung-nodules" in row.inner_text() and f"{ROOT}.2.1" in row.inner_text()
+        page.locator("#workers-table tbody tr", has_text="celery@gpu-01").wait_for()
+        page.locator("#destinations-table tbody tr", has_text="failing").wait_for()
+
+        page.select_option("#state-filter", "failed")
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#jobs-table tbody tr')]"
+            ".every(r => r.dataset.state === 'failed')"
+        )
+        assert (
+            page.locator("#jobs-table tbody tr").count() == 2
+        )  # inference failure + delivery failure
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.select_option("#state-filter", "")
+        page.wait_for_function(
+            "() => document.querySelectorAll('#jobs-table tbody tr').length === 4"
+        )
+        page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+
+        row.locator("a").click()
+        page.wait_for_url(f"**/jobs/{failed}")
+        timeline = page.locator("#timeline-table tbody tr")
+        page.wait_for_function(
+            "() => document.querySelectorAll('#timeline-table tbody tr').length === 4"
+        )
+        assert [timeline.nth(i).get_attribute("data-state") for i in range(4)] == [
+            "received",
+            "queued",
+            "running",
+            "failed",
+        ]
+        error = page.locator("#job-error")
+        assert error.is_visible() and CRASH in error.inner_text()
+
+        page.on("dialog", lambda dialog: dialog.accept(TOKEN))
+        retry = page.locator("#retry-button")
+        page.wait_for_function("() => !document.getElementById('retry-button').disabled")
+        retry.click()
+        page.locator("#action-message", has_text="sent to the inference queue").wait_for()
+        page.locator("#job-state", has_text="queued").wait_for()
+        page.wait_for_function(
+            "() => document.querySelectorAll('#timeline-table tbody tr').length === 5"
+        )
+        assert page.evaluate("() => sessionStorage.getItem('dicomNodeApiToken')") == TOKEN
+        assert "Last error" in error.inner_text() and CRASH in error.inner_text()
+        page.screenshot(path=str(ARTIFACTS / "job.png"), full_page=True)
+    finally:
+        server.stop()
+
+    job = catalog.get_job(failed)
+    assert job is not None and job.state == "queued" and job.reason == "retried from the web API"
+    assert queue.inference == [(failed, "urgent")] and queue.dispatch == []
