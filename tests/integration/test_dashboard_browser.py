@@ -181,3 +181,60 @@ def test_failed_job_is_listed_shown_and_retried(
     job = catalog.get_job(failed)
     assert job is not None and job.state == "queued" and job.reason == "retried from the web API"
     assert queue.inference == [(failed, "urgent")] and queue.dispatch == []
+
+
+@pytest.mark.slow
+def test_real_c_store_job_on_a_running_node(tmp_path: Path, browser_page: Any) -> None:
+    """Against a running `dicom-node serve`: a series sent with storescu to a node whose archive
+    is down gives a failed job that the dashboard lists; its page shows the timeline; once the
+    archive is up, the Retry button re-queues it and the results arrive."""
+    from dicom_node.testing import procs
+    from dicom_node.testing.node import node_config, start_node, wait_until
+    from dicom_node.testing.phantoms import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
+
+    require_tool("storescu", "storescp")
+    phantom = make_chest_phantom(ChestSpec(slices=12))
+    files = write_datasets(slice_datasets(phantom.hu, phantom.affine, SeriesInfo(seed="browser")), tmp_path / "ct")
+    archive_port = procs.free_port()
+    web_port = procs.free_port()
+    config = node_config(
+        tmp_path / "node",
+        destinations=[{"name": "archive", "ae_title": "ARCHIVE", "host": procs.LOOPBACK, "port": archive_port}],
+        rules=[{"name": "ct", "match": {"Modality": "CT"}, "models": ["ct-tissue"], "destinations": ["archive"]}],
+        web={"enabled": True, "host": procs.LOOPBACK, "port": web_port, "api_token": TOKEN},
+    )
+    node = start_node(tmp_path / "node", config)
+    archive: procs.Server | None = None
+    page = browser_page
+    try:
+        res = procs.run_tool(["storescu", "-aec", "DICOM_NODE", procs.LOOPBACK, str(node.port), *map(str, files)])
+        assert res.returncode == 0, res.stderr
+        catalog = Catalog(f"sqlite:///{tmp_path / 'node' / 'node.db'}")
+        job = wait_until(lambda: next((j for j in catalog.list_jobs() if j.state == "failed"), None), 120,
+                         what="the job to fail on the unreachable archive")
+        page.goto(f"http://{procs.LOOPBACK}:{web_port}/")
+        row = page.locator(f'#jobs-table tbody tr[data-job-id="{job.id}"]')
+        row.wait_for()
+        assert row.get_attribute("data-state") == "failed" and "ct-tissue" in row.inner_text()
+        row.locator("a").click()
+        page.wait_for_url(f"**/jobs/{job.id}")
+        page.wait_for_function("() => document.querySelectorAll('#timeline-table tbody tr').length >= 6")
+        states = page.locator("#timeline-table tbody tr").evaluate_all("rows => rows.map(r => r.dataset.state)")
+        assert states[:4] == ["received", "queued", "running", "encoded"] and states[-1] == "failed"
+        assert str(archive_port) in page.locator("#job-error").inner_text()
+
+        archive = procs.start_storescp(tmp_path / "archive", port=archive_port)
+        page.on("dialog", lambda dialog: dialog.accept(TOKEN))
+        page.wait_for_function("() => !document.getElementById('retry-button').disabled")
+        page.locator("#retry-button").click()
+        wait_until(lambda: catalog.get_job(job.id).state == "done", 90, what="the retried job to be delivered")  # type: ignore[union-attr]
+        page.reload()
+        page.locator("#job-state", has_text="done").wait_for()
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "job-real-node.png"), full_page=True)
+        received = list(Path(archive.extra["received"]).iterdir())
+        assert len(received) == 2  # SEG + SR
+    finally:
+        if archive is not None:
+            archive.stop()
+        node.stop()

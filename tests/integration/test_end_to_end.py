@@ -8,6 +8,7 @@ what arrives in a DCMTK ``storescp`` archive against the phantom's known volumes
 from __future__ import annotations
 
 from collections.abc import Iterator
+import urllib.request
 from pathlib import Path
 
 import highdicom as hd
@@ -99,6 +100,23 @@ def _segment_volume(segmentation: hd.seg.Segmentation, number: int, voxel_ml: fl
     return float(pixels[frames].astype(bool).sum()) * voxel_ml
 
 
+def check_metrics(web_port: int, *, done_jobs: int, instances: int) -> None:
+    """/metrics, parsed with prometheus_client: stage histograms have counts, the end-to-end
+    histogram one observation per delivered job, and the ingest counters what storescu sent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{procs.LOOPBACK}:{web_port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    stage_counts = {dict(labels)["stage"]: v for (name, labels), v in samples.items()
+                    if name == "dicom_node_stage_seconds_count"}
+    assert stage_counts and all(v == done_jobs for v in stage_counts.values()), stage_counts
+    assert samples[("dicom_node_end_to_end_seconds_count", ())] == done_jobs
+    assert samples[("dicom_node_instances_received_total", (("calling_ae", "CT1"),))] == instances
+    assert samples[("dicom_node_store_status_total", (("status", "0x0000"),))] == instances
+
+
 @pytest.fixture
 def archive(tmp_path: Path) -> Iterator[procs.Server]:
     require_tool("storescp")
@@ -122,7 +140,9 @@ def test_embedded_broker_end_to_end(tmp_path: Path, archive: procs.Server, dciod
     mr_files = write_datasets(slice_datasets(phantom.hu[:5], phantom.affine, SeriesInfo(seed="e2e-mr", modality="MR")), tmp_path / "mr")
     one_files = write_datasets(slice_datasets(phantom.hu[:1], phantom.affine, SeriesInfo(seed="e2e-one")), tmp_path / "one")
 
-    node = start_node(tmp_path / "node", node_config(tmp_path / "node", destinations=[destination(archive)], rules=RULES))
+    web_port = procs.free_port()
+    node = start_node(tmp_path / "node", node_config(tmp_path / "node", destinations=[destination(archive)], rules=RULES,
+                                                     web={"enabled": True, "host": procs.LOOPBACK, "port": web_port}))
     try:
         storescu(node.port, files)
         storescu(node.port, mr_files)
@@ -144,6 +164,7 @@ def test_embedded_broker_end_to_end(tmp_path: Path, archive: procs.Server, dciod
         assert mr.state == "failed" and "CT" in (mr.reason or "") and "MR" in (mr.reason or "")
         one = jobs[SeriesInfo(seed="e2e-one").uid("series")]
         assert one.state == "failed" and "slice" in (one.reason or "")
+        check_metrics(web_port, done_jobs=1, instances=len(files) + len(mr_files) + len(one_files))
     finally:
         node.stop()
 
