@@ -33,6 +33,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from dicom_node.errors import DicomNodeError
 from dicom_node.ingest import AssociationSummary, StoredInstance
+from dicom_node.schema import upgrade_schema
 
 log = structlog.get_logger(__name__)
 
@@ -54,7 +55,7 @@ _TRANSITIONS: dict[JobState, set[JobState]] = {
     JobState.RECEIVED: {JobState.QUEUED, JobState.FAILED, JobState.CANCELLED},
     JobState.QUEUED: {JobState.QUEUED, JobState.RUNNING, JobState.FAILED, JobState.CANCELLED},
     JobState.RUNNING: {JobState.QUEUED, JobState.RUNNING, JobState.ENCODED, JobState.FAILED, JobState.CANCELLED},
-    JobState.ENCODED: {JobState.QUEUED, JobState.DELIVERING, JobState.FAILED, JobState.CANCELLED},
+    JobState.ENCODED: {JobState.QUEUED, JobState.ENCODED, JobState.DELIVERING, JobState.FAILED, JobState.CANCELLED},
     JobState.DELIVERING: {JobState.QUEUED, JobState.DELIVERING, JobState.ENCODED, JobState.DONE,
                           JobState.FAILED, JobState.CANCELLED},
     JobState.DONE: {JobState.QUEUED},
@@ -196,6 +197,23 @@ class DeliveryRow(Base):
     done_at: Mapped[float | None] = mapped_column(Float)
 
 
+class WorkerHeartbeatRow(Base):
+    __tablename__ = "worker_heartbeats"
+
+    #: Celery node name (``celery@gpu-01``), the same for the main process and its pool children.
+    hostname: Mapped[str] = mapped_column(String(255), primary_key=True)
+    pid: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    #: Comma-separated queue names the worker consumes (``inference,dispatch``).
+    queues: Mapped[str] = mapped_column(String(255), default="")
+    #: ``cuda:0``, ``cpu`` once the process has resolved it, else the configured value (``auto``).
+    device: Mapped[str | None] = mapped_column(String(64))
+    started_at: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float] = mapped_column(Float, index=True)
+    current_job_id: Mapped[int | None] = mapped_column(Integer)
+    current_model: Mapped[str | None] = mapped_column(String(128))
+    current_since: Mapped[float | None] = mapped_column(Float)
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """A job to create for a completed series (one per (series, model))."""
@@ -258,7 +276,7 @@ class Catalog:
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         if create:
-            Base.metadata.create_all(self.engine)
+            upgrade_schema(url, engine=self.engine)
 
     def close(self) -> None:
         self.engine.dispose()

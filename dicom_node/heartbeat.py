@@ -4,9 +4,8 @@ Each worker process (the Celery main process and every pool child) keeps one row
 ``(hostname, pid)`` fresh every few seconds (``workers.heartbeat`` writes them).  The web
 dashboard, ``/readyz`` and ``/metrics`` read them through :func:`worker_statuses`.
 
-The table lives in the catalog database.  Importing this module registers it on
-:data:`dicom_node.catalog.Base`, so ``Catalog(...)`` creates it; :func:`ensure_table` creates it
-on a catalog that was opened before the import.
+The table (``dicom_node.catalog.WorkerHeartbeatRow``) lives in the catalog database and is
+created by the schema migrations like every other table.
 """
 
 from __future__ import annotations
@@ -15,30 +14,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Float, Integer, String, delete, select
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import delete, select
 
-from dicom_node.catalog import Base, Catalog
+from dicom_node.catalog import Catalog, WorkerHeartbeatRow
 
 #: A worker whose last heartbeat is older than this (seconds) counts as gone.
 ALIVE_WITHIN_S = 30.0
-
-
-class WorkerHeartbeatRow(Base):
-    __tablename__ = "worker_heartbeats"
-
-    #: Celery node name (``celery@gpu-01``), the same for the main process and its pool children.
-    hostname: Mapped[str] = mapped_column(String(255), primary_key=True)
-    pid: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    #: Comma-separated queue names the worker consumes (``inference,dispatch``).
-    queues: Mapped[str] = mapped_column(String(255), default="")
-    #: ``cuda:0``, ``cpu`` once the process has resolved it, else the configured value (``auto``).
-    device: Mapped[str | None] = mapped_column(String(64))
-    started_at: Mapped[float] = mapped_column(Float)
-    last_seen: Mapped[float] = mapped_column(Float, index=True)
-    current_job_id: Mapped[int | None] = mapped_column(Integer)
-    current_model: Mapped[str | None] = mapped_column(String(128))
-    current_since: Mapped[float | None] = mapped_column(Float)
 
 
 @dataclass(frozen=True)
@@ -56,11 +37,6 @@ class WorkerStatus:
     current_job_id: int | None
     current_model: str | None
     current_since: float | None
-
-
-def ensure_table(catalog: Catalog) -> None:
-    """Create the heartbeat table if the catalog was created before this module was imported."""
-    WorkerHeartbeatRow.__table__.create(catalog.engine, checkfirst=True)  # type: ignore[attr-defined]
 
 
 def beat(

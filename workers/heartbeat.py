@@ -68,7 +68,6 @@ class _Heartbeats:
                     # them under the parent's feet.
                     self._catalog.engine.dispose(close=False)
                 self._catalog = Catalog(self.catalog_url)
-                heartbeat.ensure_table(self._catalog)
                 self._pid = pid
                 self._stop = threading.Event()
                 self._thread = None

@@ -115,7 +115,6 @@ def create_app(
     patient_id_lookup : callable, optional
         Series UID -> PatientID, shown only with ``web.show_patient_id``; nothing provides one yet.
     """
-    heartbeat.ensure_table(catalog)
     if metrics is None:
         metrics = NodeMetrics(catalog)
     started_at = time.time()
