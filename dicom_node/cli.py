@@ -118,6 +118,25 @@ def _job_action(args: argparse.Namespace, action: str) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from dicom_node.catalog import Catalog
+    from dicom_node.retention import collect_garbage
+
+    settings = _settings(args)
+    days = settings.storage.retention_days if args.older_than_days is None else args.older_than_days
+    if days <= 0:
+        _print(args, {"series": [], "disabled": True},
+               "retention is off (storage.retention_days = 0); nothing removed")
+        return 0
+    report = collect_garbage(settings, Catalog(settings.database.url), older_than_days=days, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    _print(args, {"series": report.series, "jobs": report.jobs, "files": report.files, "bytes": report.bytes,
+                  "dry_run": report.dry_run},
+           f"{verb} {len(report.series)} series ({report.files} files, {report.bytes / 1e6:.1f} MB, "
+           f"{report.jobs} jobs) older than {days:g} days")
+    return 0
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
     from dicom_node.sender import echo
 
@@ -196,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", type=int)
     p = add("cancel", lambda a: _job_action(a, "cancel"), "cancel a job")
     p.add_argument("job", type=int)
+    p = add("gc", cmd_gc, "remove delivered series older than storage.retention_days")
+    p.add_argument("--older-than-days", type=float, default=None, help="override storage.retention_days")
+    p.add_argument("--dry-run", action="store_true", help="only report what would be removed")
     p = add("echo", cmd_echo, "C-ECHO a configured destination")
     p.add_argument("destination")
     rules = sub.add_parser("rules", help="routing rule commands")
@@ -210,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command not in ("serve", "worker"):
+        # Short commands print results on stdout; their log lines (warnings only) go to stderr.
+        from dicom_node.logs import configure_logging
+
+        configure_logging("console", level="WARNING")
     try:
         return int(args.func(args))
     except ConfigError as exc:

@@ -206,3 +206,37 @@ def test_unreachable_archive_fails_the_job_with_reason(tmp_path: Path) -> None:
         assert "ARCHIVE" in (jobs[0].reason or "") and str(dead["port"]) in (jobs[0].reason or "")
     finally:
         node.stop()
+
+
+@pytest.mark.slow
+def test_lung_nodules_end_to_end_with_redis(tmp_path: Path, archive: procs.Server, redis_server: procs.Server,
+                                            dciodvfy_clean: object) -> None:
+    """ct-lung-nodules through a real Redis broker and a separate worker: the SEG + SR of a chest
+    with a free-floating and a wall-attached nodule reach the archive, dciodvfy-clean, and every
+    SR centre point (SCOORD3D POINT) lies within 2 mm of a true nodule centre."""
+    from dicom_node.testing.chest_nodules import chest_spec, make_nodule_phantom
+    from tests.integration.test_model_results import sr_centre_points
+
+    nod = make_nodule_phantom(chest_spec(seed=11), (9.0, 16.0), ("free", "lateral"), vessels=4, seed=11)
+    info = SeriesInfo(seed="e2e-nodules")
+    files = write_datasets(slice_datasets(nod.phantom.hu, nod.phantom.affine, info), tmp_path / "ct")
+    rules = [{"name": "chest", "match": {"Modality": "CT", "BodyPartExamined": "CHEST"},
+              "models": ["ct-lung-nodules"], "destinations": ["archive"], "priority": "urgent"}]
+    config = node_config(tmp_path / "node", broker_url=redis_server.extra["url"],
+                         destinations=[destination(archive)], rules=rules, worker={"in_process": "no"})
+    node = start_node(tmp_path / "node", config)
+    try:
+        node.start_worker("gpu1")
+        storescu(node.port, files)
+        got = wait_for_results(archive, node, 1, 1)
+        seg, sr = got[SEG_CLASS][0], got[SR_CLASS][0]
+        dciodvfy_clean(seg.filename)  # type: ignore[operator]
+        dciodvfy_clean(sr.filename)  # type: ignore[operator]
+        assert len(seg.SegmentSequence) == 2
+        centres = sr_centre_points(hd.sr.srread(sr.filename))
+        truth = [np.array(s.centre) for s in nod.phantom.nodules]
+        assert len(centres) == 2
+        for c in centres:
+            assert min(float(np.linalg.norm(np.array(c) - t)) for t in truth) <= 2.0
+    finally:
+        node.stop()
