@@ -14,7 +14,6 @@ instance on delayed ACKs.
 
 from __future__ import annotations
 
-import hashlib
 import socket
 import ssl
 import struct
@@ -48,9 +47,9 @@ from pynetdicom._handlers import (
 from pynetdicom.dimse_primitives import C_STORE
 
 from dicom_node import statuses
-from dicom_node.errors import InvalidUIDError
+from dicom_node.errors import InvalidUIDError, PermanentError
 from dicom_node.ingest import CATALOG_ATTRIBUTES, AssociationSummary, IngestSink, StoredInstance
-from dicom_node.net import TunedAE, TunedAssociationServer
+from dicom_node.net import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, TunedAE, TunedAssociationServer
 from dicom_node.settings import ListenerSettings, StorageSettings, TlsSettings
 from dicom_node.spool import Spool, SpoolWriteError
 from dicom_node.uids import validate_uid
@@ -74,11 +73,6 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
 
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 
-#: Implementation Class UID written into the file meta of every spooled file.
-IMPLEMENTATION_CLASS_UID = "2.25." + str(
-    int.from_bytes(hashlib.sha256(b"dicom-node implementation class").digest()[:16], "big")
-)
-IMPLEMENTATION_VERSION_NAME = "DICOM_NODE_01"
 
 _UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _TAGS: dict[str, int] = {
@@ -159,6 +153,29 @@ def header_values(
         except Exception:  # noqa: S112 - a malformed optional attribute is not worth a refusal
             continue
     return uids, attributes
+
+
+class UndecodableDatasetError(PermanentError):
+    """A received data set whose header cannot be parsed in its transfer syntax (0xC210)."""
+
+
+def parse_header(
+    stream: BinaryIO, transfer_syntax: str
+) -> tuple[dict[str, str | None], dict[str, str | int | float]]:
+    """:func:`read_header` + :func:`header_values`, with every parsing failure as one error.
+
+    Raises
+    ------
+    UndecodableDatasetError
+        When the bytes are not a data set in ``transfer_syntax`` (truncated, garbage, absurd
+        lengths...), naming the transfer syntax and what went wrong.
+    """
+    try:
+        return header_values(read_header(stream, transfer_syntax))
+    except Exception as exc:  # untrusted bytes: pydicom/zlib/struct raise a dozen types here
+        raise UndecodableDatasetError(
+            f"the data set cannot be decoded as {transfer_syntax}: {type(exc).__name__}: {exc}"[:300]
+        ) from exc
 
 
 def _meta_element(tag_element: int, vr: bytes, value: bytes) -> bytes:
@@ -439,6 +456,14 @@ class Listener:
         # Normally EVT_RELEASED/EVT_ABORTED already reported it (or is about to: the close can
         # race the association thread).  A connection lost without either is reported later.
         assoc = event.assoc
+        if assoc.is_acceptor and not (assoc.is_established or assoc.is_released or assoc.is_aborted
+                                      or assoc.is_rejected):
+            # The peer hung up before sending an A-ASSOCIATE-RQ (a port probe, a health check, a
+            # client that gave up).  pynetdicom would keep the association thread - and one of
+            # ``max_associations`` slots - waiting ``acse_timeout`` for a request that cannot
+            # come; an empty item ends its wait now (it then cleans up as after a timeout).
+            cast(Any, assoc.dul.to_user_queue).put(None)
+            return
         with self._lock:
             if id(assoc) not in self._states:
                 return
@@ -508,11 +533,11 @@ class Listener:
         abstract_syntax = str(event.context.abstract_syntax)
         raw = cast(BytesIO, req.DataSet)
         try:
-            found, attributes = header_values(read_header(raw, transfer_syntax))
-        except Exception as exc:
+            found, attributes = parse_header(raw, transfer_syntax)
+        except UndecodableDatasetError as exc:
             raise _Refused(
                 statuses.CANNOT_UNDERSTAND, "store_refused_undecodable",
-                transfer_syntax_uid=transfer_syntax, error=f"{type(exc).__name__}: {exc}"[:200],
+                transfer_syntax_uid=transfer_syntax, error=str(exc.__cause__)[:200],
             ) from None
         if found["SOPClassUID"] is None and found["SOPInstanceUID"] is None:
             # Nothing recognisable: not a DICOM dataset in this transfer syntax.

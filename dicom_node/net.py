@@ -22,6 +22,7 @@ What is here:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import select
 import socket
@@ -300,8 +301,21 @@ class TunedAssociationServer(ThreadedAssociationServer):
         return client_socket, address
 
 
+#: Implementation Class UID and Version Name the node sends in A-ASSOCIATE (as SCP and SCU) and
+#: writes into the file meta of spooled and result files.
+IMPLEMENTATION_CLASS_UID = "2.25." + str(
+    int.from_bytes(hashlib.sha256(b"dicom-node implementation class").digest()[:16], "big")
+)
+IMPLEMENTATION_VERSION_NAME = "DICOM_NODE_01"
+
+
 class TunedAE(ApplicationEntity):
     """An :class:`ApplicationEntity` whose associations (as SCU) use the tuned transport."""
+
+    def __init__(self, ae_title: str = "DICOM_NODE") -> None:
+        super().__init__(ae_title=ae_title)
+        self.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        self.implementation_version_name = IMPLEMENTATION_VERSION_NAME
 
     def _create_socket(
         self,

@@ -70,6 +70,8 @@ class StorageSettings(_Section):
     min_free_mb: int = Field(512, ge=0)
     #: Delivered series are removed after this many days (``dicom-node gc``); 0 keeps them.
     retention_days: float = Field(0, ge=0)
+    #: How often ``serve`` runs the retention clean-up (when ``retention_days`` > 0).
+    gc_interval_seconds: float = Field(3600.0, gt=0)
 
 
 class DatabaseSettings(_Section):
@@ -110,7 +112,6 @@ class CompletionSettings(_Section):
 class WorkerSettings(_Section):
     #: ``auto`` picks CUDA when ``torch.cuda.is_available()``, else CPU.
     device: str = "auto"
-    amp: bool = False
     #: Run a worker next to ``serve``: ``auto`` does so for the embedded SQLite broker.
     in_process: Literal["auto", "yes", "no"] = "auto"
     concurrency: int = Field(1, ge=1)
@@ -118,6 +119,10 @@ class WorkerSettings(_Section):
     max_attempts: int = Field(3, ge=1)
     soft_time_limit: float = Field(600.0, gt=0)
     time_limit: float = Field(900.0, gt=0)
+    #: A job ``queued`` (or ``encoded``) this long while no worker is busy is sent to the broker
+    #: again: its message was lost (broker restarted without its data).  ``running`` jobs get
+    #: ``time_limit`` on top, ``delivering`` jobs ``delivery.backoff_max_seconds``.
+    requeue_after_seconds: float = Field(300.0, gt=0)
 
 
 class DeliverySettings(_Section):

@@ -7,6 +7,7 @@ testable without Celery.
 from __future__ import annotations
 
 import os
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +60,11 @@ def _write_durably(path: Path, data: bytes) -> None:
 def _dataset_bytes(ds: Any) -> bytes:
     from io import BytesIO
 
+    from dicom_node.net import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
     buf = BytesIO()
+    ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
 
@@ -70,6 +75,8 @@ def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
     Raises ``dicom_node.PermanentError`` / ``inference.PermanentError`` for input the model
     cannot use, ``TransientError`` for conditions worth retrying.
     """
+    from pydicom.errors import BytesLengthException
+
     from dicom_node.loading import load_series
     from dicom_node.results import ResultOptions, encode_results
 
@@ -78,7 +85,15 @@ def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
     paths = ctx.catalog.series_paths(job.series_instance_uid)
     if not paths:
         raise PermanentError(f"series {job.series_instance_uid} has no stored instances")
-    loaded = load_series(paths)
+    try:
+        loaded = load_series(paths)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError, OverflowError,
+            struct.error, BytesLengthException) as exc:
+        # Malformed elements pydicom only converts on access: unusable input, not a crash worth
+        # retrying (load_series should raise SeriesError for these; see docs/reliability.md).
+        raise PermanentError(
+            f"series {job.series_instance_uid} cannot be loaded: {type(exc).__name__}: {exc}"[:500]
+        ) from exc
     t1 = time.perf_counter()
     model = ctx.registry.get(job.model)
     if model.modalities and loaded.volume.modality not in model.modalities:
