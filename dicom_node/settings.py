@@ -44,6 +44,13 @@ class TlsSettings(_Section):
     ca_certificates: Path | None = None
     require_client_certificate: bool = False
 
+    @model_validator(mode="after")
+    def _client_certificates_need_a_ca(self) -> TlsSettings:
+        # Without our own CA bundle, "required" would accept any publicly signed certificate.
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate needs ca_certificates (the CA that signs client certificates)")
+        return self
+
 
 class ListenerSettings(_Section):
     ae_title: str = "DICOM_NODE"

@@ -76,3 +76,11 @@ def test_derived_uids_are_deterministic_valid_and_distinct() -> None:
     assert a == derived_uid("1.2.3", "ct-tissue", "1.0.0", "seg")
     assert a != derived_uid("1.2.3", "ct-tissue", "1.0.1", "seg")
     assert is_valid_uid(a) and a.startswith("2.25.")
+
+
+def test_required_client_certificates_need_a_ca(tmp_path: Path) -> None:
+    """Requiring client certificates without naming the CA that signs them is a config error."""
+    cfg = tmp_path / "tls.toml"
+    cfg.write_text('[listener.tls]\ncertificate = "c.pem"\nprivate_key = "k.pem"\nrequire_client_certificate = true\n')
+    with pytest.raises(ConfigError, match=r"listener\.tls: .*needs ca_certificates"):
+        load_settings(cfg)
