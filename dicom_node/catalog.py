@@ -375,6 +375,19 @@ class Catalog:
 
     # -- series -----------------------------------------------------------------------------
 
+    def restart_idle_clocks(self, now: float) -> int:
+        """Count the idle time of every series still receiving from ``now`` (at start-up).
+
+        While the node was down no sender could reach it: a series cut off by the crash must
+        not complete (half) before its sender had a chance to send the rest.
+        """
+        with self.session() as s:
+            rows = s.scalars(select(SeriesRow).where(SeriesRow.state == SeriesState.RECEIVING.value)).all()
+            for row in rows:
+                row.last_received_at = max(row.last_received_at, now)
+                row.released_at = None
+            return len(rows)
+
     def due_series(self, now: float, idle_seconds: float) -> list[SeriesRow]:
         """Series still receiving that are complete now.
 

@@ -3,6 +3,9 @@
 A series is complete when no instance arrived for ``completion.idle_seconds``, or earlier when
 the association that sent it was released and the instance count reached the series' own
 expected count (ImagesInAcquisition, or one enhanced multi-frame instance).
+
+The same loop re-sends jobs whose broker message was lost (:func:`dicom_node.jobs.requeue_stale_jobs`),
+so a broker that restarts without its data loses no job while the node keeps running.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import time
 import structlog
 
 from dicom_node.catalog import Catalog, JobSpec
-from dicom_node.jobs import JobQueue, queue_job
+from dicom_node.jobs import JobQueue, queue_job, requeue_stale_jobs
 from dicom_node.routing import matching_rules
 from dicom_node.settings import Settings
 
@@ -29,6 +32,9 @@ class CompletionLoop:
         self.queue = queue
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="completion", daemon=True)
+        # Stale jobs are looked for a few times per ``requeue_after_seconds`` (at most every minute).
+        self._sweep_every = min(60.0, max(0.5, settings.worker.requeue_after_seconds / 4))
+        self._next_sweep = time.monotonic() + self._sweep_every
 
     def start(self) -> None:
         self._thread.start()
@@ -43,6 +49,20 @@ class CompletionLoop:
                 self.tick()
             except Exception:  # process boundary: keep completing series after a hiccup
                 log.exception("completion_tick_failed")
+            if time.monotonic() >= self._next_sweep:
+                self._next_sweep = time.monotonic() + self._sweep_every
+                try:
+                    self.sweep()
+                except Exception:  # process boundary: a broker outage must not stop completion
+                    log.exception("stale_job_sweep_failed")
+
+    def sweep(self, now: float | None = None) -> list[int]:
+        """Re-send jobs whose broker message was lost (see :func:`requeue_stale_jobs`)."""
+        s = self.settings
+        after = s.worker.requeue_after_seconds
+        return requeue_stale_jobs(self.catalog, self.queue, stale_after=after,
+                                  running_after=after + s.worker.time_limit,
+                                  delivering_after=after + s.delivery.backoff_max_seconds + 60.0, now=now)
 
     def tick(self, now: float | None = None) -> list[int]:
         """Complete every due series; return the ids of the jobs queued."""

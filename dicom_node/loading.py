@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +36,7 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.utils import pixel_array
 from pydicom.uid import UID
@@ -152,6 +153,17 @@ def load_series(paths: Sequence[Path], *, modality_hint: str | None = None) -> L
     """
     if not paths:
         raise SeriesError("the series has no files")
+    try:
+        return _load(paths, modality_hint)
+    except SeriesError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError, RuntimeError,
+            OverflowError, struct.error, BytesLengthException) as exc:
+        # pydicom converts values lazily: a malformed element surfaces only when it is read.
+        raise SeriesError(f"the series holds malformed data: {type(exc).__name__}: {str(exc)[:200]}") from exc
+
+
+def _load(paths: Sequence[Path], modality_hint: str | None) -> LoadedSeries:
     datasets = _read_all([Path(p) for p in paths])
     _check_identity(datasets, [Path(p) for p in paths])
     modality = _modality(datasets, modality_hint)

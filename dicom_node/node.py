@@ -22,6 +22,7 @@ from dicom_node.catalog import Catalog
 from dicom_node.completion import CompletionLoop
 from dicom_node.jobs import JobQueue, reconcile_jobs
 from dicom_node.recorder import CatalogRecorder, reconcile_spool
+from dicom_node.retention import RetentionLoop
 from dicom_node.settings import Settings
 
 if TYPE_CHECKING:
@@ -89,6 +90,7 @@ class Node:
         self.listener = Listener(settings.listener, self.spool, self.recorder, settings.storage,
                                  metrics=self.metrics)
         self.completion = CompletionLoop(settings, self.catalog, queue)
+        self.retention = RetentionLoop(settings, self.catalog)
         self.worker: WorkerProcess | None = None
         if settings.run_in_process_worker:
             self.worker = WorkerProcess(config_path, dict(os.environ))
@@ -104,10 +106,13 @@ class Node:
     def start(self) -> None:
         self.spool.clean_temp_files()
         recovered = reconcile_spool(self.catalog, self.spool.iter_instances())
+        # A series cut off by a crash waits a full idle period for its sender to resend the rest.
+        self.catalog.restart_idle_clocks(time.time())
         requeued = reconcile_jobs(self.catalog, self.queue)
         self.metrics.skip_history(self.catalog)
         self.recorder.start()
         self.completion.start()
+        self.retention.start()
         if self.worker is not None:
             self.worker.start()
         if self.web is not None:
@@ -123,6 +128,7 @@ class Node:
             self.web.stop()
         self.recorder.stop()
         self.completion.stop()
+        self.retention.stop()
         if self.worker is not None:
             self.worker.stop()
         self.catalog.close()

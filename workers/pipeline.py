@@ -7,7 +7,6 @@ testable without Celery.
 from __future__ import annotations
 
 import os
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +74,6 @@ def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
     Raises ``dicom_node.PermanentError`` / ``inference.PermanentError`` for input the model
     cannot use, ``TransientError`` for conditions worth retrying.
     """
-    from pydicom.errors import BytesLengthException
 
     from dicom_node.loading import load_series
     from dicom_node.results import ResultOptions, encode_results
@@ -85,15 +83,7 @@ def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
     paths = ctx.catalog.series_paths(job.series_instance_uid)
     if not paths:
         raise PermanentError(f"series {job.series_instance_uid} has no stored instances")
-    try:
-        loaded = load_series(paths)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError, OverflowError,
-            struct.error, BytesLengthException) as exc:
-        # Malformed elements pydicom only converts on access: unusable input, not a crash worth
-        # retrying (load_series should raise SeriesError for these; see docs/reliability.md).
-        raise PermanentError(
-            f"series {job.series_instance_uid} cannot be loaded: {type(exc).__name__}: {exc}"[:500]
-        ) from exc
+    loaded = load_series(paths)  # SeriesError (permanent) for anything malformed
     t1 = time.perf_counter()
     model = ctx.registry.get(job.model)
     if model.modalities and loaded.volume.modality not in model.modalities:

@@ -11,11 +11,11 @@ from typing import Any
 
 import structlog
 from celery import Celery, Task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 import inference
 from dicom_node import errors
-from dicom_node.catalog import CatalogError, JobState
+from dicom_node.catalog import Catalog, CatalogError, JobState
 from workers.app import DISPATCH_QUEUE, DISPATCH_TASK, INFERENCE_TASK, backoff_seconds
 from workers.pipeline import WorkerContext, build_context, deliver, run_inference
 
@@ -29,12 +29,36 @@ class NodeTask(Task):  # type: ignore[misc]  # celery is untyped
     """Holds the per-process :class:`WorkerContext`, created on first use (after fork)."""
 
     _ctx: WorkerContext | None = None
+    _parent_catalog: Catalog | None = None
 
     @property
     def ctx(self) -> WorkerContext:
         if NodeTask._ctx is None:
             NodeTask._ctx = build_context(self.app.dicom_node_settings)
         return NodeTask._ctx
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        """Fail the job when the pool child was killed at the hard time limit.
+
+        Celery calls this in the worker's main process for a hard time limit and acknowledges the
+        message (``task_acks_on_failure_or_timeout``), so without it the job would stay
+        ``running`` until the stale-job sweep finds it.  Hung inference would hang again: the
+        job fails at once with the reason, as at the soft limit.
+        """
+        if not isinstance(exc, TimeLimitExceeded) or not args or not isinstance(args[0], int):
+            return
+        settings = self.app.dicom_node_settings
+        if NodeTask._parent_catalog is None:
+            # Not the child's WorkerContext: no model registry (nor CUDA) in the main process.
+            NodeTask._parent_catalog = Catalog(settings.database.url)
+        what = "inference" if self.name == INFERENCE_TASK else "delivery"
+        reason = f"{what} exceeded the hard time limit of {settings.worker.time_limit:g} s (worker process killed)"
+        try:
+            NodeTask._parent_catalog.transition(args[0], JobState.FAILED, reason=reason)
+        except CatalogError as exc2:
+            log.warning("job_fail_skipped", job_id=args[0], error=str(exc2))
+            return
+        log.error("job_failed", job_id=args[0], reason=reason)
 
 
 def _fail(ctx: WorkerContext, job_id: int, reason: str) -> None:

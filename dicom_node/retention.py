@@ -1,0 +1,170 @@
+"""Retention: remove series that are fully processed and older than ``storage.retention_days``.
+
+``dicom-node gc`` runs :func:`collect_garbage` once; ``serve`` runs it every
+``storage.gc_interval_seconds`` through :class:`RetentionLoop` (when ``retention_days`` > 0).
+
+A series is removed only when it is complete, nothing arrived for it, and every job of it is
+``done`` or ``cancelled``, all for longer than the retention period.  A series with a ``failed``
+or unfinished job is kept: an operator may still retry it.  Files go first (spool instances,
+then each job's outbox folder), catalog rows last: a crash in between leaves rows pointing at
+missing files, which the next run removes, never files without rows (which the next start would
+find in the spool and process again).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+from sqlalchemy import select
+
+from dicom_node.catalog import Catalog, InstanceRow, JobRow, JobState, SeriesRow, SeriesState
+from dicom_node.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+#: Job states after which a series holds nothing an operator could still want to act on.
+FINISHED = frozenset({JobState.DONE.value, JobState.CANCELLED.value})
+_DAY = 86400.0
+
+
+@dataclass
+class GcReport:
+    """What one clean-up removed (or, with ``dry_run``, would remove)."""
+
+    series: list[str] = field(default_factory=list)
+    jobs: int = 0
+    files: int = 0
+    bytes: int = 0
+    dry_run: bool = False
+
+
+def collectable_series(catalog: Catalog, cutoff: float) -> list[str]:
+    """Series complete, untouched and with every job finished since before ``cutoff`` (epoch s)."""
+    out: list[str] = []
+    with catalog.session() as s:
+        rows = s.scalars(select(SeriesRow).where(
+            SeriesRow.state == SeriesState.COMPLETE.value,
+            SeriesRow.last_received_at < cutoff,
+            SeriesRow.completed_at < cutoff,
+        )).all()
+        for row in rows:
+            jobs = s.scalars(select(JobRow).where(JobRow.series_instance_uid == row.series_instance_uid)).all()
+            if all(j.state in FINISHED and j.updated_at < cutoff for j in jobs):
+                out.append(row.series_instance_uid)
+    return out
+
+
+def _remove_file(path: Path, report: GcReport) -> None:
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        return
+    report.files += 1
+    report.bytes += size
+
+
+def _remove_empty_dirs(folder: Path, stop_at: Path) -> None:
+    # rmdir, never rmtree: an instance that arrived for this series meanwhile stays.
+    while folder != stop_at and stop_at in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent
+
+
+def collect_garbage(settings: Settings, catalog: Catalog, *, older_than_days: float | None = None,
+                    now: float | None = None, dry_run: bool = False) -> GcReport:
+    """Remove the spool files, outbox folders and catalog rows of every collectable series.
+
+    Parameters
+    ----------
+    settings : Settings
+        For the spool root, the outbox and ``storage.retention_days``.
+    catalog : Catalog
+        Where series, instances and jobs are looked up and deleted.
+    older_than_days : float or None
+        Overrides ``storage.retention_days`` (which, at 0, disables the clean-up).
+    now : float or None
+        The current time (epoch seconds); for tests.
+    dry_run : bool
+        Only report what would be removed.
+    """
+    days = settings.storage.retention_days if older_than_days is None else older_than_days
+    report = GcReport(dry_run=dry_run)
+    if days <= 0:
+        return report
+    now = time.time() if now is None else now
+    cutoff = now - days * _DAY
+    root = settings.storage.root
+    for uid in collectable_series(catalog, cutoff):
+        with catalog.session() as s:
+            paths = [Path(p) for p in s.scalars(select(InstanceRow.path).where(InstanceRow.series_instance_uid == uid))]
+            job_ids = list(s.scalars(select(JobRow.id).where(JobRow.series_instance_uid == uid)))
+        report.series.append(uid)
+        report.jobs += len(job_ids)
+        if dry_run:
+            for p in paths:
+                with contextlib.suppress(OSError):
+                    report.bytes += p.stat().st_size
+                    report.files += 1
+            continue
+        for path in paths:
+            _remove_file(path, report)
+        for path in {p.parent for p in paths}:
+            _remove_empty_dirs(path, root)
+        for job_id in job_ids:
+            outdir = settings.outbox / f"job-{job_id}"
+            if outdir.is_dir():
+                for f in outdir.iterdir():
+                    _remove_file(f, report)
+                shutil.rmtree(outdir, ignore_errors=True)
+        # Re-check under the delete: an instance that arrived since the query re-opened the series.
+        series = catalog.get_series(uid)
+        if series is None or series.state != SeriesState.COMPLETE.value or series.last_received_at >= cutoff:
+            log.info("series_gc_skipped", series_instance_uid=uid, reason="new instances arrived")
+            continue
+        catalog.delete_series(uid)
+    if report.series:
+        log.info("series_collected", count=len(report.series), files=report.files, bytes=report.bytes,
+                 jobs=report.jobs, dry_run=dry_run, retention_days=days)
+    return report
+
+
+class RetentionLoop:
+    """Runs :func:`collect_garbage` every ``storage.gc_interval_seconds`` in a thread."""
+
+    def __init__(self, settings: Settings, catalog: Catalog) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="retention", daemon=True)
+
+    @property
+    def enabled(self) -> bool:
+        """True when ``storage.retention_days`` asks for a clean-up."""
+        return self.settings.storage.retention_days > 0
+
+    def start(self) -> None:
+        if self.enabled:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.storage.gc_interval_seconds):
+            try:
+                collect_garbage(self.settings, self.catalog)
+            except Exception:  # process boundary: a failed clean-up is retried next period
+                log.exception("gc_failed", pid=os.getpid())

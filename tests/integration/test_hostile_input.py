@@ -1,0 +1,174 @@
+"""A corpus of hostile instances sent to a real ``dicom-node serve`` over one association each.
+
+Every file is sent by a pynetdicom SCU as raw bytes (the dataset is never decoded on our side),
+so the node sees exactly the broken bytes.  Each gets a named refusal status, or is stored and
+ends in a ``failed`` job with a readable reason; the node keeps serving and processes a good
+series sent at the end.
+"""
+
+from __future__ import annotations
+
+import struct
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import CTImageStorage, MRImageStorage
+from pynetdicom import AE, _config
+from pynetdicom.presentation import build_context
+
+from dicom_node.catalog import Catalog
+from dicom_node.testing import procs
+from dicom_node.testing.node import node_config, start_node, wait_until
+from dicom_node.testing.phantoms import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+def _bytes(ds: pydicom.Dataset) -> bytes:
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _split(data: bytes) -> tuple[bytes, bytes]:
+    """(preamble + file meta, dataset bytes) of a Part 10 file."""
+    end = 144 + int.from_bytes(data[140:144], "little")
+    return data[:end], data[end:]
+
+
+def _series(seed: str, slices: int = 3) -> list[pydicom.Dataset]:
+    phantom = make_chest_phantom(ChestSpec(rows=32, columns=32, slices=slices))
+    return slice_datasets(phantom.hu, phantom.affine, SeriesInfo(seed=seed))
+
+
+def _one(seed: str) -> pydicom.Dataset:
+    return _series(seed, 1)[0]
+
+
+def corpus() -> dict[str, tuple[bytes, str]]:
+    """name -> (Part 10 bytes, SOP class to propose): the hostile instances."""
+    out: dict[str, tuple[bytes, str]] = {}
+    meta, body = _split(_bytes(_one("h-trunc-header")))
+    out["truncated in the header"] = (meta + body[:7], CTImageStorage)
+    out["garbage bytes"] = (meta + bytes(range(256)) * 8, CTImageStorage)
+    meta, body = _split(_bytes(_one("h-2gb")))
+    i = body.find(b"\x08\x00\x05\x00CS")  # SpecificCharacterSet, the first element
+    out["2 GB declared length"] = (meta + body[:i] + b"\x08\x00\x05\x00OB\x00\x00" + struct.pack("<I", 0x7FFFFFFE)
+                                   + body[i + 8:], CTImageStorage)
+    ds = _one("h-dotdot")
+    ds.SeriesInstanceUID = "1.2.3/../../../../tmp/evil"
+    out["UID with ../"] = (_bytes(ds), CTImageStorage)
+    ds = _one("h-long")
+    ds.StudyInstanceUID = "1.2." + "3" * 70
+    out["UID over 64 characters"] = (_bytes(ds), CTImageStorage)
+    ds = _one("h-class")
+    out["SOP class not the negotiated one"] = (_bytes(ds), MRImageStorage)
+    ds = _one("h-nouid")
+    del ds.SOPInstanceUID
+    out["no SOP Instance UID"] = (_bytes(ds), CTImageStorage)
+    return out
+
+
+#: What the node answers for each corpus entry (stored ones are checked through their jobs).
+REFUSED = {
+    "truncated in the header": 0xC210,
+    "garbage bytes": 0xC210,
+    "2 GB declared length": 0xC210,
+    "UID with ../": 0xA900,
+    "UID over 64 characters": 0xA900,
+    "SOP class not the negotiated one": 0xA900,
+    "no SOP Instance UID": 0xA900,
+}
+
+
+def stored_but_unusable(tmp: Path) -> dict[str, list[bytes]]:
+    """Series the listener must store (headers are fine) that no model can use: their jobs fail."""
+    out: dict[str, list[bytes]] = {}
+    out["h-nopixels"] = []
+    for ds in _series("h-nopixels"):
+        del ds.PixelData
+        out["h-nopixels"].append(_bytes(ds))
+    out["h-matrix"] = []
+    for ds in _series("h-matrix"):
+        ds.Rows = 64  # the pixel data holds 32 x 32
+        out["h-matrix"].append(_bytes(ds))
+    out["h-trunc-pixels"] = [_bytes(ds)[:-700] for ds in _series("h-trunc-pixels")]
+    out["h-wrong-vr"] = []
+    for ds in _series("h-wrong-vr"):
+        data = _bytes(ds)
+        i = data.find(b"\x28\x00\x30\x00DS")  # PixelSpacing: DS -> US (2 bytes of garbage)
+        out["h-wrong-vr"].append(data[:i] + b"\x28\x00\x30\x00US" + data[i + 6:])
+    return out
+
+
+def send_raw(port: int, data: bytes, sop_class: str, tmp: Path) -> int:
+    """C-STORE the dataset bytes of ``data`` unchanged; return the status (-1: no response)."""
+    path = tmp / "raw.dcm"
+    path.write_bytes(data)
+    _config.STORE_SEND_CHUNKED_DATASET = True  # send file bytes, never decode them
+    ae = AE(ae_title="HOSTILE")
+    ae.add_requested_context(build_context(sop_class, [EXPLICIT_LE]).abstract_syntax, EXPLICIT_LE)
+    assoc = ae.associate(procs.LOOPBACK, port, ae_title="DICOM_NODE")
+    assert assoc.is_established
+    try:
+        # pynetdicom takes the affected SOP class/instance from the file meta, the bytes from disk.
+        rsp = assoc.send_c_store(path)
+        return int(rsp.Status) if rsp is not None and "Status" in rsp else -1
+    finally:
+        assoc.release()
+
+
+def _with_meta_class(data: bytes, sop_class: str) -> bytes:
+    """Rewrite the MediaStorageSOPClassUID so pynetdicom proposes ``sop_class`` for the bytes."""
+    ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, force=True)
+    old = str(ds.file_meta.MediaStorageSOPClassUID).encode()
+    new = sop_class.encode()
+    assert len(old) == len(new)
+    return data.replace(old, new, 1)
+
+
+def test_hostile_corpus_gets_named_statuses_and_node_keeps_serving(tmp_path: Path) -> None:
+    """Each broken instance is refused with 0xC210/0xA900 or stored and its job failed with a
+    reason; nothing escapes the spool; the node then processes a good series."""
+    workdir = tmp_path / "node"
+    rules = [{"name": "ct", "match": {"Modality": "CT"}, "models": ["ct-tissue"], "destinations": []}]
+    node = start_node(workdir, node_config(workdir, idle_seconds=0.5, rules=rules))
+    try:
+        for name, (data, sop_class) in corpus().items():
+            if sop_class != CTImageStorage:
+                data = _with_meta_class(data, sop_class)
+            status = send_raw(node.port, data, sop_class, tmp_path)
+            assert status == REFUSED[name], f"{name}: got 0x{status:04X}"
+        assert node.server.proc.poll() is None
+        assert not (workdir.parent / "evil").exists() and not Path("/tmp/evil").exists()  # noqa: S108 - the target
+        spool = workdir / "spool"
+        assert [p for p in spool.rglob("*") if p.is_file()] == [], "a refused instance was written"
+
+        unusable = stored_but_unusable(tmp_path)
+        for instances in unusable.values():
+            for data in instances:
+                assert send_raw(node.port, data, CTImageStorage, tmp_path) == 0x0000
+        good = write_datasets(_series("h-good", 12), tmp_path / "good")
+        for path in good:
+            assert send_raw(node.port, path.read_bytes(), CTImageStorage, tmp_path) == 0x0000
+
+        catalog = Catalog(f"sqlite:///{workdir / 'node.db'}")
+
+        def settled() -> list[object] | None:
+            jobs = catalog.list_jobs()
+            return jobs if len(jobs) == len(unusable) + 1 and all(j.state in ("done", "failed") for j in jobs) else None
+
+        jobs = {j.series_instance_uid: j for j in wait_until(settled, 120, what="all jobs settled")}
+        for seed in unusable:
+            job = jobs[SeriesInfo(seed=seed).uid("series")]
+            assert job.state == "failed" and job.reason, (seed, job.state)
+            assert job.attempts == 1, f"{seed}: unusable input must not be retried ({job.reason})"
+        good_job = jobs[SeriesInfo(seed="h-good").uid("series")]
+        assert good_job.state == "done", good_job.reason
+        assert node.server.proc.poll() is None
+    finally:
+        node.stop()
