@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dicom_node.errors import ConfigError, DicomNodeError
+from dicom_node.errors import ConfigError, DicomNodeError, PermanentError
 from dicom_node.settings import Settings, load_settings
 
 
@@ -137,6 +137,104 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """One screen for ops: listener, queue, workers, disk, recent failures."""
+    from dicom_node.catalog import Catalog, JobState
+    from dicom_node.heartbeat import worker_statuses
+    from dicom_node.sender import echo
+    from dicom_node.settings import DestinationSettings
+    from dicom_node.spool import Spool
+
+    settings = _settings(args)
+    catalog = Catalog(settings.database.url)
+    lst = settings.listener
+    self_dest = DestinationSettings(name="self", ae_title=lst.ae_title, port=lst.port,
+                                    host="127.0.0.1" if lst.host in ("0.0.0.0", "::") else lst.host)  # noqa: S104
+    listening = echo(self_dest, calling_ae_title=lst.ae_title, timeout=5) if lst.tls is None else None
+    by_state = catalog.count_jobs_by_state()
+    queued = catalog.list_jobs(state=JobState.QUEUED.value, limit=10_000)
+    by_priority: dict[str, int] = {}
+    for job in queued:
+        by_priority[job.priority] = by_priority.get(job.priority, 0) + 1
+    workers = worker_statuses(catalog)
+    failures = catalog.list_jobs(state=JobState.FAILED.value, limit=5)
+    free_mb = Spool(settings.storage.root).free_mb()
+    data: dict[str, Any] = {
+        "listener": {"ae_title": lst.ae_title, "host": lst.host, "port": lst.port, "answers_echo": listening},
+        "jobs_by_state": by_state,
+        "queued_by_priority": by_priority,
+        "workers": [{"hostname": w.hostname, "pid": w.pid, "alive": w.alive, "queues": list(w.queues),
+                     "device": w.device, "current_job_id": w.current_job_id, "current_model": w.current_model}
+                    for w in workers],
+        "disk": {"free_mb": round(free_mb, 1), "min_free_mb": settings.storage.min_free_mb,
+                 "accepting": free_mb >= settings.storage.min_free_mb},
+        "recent_failures": [{"id": j.id, "model": j.model, "reason": j.reason} for j in failures],
+    }
+    echo_text = {True: "answers C-ECHO", False: "NOT ANSWERING", None: "TLS (not probed)"}[listening]
+    lines = [f"listener  {lst.ae_title}@{lst.host}:{lst.port}  {echo_text}",
+             "jobs      " + (", ".join(f"{k} {v}" for k, v in sorted(by_state.items())) or "none"),
+             "queued    " + (", ".join(f"{k} {v}" for k, v in sorted(by_priority.items())) or "none"),
+             f"disk      {free_mb:,.0f} MB free (watermark {settings.storage.min_free_mb} MB)"
+             + ("" if data["disk"]["accepting"] else "  REFUSING C-STORE (0xA700)")]
+    alive = [w for w in workers if w.alive]
+    lines.append(f"workers   {len(alive)} alive" + "".join(
+        f"\n          {w.hostname} pid {w.pid} [{','.join(w.queues)}] {w.device or ''}"
+        + (f" running job {w.current_job_id} ({w.current_model})" if w.current_job_id else " idle")
+        for w in alive))
+    lines.append("failures  " + ("none" if not failures else "".join(
+        f"\n          job {j.id} {j.model}: {j.reason}" for j in failures)))
+    _print(args, data, "\n".join(lines))
+    return 0 if listening is not False else 1
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    """Send a folder of DICOM files to a destination (default: this node's own listener)."""
+    from pydicom.misc import is_dicom
+
+    from dicom_node.errors import TransientError
+    from dicom_node.sender import send_instances
+    from dicom_node.settings import DestinationSettings
+
+    settings = _settings(args)
+    if args.to:
+        try:
+            dest = settings.destination(args.to)
+        except KeyError:
+            print(f"error: no destination named {args.to!r}", file=sys.stderr)
+            return 1
+    else:
+        lst = settings.listener
+        dest = DestinationSettings(name="this node", ae_title=lst.ae_title, port=lst.port,
+                                   host="127.0.0.1" if lst.host in ("0.0.0.0", "::") else lst.host)  # noqa: S104
+    root = Path(args.directory)
+    files = sorted(p for p in (root.rglob("*") if root.is_dir() else [root]) if p.is_file() and is_dicom(p))
+    if not files:
+        print(f"error: no DICOM files in {root}", file=sys.stderr)
+        return 1
+    calling = args.calling_ae_title or dest.calling_ae_title or settings.listener.ae_title
+    sent, width = 0, 30
+    show = sys.stderr.isatty() or args.progress
+    try:
+        for start in range(0, len(files), args.batch):
+            report = send_instances(dest, files[start:start + args.batch], calling_ae_title=calling)
+            sent += report.sent
+            if show and not args.json:
+                done = int(width * sent / len(files))
+                print(f"\r[{'#' * done}{'.' * (width - done)}] {sent}/{len(files)}", end="", file=sys.stderr,
+                      flush=True)
+    except (TransientError, PermanentError) as exc:
+        if show and not args.json:
+            print(file=sys.stderr)
+        _print(args, {"destination": dest.name, "sent": sent, "total": len(files), "error": str(exc)},
+               f"sent {sent} of {len(files)} files to {dest.ae_title}@{dest.host}:{dest.port}, then: {exc}")
+        return 1
+    if show and not args.json:
+        print(file=sys.stderr)
+    _print(args, {"destination": dest.name, "sent": sent, "total": len(files)},
+           f"sent {sent} files to {dest.ae_title}@{dest.host}:{dest.port}")
+    return 0
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
     from dicom_node.sender import echo
 
@@ -163,7 +261,7 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
             continue
         try:
             inst = instance_from_file(path)
-        except Exception:  # noqa: BLE001 - a folder may hold anything; skip what is not DICOM
+        except Exception:  # noqa: S112 - a folder may hold anything; skip what is not DICOM
             continue
         entry = series.setdefault(inst.series_instance_uid, {"attrs": dict(inst.attributes), "count": 0})
         entry["count"] += 1
@@ -218,6 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("gc", cmd_gc, "remove delivered series older than storage.retention_days")
     p.add_argument("--older-than-days", type=float, default=None, help="override storage.retention_days")
     p.add_argument("--dry-run", action="store_true", help="only report what would be removed")
+    p = add("status", cmd_status, "one screen: listener, queue, workers, disk, recent failures")
+    p = add("send", cmd_send, "send a folder of DICOM files to this node (or --to DEST), with a progress bar")
+    p.add_argument("directory")
+    p.add_argument("--to", default=None, help="a configured destination name (default: this node's listener)")
+    p.add_argument("--calling-ae-title", default=None)
+    p.add_argument("--batch", type=int, default=50, help="files per association")
+    p.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
     p = add("echo", cmd_echo, "C-ECHO a configured destination")
     p.add_argument("destination")
     rules = sub.add_parser("rules", help="routing rule commands")

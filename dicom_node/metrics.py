@@ -34,8 +34,9 @@ from dicom_node.catalog import (
     JobRow,
     JobState,
     SeriesRow,
+    WorkerHeartbeatRow,
 )
-from dicom_node.heartbeat import ALIVE_WITHIN_S, WorkerHeartbeatRow
+from dicom_node.heartbeat import ALIVE_WITHIN_S
 
 #: The stages of a job, in order, as the dashboard columns and the ``stage`` label name them.
 STAGES: tuple[str, ...] = (

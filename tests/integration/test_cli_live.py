@@ -1,0 +1,71 @@
+"""The ops CLI against a running node: `send` (with progress), `status`, `echo`, `jobs --json`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dicom_node.testing import procs
+from dicom_node.testing.node import node_config, start_node, wait_until
+from dicom_node.testing.phantoms import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
+from tests.conftest import require_tool
+
+pytestmark = pytest.mark.integration
+
+
+def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dicom_node", *args, "--config", str(config)],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ))
+
+
+@pytest.mark.slow
+def test_send_status_echo_and_jobs_on_a_running_node(tmp_path: Path, storescp_archive: procs.Server) -> None:
+    """`send DIR` feeds a folder to the node with a progress bar, `status` shows the listener
+    answering, the worker alive and the job counts, `echo archive` reaches the archive, and
+    `send DIR --to archive` delivers straight to it."""
+    require_tool("storescp")
+    phantom = make_chest_phantom(ChestSpec(slices=10, rows=48, columns=48, pixel_spacing=7.0))
+    folder = tmp_path / "study"
+    write_datasets(slice_datasets(phantom.hu, phantom.affine, SeriesInfo(seed="cli-live")), folder / "ct")
+    (folder / "README.txt").write_text("not DICOM, skipped")
+    archive = {"name": "archive", "ae_title": "ARCHIVE", "host": procs.LOOPBACK, "port": storescp_archive.port}
+    config = node_config(tmp_path / "node", destinations=[archive],
+                         rules=[{"name": "ct", "match": {"Modality": "CT"}, "models": ["foreground"],
+                                 "destinations": ["archive"]}])
+    node = start_node(tmp_path / "node", config)
+    try:
+        sent = cli(node.config_path, "send", str(folder), "--batch", "4", "--progress")
+        assert sent.returncode == 0, sent.stderr
+        assert "sent 10 files to DICOM_NODE@127.0.0.1" in sent.stdout
+        assert "] 10/10" in sent.stderr and "] 4/10" in sent.stderr  # the progress bar advanced per batch
+
+        def done() -> list[dict[str, object]] | None:
+            jobs = json.loads(cli(node.config_path, "jobs", "--json").stdout)
+            return jobs if jobs and jobs[0]["state"] == "done" else None
+
+        jobs = wait_until(done, 90, what="the job to be done")
+        assert jobs[0]["model"] == "foreground"
+
+        status = cli(node.config_path, "status", "--json")
+        assert status.returncode == 0, status.stderr
+        data = json.loads(status.stdout)
+        assert data["listener"]["answers_echo"] is True
+        assert data["jobs_by_state"] == {"done": 1}
+        assert any(w["alive"] and "inference" in w["queues"] for w in data["workers"])
+        assert data["disk"]["accepting"] is True and data["recent_failures"] == []
+        text = cli(node.config_path, "status").stdout
+        assert "answers C-ECHO" in text and "done 1" in text
+
+        assert cli(node.config_path, "echo", "archive").returncode == 0
+        direct = cli(node.config_path, "send", str(folder), "--to", "archive", "--json")
+        assert direct.returncode == 0 and json.loads(direct.stdout) == {"destination": "archive", "sent": 10,
+                                                                         "total": 10}
+    finally:
+        node.stop()
+    down = cli(node.config_path, "status")
+    assert down.returncode == 1 and "NOT ANSWERING" in down.stdout
