@@ -337,7 +337,9 @@ def test_killed_worker_redelivers_once_and_poison_job_stops(tmp_path: Path) -> N
                 job = job_of(catalog, series_uid)
                 return job if job is not None and job.state == "running" and job.attempts == attempt else None
             wait_until(running, 120, interval=0.05, what=f"attempt {attempt} running")
-            time.sleep(0.5)  # well inside the model's forward
+            # Well inside the model's forward (≈ 11 s), and late enough that the worker's main
+            # process has registered the job as accepted by the child (under load that lags).
+            time.sleep(2.0)
             [child] = child_pids(worker.pid)
             sigkill(child)
 
