@@ -11,8 +11,18 @@ import sys
 import structlog
 
 #: Keys that must never reach a log line, whatever a caller binds.
-PHI_KEYS = frozenset({"PatientName", "PatientID", "PatientBirthDate", "patient_name", "patient_id",
-                      "patient_birth_date", "OtherPatientIDs", "PatientAddress"})
+PHI_KEYS = frozenset(
+    {
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "patient_name",
+        "patient_id",
+        "patient_birth_date",
+        "OtherPatientIDs",
+        "PatientAddress",
+    }
+)
 
 
 def _drop_phi(_logger: object, _name: str, event_dict: structlog.types.EventDict) -> structlog.types.EventDict:
@@ -41,10 +51,16 @@ def configure_logging(fmt: str = "auto", level: str = "INFO") -> None:
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, structlog.processors.format_exc_info, renderer],
-        foreign_pre_chain=shared,
-    ))
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+            foreign_pre_chain=shared,
+        )
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -17,10 +17,19 @@ from typing import Any
 
 from dicom_node.settings import RuleSettings
 
-KNOWN_KEYS = frozenset({
-    "Modality", "BodyPartExamined", "SeriesDescription", "ProtocolName", "SOPClassUID",
-    "SliceThickness", "Manufacturer", "CallingAETitle", "InstanceCount",
-})
+KNOWN_KEYS = frozenset(
+    {
+        "Modality",
+        "BodyPartExamined",
+        "SeriesDescription",
+        "ProtocolName",
+        "SOPClassUID",
+        "SliceThickness",
+        "Manufacturer",
+        "CallingAETitle",
+        "InstanceCount",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -31,9 +40,12 @@ class RuleMatch:
 
 
 def _is_range(expected: Any) -> bool:
-    return (isinstance(expected, list) and len(expected) == 2
-            and all(isinstance(v, int | float) or v == "*" for v in expected)
-            and any(isinstance(v, int | float) for v in expected))
+    return (
+        isinstance(expected, list)
+        and len(expected) == 2
+        and all(isinstance(v, int | float) or v == "*" for v in expected)
+        and any(isinstance(v, int | float) for v in expected)
+    )
 
 
 def _check(key: str, expected: Any, actual: Any) -> tuple[bool, str]:
@@ -69,7 +81,9 @@ def validate_rule(rule: RuleSettings) -> None:
     """Raise ``ValueError`` for unknown keys or bad regular expressions in ``rule.match``."""
     for key, expected in rule.match.items():
         if key not in KNOWN_KEYS:
-            raise ValueError(f"rule {rule.name!r}: cannot match on {key!r}; known keys: {', '.join(sorted(KNOWN_KEYS))}")
+            raise ValueError(
+                f"rule {rule.name!r}: cannot match on {key!r}; known keys: {', '.join(sorted(KNOWN_KEYS))}"
+            )
         for e in expected if isinstance(expected, list) else [expected]:
             if isinstance(e, str) and len(e) >= 2 and e.startswith("/") and e.endswith("/"):
                 try:

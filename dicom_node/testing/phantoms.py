@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     MRImageStorage,
-    PYDICOM_IMPLEMENTATION_UID,
-    UID,
 )
 
 from dicom_node.uids import derived_uid
@@ -87,9 +87,7 @@ class Phantom:
         return (float(n[0]), float(n[1]), float(n[2]))
 
 
-def axial_affine(
-    shape: Sequence[int], pixel_spacing: float, slice_spacing: float, centre_z: float = 0.0
-) -> np.ndarray:
+def axial_affine(shape: Sequence[int], pixel_spacing: float, slice_spacing: float, centre_z: float = 0.0) -> np.ndarray:
     """Affine of an axial stack centred on (0, 0, centre_z), slices going feet -> head."""
     slices, rows, cols = shape
     affine = np.eye(4)
@@ -113,8 +111,12 @@ def _structures(spec: ChestSpec, x: np.ndarray, y: np.ndarray, z: np.ndarray) ->
     for sign in (-1.0, 1.0):
         lungs |= ((x - sign * spec.lung_offset_x) / lx) ** 2 + (y / ly) ** 2 + (z / lz) ** 2 <= 1.0
     bone = (x**2 + (y - spec.spine_y) ** 2 <= spec.spine_radius**2) & body
-    out = {"body": np.broadcast_to(body, lungs.shape), "inner": np.broadcast_to(inner, lungs.shape),
-           "lungs": lungs & np.broadcast_to(inner, lungs.shape), "bone": np.broadcast_to(bone, lungs.shape)}
+    out = {
+        "body": np.broadcast_to(body, lungs.shape),
+        "inner": np.broadcast_to(inner, lungs.shape),
+        "lungs": lungs & np.broadcast_to(inner, lungs.shape),
+        "bone": np.broadcast_to(bone, lungs.shape),
+    }
     for i, nod in enumerate(spec.nodules):
         cx, cy, cz = nod.centre
         out[f"nodule_{i}"] = (x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2 <= (nod.diameter_mm / 2.0) ** 2
@@ -178,8 +180,14 @@ def make_chest_phantom(spec: ChestSpec | None = None) -> Phantom:
     }
     for n, nod in enumerate(spec.nodules):
         volumes[f"nodule_{n}"] = nod.volume_ml
-    return Phantom(hu=hu, affine=affine, masks=masks, volumes_ml={k: float(v) for k, v in volumes.items()},
-                   spec=spec, nodules=spec.nodules)
+    return Phantom(
+        hu=hu,
+        affine=affine,
+        masks=masks,
+        volumes_ml={k: float(v) for k, v in volumes.items()},
+        spec=spec,
+        nodules=spec.nodules,
+    )
 
 
 @dataclass(frozen=True)
@@ -210,9 +218,7 @@ def _fmt(values: Iterable[float]) -> list[str]:
     return [f"{v:.6g}" for v in values]
 
 
-def slice_datasets(
-    hu: np.ndarray, affine: np.ndarray, info: SeriesInfo | None = None
-) -> list[Dataset]:
+def slice_datasets(hu: np.ndarray, affine: np.ndarray, info: SeriesInfo | None = None) -> list[Dataset]:
     """Single-frame CT/MR datasets for every slice of ``hu`` (stored as int16, intercept -1024)."""
     info = info or SeriesInfo()
     slices, rows, cols = hu.shape
@@ -306,7 +312,9 @@ def slice_datasets(
     return out
 
 
-def write_datasets(datasets: Sequence[Dataset], out_dir: Path | str, *, transfer_syntax: UID | None = None) -> list[Path]:
+def write_datasets(
+    datasets: Sequence[Dataset], out_dir: Path | str, *, transfer_syntax: UID | None = None
+) -> list[Path]:
     """Write datasets as Part 10 files ``<SOPInstanceUID>.dcm``; optionally compress them
     (RLE Lossless is encoded by pydicom itself; other syntaxes need their encoder plugin)."""
     out = Path(out_dir)

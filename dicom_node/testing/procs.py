@@ -27,7 +27,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, host: str = LOOPBACK, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_port(
+    port: int, host: str = LOOPBACK, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     """Block until something accepts TCP connections on ``host:port``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -86,7 +88,9 @@ class Server:
             return ""
 
 
-def _spawn(args: Sequence[str], workdir: Path, log_name: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+def _spawn(
+    args: Sequence[str], workdir: Path, log_name: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], Path]:
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / log_name
     fh = log.open("wb")
@@ -96,15 +100,28 @@ def _spawn(args: Sequence[str], workdir: Path, log_name: str, env: dict[str, str
 
 
 def start_storescp(
-    workdir: Path, *, ae_title: str = "ARCHIVE", port: int | None = None, nodelay: bool = True,
+    workdir: Path,
+    *,
+    ae_title: str = "ARCHIVE",
+    port: int | None = None,
+    nodelay: bool = True,
     extra_args: Sequence[str] = (),
 ) -> Server:
     """DCMTK ``storescp`` accepting everything, writing files into ``workdir/received``."""
     port = port or free_port()
     out = workdir / "received"
     out.mkdir(parents=True, exist_ok=True)
-    args = ["storescp", "--aetitle", ae_title, "--output-directory", str(out),
-            "--accept-all", "+xa", *extra_args, str(port)]
+    args = [
+        "storescp",
+        "--aetitle",
+        ae_title,
+        "--output-directory",
+        str(out),
+        "--accept-all",
+        "+xa",
+        *extra_args,
+        str(port),
+    ]
     proc, log = _spawn(args, workdir, f"storescp-{port}.log", dcmtk_env(nodelay))
     wait_for_port(port, proc=proc)
     return Server(proc, port, workdir, log, {"received": str(out), "ae_title": ae_title})
@@ -113,8 +130,19 @@ def start_storescp(
 def start_redis(workdir: Path, *, port: int | None = None) -> Server:
     """A throwaway ``redis-server`` (no persistence) on a free loopback port."""
     port = port or free_port()
-    args = ["redis-server", "--port", str(port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no",
-            "--dir", str(workdir)]
+    args = [
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        LOOPBACK,
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
+    ]
     proc, log = _spawn(args, workdir, f"redis-{port}.log")
     wait_for_port(port, proc=proc)
     return Server(proc, port, workdir, log, {"url": f"redis://{LOOPBACK}:{port}/0"})
@@ -128,7 +156,9 @@ def running(server: Server) -> Iterator[Server]:
         server.stop()
 
 
-def run_tool(args: Sequence[str], *, timeout: float = 120.0, nodelay: bool = True, check: bool = False) -> subprocess.CompletedProcess[str]:
+def run_tool(
+    args: Sequence[str], *, timeout: float = 120.0, nodelay: bool = True, check: bool = False
+) -> subprocess.CompletedProcess[str]:
     """Run a DCMTK/dicom3tools command line and capture its output as text."""
     result = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, env=dcmtk_env(nodelay))
     if check and result.returncode != 0:

@@ -7,8 +7,8 @@ what arrives in a DCMTK ``storescp`` archive against the phantom's known volumes
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import highdicom as hd
@@ -26,14 +26,17 @@ pytestmark = pytest.mark.integration
 
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
-RULES = [{"name": "all-ct", "match": {"Modality": "CT"}, "models": ["ct-tissue"], "destinations": ["archive"]},
-         {"name": "mr-misrouted", "match": {"Modality": "MR"}, "models": ["ct-tissue"], "destinations": ["archive"]}]
+RULES = [
+    {"name": "all-ct", "match": {"Modality": "CT"}, "models": ["ct-tissue"], "destinations": ["archive"]},
+    {"name": "mr-misrouted", "match": {"Modality": "MR"}, "models": ["ct-tissue"], "destinations": ["archive"]},
+]
 
 
 def storescu(port: int, files: list[Path], calling: str = "CT1") -> None:
     require_tool("storescu")
-    res = procs.run_tool(["storescu", "-aet", calling, "-aec", "DICOM_NODE", procs.LOOPBACK, str(port),
-                          *map(str, files)], timeout=120)
+    res = procs.run_tool(
+        ["storescu", "-aet", calling, "-aec", "DICOM_NODE", procs.LOOPBACK, str(port), *map(str, files)], timeout=120
+    )
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -44,14 +47,16 @@ def archived(archive: procs.Server) -> dict[str, list[pydicom.Dataset]]:
         if path.suffix == "" or path.is_file():
             try:
                 ds = pydicom.dcmread(path)
-            except Exception:  # noqa: BLE001 - storescp may be writing the file right now
+            except Exception:  # noqa: S112 - storescp may be writing the file right now
                 continue
             ds.filename = str(path)
             out.setdefault(str(ds.SOPClassUID), []).append(ds)
     return out
 
 
-def wait_for_results(archive: procs.Server, node: NodeProcess, n_seg: int, n_sr: int, timeout: float = 120) -> dict[str, list[pydicom.Dataset]]:
+def wait_for_results(
+    archive: procs.Server, node: NodeProcess, n_seg: int, n_sr: int, timeout: float = 120
+) -> dict[str, list[pydicom.Dataset]]:
     def ready() -> dict[str, list[pydicom.Dataset]] | None:
         got = archived(archive)
         if len(got.get(SEG_CLASS, [])) >= n_seg and len(got.get(SR_CLASS, [])) >= n_sr:
@@ -64,12 +69,18 @@ def wait_for_results(archive: procs.Server, node: NodeProcess, n_seg: int, n_sr:
         pytest.fail(f"results did not arrive; node logs:\n{node.logs()[-8000:]}")
 
 
-def check_results(got: dict[str, list[pydicom.Dataset]], phantom_series: str, phantom: object,
-                  dciodvfy_clean: object) -> None:
+def check_results(
+    got: dict[str, list[pydicom.Dataset]], phantom_series: str, phantom: object, dciodvfy_clean: object
+) -> None:
     seg = next(ds for ds in got[SEG_CLASS] if ds.ReferencedSeriesSequence[0].SeriesInstanceUID == phantom_series)
-    sr = next(ds for ds in got[SR_CLASS]
-              if any(ev.ReferencedSeriesSequence[0].SeriesInstanceUID == phantom_series
-                     for ev in ds.CurrentRequestedProcedureEvidenceSequence))
+    sr = next(
+        ds
+        for ds in got[SR_CLASS]
+        if any(
+            ev.ReferencedSeriesSequence[0].SeriesInstanceUID == phantom_series
+            for ev in ds.CurrentRequestedProcedureEvidenceSequence
+        )
+    )
     for ds in (seg, sr):
         dciodvfy_clean(ds.filename)  # type: ignore[operator]
     dump = procs.run_tool(["dsrdump", sr.filename])
@@ -95,8 +106,11 @@ def _segment_volume(segmentation: hd.seg.Segmentation, number: int, voxel_ml: fl
     pixels = segmentation.pixel_array
     if pixels.ndim == 3:  # one segment: (frames, rows, cols)
         pixels = pixels[..., None]
-    frames = [i for i, item in enumerate(segmentation.PerFrameFunctionalGroupsSequence)
-              if int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber) == number]
+    frames = [
+        i
+        for i, item in enumerate(segmentation.PerFrameFunctionalGroupsSequence)
+        if int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber) == number
+    ]
     return float(pixels[frames].astype(bool).sum()) * voxel_ml
 
 
@@ -107,10 +121,14 @@ def check_metrics(web_port: int, *, done_jobs: int, instances: int) -> None:
 
     with urllib.request.urlopen(f"http://{procs.LOOPBACK}:{web_port}/metrics", timeout=10) as reply:
         text = reply.read().decode()
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in text_string_to_metric_families(text) for s in family.samples}
-    stage_counts = {dict(labels)["stage"]: v for (name, labels), v in samples.items()
-                    if name == "dicom_node_stage_seconds_count"}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    stage_counts = {
+        dict(labels)["stage"]: v for (name, labels), v in samples.items() if name == "dicom_node_stage_seconds_count"
+    }
     assert stage_counts and all(v == done_jobs for v in stage_counts.values()), stage_counts
     assert samples[("dicom_node_end_to_end_seconds_count", ())] == done_jobs
     assert samples[("dicom_node_instances_received_total", (("calling_ae", "CT1"),))] == instances
@@ -137,12 +155,23 @@ def test_embedded_broker_end_to_end(tmp_path: Path, archive: procs.Server, dciod
     phantom = make_chest_phantom(ChestSpec())
     info = SeriesInfo(seed="e2e-embedded")
     files = write_datasets(slice_datasets(phantom.hu, phantom.affine, info), tmp_path / "ct")
-    mr_files = write_datasets(slice_datasets(phantom.hu[:5], phantom.affine, SeriesInfo(seed="e2e-mr", modality="MR")), tmp_path / "mr")
-    one_files = write_datasets(slice_datasets(phantom.hu[:1], phantom.affine, SeriesInfo(seed="e2e-one")), tmp_path / "one")
+    mr_files = write_datasets(
+        slice_datasets(phantom.hu[:5], phantom.affine, SeriesInfo(seed="e2e-mr", modality="MR")), tmp_path / "mr"
+    )
+    one_files = write_datasets(
+        slice_datasets(phantom.hu[:1], phantom.affine, SeriesInfo(seed="e2e-one")), tmp_path / "one"
+    )
 
     web_port = procs.free_port()
-    node = start_node(tmp_path / "node", node_config(tmp_path / "node", destinations=[destination(archive)], rules=RULES,
-                                                     web={"enabled": True, "host": procs.LOOPBACK, "port": web_port}))
+    node = start_node(
+        tmp_path / "node",
+        node_config(
+            tmp_path / "node",
+            destinations=[destination(archive)],
+            rules=RULES,
+            web={"enabled": True, "host": procs.LOOPBACK, "port": web_port},
+        ),
+    )
     try:
         storescu(node.port, files)
         storescu(node.port, mr_files)
@@ -170,15 +199,21 @@ def test_embedded_broker_end_to_end(tmp_path: Path, archive: procs.Server, dciod
 
 
 @pytest.mark.slow
-def test_redis_broker_with_separate_worker(tmp_path: Path, archive: procs.Server, redis_server: procs.Server,
-                                           dciodvfy_clean: object) -> None:
+def test_redis_broker_with_separate_worker(
+    tmp_path: Path, archive: procs.Server, redis_server: procs.Server, dciodvfy_clean: object
+) -> None:
     """With a real redis-server broker and a separate `dicom-node worker`, the same phantom
     round-trips to the archive with the right volumes."""
     phantom = make_chest_phantom(ChestSpec(seed=3))
     info = SeriesInfo(seed="e2e-redis")
     files = write_datasets(slice_datasets(phantom.hu, phantom.affine, info), tmp_path / "ct")
-    config = node_config(tmp_path / "node", broker_url=redis_server.extra["url"],
-                         destinations=[destination(archive)], rules=RULES[:1], worker={"in_process": "no"})
+    config = node_config(
+        tmp_path / "node",
+        broker_url=redis_server.extra["url"],
+        destinations=[destination(archive)],
+        rules=RULES[:1],
+        worker={"in_process": "no"},
+    )
     node = start_node(tmp_path / "node", config)
     try:
         node.start_worker("gpu1")
@@ -200,8 +235,9 @@ def test_unreachable_archive_fails_the_job_with_reason(tmp_path: Path) -> None:
     try:
         storescu(node.port, files)
         catalog = Catalog(f"sqlite:///{tmp_path / 'node' / 'node.db'}")
-        jobs = wait_until(lambda: [j for j in catalog.list_jobs() if j.state in ("done", "failed")], 120,
-                          what="job settled")
+        jobs = wait_until(
+            lambda: [j for j in catalog.list_jobs() if j.state in ("done", "failed")], 120, what="job settled"
+        )
         assert jobs[0].state == "failed"
         assert "ARCHIVE" in (jobs[0].reason or "") and str(dead["port"]) in (jobs[0].reason or "")
     finally:
@@ -209,8 +245,9 @@ def test_unreachable_archive_fails_the_job_with_reason(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_lung_nodules_end_to_end_with_redis(tmp_path: Path, archive: procs.Server, redis_server: procs.Server,
-                                            dciodvfy_clean: object) -> None:
+def test_lung_nodules_end_to_end_with_redis(
+    tmp_path: Path, archive: procs.Server, redis_server: procs.Server, dciodvfy_clean: object
+) -> None:
     """ct-lung-nodules through a real Redis broker and a separate worker: the SEG + SR of a chest
     with a free-floating and a wall-attached nodule reach the archive, dciodvfy-clean, and every
     SR centre point (SCOORD3D POINT) lies within 2 mm of a true nodule centre."""
@@ -220,10 +257,22 @@ def test_lung_nodules_end_to_end_with_redis(tmp_path: Path, archive: procs.Serve
     nod = make_nodule_phantom(chest_spec(seed=11), (9.0, 16.0), ("free", "lateral"), vessels=4, seed=11)
     info = SeriesInfo(seed="e2e-nodules")
     files = write_datasets(slice_datasets(nod.phantom.hu, nod.phantom.affine, info), tmp_path / "ct")
-    rules = [{"name": "chest", "match": {"Modality": "CT", "BodyPartExamined": "CHEST"},
-              "models": ["ct-lung-nodules"], "destinations": ["archive"], "priority": "urgent"}]
-    config = node_config(tmp_path / "node", broker_url=redis_server.extra["url"],
-                         destinations=[destination(archive)], rules=rules, worker={"in_process": "no"})
+    rules = [
+        {
+            "name": "chest",
+            "match": {"Modality": "CT", "BodyPartExamined": "CHEST"},
+            "models": ["ct-lung-nodules"],
+            "destinations": ["archive"],
+            "priority": "urgent",
+        }
+    ]
+    config = node_config(
+        tmp_path / "node",
+        broker_url=redis_server.extra["url"],
+        destinations=[destination(archive)],
+        rules=rules,
+        worker={"in_process": "no"},
+    )
     node = start_node(tmp_path / "node", config)
     try:
         node.start_worker("gpu1")

@@ -31,8 +31,22 @@ def test_shipped_config_serves_echo(tmp_path: Path) -> None:
         "DICOM_NODE_WEB__PORT": str(web_port),
     }
     log = (tmp_path / "node.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "serve", "--config", str(REPO / "config" / "dicom-node.toml"),
-                             "--log-format", "json"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dicom_node",
+            "serve",
+            "--config",
+            str(REPO / "config" / "dicom-node.toml"),
+            "--log-format",
+            "json",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=tmp_path,
+    )
     try:
         procs.wait_for_port(port, timeout=60, proc=proc)
         res = procs.run_tool(["echoscu", "-aec", "DICOM_NODE", procs.LOOPBACK, str(port)])

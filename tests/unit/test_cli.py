@@ -14,23 +14,30 @@ from dicom_node.testing.phantoms import ChestSpec, SeriesInfo, make_chest_phanto
 
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
-    return write_config(tmp_path / "node.toml", {
-        "database": {"url": f"sqlite:///{tmp_path / 'node.db'}"},
-        "rules": [
-            {"name": "chest-ct", "match": {"Modality": "CT", "BodyPartExamined": "CHEST", "SliceThickness": [1, 6]},
-             "models": ["ct-tissue", "ct-lung-nodules"]},
-            {"name": "thin-only", "match": {"SliceThickness": [0, 1.5]}, "models": ["ct-tissue"]},
-            {"name": "mr", "match": {"Modality": "MR"}, "models": ["foreground"]},
-        ],
-    })
+    return write_config(
+        tmp_path / "node.toml",
+        {
+            "database": {"url": f"sqlite:///{tmp_path / 'node.db'}"},
+            "rules": [
+                {
+                    "name": "chest-ct",
+                    "match": {"Modality": "CT", "BodyPartExamined": "CHEST", "SliceThickness": [1, 6]},
+                    "models": ["ct-tissue", "ct-lung-nodules"],
+                },
+                {"name": "thin-only", "match": {"SliceThickness": [0, 1.5]}, "models": ["ct-tissue"]},
+                {"name": "mr", "match": {"Modality": "MR"}, "models": ["foreground"]},
+            ],
+        },
+    )
 
 
 def test_rules_test_shows_matches_and_reasons(tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`rules test DIR` lists each series with every rule, whether it matches and why."""
     phantom = make_chest_phantom(ChestSpec(slices=4, rows=32, columns=32, pixel_spacing=10.0))
     write_datasets(slice_datasets(phantom.hu, phantom.affine, SeriesInfo(seed="cli-ct")), tmp_path / "dir" / "ct")
-    write_datasets(slice_datasets(phantom.hu, phantom.affine, SeriesInfo(seed="cli-mr", modality="MR")),
-                   tmp_path / "dir" / "mr")
+    write_datasets(
+        slice_datasets(phantom.hu, phantom.affine, SeriesInfo(seed="cli-mr", modality="MR")), tmp_path / "dir" / "mr"
+    )
     (tmp_path / "dir" / "notes.txt").write_text("not DICOM")
     assert main(["rules", "test", str(tmp_path / "dir"), "--config", str(config), "--json"]) == 0
     report = {entry["series_instance_uid"]: entry for entry in json.loads(capsys.readouterr().out)}
@@ -38,7 +45,9 @@ def test_rules_test_shows_matches_and_reasons(tmp_path: Path, config: Path, caps
     assert ct["instances"] == 4
     verdicts = {r["rule"]: r for r in ct["rules"]}
     assert verdicts["chest-ct"]["matched"] and verdicts["chest-ct"]["models"] == ["ct-tissue", "ct-lung-nodules"]
-    assert not verdicts["thin-only"]["matched"] and "SliceThickness=5 not in [0, 1.5]" in verdicts["thin-only"]["reasons"]
+    assert (
+        not verdicts["thin-only"]["matched"] and "SliceThickness=5 not in [0, 1.5]" in verdicts["thin-only"]["reasons"]
+    )
     assert not verdicts["mr"]["matched"]
     mr = {r["rule"]: r["matched"] for r in report[SeriesInfo(seed="cli-mr").uid("series")]["rules"]}
     assert mr == {"chest-ct": False, "thin-only": False, "mr": True}

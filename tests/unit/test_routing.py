@@ -5,8 +5,15 @@ from __future__ import annotations
 from dicom_node.routing import evaluate, matching_rules
 from dicom_node.settings import RuleSettings
 
-SERIES = {"Modality": "CT", "BodyPartExamined": "CHEST", "SeriesDescription": "Thorax 1.25mm Lung",
-          "SliceThickness": 1.25, "CallingAETitle": "CT1", "InstanceCount": 300, "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2"}
+SERIES = {
+    "Modality": "CT",
+    "BodyPartExamined": "CHEST",
+    "SeriesDescription": "Thorax 1.25mm Lung",
+    "SliceThickness": 1.25,
+    "CallingAETitle": "CT1",
+    "InstanceCount": 300,
+    "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2",
+}
 
 
 def rule(**match: object) -> RuleSettings:

@@ -47,7 +47,10 @@ def test_environment_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         ("[listener]\nportt = 1\n", r"listener\.portt: unknown key"),
         ("[nonsense]\nx = 1\n", r"nonsense: unknown key"),
         ("[listener]\nae_title = 'THIS_TITLE_IS_TOO_LONG'\n", r"listener\.ae_title: .*1-16"),
-        ("[[rules]]\nname='r'\nmodels=['ct-tissue']\ndestinations=['nowhere']\n", r"unknown destinations \['nowhere'\]"),
+        (
+            "[[rules]]\nname='r'\nmodels=['ct-tissue']\ndestinations=['nowhere']\n",
+            r"unknown destinations \['nowhere'\]",
+        ),
         ("[[rules]]\nname='r'\nmodels=['m']\nmatch={Colour='red'}\n", r"cannot match on 'Colour'"),
         ("[[rules]]\nname='r'\nmodels=['m']\nmatch={SeriesDescription='/([/'}\n", r"bad regular expression"),
         ("[listener\n", r"not valid TOML"),
