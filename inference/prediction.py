@@ -56,6 +56,14 @@ class Measurement:
 VOLUME = Code("118565006", SCT, "Volume")
 DIAMETER = Code("81827009", SCT, "Diameter")
 MEAN = Code("373098007", SCT, "Mean")
+
+# Segmentation categories and types shared by several models (CID 7150 / 7151 / 7166, meanings
+# as DICOM lists them).
+ANATOMICAL_STRUCTURE = Code("91723000", SCT, "Anatomical Structure")
+MORPHOLOGICALLY_ABNORMAL_STRUCTURE = Code("49755003", SCT, "Morphologically Abnormal Structure")
+TISSUE = Code("85756007", SCT, "Tissue")
+ENTIRE_BODY = Code("38266002", SCT, "Entire body")
+LUNG = Code("39607008", SCT, "Lung")
 ML = Code("ml", UCUM, "milliliter")
 MM = Code("mm", UCUM, "millimeter")
 HU = Code("[hnsf'U]", UCUM, "Hounsfield unit")

@@ -12,11 +12,15 @@ from pydicom.dataset import Dataset
 
 from dicom_node.testing.phantoms import Phantom, SeriesInfo, slice_datasets
 from inference.prediction import (
+    ANATOMICAL_STRUCTURE,
     DIAMETER,
+    ENTIRE_BODY,
     HU,
+    LUNG,
     MEAN,
     ML,
     MM,
+    MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
     SCT,
     VOLUME,
     Code,
@@ -28,13 +32,11 @@ from inference.prediction import (
 )
 from inference.volume import Volume
 
-ANATOMICAL_STRUCTURE = Code("123037004", SCT, "Anatomical Structure")
-MORPHOLOGICALLY_ABNORMAL_STRUCTURE = Code("49755003", SCT, "Morphologically Abnormal Structure")
 LUNG_LABEL = Label(
-    "Lungs", ANATOMICAL_STRUCTURE, Code("39607008", SCT, "Lung"), color=(128, 174, 128)
+    "Lungs", ANATOMICAL_STRUCTURE, LUNG, color=(128, 174, 128)
 )
 BODY_LABEL = Label(
-    "Body", ANATOMICAL_STRUCTURE, Code("38266002", SCT, "Entire body"), color=(177, 122, 101)
+    "Body", ANATOMICAL_STRUCTURE, ENTIRE_BODY, color=(177, 122, 101)
 )
 NODULE_LABEL = Label(
     "Nodule",

@@ -26,10 +26,14 @@ import torch
 from inference import ops
 from inference.errors import PermanentError
 from inference.prediction import (
+    ANATOMICAL_STRUCTURE,
+    ENTIRE_BODY,
     HU,
+    LUNG,
     MEAN,
     ML,
     SCT,
+    TISSUE,
     VOLUME,
     Code,
     Label,
@@ -40,11 +44,8 @@ from inference.prediction import (
 )
 from inference.volume import Volume
 
-# Coded concepts as DICOM lists them (CID 7150 categories, CID 7151/7166 types).
-ANATOMICAL_STRUCTURE = Code("91723000", SCT, "Anatomical Structure")
-TISSUE = Code("85756007", SCT, "Tissue")
-ENTIRE_BODY = Code("38266002", SCT, "Entire body")
-LUNG = Code("39607008", SCT, "Lung")
+# Coded concepts as DICOM lists them (CID 7150 categories, CID 7151/7166 types); the shared
+# ones (ANATOMICAL_STRUCTURE, TISSUE, ENTIRE_BODY, LUNG) live in inference.prediction.
 BONE = Code("3138006", SCT, "Bone")
 FAT = Code("55603005", SCT, "Fat")
 

@@ -16,11 +16,21 @@ import torch
 
 from inference import ops
 from inference.errors import PermanentError
-from inference.prediction import ML, SCT, VOLUME, Code, Label, Measurement, Prediction, Segment
+from inference.prediction import (
+    ANATOMICAL_STRUCTURE,
+    ENTIRE_BODY,
+    ML,
+    SCT,
+    VOLUME,
+    Code,
+    Label,
+    Measurement,
+    Prediction,
+    Segment,
+)
 from inference.volume import Volume
 
-ANATOMICAL_STRUCTURE = Code("91723000", SCT, "Anatomical Structure")
-BODY_LABEL = Label("body", ANATOMICAL_STRUCTURE, Code("38266002", SCT, "Entire body"))
+BODY_LABEL = Label("body", ANATOMICAL_STRUCTURE, ENTIRE_BODY)
 HEAD_LABEL = Label("head", ANATOMICAL_STRUCTURE, Code("69536005", SCT, "Head"))
 #: ``Volume.metadata["body_part"]`` values (DICOM Body Part Examined) that mean a head image.
 HEAD_BODY_PARTS = frozenset({"HEAD", "BRAIN", "SKULL"})

@@ -32,6 +32,7 @@ from inference.prediction import (
     DIAMETER,
     ML,
     MM,
+    MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
     SCT,
     VOLUME,
     Code,
@@ -45,7 +46,6 @@ from inference.volume import Volume
 
 #: DICOM CID 6102/6104 "Nodule" and CID 7150 "Morphologically abnormal structure" (SNOMED CT).
 NODULE = Code("27925004", SCT, "Nodule")
-MORPHOLOGICALLY_ABNORMAL_STRUCTURE = Code("49755003", SCT, "Morphologically abnormal structure")
 NODULE_LABEL = Label(
     name="Nodule",
     category=MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
