@@ -38,12 +38,6 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AllStoragePresentationContexts, evt
-from pynetdicom._handlers import (
-    standard_dimse_recv_handler,
-    standard_dimse_sent_handler,
-    standard_pdu_recv_handler,
-    standard_pdu_sent_handler,
-)
 from pynetdicom.dimse_primitives import C_STORE
 
 from dicom_node import statuses
@@ -329,15 +323,8 @@ class Listener:
             reuse_port=self.reuse_port,
         )
         server.on_tls_error = self._tls_failed
-        # pynetdicom's per-PDU/per-message debug log handlers cost time on every PDU and log
-        # through stdlib logging, not ours.
-        for event, handler in (
-            (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
-            (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
-            (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
-            (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
-        ):
-            server.unbind(event, handler)
+        # pynetdicom's per-PDU debug log handlers are bound per association: TunedAssociation
+        # (dicom_node.net) unbinds them there.
         self._ae, self._server = ae, server
         self._log.info(
             "listener_started", host=s.host, port=self.port, tls=s.tls is not None,

@@ -14,11 +14,14 @@ from celery import Celery
 from kombu import Queue  # type: ignore[attr-defined]  # kombu has no type hints
 
 from dicom_node.settings import Settings, load_settings
+from workers import sqla_transport
 
 INFERENCE_QUEUE = "inference"
 DISPATCH_QUEUE = "dispatch"
 INFERENCE_TASK = "dicom_node.inference"
 DISPATCH_TASK = "dicom_node.dispatch"
+#: How often a worker on the embedded (SQLAlchemy) broker looks for a new message.
+SQLA_POLLING_SECONDS = 0.1
 #: Redis priorities: lower runs first.
 PRIORITIES = {"urgent": 0, "normal": 5}
 
@@ -31,7 +34,12 @@ def create_celery_app(settings: Settings, *, with_tasks: bool = False) -> Celery
     """
     app = Celery("dicom_node", broker=settings.broker.url, set_as_current=False)
     transport_options: dict[str, Any] = {}
-    if settings.broker.url.startswith(("redis://", "rediss://", "redis+socket://")):
+    if settings.broker.url.startswith(("sqla+", "sqlalchemy+")):
+        # kombu polls the broker tables every second by default: one second between "queued"
+        # and "running", another before delivery.  A poll is one small SQLite transaction.
+        sqla_transport.register()
+        transport_options = {"polling_interval": SQLA_POLLING_SECONDS}
+    elif settings.broker.url.startswith(("redis://", "rediss://", "redis+socket://")):
         transport_options = {
             "priority_steps": list(range(10)),
             "sep": ":",
