@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dicom_node.testing.chest_nodules import Placement, chest_spec, make_nodule_phantom
+from dicom_node.testing.chest_nodules import Placement, chest_spec, make_nodule_phantom, match_findings
 from inference.models.lung_nodules import LungNoduleModel
 from inference.prediction import DIAMETER, VOLUME
 from inference.volume import Volume
@@ -66,31 +66,15 @@ def run(scans: int, size: int, seed: int) -> None:
         start = time.perf_counter()
         prediction = model.predict(volume)
         times.append(time.perf_counter() - start)
-        used: set[int] = set()
-        for nodule, placement in zip(case.phantom.nodules, case.placements, strict=True):
-            best, best_d = None, float("inf")
-            for j, seg in enumerate(prediction.segments):
-                assert seg.centre is not None
-                d = float(np.linalg.norm(np.array(seg.centre) - np.array(nodule.centre)))
-                if j not in used and d <= max(nodule.diameter_mm / 2.0, 3.0) and d < best_d:
-                    best, best_d = j, d
-            if best is None:
-                rows.append(Row(nodule.diameter_mm, placement, False))
+        matches, unmatched = match_findings(case, prediction)
+        for m in matches:
+            if m.segment is None or m.centre_error_mm is None:
+                rows.append(Row(m.diameter_mm, m.placement, False))
                 continue
-            used.add(best)
-            seg = prediction.segments[best]
-            values = {m.name: m.value for m in seg.measurements}
-            rows.append(
-                Row(
-                    nodule.diameter_mm,
-                    placement,
-                    True,
-                    best_d,
-                    values[DIAMETER] / nodule.diameter_mm - 1.0,
-                    values[VOLUME] / nodule.volume_ml - 1.0,
-                )
-            )
-        false_positives.append(len(prediction.segments) - len(used))
+            values = {v.name: v.value for v in m.segment.measurements}
+            rows.append(Row(m.diameter_mm, m.placement, True, m.centre_error_mm,
+                            values[DIAMETER] / m.diameter_mm - 1.0, values[VOLUME] / m.volume_ml - 1.0))
+        false_positives.append(len(unmatched))
 
     print(f"ct-lung-nodules on {scans} phantoms, 0.7 mm pixels, shapes {sorted(set(shapes))}")
     print(f"slices {', '.join(map(str, SLICES_MM))} mm; nodules per scan {len(DIAMETERS)}")

@@ -21,6 +21,7 @@ from dicom_node.testing.phantoms import (
     Sphere,
     make_chest_phantom,
 )
+from inference.prediction import Prediction, Segment
 
 #: Where a nodule sits: inside the lung, or touching the lateral / anterior / posterior chest
 #: wall or the mediastinum (medial lung surface).
@@ -313,3 +314,35 @@ def make_nodule_phantom(
     add_spheres(phantom, nodules)
     add_tubes(phantom, tubes)
     return NodulePhantom(phantom=phantom, placements=chosen, tubes=tubes)
+
+
+@dataclass
+class Match:
+    """One true nodule and the finding matched to it (``segment`` None: missed)."""
+
+    diameter_mm: float
+    placement: str
+    segment: Segment | None
+    centre_error_mm: float | None
+    volume_ml: float = 0.0
+
+
+def match_findings(case: NodulePhantom, prediction: Prediction) -> tuple[list[Match], list[Segment]]:
+    """Pair each true nodule with the nearest unused finding whose centre lies within it (or
+    within 3 mm); return the matches and the unmatched findings (false positives)."""
+    used: set[int] = set()
+    matches = []
+    for nodule, placement in zip(case.phantom.nodules, case.placements, strict=True):
+        best, best_d = None, float("inf")
+        for j, seg in enumerate(prediction.segments):
+            assert seg.centre is not None
+            d = float(np.linalg.norm(np.array(seg.centre) - np.array(nodule.centre)))
+            if j not in used and d <= max(nodule.diameter_mm / 2.0, 3.0) and d < best_d:
+                best, best_d = j, d
+        if best is None:
+            matches.append(Match(nodule.diameter_mm, placement, None, None, nodule.volume_ml))
+        else:
+            used.add(best)
+            matches.append(Match(nodule.diameter_mm, placement, prediction.segments[best], best_d, nodule.volume_ml))
+    false_positives = [s for j, s in enumerate(prediction.segments) if j not in used]
+    return matches, false_positives

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 import torch
 
-from dicom_node.testing.chest_nodules import NodulePhantom, chest_spec, make_nodule_phantom
+from dicom_node.testing.chest_nodules import NodulePhantom, chest_spec, make_nodule_phantom, match_findings
 from dicom_node.testing.phantoms import axial_affine
 from inference import PermanentError, Prediction, Segment, Volume
 from inference.model import Model
@@ -21,14 +19,6 @@ CPU = torch.device("cpu")
 CASES = [(1.2, 1.25, 1), (1.4, 2.5, 0), (1.4, 5.0, 2), (1.3, 2.0, 3)]
 DIAMETERS = [4, 6, 8, 10, 14, 20, 30, 8, 12, 10, 16, 25]
 PLACEMENTS = ["free"] * 7 + ["lateral", "mediastinal", "anterior", "posterior", "lateral"]
-
-
-@dataclass
-class Match:
-    diameter_mm: float
-    placement: str
-    segment: Segment | None
-    centre_error_mm: float | None
 
 
 def _phantom(pixel: float, slices_mm: float, seed: int, diameters: list[int]) -> NodulePhantom:
@@ -49,24 +39,6 @@ def _volume(case: NodulePhantom) -> Volume:
     return Volume(case.phantom.hu, case.phantom.affine, "CT")
 
 
-def _match(case: NodulePhantom, prediction: Prediction) -> tuple[list[Match], list[Segment]]:
-    """Pair each true nodule with the nearest unused finding whose centre lies within it."""
-    used: set[int] = set()
-    matches = []
-    for nodule, placement in zip(case.phantom.nodules, case.placements, strict=True):
-        best, best_d = None, float("inf")
-        for j, seg in enumerate(prediction.segments):
-            assert seg.centre is not None
-            d = float(np.linalg.norm(np.array(seg.centre) - np.array(nodule.centre)))
-            if j not in used and d <= max(nodule.diameter_mm / 2.0, 3.0) and d < best_d:
-                best, best_d = j, d
-        if best is None:
-            matches.append(Match(nodule.diameter_mm, placement, None, None))
-        else:
-            used.add(best)
-            matches.append(Match(nodule.diameter_mm, placement, prediction.segments[best], best_d))
-    false_positives = [s for j, s in enumerate(prediction.segments) if j not in used]
-    return matches, false_positives
 
 
 def _measure(segment: Segment, name: object) -> float:
@@ -103,7 +75,7 @@ def test_recall_for_nodules_of_6_mm_and_more(
     """At least 90 % of nodules >= 6 mm, free or touching wall/mediastinum, are found."""
     found = total = 0
     for case, prediction in results:
-        for m in _match(case, prediction)[0]:
+        for m in match_findings(case, prediction)[0]:
             if m.diameter_mm >= 6:
                 total += 1
                 found += m.segment is not None
@@ -113,7 +85,7 @@ def test_recall_for_nodules_of_6_mm_and_more(
 
 def test_juxtapleural_nodules_are_found(results: list[tuple[NodulePhantom, Prediction]]) -> None:
     """Nodules embedded in the chest wall or mediastinum are not cut away with the wall."""
-    wall = [m for case, p in results for m in _match(case, p)[0] if m.placement != "free"]
+    wall = [m for case, p in results for m in match_findings(case, p)[0] if m.placement != "free"]
     assert len(wall) == 5 * len(CASES)
     assert sum(m.segment is not None for m in wall) >= 0.9 * len(wall)
 
@@ -121,7 +93,7 @@ def test_juxtapleural_nodules_are_found(results: list[tuple[NodulePhantom, Predi
 def test_centre_and_diameter_accuracy(results: list[tuple[NodulePhantom, Prediction]]) -> None:
     """Every matched nodule's centre is within 2 mm and its long-axis diameter within 20 %."""
     for case, prediction in results:
-        for m in _match(case, prediction)[0]:
+        for m in match_findings(case, prediction)[0]:
             if m.segment is None:
                 continue
             assert m.centre_error_mm is not None and m.centre_error_mm <= 2.0, m
@@ -132,7 +104,7 @@ def test_centre_and_diameter_accuracy(results: list[tuple[NodulePhantom, Predict
 def test_free_nodule_volume(results: list[tuple[NodulePhantom, Prediction]]) -> None:
     """Free nodules >= 6 mm have their partial-volume weighted volume within 20 % of truth."""
     for case, prediction in results:
-        for m in _match(case, prediction)[0]:
+        for m in match_findings(case, prediction)[0]:
             if m.segment is None or m.placement != "free" or m.diameter_mm < 6:
                 continue
             truth = np.pi / 6.0 * m.diameter_mm**3 / 1000.0
@@ -144,7 +116,7 @@ def test_at_most_one_false_positive_per_scan(
 ) -> None:
     """Vessel-like tubes, the spine and the walls give at most one false finding per scan."""
     for case, prediction in results:
-        assert len(_match(case, prediction)[1]) <= 1
+        assert len(match_findings(case, prediction)[1]) <= 1
 
 
 def test_segment_fields(results: list[tuple[NodulePhantom, Prediction]]) -> None:
@@ -178,7 +150,7 @@ def test_outline_traces_a_sphere_section(model: LungNoduleModel) -> None:
     """The outline of a 20 mm free sphere is a circle of the section's radius around its centre."""
     case = _phantom(1.4, 2.5, 5, [20])
     prediction = model.predict(_volume(case))
-    seg = _match(case, prediction)[0][0].segment
+    seg = match_findings(case, prediction)[0][0].segment
     assert seg is not None and seg.outline is not None and seg.key_slice is not None
     z = _volume(case).index_to_patient(np.array([seg.key_slice, 0, 0]))[2]
     centre = np.array(case.phantom.nodules[0].centre)
