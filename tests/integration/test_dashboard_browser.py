@@ -14,12 +14,12 @@ import pytest
 from dicom_node import heartbeat
 from dicom_node.catalog import Catalog, JobState
 from dicom_node.jobs import queue_job
+from dicom_node.testing.queues import MemoryQueue
 from dicom_node.web import WebServer, create_app
 from tests.conftest import REQUIRE_TOOLS, require_tool
 from tests.unit.test_web_api import (
     ROOT,
     TOKEN,
-    MemoryQueue,
     fail_delivery,
     make_job,
     make_settings,

@@ -13,6 +13,7 @@ from dicom_node.ingest import AssociationSummary, StoredInstance
 from dicom_node.jobs import reconcile_jobs
 from dicom_node.recorder import CatalogRecorder
 from dicom_node.settings import load_settings
+from dicom_node.testing.queues import MemoryQueue
 
 STUDY, SERIES = "1.2.3", "1.2.3.4"
 
@@ -22,20 +23,6 @@ def inst(n: int, t: float, series: str = SERIES, **attrs: object) -> StoredInsta
     base.update(attrs)  # type: ignore[arg-type]
     return StoredInstance(STUDY, series, f"{series}.{n}", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
                           Path(f"/spool/{n}.dcm"), 100, "CT1", "a1", t, base)
-
-
-class RecordingQueue:
-    """The JobQueue protocol kept in memory: what would have been sent to Celery."""
-
-    def __init__(self) -> None:
-        self.inference: list[tuple[int, str]] = []
-        self.dispatch: list[int] = []
-
-    def enqueue_inference(self, job_id: int, priority: str) -> None:
-        self.inference.append((job_id, priority))
-
-    def enqueue_dispatch(self, job_id: int) -> None:
-        self.dispatch.append(job_id)
 
 
 @pytest.fixture
@@ -85,7 +72,7 @@ def test_idle_and_association_completion(catalog: Catalog) -> None:
 
 def test_completion_creates_one_job_per_model_and_queues_it(tmp_path: Path, catalog: Catalog) -> None:
     """A complete CT series gets one queued job per model of the matching rule, with its priority."""
-    queue = RecordingQueue()
+    queue = MemoryQueue()
     loop = CompletionLoop(settings(tmp_path), catalog, queue)
     catalog.record_instances([inst(1, 100.0)])
     assert loop.tick(now=106.0) != []
@@ -97,7 +84,7 @@ def test_completion_creates_one_job_per_model_and_queues_it(tmp_path: Path, cata
 
 def test_unrouted_series_is_noted(tmp_path: Path, catalog: Catalog) -> None:
     """A series no rule matches completes with a note and no job."""
-    loop = CompletionLoop(settings(tmp_path), catalog, RecordingQueue())
+    loop = CompletionLoop(settings(tmp_path), catalog, MemoryQueue())
     catalog.record_instances([inst(1, 100.0, Modality="MR")])
     assert loop.tick(now=106.0) == []
     row = catalog.get_series(SERIES)
@@ -108,7 +95,7 @@ def test_unrouted_series_is_noted(tmp_path: Path, catalog: Catalog) -> None:
 def test_late_instance_policy(tmp_path: Path, catalog: Catalog, policy: str, jobs_after: int) -> None:
     """An instance arriving after processing re-opens the series as a new generation (or is ignored)."""
     s = settings(tmp_path, late=policy)
-    queue = RecordingQueue()
+    queue = MemoryQueue()
     loop = CompletionLoop(s, catalog, queue)
     recorder = CatalogRecorder(catalog, late_policy=policy)
     recorder.start()
@@ -150,7 +137,7 @@ def test_reconcile_requeues_unfinished_jobs(catalog: Catalog) -> None:
     catalog.transition(b, JobState.RUNNING)
     for st in (JobState.QUEUED, JobState.RUNNING, JobState.ENCODED):
         catalog.transition(c, st)
-    queue = RecordingQueue()
+    queue = MemoryQueue()
     assert reconcile_jobs(catalog, queue) == 3
     assert sorted(j for j, _ in queue.inference) == [a, b] and queue.dispatch == [c]
     assert time.time() - (catalog.get_job(b).queued_at or 0) < 60  # type: ignore[union-attr]

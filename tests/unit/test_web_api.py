@@ -14,6 +14,7 @@ from dicom_node.catalog import Catalog, JobSpec, JobState
 from dicom_node.ingest import StoredInstance
 from dicom_node.jobs import queue_job
 from dicom_node.settings import Settings, load_settings
+from dicom_node.testing.queues import MemoryQueue
 from dicom_node.web import create_app, readiness_checks
 
 TOKEN = "s3cret-token"  # noqa: S105 - a test token, not a credential
@@ -21,20 +22,6 @@ ROOT = "1.2.826.0.1.3680043.8.498"
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 TIMINGS = {"load_s": 0.8, "inference_s": 2.5, "encode_s": 0.4}
-
-
-class MemoryQueue:
-    """The JobQueue protocol in memory: what would have been sent to Celery."""
-
-    def __init__(self) -> None:
-        self.inference: list[tuple[int, str]] = []
-        self.dispatch: list[int] = []
-
-    def enqueue_inference(self, job_id: int, priority: str) -> None:
-        self.inference.append((job_id, priority))
-
-    def enqueue_dispatch(self, job_id: int) -> None:
-        self.dispatch.append(job_id)
 
 
 def make_settings(
