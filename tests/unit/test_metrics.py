@@ -15,11 +15,11 @@ from dicom_node import heartbeat
 from dicom_node.catalog import Catalog, JobState
 from dicom_node.jobs import queue_job
 from dicom_node.metrics import MAX_AE_LABELS, STAGES, NodeMetrics
+from dicom_node.testing.queues import MemoryQueue
 from dicom_node.web import create_app
 from tests.unit.test_web_api import (
     ROOT,
     TIMINGS,
-    MemoryQueue,
     encode,
     fail_delivery,
     make_job,
