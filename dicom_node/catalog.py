@@ -62,6 +62,8 @@ _TRANSITIONS: dict[JobState, set[JobState]] = {
     JobState.FAILED: {JobState.QUEUED, JobState.ENCODED},
     JobState.CANCELLED: {JobState.QUEUED},
 }
+#: Queue a job in this state is waiting in.
+QUEUE_OF_STATE = {JobState.QUEUED.value: "inference", JobState.ENCODED.value: "dispatch"}
 UNFINISHED = (JobState.RECEIVED, JobState.QUEUED, JobState.RUNNING, JobState.ENCODED, JobState.DELIVERING)
 
 
@@ -540,6 +542,16 @@ class Catalog:
     def count_jobs_by_state(self) -> dict[str, int]:
         with self.session() as s:
             return {st: n for st, n in s.execute(select(JobRow.state, func.count()).group_by(JobRow.state))}
+
+    def queue_depth(self) -> dict[tuple[str, str], tuple[int, float]]:
+        """Jobs waiting per (queue, priority): their count and the oldest ``updated_at``."""
+        with self.session() as s:
+            rows = s.execute(
+                select(JobRow.state, JobRow.priority, func.count(), func.min(JobRow.updated_at))
+                .where(JobRow.state.in_(list(QUEUE_OF_STATE)))
+                .group_by(JobRow.state, JobRow.priority)
+            )
+            return {(QUEUE_OF_STATE[st], pr): (n, first) for st, pr, n, first in rows}
 
     # -- deliveries -------------------------------------------------------------------------
 

@@ -152,10 +152,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                                     host="127.0.0.1" if lst.host in ("0.0.0.0", "::") else lst.host)  # noqa: S104
     listening = echo(self_dest, calling_ae_title=lst.ae_title, timeout=5) if lst.tls is None else None
     by_state = catalog.count_jobs_by_state()
-    queued = catalog.list_jobs(state=JobState.QUEUED.value, limit=10_000)
-    by_priority: dict[str, int] = {}
-    for job in queued:
-        by_priority[job.priority] = by_priority.get(job.priority, 0) + 1
+    by_priority = {priority: n for (queue, priority), (n, _) in catalog.queue_depth().items() if queue == "inference"}
     workers = worker_statuses(catalog)
     failures = catalog.list_jobs(state=JobState.FAILED.value, limit=5)
     free_mb = Spool(settings.storage.root).free_mb()

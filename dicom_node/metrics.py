@@ -58,9 +58,6 @@ STAGE_DEFINITIONS: dict[str, str] = {
     "encode": "SEG + SR encoding",
     "deliver": "results encoded to delivered to every destination (dispatch queue + C-STORE)",
 }
-#: Queue a job in this state is waiting in.
-QUEUE_OF_STATE = {JobState.QUEUED.value: "inference", JobState.ENCODED.value: "dispatch"}
-
 _STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 _E2E_BUCKETS = (5, 10, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 #: Distinct calling AE titles kept as label values; more are counted as ``other`` so a peer
@@ -157,22 +154,14 @@ class _CatalogCollector(Collector):
             f"Worker processes with a heartbeat in the last {ALIVE_WITHIN_S:g} s.",
             labels=["queue"],
         )
+        counts = self.catalog.count_jobs_by_state()
+        for state in JobState:
+            by_state.add_metric([state.value], counts.get(state.value, 0))
+        waiting = self.catalog.queue_depth()
         with self.catalog.session() as s:
-            counts: dict[str, int] = {
-                st: n
-                for st, n in s.execute(select(JobRow.state, func.count()).group_by(JobRow.state))
-            }
-            for state in JobState:
-                by_state.add_metric([state.value], counts.get(state.value, 0))
-            waiting = s.execute(
-                select(JobRow.state, JobRow.priority, func.count(), func.min(JobRow.updated_at))
-                .where(JobRow.state.in_(list(QUEUE_OF_STATE)))
-                .group_by(JobRow.state, JobRow.priority)
-            )
             oldest_at: dict[str, float] = {}
             seen: set[tuple[str, str]] = set()
-            for job_state, priority, n, first in waiting:
-                queue = QUEUE_OF_STATE[job_state]
+            for (queue, priority), (n, first) in waiting.items():
                 depth.add_metric([queue, priority], n)
                 seen.add((queue, priority))
                 oldest_at[queue] = min(first, oldest_at.get(queue, first))

@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import distinct, func, select
 
 from dicom_node.catalog import (
+    QUEUE_OF_STATE,
     UNFINISHED,
     Catalog,
     CatalogError,
@@ -33,7 +34,6 @@ from dicom_node.catalog import (
 from dicom_node.heartbeat import ALIVE_WITHIN_S, worker_statuses
 from dicom_node.jobs import JobQueue, queue_job
 from dicom_node.metrics import (
-    QUEUE_OF_STATE,
     STAGE_DEFINITIONS,
     STAGES,
     last_instance_before,
@@ -519,17 +519,8 @@ def create_router(ctx: ApiContext) -> APIRouter:
     )
     def queue_status() -> QueueStatus:
         now = time.time()
-        with catalog.session() as s:
-            counts: dict[str, int] = {
-                st: n
-                for st, n in s.execute(select(JobRow.state, func.count()).group_by(JobRow.state))
-            }
-            rows = s.execute(
-                select(JobRow.state, JobRow.priority, func.count(), func.min(JobRow.updated_at))
-                .where(JobRow.state.in_(list(QUEUE_OF_STATE)))
-                .group_by(JobRow.state, JobRow.priority)
-            )
-            depth = {(QUEUE_OF_STATE[st], pr): (n, now - first) for st, pr, n, first in rows}
+        counts = catalog.count_jobs_by_state()
+        depth = {key: (n, now - first) for key, (n, first) in catalog.queue_depth().items()}
         keys = sorted(
             set(depth) | {("inference", "urgent"), ("inference", "normal"), ("dispatch", "normal")},
             key=lambda k: (k[0] != "inference", k[1] != "urgent", k),
