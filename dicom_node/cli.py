@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.errors import ConfigError, DicomNodeError, PermanentError
-from dicom_node.settings import Settings, load_settings
+from dicom_node.settings import DestinationSettings, Settings, load_settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -137,20 +137,24 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _own_listener(settings: Settings) -> DestinationSettings:
+    """This node's listener as a destination (a wildcard bind address is reached on loopback)."""
+    lst = settings.listener
+    host = "127.0.0.1" if lst.host in ("0.0.0.0", "::") else lst.host  # noqa: S104 - compared, not bound
+    return DestinationSettings(name="this node", ae_title=lst.ae_title, host=host, port=lst.port)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """One screen for ops: listener, queue, workers, disk, recent failures."""
     from dicom_node.catalog import Catalog, JobState
     from dicom_node.heartbeat import worker_statuses
     from dicom_node.sender import echo
-    from dicom_node.settings import DestinationSettings
     from dicom_node.spool import Spool
 
     settings = _settings(args)
     catalog = Catalog(settings.database.url)
     lst = settings.listener
-    self_dest = DestinationSettings(name="self", ae_title=lst.ae_title, port=lst.port,
-                                    host="127.0.0.1" if lst.host in ("0.0.0.0", "::") else lst.host)  # noqa: S104
-    listening = echo(self_dest, calling_ae_title=lst.ae_title, timeout=5) if lst.tls is None else None
+    listening = echo(_own_listener(settings), calling_ae_title=lst.ae_title, timeout=5) if lst.tls is None else None
     by_state = catalog.count_jobs_by_state()
     by_priority = {priority: n for (queue, priority), (n, _) in catalog.queue_depth().items() if queue == "inference"}
     workers = worker_statuses(catalog)
@@ -190,7 +194,6 @@ def cmd_send(args: argparse.Namespace) -> int:
 
     from dicom_node.errors import TransientError
     from dicom_node.sender import send_instances
-    from dicom_node.settings import DestinationSettings
 
     settings = _settings(args)
     if args.to:
@@ -200,9 +203,7 @@ def cmd_send(args: argparse.Namespace) -> int:
             print(f"error: no destination named {args.to!r}", file=sys.stderr)
             return 1
     else:
-        lst = settings.listener
-        dest = DestinationSettings(name="this node", ae_title=lst.ae_title, port=lst.port,
-                                   host="127.0.0.1" if lst.host in ("0.0.0.0", "::") else lst.host)  # noqa: S104
+        dest = _own_listener(settings)
     root = Path(args.directory)
     files = sorted(p for p in (root.rglob("*") if root.is_dir() else [root]) if p.is_file() and is_dicom(p))
     if not files:
