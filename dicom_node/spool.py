@@ -46,6 +46,28 @@ def _write_all(fd: int, chunk: BytesLike) -> int:
     return written
 
 
+def write_durably(final: Path, chunks: Iterable[BytesLike]) -> None:
+    """Write ``chunks`` as ``final`` atomically and durably: a temporary file in the same
+    folder, fsync, rename over ``final``, fsync of the folder (the rename is durable only once
+    the folder entry is).  The folder must exist.  On ``OSError`` the temporary file is removed.
+    """
+    tmp = final.with_name(f".{final.stem}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            for chunk in chunks:
+                _write_all(fd, chunk)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
 class Spool:
     """Durable file store for received instances.
 
@@ -91,33 +113,22 @@ class Spool:
             When the write, fsync or rename fails (the temporary file is removed).
         """
         final = self.path_for(study_uid, series_uid, sop_uid)
-        chunks: Iterable[BytesLike] = (
-            [data] if isinstance(data, bytes | bytearray | memoryview) else data
-        )
-        tmp = final.with_name(f".{final.stem}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
         try:
+            # A list, so the chunks can be written again if the folder has to be recreated.
+            chunks: list[BytesLike] = (
+                [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
+            )
             self._ensure_dir(final.parent)
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                write_durably(final, chunks)
             except FileNotFoundError:
                 # The folder was removed behind our back (retention gc): forget and recreate it.
                 with self._lock:
                     self._known_dirs.discard(final.parent)
                     self._known_dirs.discard(final.parent.parent)
                 self._ensure_dir(final.parent)
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                for chunk in chunks:
-                    _write_all(fd, chunk)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)
-            # The rename is durable only once the folder entry is.
-            _fsync_dir(final.parent)
+                write_durably(final, chunks)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise SpoolWriteError(f"could not write {final} to the spool: {exc}") from exc
         return final
 

@@ -6,7 +6,6 @@ testable without Celery.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ import structlog
 from dicom_node.catalog import Catalog, JobRow, JobState
 from dicom_node.errors import PermanentError
 from dicom_node.settings import Settings
+from dicom_node.spool import write_durably
 from inference.registry import ModelRegistry
 
 log = structlog.get_logger(__name__)
@@ -45,15 +45,6 @@ def build_context(settings: Settings) -> WorkerContext:
         registry.register(spec.name, user_model_factory(spec.path))
     log.info("worker_context_ready", device=str(device), models=registry.names)
     return WorkerContext(settings, Catalog(settings.database.url), registry)
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _dataset_bytes(ds: Any) -> bytes:
@@ -106,7 +97,7 @@ def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
         if ds is None:
             continue
         path = outdir / f"{role}-{ds.SOPInstanceUID}.dcm"
-        _write_durably(path, _dataset_bytes(ds))
+        write_durably(path, [_dataset_bytes(ds)])
         results["files"].append(str(path))
         results[f"{role}_sop_instance_uid"] = str(ds.SOPInstanceUID)
         results[f"{role}_series_instance_uid"] = str(ds.SeriesInstanceUID)
