@@ -21,7 +21,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import create_engine, text
 
 from dicom_node.catalog import Base, Catalog, JobRow
 from dicom_node.schema import BASELINE, current_revision, head_revision, upgrade_schema
@@ -39,7 +39,7 @@ from dicom_node.testing.phantoms import (
 from dicom_node.testing.postgres import PostgresServer, PostgresUnavailable, start_postgres
 from tests.conftest import REQUIRE_TOOLS, require_tool
 from tests.integration.test_end_to_end import SEG_CLASS, SR_CLASS, archived, storescu
-from tests.unit.test_migrations import concurrent_upgrades, schema_diff, version_rows
+from tests.unit.test_migrations import assert_upgrade_builds_the_models, concurrent_upgrades, schema_diff, version_rows
 
 pytestmark = pytest.mark.integration
 
@@ -73,15 +73,7 @@ def database(postgres: PostgresServer) -> Iterator[str]:
 def test_postgres_migrated_schema_equals_metadata(database: str) -> None:
     """On PostgreSQL too, upgrading an empty database builds exactly ``Base.metadata`` (types,
     indexes, unique constraints, foreign keys), at the head revision."""
-    upgrade_schema(database)
-    engine = create_engine(database)
-    try:
-        assert schema_diff(engine) == []
-        tables = set(inspect(engine).get_table_names())
-        assert tables == set(Base.metadata.tables) | {"alembic_version"}
-        assert version_rows(engine) == [head_revision()]
-    finally:
-        engine.dispose()
+    assert_upgrade_builds_the_models(database)
 
 
 def test_postgres_concurrent_starts_migrate_once(database: str, tmp_path: Path) -> None:

@@ -77,10 +77,8 @@ def url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'db' / 'catalog.db'}"
 
 
-def test_migrated_schema_equals_metadata(url: str) -> None:
-    """Upgrading an empty SQLite database to head builds exactly the tables, columns, types,
-    indexes and constraints of ``dicom_node.catalog.Base.metadata`` (fails when a model
-    change has no migration)."""
+def assert_upgrade_builds_the_models(url: str) -> None:
+    """Upgrade the empty database at ``url`` and check it equals ``Base.metadata`` at head."""
     upgrade_schema(url)
     engine = create_engine(url)
     try:
@@ -90,6 +88,13 @@ def test_migrated_schema_equals_metadata(url: str) -> None:
         assert version_rows(engine) == [head_revision()]
     finally:
         engine.dispose()
+
+
+def test_migrated_schema_equals_metadata(url: str) -> None:
+    """Upgrading an empty SQLite database to head builds exactly the tables, columns, types,
+    indexes and constraints of ``dicom_node.catalog.Base.metadata`` (fails when a model
+    change has no migration)."""
+    assert_upgrade_builds_the_models(url)
 
 
 def test_revisions_form_one_line_from_the_baseline() -> None:
