@@ -7,9 +7,9 @@ and only then answered with success.  Only the header elements needed to place a
 file are parsed.  The node never crashes on a bad peer: every failure becomes a named status
 (:mod:`dicom_node.statuses`) and a log line with UIDs and AE titles (never patient data).
 
-The transport is tuned by :mod:`dicom_node.net` (``TCP_NODELAY``/``TCP_QUICKACK`` on every
-accepted socket, event-driven upper layer), so unmodified DCMTK senders do not stall 40 ms per
-instance on delayed ACKs.
+The protocol is served by :mod:`dicom_node.acceptor` (one thread per association, whole PDUs
+read straight from the socket, ``TCP_NODELAY``/``TCP_QUICKACK`` on every accepted socket), so
+unmodified DCMTK senders do not stall 40 ms per instance on delayed ACKs.
 """
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
-import threading
 import time
-import uuid
 import zlib
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -37,13 +35,20 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AllStoragePresentationContexts, evt
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom import AllStoragePresentationContexts
 
 from dicom_node import statuses
+from dicom_node.acceptor import (
+    Acceptor,
+    AcceptorConfig,
+    Association,
+    AssociationRejected,
+    AssociationRequest,
+    StoreRequest,
+)
 from dicom_node.errors import InvalidUIDError, PermanentError
 from dicom_node.ingest import CATALOG_ATTRIBUTES, AssociationSummary, IngestSink, StoredInstance
-from dicom_node.net import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, TunedAE, TunedAssociationServer
+from dicom_node.net import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.settings import ListenerSettings, StorageSettings, TlsSettings
 from dicom_node.spool import Spool, SpoolWriteError
 from dicom_node.uids import validate_uid
@@ -220,13 +225,21 @@ def server_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
 
 
 class _Refused(Exception):
-    """Internal: answer the C-STORE with ``status`` and log ``event`` with ``fields``."""
+    """Internal: answer the C-STORE with ``status``; log ``event`` with ``fields``.
+
+    The Error Comment sent to the peer is ``event`` in words ("store_refused_low_disk" is sent
+    as "refused: low disk"), never patient data.
+    """
 
     def __init__(self, status: int, event: str, **fields: Any) -> None:
         super().__init__(event)
         self.status = status
         self.event = event
         self.fields = fields
+
+    @property
+    def comment(self) -> str:
+        return self.event.replace("store_refused_", "refused: ").replace("_", " ")
 
 
 @dataclass
@@ -236,7 +249,6 @@ class _AssociationState:
     log: Any
     series: set[str] = field(default_factory=set)
     stored: int = 0
-    reported: bool = False
 
 
 class ListenerMetrics(Protocol):
@@ -249,8 +261,17 @@ class ListenerMetrics(Protocol):
     def store_status(self, status: int) -> None: ...
 
 
+def _contexts() -> dict[str, tuple[str, ...]]:
+    contexts = {str(cx.abstract_syntax): TRANSFER_SYNTAXES for cx in AllStoragePresentationContexts}
+    contexts[VERIFICATION_SOP_CLASS] = TRANSFER_SYNTAXES[:3]
+    return contexts
+
+
 class Listener:
     """Storage + Verification SCP writing to a :class:`Spool` and reporting to a sink.
+
+    The DICOM protocol is served by :class:`dicom_node.acceptor.Acceptor`; this class decides
+    who may associate, and stores what arrives.
 
     Parameters
     ----------
@@ -286,46 +307,24 @@ class Listener:
         self._log = structlog.get_logger("dicom_node.listener").bind(
             ae_title=settings.ae_title
         )
-        self._ae: TunedAE | None = None
-        self._server: TunedAssociationServer | None = None
-        self._lock = threading.Lock()
-        self._states: dict[int, _AssociationState] = {}
+        self._acceptor: Acceptor | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
         """Bind and start serving in background threads (returns at once)."""
-        if self._server is not None:
+        if self._acceptor is not None:
             raise RuntimeError("the listener is already running")
         s = self.settings
-        ae = TunedAE(ae_title=s.ae_title)
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cast(str, cx.abstract_syntax), list(TRANSFER_SYNTAXES))
-        ae.add_supported_context(VERIFICATION_SOP_CLASS, list(TRANSFER_SYNTAXES[:3]))
-        ae.require_calling_aet = list(s.allowed_calling_ae_titles)
-        ae.require_called_aet = s.require_called_ae_title
-        ae.maximum_associations = s.max_associations
-        ae.maximum_pdu_size = s.maximum_pdu_size
-        ae.acse_timeout = s.acse_timeout
-        ae.dimse_timeout = s.dimse_timeout
-        ae.network_timeout = s.network_timeout
-        handlers: list[Any] = [
-            (evt.EVT_C_ECHO, self._handle_echo),
-            (evt.EVT_C_STORE, self._handle_store),
-            (evt.EVT_ACCEPTED, self._handle_accepted),
-            (evt.EVT_REJECTED, self._handle_rejected),
-            (evt.EVT_RELEASED, self._handle_released),
-            (evt.EVT_ABORTED, self._handle_aborted),
-            (evt.EVT_CONN_CLOSE, self._handle_conn_close),
-        ]
-        context = server_ssl_context(s.tls) if s.tls is not None else None
-        server = ae.start_tuned_server(
-            (s.host, s.port), ae_title=s.ae_title, ssl_context=context, evt_handlers=handlers,
-            reuse_port=self.reuse_port,
+        config = AcceptorConfig(
+            contexts=_contexts(),
+            maximum_pdu_size=s.maximum_pdu_size,
+            acse_timeout=s.acse_timeout,
+            network_timeout=s.network_timeout,
         )
-        server.on_tls_error = self._tls_failed
-        # pynetdicom's per-PDU debug log handlers are bound per association: TunedAssociation
-        # (dicom_node.net) unbinds them there.
-        self._ae, self._server = ae, server
+        context = server_ssl_context(s.tls) if s.tls is not None else None
+        self._acceptor = Acceptor(
+            (s.host, s.port), config, self, ssl_context=context, reuse_port=self.reuse_port
+        )
         self._log.info(
             "listener_started", host=s.host, port=self.port, tls=s.tls is not None,
             max_associations=s.max_associations,
@@ -333,31 +332,22 @@ class Listener:
 
     def stop(self) -> None:
         """Stop accepting, abort running associations and close the socket."""
-        if self._server is None or self._ae is None:
+        if self._acceptor is None:
             return
-        self._server.shutdown()
-        self._ae.shutdown()
-        self._server = None
-        self._ae = None
+        self._acceptor.shutdown()
+        self._acceptor = None
         self._log.info("listener_stopped")
 
     @property
     def port(self) -> int:
         """The TCP port actually bound (useful with ``port=0``)."""
-        if self._server is None:
+        if self._acceptor is None:
             raise RuntimeError("the listener is not running")
-        return int(self._server.server_address[1])
+        return self._acceptor.port
 
     def active_sockets(self) -> list[socket.socket]:
-        """The server-side sockets of the associations running now (for diagnostics)."""
-        if self._server is None:
-            return []
-        out = []
-        for assoc in self._server.active_associations:
-            wrapper = assoc.dul.socket
-            if wrapper is not None and wrapper.socket is not None:
-                out.append(wrapper.socket)
-        return out
+        """The server-side sockets of the connections served now (for diagnostics)."""
+        return [] if self._acceptor is None else self._acceptor.active_sockets()
 
     def __enter__(self) -> Listener:
         self.start()
@@ -366,55 +356,55 @@ class Listener:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    # -- association events --------------------------------------------------------------------
-    def _state(self, assoc: Any) -> _AssociationState:
-        with self._lock:
-            state = self._states.get(id(assoc))
-            if state is None:
-                calling = str(assoc.requestor.ae_title)
-                association_id = uuid.uuid4().hex[:16]
-                state = _AssociationState(
-                    association_id,
-                    calling,
-                    self._log.bind(calling_ae_title=calling, association_id=association_id),
-                )
-                self._states[id(assoc)] = state
-            return state
+    # -- association events (dicom_node.acceptor.ScpHandler) -----------------------------------
+    def check(self, request: AssociationRequest, active: int) -> None:
+        """Reject callers not on the allow-list, a wrong called AE title, or one too many."""
+        s = self.settings
+        if s.allowed_calling_ae_titles and request.calling_ae_title not in s.allowed_calling_ae_titles:
+            raise AssociationRejected(1, 1, 3, "calling AE title not recognized")
+        if s.require_called_ae_title and request.called_ae_title != s.ae_title:
+            raise AssociationRejected(1, 1, 7, "called AE title not recognized")
+        if active >= s.max_associations:
+            raise AssociationRejected(2, 3, 2, "local limit exceeded (too many associations)")
 
-    def _handle_accepted(self, event: evt.Event) -> None:
-        state = self._state(event.assoc)
-        peer = event.assoc.requestor.address_info
+    def accepted(self, assoc: Association) -> None:
+        """Start the association's log context and count it."""
+        calling = assoc.calling_ae_title
+        state = _AssociationState(
+            assoc.association_id,
+            calling,
+            self._log.bind(calling_ae_title=calling, association_id=assoc.association_id),
+        )
+        assoc.user_data = state
         state.log.info(
-            "association_accepted", peer=f"{peer.address}:{peer.port}" if peer else None
+            "association_accepted", peer=f"{assoc.request.address}:{assoc.request.port}",
+            implementation=assoc.request.implementation_version_name or None,
+            contexts=len(assoc.contexts),
         )
         if self.metrics is not None:
-            self.metrics.association(state.calling_ae_title, "accepted")
+            self.metrics.association(calling, "accepted")
 
-    def _handle_rejected(self, event: evt.Event) -> None:
-        assoc = event.assoc
-        rq = assoc.requestor.primitive
-        calling = str(rq.calling_ae_title) if rq is not None else ""
-        called = str(rq.called_ae_title) if rq is not None else ""
-        allowed = self.settings.allowed_calling_ae_titles
-        if allowed and calling not in allowed:
-            reason = "calling AE title not recognized"
-        elif self.settings.require_called_ae_title and called != self.settings.ae_title:
-            reason = "called AE title not recognized"
-        else:
-            reason = "local limit exceeded (too many associations)"
+    def rejected(self, request: AssociationRequest, rejection: AssociationRejected) -> None:
+        """Log who was turned away and why."""
         self._log.warning(
-            "association_rejected", calling_ae_title=calling, called_ae_title=called,
-            reason=reason,
+            "association_rejected", calling_ae_title=request.calling_ae_title,
+            called_ae_title=request.called_ae_title, peer=f"{request.address}:{request.port}",
+            reason=rejection.text,
         )
         if self.metrics is not None:
-            self.metrics.association(calling, "rejected")
+            self.metrics.association(request.calling_ae_title, "rejected")
 
-    def _end(self, assoc: Any, released: bool) -> None:
-        with self._lock:
-            state = self._states.pop(id(assoc), None)
-            if state is None or state.reported:
-                return
-            state.reported = True
+    def connection_failed(self, address: str, error: str) -> None:
+        """A connection that never became an association (timeout, not DICOM)."""
+        self._log.warning("connection_failed", peer=address, error=error)
+
+    def tls_failed(self, address: str, error: str) -> None:
+        """A TLS handshake failed; the connection is closed."""
+        self._log.warning("tls_handshake_failed", peer=address, error=error)
+
+    def ended(self, assoc: Association, released: bool, reason: str) -> None:
+        """Tell the sink which series the association touched (completion listens to this)."""
+        state = cast(_AssociationState, assoc.user_data)
         summary = AssociationSummary(
             association_id=state.association_id,
             calling_ae_title=state.calling_ae_title,
@@ -422,9 +412,10 @@ class Listener:
             series_instance_uids=frozenset(state.series),
             ended_at=time.time(),
         )
-        state.log.info(
+        (state.log.info if released else state.log.warning)(
             "association_released" if released else "association_aborted",
             instances=state.stored, series=len(state.series),
+            **({} if released else {"reason": reason}),
         )
         if self.metrics is not None:
             self.metrics.association(state.calling_ae_title, "released" if released else "aborted")
@@ -433,55 +424,21 @@ class Listener:
         except Exception:
             state.log.exception("sink_failed", sink_event="association_ended")
 
-    def _handle_released(self, event: evt.Event) -> None:
-        self._end(event.assoc, released=True)
-
-    def _handle_aborted(self, event: evt.Event) -> None:
-        self._end(event.assoc, released=False)
-
-    def _handle_conn_close(self, event: evt.Event) -> None:
-        # Normally EVT_RELEASED/EVT_ABORTED already reported it (or is about to: the close can
-        # race the association thread).  A connection lost without either is reported later.
-        assoc = event.assoc
-        if assoc.is_acceptor and not (assoc.is_established or assoc.is_released or assoc.is_aborted
-                                      or assoc.is_rejected):
-            # The peer hung up before sending an A-ASSOCIATE-RQ (a port probe, a health check, a
-            # client that gave up).  pynetdicom would keep the association thread - and one of
-            # ``max_associations`` slots - waiting ``acse_timeout`` for a request that cannot
-            # come; an empty item ends its wait now (it then cleans up as after a timeout).
-            cast(Any, assoc.dul.to_user_queue).put(None)
-            return
-        with self._lock:
-            if id(assoc) not in self._states:
-                return
-
-        def finish() -> None:
-            self._end(assoc, released=bool(assoc.is_released))
-
-        timer = threading.Timer(1.0, finish)
-        timer.daemon = True
-        timer.start()
-
-    def _tls_failed(self, address: Any, exc: Exception) -> None:
-        self._log.warning("tls_handshake_failed", peer=str(address), error=str(exc))
-
     # -- services ------------------------------------------------------------------------------
-    def _handle_echo(self, event: evt.Event) -> int:
+    def echo(self, assoc: Association) -> int:
         """Handle a C-ECHO request: always ``0x0000`` (Success)."""
-        self._state(event.assoc).log.debug("echo_answered")
+        cast(_AssociationState, assoc.user_data).log.debug("echo_answered")
         return statuses.SUCCESS
 
-    def _handle_store(self, event: evt.Event) -> int:
+    def store(self, assoc: Association, request: StoreRequest) -> tuple[int, str | None]:
         """Handle a C-STORE request: spool the dataset as received, then report it.
-
-        Contract (like pynetdicom's ``doc_handle_store``):
 
         **Attributes used**: the request's *Affected SOP Class UID* and *Affected SOP Instance
         UID*; the presentation context's transfer syntax; from the dataset header only
         *SOP Class UID*, *SOP Instance UID*, *Study Instance UID*, *Series Instance UID* and
         :data:`~dicom_node.ingest.CATALOG_ATTRIBUTES` (parsing stops before the pixel data).
 
-        **Statuses returned**
+        **Statuses returned** (failures carry an Error Comment naming the reason)
 
         - ``0x0000`` Success: the file is fsync'd in the spool and the sink was told.
         - ``0xA700`` Refused, out of resources: free space below ``storage.min_free_mb``
@@ -493,34 +450,37 @@ class Listener:
         - ``0xC211`` Error, processing failure: anything unexpected (traceback logged).
         """
         received_at = time.time()
-        state = self._state(event.assoc)
-        req = cast(C_STORE, event.request)
-        log = state.log.bind(sop_instance_uid=str(req.AffectedSOPInstanceUID or "")[:80])
+        state = cast(_AssociationState, assoc.user_data)
+        comment: str | None = None
         try:
-            status = self._store(event, state, received_at)
+            status = self._store(request, state, received_at)
         except _Refused as refused:
-            log.warning(refused.event, status=f"0x{refused.status:04X}", **refused.fields)
-            status = refused.status
+            state.log.warning(
+                refused.event, status=f"0x{refused.status:04X}",
+                sop_instance_uid=request.affected_sop_instance_uid[:80], **refused.fields,
+            )
+            status, comment = refused.status, refused.comment
         except Exception:
-            log.exception("store_failed", status=f"0x{statuses.PROCESSING_FAILURE:04X}")
-            status = statuses.PROCESSING_FAILURE
+            state.log.exception(
+                "store_failed", status=f"0x{statuses.PROCESSING_FAILURE:04X}",
+                sop_instance_uid=request.affected_sop_instance_uid[:80],
+            )
+            status, comment = statuses.PROCESSING_FAILURE, "internal error, see the node's log"
         if self.metrics is not None:
             self.metrics.store_status(status)
-        return status
+        return status, comment
 
-    def _store(self, event: evt.Event, state: _AssociationState, received_at: float) -> int:
-        req = cast(C_STORE, event.request)
+    def _store(self, req: StoreRequest, state: _AssociationState, received_at: float) -> int:
         free = self.spool.free_mb()
         if free < self.storage.min_free_mb:
             raise _Refused(
                 statuses.OUT_OF_RESOURCES, "store_refused_low_disk",
                 free_mb=round(free, 1), min_free_mb=self.storage.min_free_mb,
             )
-        transfer_syntax = str(event.context.transfer_syntax)
-        abstract_syntax = str(event.context.abstract_syntax)
-        raw = cast(BytesIO, req.DataSet)
+        transfer_syntax = req.context.transfer_syntax
+        abstract_syntax = req.context.abstract_syntax
         try:
-            found, attributes = parse_header(raw, transfer_syntax)
+            found, attributes = parse_header(BytesIO(req.dataset), transfer_syntax)
         except UndecodableDatasetError as exc:
             raise _Refused(
                 statuses.CANNOT_UNDERSTAND, "store_refused_undecodable",
@@ -532,8 +492,8 @@ class Listener:
                 statuses.CANNOT_UNDERSTAND, "store_refused_undecodable",
                 transfer_syntax_uid=transfer_syntax, error="no SOP Class/Instance UID found",
             )
-        affected_class = str(req.AffectedSOPClassUID or "")
-        affected_instance = str(req.AffectedSOPInstanceUID or "")
+        affected_class = req.affected_sop_class_uid
+        affected_instance = req.affected_sop_instance_uid
         sop_class = str(found["SOPClassUID"] or "")
         sop_instance = str(found["SOPInstanceUID"] or "")
         if sop_class != affected_class or affected_class != abstract_syntax:
@@ -557,13 +517,12 @@ class Listener:
                 error=str(exc),
             ) from None
         meta = file_meta_bytes(sop_class, sop_instance, transfer_syntax, state.calling_ae_title)
-        with raw.getbuffer() as body:
-            size = len(meta) + len(body)
-            try:
-                path = self.spool.store(study, series, sop_instance, [meta, body])
-            except SpoolWriteError as exc:
-                raise _Refused(statuses.OUT_OF_RESOURCES, "store_refused_write_failed",
-                               error=str(exc)) from None
+        size = len(meta) + len(req.dataset)
+        try:
+            path = self.spool.store(study, series, sop_instance, [meta, req.dataset])
+        except SpoolWriteError as exc:
+            raise _Refused(statuses.OUT_OF_RESOURCES, "store_refused_write_failed",
+                           error=str(exc)) from None
         instance = StoredInstance(
             study_instance_uid=study,
             series_instance_uid=series,
@@ -583,4 +542,3 @@ class Listener:
         state.series.add(series)
         state.stored += 1
         return statuses.SUCCESS
-

@@ -1,0 +1,300 @@
+"""The acceptor's hand-made encoders against pynetdicom's, and its protocol behaviour on raw sockets."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.dimse_messages import C_ECHO_RSP, C_STORE_RQ, C_STORE_RSP
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.dsutils import encode
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.presentation import build_context
+
+from dicom_node.acceptor import (
+    Acceptor,
+    AcceptorConfig,
+    Association,
+    AssociationRejected,
+    AssociationRequest,
+    StoreRequest,
+    decode_command,
+    encode_response,
+    p_data_pdus,
+)
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+VERIFICATION = "1.2.840.10008.1.1"
+
+
+def _pynetdicom_store_rsp(status: int, message_id: int, sop_class: str | None, sop_instance: str | None,
+                          comment: str | None = None) -> bytes:
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = message_id
+    if sop_class is not None:
+        rsp.AffectedSOPClassUID = sop_class
+    if sop_instance is not None:
+        rsp.AffectedSOPInstanceUID = sop_instance
+    rsp.Status = status
+    if comment is not None:
+        rsp.ErrorComment = comment
+    msg = C_STORE_RSP()
+    msg.primitive_to_message(rsp)
+    out = encode(msg.command_set, True, True)
+    assert out is not None
+    return out
+
+
+@pytest.mark.parametrize(
+    ("status", "message_id", "sop_class", "sop_instance", "comment"),
+    [
+        (0x0000, 1, CT, "1.2.3.4.5", None),  # odd-length instance UID
+        (0xA700, 65535, "1.2.840.10008.5.1.4.1.1.4", "1.2.3.4.56", "refused: low disk"),
+        (0xC211, 7, CT, "2.25." + "9" * 59, "internal error, see the node's log"),  # 64 characters
+        (0xB000, 2, None, None, None),  # no UIDs at all
+        (0xA900, 3, CT, "1.2.3", "refused: sop class mismatch"),  # odd comment: padded with a space
+    ],
+)
+def test_store_response_matches_pynetdicom(
+    status: int, message_id: int, sop_class: str | None, sop_instance: str | None, comment: str | None
+) -> None:
+    """The hand encoder yields exactly pynetdicom's command set, Error Comment included."""
+    ours = encode_response(C_STORE_RQ_FIELD, message_id, status, sop_class_uid=sop_class,
+                           sop_instance_uid=sop_instance, error_comment=comment)
+    assert ours == _pynetdicom_store_rsp(status, message_id, sop_class, sop_instance, comment)
+
+
+C_STORE_RQ_FIELD = 0x0001
+
+
+def test_echo_response_matches_pynetdicom() -> None:
+    rsp = C_ECHO()
+    rsp.MessageIDBeingRespondedTo = 9
+    rsp.AffectedSOPClassUID = VERIFICATION
+    rsp.Status = 0
+    msg = C_ECHO_RSP()
+    msg.primitive_to_message(rsp)
+    assert encode_response(0x0030, 9, 0, sop_class_uid=VERIFICATION) == encode(msg.command_set, True, True)
+
+
+def test_decode_command_reads_a_pynetdicom_store_request() -> None:
+    rq = C_STORE()
+    rq.MessageID = 513
+    rq.AffectedSOPClassUID = CT
+    rq.AffectedSOPInstanceUID = "1.2.3.4.5"
+    rq.Priority = 2
+    rq.MoveOriginatorApplicationEntityTitle = "MOVER"
+    rq.MoveOriginatorMessageID = 4
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(rq)
+    raw = encode(msg.command_set, True, True)
+    assert raw is not None
+    fields = decode_command(raw)
+    assert struct.unpack("<H", fields[0x0100])[0] == 0x0001
+    assert struct.unpack("<H", fields[0x0110])[0] == 513
+    assert fields[0x0002].rstrip(b"\x00") == CT.encode()
+    assert fields[0x1000].rstrip(b"\x00") == b"1.2.3.4.5"
+    assert fields[0x1030].strip() == b"MOVER"
+    with pytest.raises(ValueError, match=r"command|truncated"):
+        decode_command(raw[:-3])
+
+
+def test_p_data_fragments_respect_the_peer_maximum() -> None:
+    command = bytes(range(256)) * 3
+    data = p_data_pdus(5, command, 100)
+    offset, rebuilt, controls = 0, b"", []
+    while offset < len(data):
+        pdu_type, length = struct.unpack_from(">BxI", data, offset)
+        assert pdu_type == 0x04 and length <= 100
+        item_length, context_id, control = struct.unpack_from(">IBB", data, offset + 6)
+        assert context_id == 5 and item_length == length - 4
+        rebuilt += data[offset + 12:offset + 6 + length]
+        controls.append(control)
+        offset += 6 + length
+    assert rebuilt == command
+    assert controls[-1] == 0x03 and set(controls[:-1]) == {0x01}
+    assert p_data_pdus(1, command, 0).count(b"\x04\x00") >= 1 and len(p_data_pdus(1, command, 0)) == 12 + len(command)
+
+
+# -- protocol behaviour ------------------------------------------------------------------------
+class _Recorder:
+    """An ScpHandler that stores nothing and remembers what happened."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+        self.stored: list[StoreRequest] = []
+        self.done = threading.Event()
+
+    def check(self, request: AssociationRequest, active: int) -> None:
+        if request.calling_ae_title == "INTRUDER":
+            raise AssociationRejected(1, 1, 3, "calling AE title not recognized")
+
+    def accepted(self, assoc: Association) -> None:
+        self.events.append(("accepted", assoc.calling_ae_title))
+
+    def rejected(self, request: AssociationRequest, rejection: AssociationRejected) -> None:
+        self.events.append(("rejected", rejection.text))
+
+    def echo(self, assoc: Association) -> int:
+        return 0
+
+    def store(self, assoc: Association, request: StoreRequest) -> tuple[int, str | None]:
+        self.stored.append(request)
+        return 0, None
+
+    def ended(self, assoc: Association, released: bool, reason: str) -> None:
+        self.events.append(("ended", reason))
+        self.done.set()
+
+    def connection_failed(self, address: str, error: str) -> None:
+        self.events.append(("failed", error))
+
+    def tls_failed(self, address: str, error: str) -> None:
+        self.events.append(("tls", error))
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[Acceptor, _Recorder]]:
+    handler = _Recorder()
+    acceptor = Acceptor(
+        ("127.0.0.1", 0),
+        AcceptorConfig(contexts={CT: (ExplicitVRLittleEndian,), VERIFICATION: (ExplicitVRLittleEndian,)},
+                       acse_timeout=5, network_timeout=5),
+        handler,
+    )
+    yield acceptor, handler
+    acceptor.shutdown()
+
+
+def _request_pdu(calling: str = "SCU", app_context: str = "1.2.840.10008.3.1.1.1") -> bytes:
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = app_context
+    primitive.calling_ae_title = calling
+    primitive.called_ae_title = "ANY"
+    cx = build_context(CT, [ExplicitVRLittleEndian])
+    cx.context_id = 1
+    primitive.presentation_context_definition_list = [cx]
+    ml = MaximumLengthNotification()
+    ml.maximum_length_received = 16384
+    primitive.user_information = [ml]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return pdu.encode()
+
+
+def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    header = b""
+    while len(header) < 6:
+        chunk = sock.recv(6 - len(header))
+        assert chunk, "connection closed before a PDU"
+        header += chunk
+    pdu_type, length = struct.unpack(">BxI", header)
+    body = b""
+    while len(body) < length:
+        body += sock.recv(length - len(body))
+    return pdu_type, body
+
+
+def _associate(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(_request_pdu())
+    assert _read_pdu(sock)[0] == 0x02  # A-ASSOCIATE-AC
+    return sock
+
+
+def test_wrong_application_context_and_unknown_caller_are_rejected(served: tuple[Acceptor, _Recorder]) -> None:
+    acceptor, handler = served
+    for calling, app, reason in (("SCU", "1.2.3", 2), ("INTRUDER", "1.2.840.10008.3.1.1.1", 3)):
+        with socket.create_connection(("127.0.0.1", acceptor.port), timeout=5) as sock:
+            sock.sendall(_request_pdu(calling, app))
+            pdu_type, body = _read_pdu(sock)
+            assert (pdu_type, body[1], body[3]) == (0x03, 1, reason)  # A-ASSOCIATE-RJ, permanent
+    assert [e for e in handler.events if e[0] == "rejected"] == [
+        ("rejected", "application context name not supported"),
+        ("rejected", "calling AE title not recognized"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason", "why"),
+    [
+        (struct.pack(">BxI", 0x02, 4) + b"\0" * 4, 0x02, "unexpected PDU type 0x02"),
+        (struct.pack(">BxI", 0x09, 4) + b"\0" * 4, 0x01, "unrecognized PDU type 0x09"),
+        # A PDV on presentation context 3, which was never proposed.
+        (struct.pack(">BxIIBB", 0x04, 8, 4, 3, 0x03) + b"\0\0", 0x06, "presentation context 3"),
+        # A data set fragment without its command.
+        (struct.pack(">BxIIBB", 0x04, 8, 4, 1, 0x02) + b"\0\0", 0x02, "before its command"),
+    ],
+)
+def test_protocol_errors_are_answered_with_a_provider_abort(
+    served: tuple[Acceptor, _Recorder], payload: bytes, reason: int, why: str
+) -> None:
+    acceptor, handler = served
+    with _associate(acceptor.port) as sock:
+        sock.sendall(payload)
+        pdu_type, body = _read_pdu(sock)
+    assert (pdu_type, body[2], body[3]) == (0x07, 2, reason)  # A-ABORT from the service provider
+    assert handler.done.wait(5)
+    assert any(kind == "ended" and why in text for kind, text in handler.events), handler.events
+
+
+def test_port_probe_leaves_no_trace_and_other_commands_get_unrecognized_operation(
+    served: tuple[Acceptor, _Recorder],
+) -> None:
+    acceptor, handler = served
+    socket.create_connection(("127.0.0.1", acceptor.port), timeout=5).close()  # a health check
+    with _associate(acceptor.port) as sock:
+        # A C-FIND-RQ (0x0020) on the storage context: not provided here.
+        command = b"".join((
+            struct.pack("<HHIH", 0, 0x0100, 2, 0x0020),
+            struct.pack("<HHIH", 0, 0x0110, 2, 77),
+            struct.pack("<HHIH", 0, 0x0800, 2, 0x0101),
+        ))
+        sock.sendall(p_data_pdus(1, command, 0))
+        _, body = _read_pdu(sock)
+        fields = decode_command(body[6:])
+        assert struct.unpack("<H", fields[0x0100])[0] == 0x8020
+        assert struct.unpack("<H", fields[0x0120])[0] == 77
+        assert struct.unpack("<H", fields[0x0900])[0] == 0x0211
+        sock.sendall(struct.pack(">BxI", 0x05, 4) + b"\0" * 4)  # A-RELEASE-RQ
+        assert _read_pdu(sock)[0] == 0x06
+    assert handler.done.wait(5)
+    assert [e[0] for e in handler.events] == ["accepted", "ended"]
+    assert handler.events[-1] == ("ended", "released")
+
+
+def test_pynetdicom_scu_stores_through_small_pdus() -> None:
+    """With a 4 KiB maximum PDU the peer sends the data set in many PDVs; it arrives whole."""
+    handler = _Recorder()
+    acceptor = Acceptor(("127.0.0.1", 0), AcceptorConfig(contexts={CT: (ExplicitVRLittleEndian,)},
+                                                         maximum_pdu_size=4096), handler)
+    ds = Dataset()
+    ds.SOPClassUID = CT
+    ds.SOPInstanceUID = generate_uid()
+    ds.PatientName = "Test^Fragments"
+    ds.ImageComments = "x" * 10000
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ae = AE(ae_title="SMALLPDU")
+    ae.add_requested_context(CT, ExplicitVRLittleEndian)
+    ae.maximum_pdu_size = 4096
+    try:
+        assoc = ae.associate("127.0.0.1", acceptor.port, ae_title="ANY", max_pdu=4096)
+        assert assoc.is_established
+        assert assoc.acceptor.maximum_length == 4096
+        status = assoc.send_c_store(ds)
+        assoc.release()
+    finally:
+        acceptor.shutdown()
+    assert status.Status == 0
+    assert len(handler.stored) == 1
+    stored = handler.stored[0]
+    assert stored.affected_sop_instance_uid == ds.SOPInstanceUID
+    assert len(stored.dataset) > 10000 and b"Test^Fragments" in stored.dataset
