@@ -6,8 +6,9 @@ The fair protocol comparison: ``TCP_NODELAY=1`` in the environment of every DCMT
 and storescp), see ``BENCHMARKING.md``.  1 and 4 parallel associations (4 storescu processes,
 each sending a quarter of the corpus).  dicom-node runs in child processes: one listener, and
 ``--processes N`` listeners sharing the port with ``SO_REUSEPORT`` (one Python process is held
-to one core by the GIL).  dicom-node fsyncs every file and its folder before answering;
-storescp and Orthanc (as configured here) do not fsync, so the node's ceiling is lower by design.
+to one core by the GIL).  Each listener runs as in ``dicom-node serve``: the real catalog
+recorder (SQLite) behind it, every file and its folder fsync'd before success.  storescp and
+Orthanc (as configured here) do not fsync at all.
 
 Also used by :mod:`benchmarks.stock_sender` (same corpus, same helpers).
 """
@@ -69,35 +70,34 @@ def make_corpus(out: Path, n: int = 200, size: int = 512) -> list[Path]:
     return paths
 
 
-def _listener_main(port: int, root: str, reuse_port: bool, ready: Any, stop: Any) -> None:
+def _listener_main(port: int, root: str, processes: int, ready: Any, stop: Any) -> None:
     import structlog
 
-    from dicom_node.ingest import AssociationSummary, StoredInstance
+    from dicom_node.catalog import Catalog
     from dicom_node.listener import Listener
+    from dicom_node.recorder import CatalogRecorder
     from dicom_node.settings import ListenerSettings, StorageSettings
     from dicom_node.spool import Spool
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-
-    class CountingSink:
-        def instance_stored(self, instance: StoredInstance) -> None:
-            pass
-
-        def association_ended(self, summary: AssociationSummary) -> None:
-            pass
-
+    # As in ``dicom-node serve``: the real catalog recorder (SQLite) behind the listener.
+    catalog = Catalog(f"sqlite:///{Path(root).parent / 'catalog.db'}")
+    recorder = CatalogRecorder(catalog)
+    recorder.start()
     storage = StorageSettings(root=Path(root), min_free_mb=0)
     listener = Listener(
         ListenerSettings(port=port, max_associations=64),
         Spool(storage.root),
-        CountingSink(),
+        recorder,
         storage,
-        reuse_port=reuse_port,
+        reuse_port=processes > 1,
     )
     listener.start()
     ready.set()
     stop.wait()
     listener.stop()
+    recorder.stop()
+    catalog.close()
 
 
 @contextmanager
@@ -109,9 +109,9 @@ def dicom_node_listeners(root: Path, processes: int = 1) -> Iterator[int]:
     children = []
     for _ in range(processes):
         ready = ctx.Event()
-        p = ctx.Process(target=_listener_main, args=(port, str(root), processes > 1, ready, stop))
+        p = ctx.Process(target=_listener_main, args=(port, str(root), processes, ready, stop))
         p.start()
-        if not ready.wait(30):
+        if not ready.wait(150):
             raise RuntimeError("listener process did not start")
         children.append(p)
     try:
@@ -119,7 +119,7 @@ def dicom_node_listeners(root: Path, processes: int = 1) -> Iterator[int]:
     finally:
         stop.set()
         for p in children:
-            p.join(10)
+            p.join(30)
             if p.is_alive():
                 p.terminate()
 

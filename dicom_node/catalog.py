@@ -301,8 +301,18 @@ class Catalog:
         if not instances:
             return reopened
         with self.session() as s:
+            # One query for the instances already known (a re-send), not one per instance.
+            existing_rows: dict[str, InstanceRow] = {}
+            uids = list({i.sop_instance_uid for i in instances})
+            for start in range(0, len(uids), 500):
+                chunk = uids[start:start + 500]
+                existing_rows.update(
+                    (row.sop_instance_uid, row)
+                    for row in s.scalars(select(InstanceRow).where(InstanceRow.sop_instance_uid.in_(chunk)))
+                )
+            series_rows: dict[str, SeriesRow] = {}
             for inst in instances:
-                series = s.get(SeriesRow, inst.series_instance_uid)
+                series = series_rows.get(inst.series_instance_uid) or s.get(SeriesRow, inst.series_instance_uid)
                 attrs = inst.attributes
                 if series is None:
                     frames = _attr_int(attrs.get("NumberOfFrames")) or 1
@@ -328,14 +338,15 @@ class Catalog:
                     )
                     s.add(series)
                     s.flush()
-                existing = s.get(InstanceRow, inst.sop_instance_uid)
+                series_rows[inst.series_instance_uid] = series
+                existing = existing_rows.get(inst.sop_instance_uid)
                 if existing is not None:
                     existing.path = str(inst.path)
                     existing.size = inst.size
                     existing.transfer_syntax_uid = inst.transfer_syntax_uid
                     existing.received_at = inst.received_at
                     continue
-                s.add(InstanceRow(
+                row = InstanceRow(
                     sop_instance_uid=inst.sop_instance_uid,
                     series_instance_uid=inst.series_instance_uid,
                     sop_class_uid=inst.sop_class_uid,
@@ -345,7 +356,9 @@ class Catalog:
                     received_at=inst.received_at,
                     calling_ae_title=inst.calling_ae_title,
                     instance_number=_attr_int(attrs.get("InstanceNumber")),
-                ))
+                )
+                s.add(row)
+                existing_rows[inst.sop_instance_uid] = row  # the same instance twice in a batch
                 series.instance_count += 1
                 series.bytes_received += inst.size
                 series.last_received_at = max(series.last_received_at, inst.received_at)
