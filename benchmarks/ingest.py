@@ -7,8 +7,9 @@ and storescp), see ``BENCHMARKING.md``.  1 and 4 parallel associations (4 stores
 each sending a quarter of the corpus).  dicom-node runs in child processes: one listener, and
 ``--processes N`` listeners sharing the port with ``SO_REUSEPORT`` (one Python process is held
 to one core by the GIL).  Each listener runs as in ``dicom-node serve``: the real catalog
-recorder (SQLite) behind it, every file and its folder fsync'd before success.  storescp and
-Orthanc (as configured here) do not fsync at all.
+recorder (SQLite) behind it, every instance on disk before success - in the intake journal
+(``storage.journal_mb``, the default), or with the journal off, by fsyncing each file and its
+folder.  storescp and Orthanc (as configured here) do not fsync at all.
 
 Also used by :mod:`benchmarks.stock_sender` (same corpus, same helpers).
 """
@@ -70,7 +71,9 @@ def make_corpus(out: Path, n: int = 200, size: int = 512) -> list[Path]:
     return paths
 
 
-def _listener_main(port: int, root: str, processes: int, ready: Any, stop: Any) -> None:
+def _listener_main(
+    port: int, root: str, index: int, processes: int, journal_mb: int, ready: Any, stop: Any
+) -> None:
     import structlog
 
     from dicom_node.catalog import Catalog
@@ -84,15 +87,19 @@ def _listener_main(port: int, root: str, processes: int, ready: Any, stop: Any) 
     catalog = Catalog(f"sqlite:///{Path(root).parent / 'catalog.db'}")
     recorder = CatalogRecorder(catalog)
     recorder.start()
-    storage = StorageSettings(root=Path(root), min_free_mb=0)
+    storage = StorageSettings(root=Path(root), min_free_mb=0, journal_mb=journal_mb)
     listener = Listener(
         ListenerSettings(port=port, max_associations=64),
         Spool(storage.root),
         recorder,
         storage,
         reuse_port=processes > 1,
+        journal_path=Path(root) / ".journal" / f"intake-{index}.wal",
     )
     listener.start()
+    deadline = time.monotonic() + 120
+    while journal_mb and not listener.journal_ready and time.monotonic() < deadline:
+        time.sleep(0.05)  # the steady state: a journal is zero-filled once, when first created
     ready.set()
     stop.wait()
     listener.stop()
@@ -101,15 +108,18 @@ def _listener_main(port: int, root: str, processes: int, ready: Any, stop: Any) 
 
 
 @contextmanager
-def dicom_node_listeners(root: Path, processes: int = 1) -> Iterator[int]:
+def dicom_node_listeners(root: Path, processes: int = 1, journal_mb: int = 512) -> Iterator[int]:
     """Run ``processes`` listener processes on one port (SO_REUSEPORT when > 1); yield the port."""
     ctx = mp.get_context("spawn")
     port = procs.free_port()
     stop = ctx.Event()
     children = []
-    for _ in range(processes):
+    for index in range(processes):
         ready = ctx.Event()
-        p = ctx.Process(target=_listener_main, args=(port, str(root), processes, ready, stop))
+        p = ctx.Process(
+            target=_listener_main,
+            args=(port, str(root), index, processes, journal_mb, ready, stop),
+        )
         p.start()
         if not ready.wait(150):
             raise RuntimeError("listener process did not start")
@@ -258,12 +268,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets = [
         Target("storescp (no fsync)", "ARCHIVE", lambda w: stock_storescp(w, nodelay)),
         Target(
-            "dicom-node, 1 process (fsync)",
+            "dicom-node (journal)",
             "DICOM_NODE",
             lambda w: dicom_node_listeners(w / "spool", 1),
         ),
         Target(
-            f"dicom-node, {args.processes} proc SO_REUSEPORT",
+            "dicom-node, journal off (fsync)",
+            "DICOM_NODE",
+            lambda w: dicom_node_listeners(w / "spool", 1, journal_mb=0),
+        ),
+        Target(
+            f"dicom-node, {args.processes} proc (journal)",
             "DICOM_NODE",
             lambda w: dicom_node_listeners(w / "spool", args.processes),
         ),

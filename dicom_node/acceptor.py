@@ -579,8 +579,8 @@ class _AssociationRun:
                 raise AssociationRejected(1, 1, 2, "application context name not supported")
             self.handler.check(request, self.acceptor._count(0))
         except AssociationRejected as rejection:
+            self.handler.rejected(request, rejection)  # logged before the peer can react
             self._send_quietly(reject_pdu(rejection.result, rejection.source, rejection.reason))
-            self.handler.rejected(request, rejection)
             return None
 
         roles = {

@@ -21,6 +21,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from io import BytesIO
+from pathlib import Path
 from typing import Any, BinaryIO, Protocol, cast
 
 import structlog
@@ -48,6 +49,7 @@ from dicom_node.acceptor import (
 )
 from dicom_node.errors import InvalidUIDError, PermanentError
 from dicom_node.ingest import CATALOG_ATTRIBUTES, AssociationSummary, IngestSink, StoredInstance
+from dicom_node.journal import Intake, IntakeJournal
 from dicom_node.net import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.settings import ListenerSettings, StorageSettings, TlsSettings
 from dicom_node.spool import Spool, SpoolWriteError
@@ -286,6 +288,9 @@ class Listener:
     reuse_port : bool
         Bind with ``SO_REUSEPORT`` so several listener processes share the port (one Python
         process uses one core; the kernel spreads associations over the processes).
+    journal_path : Path, optional
+        The intake journal (default ``<storage root>/.journal/intake.wal``; each listener
+        process needs its own).  Not used when ``storage.journal_mb`` is 0.
     """
 
     def __init__(
@@ -297,6 +302,7 @@ class Listener:
         *,
         reuse_port: bool = False,
         metrics: ListenerMetrics | None = None,
+        journal_path: Path | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -308,6 +314,8 @@ class Listener:
             ae_title=settings.ae_title
         )
         self._acceptor: Acceptor | None = None
+        self._intake: Intake | None = None
+        self.journal_path = journal_path or Path(storage.root) / ".journal" / "intake.wal"
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -322,20 +330,34 @@ class Listener:
             network_timeout=s.network_timeout,
         )
         context = server_ssl_context(s.tls) if s.tls is not None else None
-        self._acceptor = Acceptor(
-            (s.host, s.port), config, self, ssl_context=context, reuse_port=self.reuse_port
+        journal = (
+            IntakeJournal(self.journal_path, self.storage.journal_mb << 20)
+            if self.storage.journal_mb else None
         )
+        self._intake = Intake(self.spool, self.sink, journal)
+        recovered = self._intake.start()  # before the port opens: crash leftovers first
+        try:
+            self._acceptor = Acceptor(
+                (s.host, s.port), config, self, ssl_context=context, reuse_port=self.reuse_port
+            )
+        except OSError:
+            self._intake.stop()
+            self._intake = None
+            raise
         self._log.info(
             "listener_started", host=s.host, port=self.port, tls=s.tls is not None,
-            max_associations=s.max_associations,
+            max_associations=s.max_associations, journal_mb=self.storage.journal_mb,
+            recovered_from_journal=recovered,
         )
 
     def stop(self) -> None:
         """Stop accepting, abort running associations and close the socket."""
-        if self._acceptor is None:
+        if self._acceptor is None or self._intake is None:
             return
         self._acceptor.shutdown()
         self._acceptor = None
+        self._intake.stop()  # every acknowledged instance written, fsync'd and reported
+        self._intake = None
         self._log.info("listener_stopped")
 
     @property
@@ -344,6 +366,16 @@ class Listener:
         if self._acceptor is None:
             raise RuntimeError("the listener is not running")
         return self._acceptor.port
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until the sink has heard of every instance answered with success so far."""
+        return True if self._intake is None else self._intake.flush(timeout)
+
+    @property
+    def journal_ready(self) -> bool:
+        """True when the intake journal is zero-filled (always False without a journal)."""
+        journal = self._intake.journal if self._intake is not None else None
+        return journal is not None and journal.ready_bytes >= journal.size
 
     def active_sockets(self) -> list[socket.socket]:
         """The server-side sockets of the connections served now (for diagnostics)."""
@@ -419,10 +451,8 @@ class Listener:
         )
         if self.metrics is not None:
             self.metrics.association(state.calling_ae_title, "released" if released else "aborted")
-        try:
-            self.sink.association_ended(summary)
-        except Exception:
-            state.log.exception("sink_failed", sink_event="association_ended")
+        assert self._intake is not None
+        self._intake.association_ended(summary)
 
     # -- services ------------------------------------------------------------------------------
     def echo(self, assoc: Association) -> int:
@@ -440,7 +470,9 @@ class Listener:
 
         **Statuses returned** (failures carry an Error Comment naming the reason)
 
-        - ``0x0000`` Success: the file is fsync'd in the spool and the sink was told.
+        - ``0x0000`` Success: the instance is on disk - in the intake journal (then in the
+          spool moments later), or fsync'd in the spool - and the sink hears of it once the
+          spool file exists.
         - ``0xA700`` Refused, out of resources: free space below ``storage.min_free_mb``
           (nothing written) or the write failed.
         - ``0xA900`` Error, dataset does not match SOP class: the dataset's SOP Class/Instance
@@ -518,25 +550,25 @@ class Listener:
             ) from None
         meta = file_meta_bytes(sop_class, sop_instance, transfer_syntax, state.calling_ae_title)
         size = len(meta) + len(req.dataset)
-        try:
-            path = self.spool.store(study, series, sop_instance, [meta, req.dataset])
-        except SpoolWriteError as exc:
-            raise _Refused(statuses.OUT_OF_RESOURCES, "store_refused_write_failed",
-                           error=str(exc)) from None
         instance = StoredInstance(
             study_instance_uid=study,
             series_instance_uid=series,
             sop_instance_uid=sop_instance,
             sop_class_uid=sop_class,
             transfer_syntax_uid=transfer_syntax,
-            path=path,
+            path=self.spool.path_for(study, series, sop_instance),
             size=size,
             calling_ae_title=state.calling_ae_title,
             association_id=state.association_id,
             received_at=received_at,
             attributes=attributes,
         )
-        self.sink.instance_stored(instance)
+        assert self._intake is not None
+        try:
+            self._intake.store(instance, [meta, req.dataset])
+        except SpoolWriteError as exc:
+            raise _Refused(statuses.OUT_OF_RESOURCES, "store_refused_write_failed",
+                           error=str(exc)) from None
         if self.metrics is not None:
             self.metrics.instance_received(state.calling_ae_title, size)
         state.series.add(series)

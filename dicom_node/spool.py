@@ -30,7 +30,7 @@ class SpoolWriteError(TransientError):
     """Writing an instance to the spool failed (disk full, I/O error); the sender may retry."""
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -50,10 +50,13 @@ def _write_all(fd: int, chunk: BytesLike) -> int:
     return written
 
 
-def write_durably(final: Path, chunks: Iterable[BytesLike]) -> None:
+def write_durably(final: Path, chunks: Iterable[BytesLike], *, sync: bool = True) -> None:
     """Write ``chunks`` as ``final`` atomically and durably: a temporary file in the same
     folder, fsync, rename over ``final``, fsync of the folder (the rename is durable only once
     the folder entry is).  The folder must exist.  On ``OSError`` the temporary file is removed.
+
+    ``sync=False`` skips both fsyncs (atomic, not yet durable): for callers that hold the bytes
+    durably elsewhere and fsync later (:class:`dicom_node.journal.Intake`).
     """
     tmp = final.with_name(f".{final.stem}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
     try:
@@ -61,12 +64,14 @@ def write_durably(final: Path, chunks: Iterable[BytesLike]) -> None:
         try:
             for chunk in chunks:
                 _write_all(fd, chunk)
-            # The data and what is needed to read it back (size, blocks); timestamps may lag.
-            _datasync(fd)
+            if sync:
+                # The data and what is needed to read it back (size, blocks); timestamps may lag.
+                _datasync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        if sync:
+            fsync_dir(final.parent)
     except OSError:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -107,8 +112,12 @@ class Spool:
         series_uid: str,
         sop_uid: str,
         data: BytesLike | Iterable[BytesLike],
+        *,
+        sync: bool = True,
     ) -> Path:
         """Write ``data`` (bytes or an iterable of chunks) durably as the instance; return its path.
+
+        ``sync=False``: atomic but not fsync'd (see :func:`write_durably`).
 
         Raises
         ------
@@ -125,14 +134,14 @@ class Spool:
             )
             self._ensure_dir(final.parent)
             try:
-                write_durably(final, chunks)
+                write_durably(final, chunks, sync=sync)
             except FileNotFoundError:
                 # The folder was removed behind our back (retention gc): forget and recreate it.
                 with self._lock:
                     self._known_dirs.discard(final.parent)
                     self._known_dirs.discard(final.parent.parent)
                 self._ensure_dir(final.parent)
-                write_durably(final, chunks)
+                write_durably(final, chunks, sync=sync)
         except OSError as exc:
             raise SpoolWriteError(f"could not write {final} to the spool: {exc}") from exc
         return final
@@ -149,7 +158,7 @@ class Spool:
         for d in reversed(missing):
             with contextlib.suppress(FileExistsError):
                 d.mkdir()
-            _fsync_dir(d.parent)
+            fsync_dir(d.parent)
         with self._lock:
             self._known_dirs.add(path)
 

@@ -122,7 +122,8 @@ def test_dcmtk_storescu_over_tls_with_client_certificate_stores(tls_node: NodePr
     res = procs.run_tool(["storescu", "-aec", "DICOM_NODE", "+tls", str(pki["client_key"]), str(pki["client"]),
                           "+cf", str(pki["ca"]), procs.LOOPBACK, str(tls_node.port), *map(str, files)], timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert len(list((tls_node.config_path.parent / "spool").rglob("*.dcm"))) == len(files)
+    spool = tls_node.config_path.parent / "spool"  # written from the journal moments after success
+    wait_until(lambda: len(list(spool.rglob("*.dcm"))) == len(files), 10, what="spool files")
 
 
 def test_tls_client_without_certificate_is_refused(tls_node: NodeProcess, pki: dict[str, Path],
@@ -213,7 +214,7 @@ def test_eight_parallel_senders_all_stored(make_node: object, tmp_path: Path) ->
     assert all(p.returncode == 0 for p in procs_), outputs
     assert not any("Store Failed" in o for o in outputs)
     spool = node.config_path.parent / "spool"
-    assert sum(1 for _ in spool.rglob("*.dcm")) == senders * per
+    wait_until(lambda: sum(1 for _ in spool.rglob("*.dcm")) == senders * per, 30, what="spool files")
     catalog = Catalog(f"sqlite:///{node.config_path.parent / 'node.db'}")
     wait_until(lambda: sum(s.instance_count for s in catalog.list_series()) == senders * per, 30,
                what="every instance catalogued")

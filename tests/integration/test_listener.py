@@ -42,11 +42,22 @@ class Node:
 
     def __init__(self, root: Path, **listener: Any) -> None:
         min_free_mb = listener.pop("min_free_mb", 0)
-        self.storage = StorageSettings(root=root / "spool", min_free_mb=min_free_mb)
-        self.sink = CollectingSink()
+        self.storage = StorageSettings(root=root / "spool", min_free_mb=min_free_mb, journal_mb=16)
+        self._sink = CollectingSink()
         self.settings = ListenerSettings(port=procs.free_port(), **listener)
-        self.listener = Listener(self.settings, Spool(self.storage.root), self.sink, self.storage)
+        self.listener = Listener(self.settings, Spool(self.storage.root), self._sink, self.storage)
         self.listener.start()
+
+    @property
+    def sink(self) -> CollectingSink:
+        """The sink, once it has heard of everything answered so far (the intake journal
+        reports instances from its writer thread, moments after the C-STORE response)."""
+        assert self.listener.flush()
+        return self._sink
+
+    def spool_files(self) -> list[Path]:
+        """Every file in the spool (instances, leftovers), not the intake journal."""
+        return [p for p in self.root.rglob("*") if p.is_file() and ".journal" not in p.parts]
 
     @property
     def port(self) -> int:
@@ -148,7 +159,7 @@ def test_resent_instance_replaces_copy_and_is_reported_again(
     node = make_node()
     storescu(node.port, series[:1])
     storescu(node.port, series[:1])
-    files = [p for p in node.root.rglob("*") if p.is_file()]
+    files = node.spool_files()
     assert len(files) == 1
     assert dataset_part(files[0]) == dataset_part(series[0])
     assert [i.sop_instance_uid for i in node.sink.instances] == [
@@ -232,7 +243,7 @@ def test_invalid_uids_are_refused_and_never_become_paths(
     out = storescu(node.port, [bad])
     assert "error: datasetdoesnotmatchsopclass" in out.lower(), out
     assert node.sink.instances == []
-    assert [p for p in node.root.rglob("*") if p.is_file()] == []
+    assert node.spool_files() == []
     assert not (tmp_path / "evil").exists()
 
 
@@ -286,7 +297,7 @@ def test_low_disk_answers_out_of_resources_without_writing(
     out = storescu(node.port, series[:2])
     assert "outofresources" in out.lower(), out
     assert node.sink.instances == []
-    assert [p for p in node.root.rglob("*") if p.is_file()] == []
+    assert node.spool_files() == []
     with pytest.raises(TransientError, match=r"0xA700 \(refused: out of resources\)"):
         send_instances(node.destination(), series[:1], calling_ae_title="TESTSCU")
 

@@ -1,0 +1,459 @@
+"""The intake journal: one cheap durable write per received instance before C-STORE success.
+
+Why: making a *new* file durable costs two journal commits of the filesystem (the file with its
+new blocks, then the folder entry): ~0.75 ms per CT image on ext4 here, the largest single cost
+of a C-STORE.  Overwriting blocks that already exist and are initialised needs no metadata at
+all - ``pwrite`` + ``fdatasync`` of 0.5 MB measured 0.35 ms.  So each instance is first
+appended to a preallocated, zero-filled journal file and ``fdatasync``'d; that is the moment the
+node may answer success.  A background thread then writes the instance to its spool file
+without waiting for the disk, tells the ingest sink, fsyncs a whole batch of files and folders
+at once, and only then marks the batch *applied* in the journal header.  After a crash,
+:meth:`IntakeJournal.recover` finds the records that were not applied and :class:`Intake`
+writes their files again before the listener opens its port.
+
+File layout (``<spool>/.journal/intake.wal``), little endian, everything page (4 KiB) aligned:
+
+* page 0, the header: ``b"DNJH"``, version, *applied* sequence number (every record up to it is
+  in the spool, fsync'd), bytes zero-filled so far;
+* then records, each on a page boundary: ``b"DNJR"``, sequence number, length of the metadata
+  (JSON: the instance's UIDs and catalog attributes) and of the file bytes, CRC-32 of all of it;
+  then the metadata, the file bytes and zero padding to the next page.
+
+The file is a ring: a record never goes over one that is not applied yet.  The spool files are
+fsync'd (and their records applied) when the stream pauses (0.5 s without an instance), when
+half the journal holds unapplied records, or after 30 s: during a burst only the journal writes
+reach the disk, the spool files follow in one batch.  When the journal has no room (a disk too
+slow for a long stream) or a record does not fit, the instance is written and fsync'd straight
+into the spool instead, as without a journal: slower, never lost.  Recovery scans every page
+for a valid record newer than *applied* (a record torn by the crash fails its CRC; it was never
+acknowledged).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Final, NamedTuple
+
+import structlog
+
+from dicom_node.ingest import AssociationSummary, IngestSink, StoredInstance
+from dicom_node.spool import BytesLike, Spool, SpoolWriteError, fsync_dir
+
+log = structlog.get_logger(__name__)
+
+PAGE: Final = 4096
+_HEADER = struct.Struct("<4sIQQ")
+_HEADER_MAGIC: Final = b"DNJH"
+_VERSION: Final = 1
+_RECORD = struct.Struct("<4sQIII")
+_RECORD_MAGIC: Final = b"DNJR"
+_ZERO_CHUNK: Final = 8 << 20
+#: Queue items taken at once by the writer thread.
+_BATCH: Final = 64
+#: The spool files are fsync'd (and their records applied) after this long without an instance,
+SYNC_WHEN_IDLE_S: Final = 0.5
+#: when this share of the journal holds records not yet applied,
+SYNC_WHEN_FULL: Final = 0.5
+#: or at the latest this long after the oldest unapplied one was written.
+SYNC_AFTER_S: Final = 30.0
+
+
+def _pad(length: int) -> int:
+    return -(-length // PAGE) * PAGE
+
+
+def _crc(seq: int, meta: bytes, chunks: Sequence[BytesLike]) -> int:
+    crc = zlib.crc32(struct.pack("<QII", seq, len(meta), sum(len(c) for c in chunks)))
+    crc = zlib.crc32(meta, crc)
+    for chunk in chunks:
+        crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+class IntakeJournal:
+    """The journal file: reserve, write and apply records; recover them after a crash.
+
+    Parameters
+    ----------
+    path : Path
+        The journal file (created, with its folder, when missing).
+    size_bytes : int
+        Its size; the part not yet zero-filled is filled by a background thread, and records
+        only go where the filling is done (until then instances take the direct path).
+    """
+
+    def __init__(self, path: Path, size_bytes: int) -> None:
+        self.path = Path(path)
+        self.size = max(_pad(size_bytes), 2 * PAGE)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._lock = threading.Lock()
+        raw = os.pread(self._fd, _HEADER.size, 0)
+        if len(raw) == _HEADER.size and raw[:4] == _HEADER_MAGIC:
+            _, _version, applied, ready = _HEADER.unpack(raw)
+            self.applied: int = int(applied)
+            self._ready: int = min(int(ready), os.fstat(self._fd).st_size)
+        else:
+            self.applied, self._ready = 0, PAGE
+            self._write_header()
+        self._next_seq = self.applied + 1
+        self._offset = PAGE
+        #: Records written (or being written) and not yet applied: seq -> (offset, size).
+        self._outstanding: dict[int, tuple[int, int]] = {}
+        self._outstanding_bytes = 0
+        self._closed = False
+        self._filler: threading.Thread | None = None
+
+    # -- header and zero fill ------------------------------------------------------------------
+    def _write_header(self) -> None:
+        header = _HEADER.pack(_HEADER_MAGIC, _VERSION, self.applied, self._ready)
+        os.pwrite(self._fd, header.ljust(PAGE, b"\0"), 0)
+        os.fdatasync(self._fd)
+
+    def start_filling(self) -> None:
+        """Zero-fill the rest of the file in a background thread (records only go where filled)."""
+        if self._ready >= self.size or self._filler is not None:
+            return
+        self._filler = threading.Thread(target=self._fill, name="journal-fill", daemon=True)
+        self._filler.start()
+
+    def _fill(self) -> None:
+        zeros = bytes(_ZERO_CHUNK)
+        try:
+            while not self._closed and self._ready < self.size:
+                n = min(_ZERO_CHUNK, self.size - self._ready)
+                os.pwrite(self._fd, zeros[:n], self._ready)
+                os.fdatasync(self._fd)
+                with self._lock:
+                    self._ready += n
+                    self._write_header()
+        except OSError as exc:
+            log.warning("journal_fill_failed", path=str(self.path), error=str(exc))
+        else:
+            log.info("journal_ready", path=str(self.path), size_mb=self.size >> 20)
+
+    @property
+    def ready_bytes(self) -> int:
+        """How much of the file is zero-filled and usable for records."""
+        return self._ready
+
+    # -- writing -------------------------------------------------------------------------------
+    def append(self, meta: bytes, chunks: Sequence[BytesLike]) -> int | None:
+        """Write a record durably and return its sequence number; None when there is no room.
+
+        Raises
+        ------
+        OSError
+            When the write or ``fdatasync`` fails (the record is void; nothing was promised).
+        """
+        length = _RECORD.size + len(meta) + sum(len(c) for c in chunks)
+        size = _pad(length)
+        with self._lock:
+            if self._closed:
+                return None
+            offset = self._offset if self._offset + size <= self._ready else PAGE  # ring
+            # Never over a record that is not applied yet (the nearest one ahead of us).
+            ahead = [o for o, _ in self._outstanding.values() if o >= offset]
+            if offset + size > (min(ahead) if ahead else self._ready):
+                return None
+            seq = self._next_seq
+            self._next_seq += 1
+            self._offset = offset + size
+            self._outstanding[seq] = (offset, size)
+            self._outstanding_bytes += size
+        header = _RECORD.pack(_RECORD_MAGIC, seq, len(meta), length - _RECORD.size - len(meta),
+                              _crc(seq, meta, chunks))
+        try:
+            os.pwritev(self._fd, [header, meta, *chunks, bytes(size - length)], offset)
+            os.fdatasync(self._fd)
+        except OSError:
+            self.applied_through([seq])  # void: it must not hold back the applied mark
+            raise
+        return seq
+
+    def applied_through(self, seqs: Sequence[int]) -> None:
+        """Mark records as safely in the spool; advance and persist the *applied* mark."""
+        with self._lock:
+            for seq in seqs:
+                _, size = self._outstanding.pop(seq, (0, 0))
+                self._outstanding_bytes -= size
+            mark = min(self._outstanding) - 1 if self._outstanding else self._next_seq - 1
+            if mark > self.applied and not self._closed:
+                self.applied = mark
+                self._write_header()
+
+    @property
+    def outstanding_fraction(self) -> float:
+        """Share of the journal held by records not yet applied."""
+        return self._outstanding_bytes / max(self._ready - PAGE, 1)
+
+    # -- recovery ------------------------------------------------------------------------------
+    def recover(self) -> list[tuple[int, dict[str, object], bytes]]:
+        """Records newer than *applied* with a valid CRC, oldest first: (seq, metadata, bytes).
+
+        Call before any :meth:`append`; sequence numbers given out afterwards are larger than
+        any valid record's in the file.
+        """
+        found: list[tuple[int, dict[str, object], bytes]] = []
+        highest = self.applied
+        offset = PAGE
+        while offset + _RECORD.size <= self._ready:
+            raw = os.pread(self._fd, _RECORD.size, offset)
+            magic, seq, meta_len, data_len, crc = _RECORD.unpack(raw)
+            length = _RECORD.size + meta_len + data_len
+            if magic != _RECORD_MAGIC or offset + length > self._ready:
+                offset += PAGE
+                continue
+            if seq > self.applied:
+                body = os.pread(self._fd, meta_len + data_len, offset + _RECORD.size)
+                meta, data = body[:meta_len], body[meta_len:]
+                if len(body) == meta_len + data_len and _crc(seq, meta, [data]) == crc:
+                    highest = max(highest, seq)
+                    try:
+                        found.append((seq, json.loads(meta), data))
+                    except ValueError:
+                        log.warning("journal_record_unreadable", seq=seq, offset=offset)
+                    offset += _pad(length)
+                    continue
+            # An old (applied) record, a torn one, or bytes that only look like a header: step
+            # one page, so a valid record written over part of an old one is not skipped.
+            offset += PAGE
+        self._next_seq = highest + 1
+        return sorted(found, key=lambda r: r[0])
+
+    def reset_after_recovery(self) -> None:
+        """Everything recovered is in the spool: mark all applied, write from the top again."""
+        with self._lock:
+            self.applied = self._next_seq - 1
+            self._offset = PAGE
+            self._write_header()
+
+    def close(self) -> None:
+        """Stop the zero fill and close the file (after the intake has applied everything)."""
+        with self._lock:
+            self._closed = True
+        if self._filler is not None:
+            self._filler.join(30)
+        with self._lock:
+            with contextlib.suppress(OSError):
+                self._write_header()
+            os.close(self._fd)
+
+
+_STOP = object()
+
+
+class _Written(NamedTuple):
+    """An instance to write to the spool (``seq`` None: already there, only to report)."""
+
+    seq: int | None
+    instance: StoredInstance
+    chunks: list[BytesLike]
+
+
+_META_FIELDS: Final = tuple(f.name for f in fields(StoredInstance) if f.name != "path")
+
+
+def _instance_meta(instance: StoredInstance) -> bytes:
+    # Not dataclasses.asdict: it deep-copies (~30 us per instance on the C-STORE path).
+    return json.dumps({name: getattr(instance, name) for name in _META_FIELDS},
+                      separators=(",", ":")).encode()
+
+
+class Intake:
+    """Makes received instances durable, writes them to the spool and reports them in order.
+
+    With a journal, :meth:`store` returns once the journal record is on disk; a background
+    thread writes the spool file, tells the sink and marks the record applied once the file is
+    fsync'd.  Without one (``journal=None``, or when it has no room), :meth:`store` writes and
+    fsyncs the spool file itself.  The sink hears of every instance of an association before
+    the end of that association (both go through the same queue).
+    """
+
+    def __init__(self, spool: Spool, sink: IngestSink, journal: IntakeJournal | None) -> None:
+        self.spool = spool
+        self.sink = sink
+        self.journal = journal
+        self._queue: queue.Queue[object] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    def start(self) -> int:
+        """Write back what the journal holds from before a crash; start the writer thread.
+
+        Returns how many instances were recovered from the journal.
+        """
+        recovered = 0
+        if self.journal is not None:
+            for seq, fields, data in self.journal.recover():
+                try:
+                    instance = StoredInstance(**{  # type: ignore[arg-type]
+                        **fields,
+                        "path": self.spool.path_for(
+                            str(fields["study_instance_uid"]), str(fields["series_instance_uid"]),
+                            str(fields["sop_instance_uid"]),
+                        ),
+                    })
+                    self.spool.store(instance.study_instance_uid, instance.series_instance_uid,
+                                     instance.sop_instance_uid, data)
+                except (TypeError, ValueError, SpoolWriteError) as exc:
+                    log.error("journal_recovery_failed", seq=seq, error=str(exc))
+                    continue
+                self._report(instance)
+                recovered += 1
+            self.journal.reset_after_recovery()
+            if recovered:
+                log.warning("journal_recovered", instances=recovered, path=str(self.journal.path))
+            self.journal.start_filling()
+            self._thread = threading.Thread(target=self._run, name="intake-writer", daemon=True)
+            self._thread.start()
+        return recovered
+
+    def stop(self) -> None:
+        """Write and apply everything queued, then stop."""
+        if self._thread is not None:
+            self._stopping.set()
+            self._queue.put(_STOP)
+            self._thread.join(120)
+            self._thread = None
+        if self.journal is not None:
+            self.journal.close()
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until the sink has heard of everything stored so far (not that it is fsync'd
+        in the spool: it is durable in the journal already)."""
+        if self._thread is None:
+            return True
+        reached = threading.Event()
+        self._queue.put(reached)
+        return reached.wait(timeout)
+
+    # -- called from association threads -------------------------------------------------------
+    def store(self, instance: StoredInstance, chunks: list[BytesLike]) -> None:
+        """Make ``instance`` (its file bytes in ``chunks``) durable; return when it is.
+
+        Raises
+        ------
+        SpoolWriteError
+            When it could not be made durable (nothing was promised).
+        """
+        if self.journal is not None and self._thread is not None:
+            try:
+                seq = self.journal.append(_instance_meta(instance), chunks)
+            except OSError as exc:
+                log.warning("journal_write_failed", error=str(exc))
+                seq = None
+            if seq is not None:
+                self._queue.put(_Written(seq, instance, chunks))
+                return
+        self.spool.store(instance.study_instance_uid, instance.series_instance_uid,
+                         instance.sop_instance_uid, chunks)
+        if self._thread is not None:
+            self._queue.put(_Written(None, instance, []))  # reported in order with the journaled ones
+        else:
+            self._report(instance)
+
+    def association_ended(self, summary: AssociationSummary) -> None:
+        """Tell the sink, after every instance of the association."""
+        if self._thread is not None:
+            self._queue.put(summary)
+        else:
+            self._ended(summary)
+
+    # -- the writer thread ---------------------------------------------------------------------
+    def _report(self, instance: StoredInstance) -> None:
+        try:
+            self.sink.instance_stored(instance)
+        except Exception:
+            log.exception("sink_failed", sink_event="instance_stored")
+
+    def _ended(self, summary: AssociationSummary) -> None:
+        try:
+            self.sink.association_ended(summary)
+        except Exception:
+            log.exception("sink_failed", sink_event="association_ended")
+
+    def _run(self) -> None:
+        journal = self.journal
+        assert journal is not None
+        stopping = False
+        applied: list[int] = []
+        written: list[Path] = []
+        oldest = 0.0
+        while not stopping:
+            try:
+                batch = [self._queue.get(timeout=SYNC_WHEN_IDLE_S if written else None)]
+            except queue.Empty:
+                batch = []  # the stream paused: time to make the spool files durable
+            while batch and len(batch) < _BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            for item in batch:
+                if item is _STOP:
+                    stopping = True
+                elif isinstance(item, AssociationSummary):
+                    self._ended(item)
+                elif isinstance(item, threading.Event):
+                    item.set()  # flush(): everything before it was reported
+                elif isinstance(item, _Written):
+                    seq, instance, chunks = item
+                    if seq is not None:
+                        try:
+                            path = self._write(instance, chunks)
+                        except SpoolWriteError:
+                            continue  # stopping: it stays in the journal for the next start
+                        if not written:
+                            oldest = time.monotonic()
+                        written.append(path)
+                        applied.append(seq)
+                    self._report(instance)
+            if written and (
+                not batch
+                or stopping
+                or journal.outstanding_fraction > SYNC_WHEN_FULL
+                or time.monotonic() - oldest > SYNC_AFTER_S
+            ):
+                self._sync(written)
+                journal.applied_through(applied)
+                written, applied = [], []
+
+    def _write(self, instance: StoredInstance, chunks: list[BytesLike]) -> Path:
+        """Write the spool file (no fsync yet), retrying while the disk refuses."""
+        while True:
+            try:
+                return self.spool.store(instance.study_instance_uid, instance.series_instance_uid,
+                                        instance.sop_instance_uid, chunks, sync=False)
+            except SpoolWriteError as exc:
+                # Safe in the journal; keep trying (it is written again at the next start).
+                log.error("journal_apply_failed", sop_instance_uid=instance.sop_instance_uid,
+                          error=str(exc))
+                if self._stopping.wait(1.0):
+                    raise
+
+    @staticmethod
+    def _sync(paths: list[Path]) -> None:
+        """fsync a batch of spool files, then their folders (the first fsync does most work)."""
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # removed meanwhile (retention); nothing left to make durable
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for folder in {p.parent for p in paths}:
+            with contextlib.suppress(FileNotFoundError):
+                fsync_dir(folder)

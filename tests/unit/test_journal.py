@@ -1,0 +1,192 @@
+"""The intake journal: durable records, recovery after a crash, wrap-around, fallback when full."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from dicom_node.ingest import AssociationSummary, StoredInstance
+from dicom_node.journal import PAGE, Intake, IntakeJournal
+from dicom_node.spool import Spool
+
+STUDY, SERIES = "1.2.826.0.1.3680043.10.1", "1.2.826.0.1.3680043.10.1.2"
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    def instance_stored(self, instance: StoredInstance) -> None:
+        assert instance.path.is_file(), "reported before the spool file exists"
+        self.events.append(("instance", instance.sop_instance_uid))
+
+    def association_ended(self, summary: AssociationSummary) -> None:
+        self.events.append(("ended", summary.association_id))
+
+
+def _instance(spool: Spool, n: int) -> StoredInstance:
+    sop = f"{SERIES}.{n}"
+    return StoredInstance(
+        study_instance_uid=STUDY, series_instance_uid=SERIES, sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=spool.path_for(STUDY, SERIES, sop), size=0, calling_ae_title="CT1",
+        association_id="a1", received_at=1700000000.0 + n, attributes={"Modality": "CT", "InstanceNumber": n},
+    )
+
+
+def _payload(n: int, size: int = 70_000) -> bytes:
+    return (f"instance {n} ".encode() * (size // 10 + 1))[:size]
+
+
+def _filled(path: Path, size: int) -> IntakeJournal:
+    journal = IntakeJournal(path, size)
+    journal.start_filling()
+    deadline = time.monotonic() + 30
+    while journal.ready_bytes < journal.size:
+        assert time.monotonic() < deadline, "zero fill did not finish"
+        time.sleep(0.01)
+    return journal
+
+
+def test_records_newer_than_applied_are_recovered_and_torn_ones_are_not(tmp_path: Path) -> None:
+    path = tmp_path / "j.wal"
+    journal = _filled(path, 1 << 20)
+    seqs = [journal.append(f'{{"n": {n}}}'.encode(), [b"head", _payload(n)]) for n in range(4)]
+    assert seqs == [1, 2, 3, 4]
+    journal.applied_through([1])
+    assert journal.applied == 1
+    # Tear record 3: flip one byte in its data, as a crash in mid-write would leave it.
+    torn_at = path.read_bytes().index(b'{"n": 2}') + 5000
+    with path.open("r+b") as f:
+        f.seek(torn_at)
+        byte = f.read(1)
+        f.seek(torn_at)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    journal.close()
+    reopened = IntakeJournal(path, 1 << 20)
+    recovered = reopened.recover()
+    assert [(seq, meta["n"]) for seq, meta, _ in recovered] == [(2, 1), (4, 3)]
+    assert recovered[0][2] == b"head" + _payload(1)
+    reopened.reset_after_recovery()
+    assert reopened.append(b"{}", [b"x"]) == 5  # numbering continues past everything seen
+    reopened.close()
+
+
+def test_journal_is_a_ring_that_never_overwrites_unapplied_records(tmp_path: Path) -> None:
+    journal = _filled(tmp_path / "j.wal", 6 * PAGE)  # room for two 2-page records
+    data = [b"y" * (PAGE + 100)]
+    a, b = journal.append(b"{}", data), journal.append(b"{}", data)
+    assert (a, b) == (1, 2)
+    assert journal.append(b"{}", data) is None  # full, nothing applied yet
+    journal.applied_through([2])
+    assert journal.applied == 0  # 1 still outstanding holds the mark back
+    assert journal.append(b"{}", data) is None  # record 1 sits where the next one would go
+    journal.applied_through([1])
+    assert journal.applied == 2
+    assert journal.append(b'{"n": 3}', data) == 3  # wrapped to the top, over record 1
+    assert journal.append(b'{"n": 4}', data) == 4  # over record 2
+    assert journal.append(b"{}", data) is None  # and 3 is in the way again
+    journal.applied_through([3])
+    assert journal.append(b'{"n": 5}', data) == 5  # 3's place is free while 4 is outstanding
+    journal.close()
+    again = IntakeJournal(tmp_path / "j.wal", 6 * PAGE)
+    assert [(seq, meta["n"]) for seq, meta, _ in again.recover()] == [(4, 4), (5, 5)]
+    again.close()
+
+
+def test_intake_writes_reports_in_order_and_applies(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    sink = RecordingSink()
+    intake = Intake(spool, sink, _filled(tmp_path / "j.wal", 4 << 20))
+    assert intake.start() == 0
+    for n in range(20):
+        intake.store(_instance(spool, n), [b"meta", _payload(n)])
+    intake.association_ended(AssociationSummary("a1", "CT1", True, frozenset({SERIES}), time.time()))
+    journal = intake.journal
+    assert journal is not None
+    intake.stop()
+    assert sink.events == [("instance", f"{SERIES}.{n}") for n in range(20)] + [("ended", "a1")]
+    for n in range(20):
+        assert spool.path_for(STUDY, SERIES, f"{SERIES}.{n}").read_bytes() == b"meta" + _payload(n)
+    assert journal.applied == 20
+
+
+def test_full_journal_falls_back_to_direct_durable_writes(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    sink = RecordingSink()
+    intake = Intake(spool, sink, _filled(tmp_path / "j.wal", 3 * PAGE))  # too small for any record
+    intake.start()
+    for n in range(3):
+        intake.store(_instance(spool, n), [_payload(n)])
+    intake.stop()
+    assert [e[1] for e in sink.events] == [f"{SERIES}.{n}" for n in range(3)]
+    assert all(spool.path_for(STUDY, SERIES, f"{SERIES}.{n}").read_bytes() == _payload(n) for n in range(3))
+
+
+def test_without_a_journal_the_intake_writes_directly(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    sink = RecordingSink()
+    intake = Intake(spool, sink, None)
+    intake.start()
+    intake.store(_instance(spool, 1), [_payload(1)])
+    assert sink.events == [("instance", f"{SERIES}.1")]  # reported at once, on the caller's thread
+    intake.stop()
+
+
+def test_acknowledged_instances_survive_a_crash_before_the_spool_write(tmp_path: Path) -> None:
+    """A process that dies right after ``store`` returned (so right after the C-STORE success)
+    loses nothing: the next start writes the files from the journal and reports them."""
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from pathlib import Path
+        from test_journal import RecordingSink, _filled, _instance, _payload
+        from dicom_node.journal import Intake
+        from dicom_node.spool import Spool
+        import time
+        Intake._write = lambda self, instance, chunks: time.sleep(3600)  # the spool write stalls
+        spool = Spool(Path({str(tmp_path / "spool")!r}))
+        intake = Intake(spool, RecordingSink(), _filled(Path({str(tmp_path / "j.wal")!r}), 8 << 20))
+        intake.start()
+        for n in range(30):
+            intake.store(_instance(spool, n), [_payload(n)])
+        os._exit(0)
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120, cwd=Path(__file__).parents[2])
+    spool = Spool(tmp_path / "spool")
+    sink = RecordingSink()
+    intake = Intake(spool, sink, IntakeJournal(tmp_path / "j.wal", 8 << 20))
+    recovered = intake.start()
+    intake.stop()
+    assert recovered == 30
+    for n in range(30):
+        assert spool.path_for(STUDY, SERIES, f"{SERIES}.{n}").read_bytes() == _payload(n), n
+    assert sink.events == [("instance", f"{SERIES}.{n}") for n in range(30)]
+    assert not list((tmp_path / "spool").rglob("*.dn-partial"))
+
+
+def test_recovery_finds_a_record_behind_an_old_one_left_by_a_torn_write(tmp_path: Path) -> None:
+    """After a wrap, a new record whose write never reached the disk leaves an old record's
+    header in its place; the scan must step page by page, not jump over the old record's
+    length, or it would miss the valid (acknowledged) record right behind."""
+    path = tmp_path / "j.wal"
+    journal = _filled(path, 64 * PAGE)
+    old = journal.append(b'{"n": "old"}', [b"o" * (20 * PAGE)])
+    rest = journal.append(b"{}", [b"r" * (40 * PAGE)])
+    assert (old, rest) == (1, 2)
+    journal.applied_through([1, 2])
+    with path.open("rb") as f:
+        f.seek(PAGE)
+        old_head = f.read(2 * PAGE)
+    new = [journal.append(f'{{"n": {n}}}'.encode(), [b"s" * PAGE]) for n in range(2)]
+    assert new == [3, 4]  # wrapped: record 3 at the top, over the old record's first pages
+    journal.close()
+    with path.open("r+b") as f:  # record 3 "never written": the old bytes are still there
+        f.seek(PAGE)
+        f.write(old_head)
+    reopened = IntakeJournal(path, 64 * PAGE)
+    assert [(seq, meta["n"]) for seq, meta, _ in reopened.recover()] == [(4, 1)]
+    reopened.close()
