@@ -193,10 +193,10 @@ def busy_model(folder: Path, name: str, patch: list[int], seconds_per_patch: flo
 
 
 def test_node_killed_mid_stream_loses_no_acknowledged_instance(tmp_path: Path) -> None:
-    """SIGKILL of the node (and its worker) while storescu streams 520 instances: every instance
-    answered with success is in the spool with identical dataset bytes, no temp file remains or
-    counts as an instance, and after a restart and a resend of the rest every series is processed
-    by exactly one job."""
+    """SIGKILL of the node (and its worker) while storescu streams 520 instances: once the node
+    is up again (it first writes back what its intake journal holds), every instance answered
+    with success is in the spool with identical dataset bytes, no temp file remains or counts as
+    an instance, and after a resend of the rest every series is processed by exactly one job."""
     n_series, per_series = 5, 104
     spec = ChestSpec(rows=64, columns=64, slices=per_series)
     files: list[Path] = []
@@ -236,14 +236,14 @@ def test_node_killed_mid_stream_loses_no_acknowledged_instance(tmp_path: Path) -
             acknowledged.append(current)
             current = None
     assert 0 < len(acknowledged) < len(files), log.read_text()[-2000:]
-    for path in acknowledged:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        stored = spool / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
-        assert stored.is_file(), f"acknowledged instance {path.name} is not in the spool"
-        assert dataset_part(stored.read_bytes()) == dataset_part(path.read_bytes())
 
     node = start_node(workdir, config)
     try:
+        for path in acknowledged:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            stored = spool / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+            assert stored.is_file(), f"acknowledged instance {path.name} is not in the spool"
+            assert dataset_part(stored.read_bytes()) == dataset_part(path.read_bytes())
         assert list(spool.rglob(f"*{TEMP_SUFFIX}")) == []
         done = set(acknowledged)
         rest = [f for f in files if f not in done]

@@ -250,14 +250,15 @@ def test_invalid_uids_are_refused_and_never_become_paths(
 def test_sop_class_mismatch_is_refused(
     make_node: Callable[..., Node], series: list[Path], tmp_path: Path
 ) -> None:
-    """A dataset whose SOP Class UID differs from the negotiated one gets 0xA900."""
+    """A dataset whose SOP Class UID differs from the negotiated one gets 0xA900, with an Error
+    Comment that says why (the sender puts it in its error)."""
     node = make_node()
     ds = dcmread(series[0])
     ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR, dataset says CT
     mismatched = tmp_path / "mismatch.dcm"
     ds.save_as(mismatched, enforce_file_format=False)  # True would re-derive the meta
     assert dcmread(mismatched).file_meta.MediaStorageSOPClassUID != ds.SOPClassUID
-    with pytest.raises(PermanentError, match=r"0xA900"):
+    with pytest.raises(PermanentError, match=r"0xA900.*refused: sop class mismatch"):
         send_instances(node.destination(), [mismatched], calling_ae_title="TESTSCU")
     assert node.sink.instances == []
 
