@@ -134,10 +134,62 @@ def dicom_node_listeners(root: Path, processes: int = 1, journal_mb: int = 512) 
                 p.terminate()
 
 
+def _pynetdicom_main(port: int, root: str, mode: str, max_pdu: int, ready: Any, stop: Any) -> None:
+    """A plain pynetdicom storage SCP (the issue's reference rows): ``mode`` is ``raw`` (write the
+    received bytes behind a file meta header), ``nothing`` or ``save_as`` (pydicom writes)."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    out = Path(root)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def handle(event: Any) -> int:
+        sop = event.request.AffectedSOPInstanceUID
+        if mode == "raw":
+            (out / f"{sop}.dcm").write_bytes(event.encoded_dataset())
+        elif mode == "save_as":
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            ds.save_as(out / f"{sop}.dcm", enforce_file_format=True)
+        return 0x0000
+
+    ae = AE(ae_title="PYNETDICOM")
+    ae.supported_contexts = AllStoragePresentationContexts
+    ae.maximum_pdu_size = max_pdu
+    ae.maximum_associations = 64
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, handle)])
+    assert server is not None  # block=False returns the server
+    ready.set()
+    stop.wait()
+    server.shutdown()
+
+
 @contextmanager
-def stock_storescp(workdir: Path, nodelay: bool) -> Iterator[int]:
-    """DCMTK storescp (no fsync), Nagle on unless ``nodelay``; yield its port."""
-    server = procs.start_storescp(workdir, nodelay=nodelay)
+def plain_pynetdicom(root: Path, mode: str, max_pdu: int) -> Iterator[int]:
+    """Run :func:`_pynetdicom_main` in a child process; yield its port."""
+    ctx = mp.get_context("spawn")
+    port = procs.free_port()
+    ready, stop = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=_pynetdicom_main, args=(port, str(root), mode, max_pdu, ready, stop))
+    child.start()
+    try:
+        if not ready.wait(60):
+            raise RuntimeError("pynetdicom SCP did not start")
+        yield port
+    finally:
+        stop.set()
+        child.join(30)
+        if child.is_alive():
+            child.terminate()
+
+
+@contextmanager
+def stock_storescp(
+    workdir: Path, nodelay: bool, *, fork: bool = False, ignore: bool = False
+) -> Iterator[int]:
+    """DCMTK storescp (no fsync; ``--fork``: a process per association; ``--ignore``: receive
+    and store nothing), Nagle on unless ``nodelay``; yield its port."""
+    extra = [*(["--fork"] if fork else []), *(["--ignore"] if ignore else [])]
+    server = procs.start_storescp(workdir, nodelay=nodelay, extra_args=extra)
     try:
         yield server.port
     finally:
@@ -259,36 +311,68 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--orthanc", action="store_true", help="also measure Orthanc")
     parser.add_argument(
+        "--references",
+        action="store_true",
+        help="also storescp --ignore and plain pynetdicom SCPs (the issue's reference rows)",
+    )
+    parser.add_argument(
         "--corpus", type=Path, default=Path(tempfile.gettempdir()) / "dn-bench-corpus"
     )
     args = parser.parse_args(argv)
 
     files = make_corpus(args.corpus, args.instances)
     nodelay = True
-    targets = [
-        Target("storescp (no fsync)", "ARCHIVE", lambda w: stock_storescp(w, nodelay)),
-        Target(
-            "dicom-node (journal)",
-            "DICOM_NODE",
-            lambda w: dicom_node_listeners(w / "spool", 1),
-        ),
-        Target(
-            "dicom-node, journal off (fsync)",
-            "DICOM_NODE",
-            lambda w: dicom_node_listeners(w / "spool", 1, journal_mb=0),
-        ),
-        Target(
-            f"dicom-node, {args.processes} proc (journal)",
-            "DICOM_NODE",
-            lambda w: dicom_node_listeners(w / "spool", args.processes),
-        ),
-    ]
-    if args.orthanc and procs.tool_path("Orthanc"):
-        targets.append(Target("Orthanc (no fsync)", "ORTHANC", lambda w: orthanc(w, nodelay)))
+
+    def targets_for(parallel: int) -> list[Target]:
+        # With several associations storescp forks a process per association (as in the issue).
+        fork = parallel > 1
+        targets = [
+            Target(
+                "storescp" + (" --fork" if fork else "") + " (no fsync)",
+                "ARCHIVE",
+                lambda w: stock_storescp(w, nodelay, fork=fork),
+            ),
+            Target(
+                "dicom-node (journal)",
+                "DICOM_NODE",
+                lambda w: dicom_node_listeners(w / "spool", 1),
+            ),
+            Target(
+                "dicom-node, journal off (fsync)",
+                "DICOM_NODE",
+                lambda w: dicom_node_listeners(w / "spool", 1, journal_mb=0),
+            ),
+            Target(
+                f"dicom-node, {args.processes} proc (journal)",
+                "DICOM_NODE",
+                lambda w: dicom_node_listeners(w / "spool", args.processes),
+            ),
+        ]
+        if args.orthanc and procs.tool_path("Orthanc"):
+            targets.append(Target("Orthanc (no fsync)", "ORTHANC", lambda w: orthanc(w, nodelay)))
+        if args.references:
+            targets += [
+                Target(
+                    "storescp --ignore (stores nothing)",
+                    "ARCHIVE",
+                    lambda w: stock_storescp(w, nodelay, fork=fork, ignore=True),
+                ),
+                Target("pynetdicom, raw bytes", "PYNETDICOM",
+                       lambda w: plain_pynetdicom(w, "raw", 16382)),
+                Target("pynetdicom, raw bytes, max PDU 0", "PYNETDICOM",
+                       lambda w: plain_pynetdicom(w, "raw", 0)),
+                Target("pynetdicom, nothing, max PDU 0", "PYNETDICOM",
+                       lambda w: plain_pynetdicom(w, "nothing", 0)),
+                Target("pynetdicom, dataset.save_as", "PYNETDICOM",
+                       lambda w: plain_pynetdicom(w, "save_as", 16382)),
+            ]
+        return targets
+
     with tempfile.TemporaryDirectory(prefix="dn-bench-") as tmp:
         scratch = Path(tmp)
         rows: list[tuple[str, int, list[float], float | None]] = []
         for parallel in args.parallel:
+            targets = targets_for(parallel)
             results = measure_interleaved(targets, files, parallel, nodelay, args.runs, scratch)
             base = statistics.median(results[targets[0].name])
             for t in targets:
