@@ -17,27 +17,31 @@ Rules, in the order they are applied:
    equivalents) keeping the fullest stack, and refused when nothing tells them apart;
 6. consecutive positions must lie on a regular grid (gantry tilt is a sheared but regular grid,
    kept exactly in the affine); otherwise the spacing is refused, never averaged away;
-7. pixel data are decoded (compressed ones in a thread pool), MONOCHROME1 is inverted within the
-   stored bit range, and the per-image rescale slope/intercept is applied.
+7. pixel data are decoded straight into the volume in a thread pool (compressed lossless frames
+   by imagecodecs, which releases the GIL), the bits above BitsStored are ignored, MONOCHROME1
+   is inverted within the stored bit range, and the per-image rescale slope/intercept is applied.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import struct
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import imagecodecs
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.errors import BytesLengthException, InvalidDicomError
-from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.utils import pixel_array
 from pydicom.uid import UID
 
@@ -66,6 +70,8 @@ _READ_ERRORS: tuple[type[BaseException], ...] = (
     InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError, IndexError,
     AttributeError, NotImplementedError, RuntimeError, OverflowError,
 )
+# Corrupt encapsulated pixel data also fails in pydicom's fragment parser or in a codec.
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (*_READ_ERRORS, struct.error, BytesLengthException)
 #: Non-identifying attributes copied into ``Volume.metadata`` (keyword, metadata key).
 _HINT_ATTRIBUTES: tuple[tuple[str, str], ...] = (
     ("BodyPartExamined", "body_part"),
@@ -75,14 +81,13 @@ _HINT_ATTRIBUTES: tuple[tuple[str, str], ...] = (
     ("ConvolutionKernel", "convolution_kernel"),
 )
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-# Native data decode in microseconds; a pool only pays off for compressed frames.
-_NATIVE_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2",
-                              "1.2.840.10008.1.2.1.99"})
-_LITTLE_ENDIAN_NATIVE = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})
-#: Decoder plugin to use first where several are installed (measured: CharLS via pyjpegls
-#: decodes JPEG-LS about twice as fast as libjpeg via pylibjpeg).
-_PREFERRED_PLUGINS = {"1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.81": "pyjpegls"}
-#: Threads decoding compressed instances (only useful where the codec releases the GIL).
+_IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+_LITTLE_ENDIAN_NATIVE = frozenset({_IMPLICIT_VR_LITTLE_ENDIAN, "1.2.840.10008.1.2.1"})
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+#: Threads filling the volume; the decoders used for the common syntaxes and NumPy release the
+#: GIL, so frames decode and rescale in parallel.
 DECODE_THREADS = min(8, os.cpu_count() or 1)
 
 
@@ -164,14 +169,15 @@ def load_series(paths: Sequence[Path], *, modality_hint: str | None = None) -> L
 
 
 def _load(paths: Sequence[Path], modality_hint: str | None) -> LoadedSeries:
-    datasets = _read_all([Path(p) for p in paths])
+    files = _read_all([Path(p) for p in paths])
+    datasets = [f.dataset for f in files]
     _check_identity(datasets, [Path(p) for p in paths])
     modality = _modality(datasets, modality_hint)
 
     excluded: list[tuple[str, str]] = []
     planes: list[_Plane] = []
-    for index, (ds, path) in enumerate(zip(datasets, paths, strict=True)):
-        planes.extend(_planes_of(index, ds, Path(path), excluded))
+    for index, (file, path) in enumerate(zip(files, paths, strict=True)):
+        planes.extend(_planes_of(index, file, Path(path), excluded))
     if not planes:
         reasons = "; ".join(sorted({r for _, r in excluded})) or "no images"
         raise SeriesError(f"no image of the series can form a volume ({reasons})")
@@ -187,21 +193,10 @@ def _load(paths: Sequence[Path], modality_hint: str | None) -> LoadedSeries:
     for k, plane in enumerate(planes):
         slices_of.setdefault(plane.source, []).append((k, plane))
     array = np.empty((len(planes), planes[0].rows, planes[0].columns), dtype=np.float32)
-    inverted = False
-    # Each instance is decoded, copied into its slices and dropped: peak memory stays near
-    # the output volume plus the encoded files.
-    for source, frames in _decode(datasets, used, [Path(paths[i]) for i in used]):
-        ds = datasets[source]
-        monochrome1 = ds.get("PhotometricInterpretation") == "MONOCHROME1"
-        inverted |= monochrome1
-        for k, plane in slices_of[source]:
-            frame = frames[plane.frame - 1] if frames.ndim == 3 else frames
-            if frame.shape != (plane.rows, plane.columns):
-                raise SeriesError(f"frame {plane.frame} of image {plane.sop_instance_uid} has "
-                                  f"shape {frame.shape}, expected {plane.rows}x{plane.columns}")
-            if monochrome1:
-                frame = _invert_monochrome1(frame, ds)
-            _rescale_into(array[k], frame, plane.slope, plane.intercept)
+    # Every job reads its pixel data from the file and writes its own slices straight into the
+    # volume: peak memory stays near the output volume plus a frame or an instance per thread.
+    _fill(array, [job for i in used for job in _jobs(array, files[i], Path(paths[i]), slices_of[i])])
+    inverted = any(files[i].pixels.monochrome1 for i in used)
     if inverted:
         metadata["photometric"] = "MONOCHROME1 inverted"
 
@@ -219,20 +214,63 @@ def _load(paths: Sequence[Path], modality_hint: str | None) -> LoadedSeries:
 # --- reading -----------------------------------------------------------------------------
 
 
-def _read_one(path: Path) -> Dataset:
+@dataclass(frozen=True)
+class _File:
+    """One file of the series as read: its header and where its pixel data are."""
+
+    dataset: Dataset
+    pixels: _Pixels
+    #: (offset, length) of the Pixel Data value in the file, read later by a decoding thread;
+    #: length None is undefined (encapsulated).  None when ``dataset`` holds the pixel data
+    #: (read with the header for pydicom to decode) or the file has none.
+    location: tuple[int, int | None] | None
+
+    @property
+    def has_pixels(self) -> bool:
+        return self.location is not None or any(k in self.dataset for k in _PIXEL_KEYWORDS)
+
+
+def _read_one(path: Path) -> _File:
     try:
-        return pydicom.dcmread(path)
+        with path.open("rb") as fp:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True)
+            start = fp.tell()
+            head = fp.read(12)
+        pixels = _pixels_of(ds, path)
+        location = _pixel_data_location(pixels, start, head)
+        if location is None and (head or pixels.syntax == _DEFLATED):
+            # Pixel data only pydicom decodes (or finds, in a deflated file): read it all.
+            ds = pydicom.dcmread(path)
     except _READ_ERRORS as exc:
         raise SeriesError(f"cannot read file {path.name} of the series: {exc}") from exc
+    return _File(dataset=ds, pixels=pixels, location=location)
 
 
-def _read_all(paths: list[Path]) -> list[Dataset]:
-    # Reading overlaps I/O with parsing; headers are parsed exactly once here.
-    workers = min(8, os.cpu_count() or 1, len(paths))
-    if workers <= 1:
-        return [_read_one(p) for p in paths]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(_read_one, paths))
+def _pixel_data_location(pixels: _Pixels, start: int, head: bytes) -> tuple[int, int | None] | None:
+    """(offset, length) of the Pixel Data value whose element starts at ``start`` with
+    ``head``, when a decoding thread can read and decode it without pydicom."""
+    native = pixels.syntax in _LITTLE_ENDIAN_NATIVE
+    if (pixels.dtype is None or not (native or pixels.syntax in _GIL_FREE_DECODERS)
+            or head[:4] != _PIXEL_DATA_TAG):
+        return None
+    if pixels.syntax == _IMPLICIT_VR_LITTLE_ENDIAN:
+        header, length = 8, int.from_bytes(head[4:8], "little")
+    elif len(head) == 12 and head[4:6] in (b"OB", b"OW"):
+        header, length = 12, int.from_bytes(head[8:12], "little")
+    else:
+        return None
+    if native:
+        return (start + header, length) if length != _UNDEFINED_LENGTH else None
+    if length != _UNDEFINED_LENGTH or pixels.photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        return None
+    return (start + header, None)
+
+
+def _read_all(paths: list[Path]) -> list[_File]:
+    # Headers are parsed exactly once, here, in one thread: parsing holds the GIL, so threads
+    # only fought over it (measured slower); the bulk of the I/O, the pixel data, is read
+    # later by the decoding threads.
+    return [_read_one(p) for p in paths]
 
 
 def _check_identity(datasets: list[Dataset], paths: list[Path]) -> None:
@@ -296,10 +334,11 @@ def _first_item(seq_owner: Dataset | None, keyword: str) -> Dataset | None:
 
 
 def _planes_of(
-    index: int, ds: Dataset, path: Path, excluded: list[tuple[str, str]]
+    index: int, file: _File, path: Path, excluded: list[tuple[str, str]]
 ) -> list[_Plane]:
+    ds = file.dataset
     sop = str(ds.SOPInstanceUID)
-    if not any(k in ds for k in _PIXEL_KEYWORDS):
+    if not file.has_pixels:
         sop_class = UID(str(ds.SOPClassUID))
         if "Image Storage" in sop_class.name or "Rows" in ds:
             raise SeriesError(f"image {sop} (file {path.name}) has no pixel data: the file is "
@@ -590,63 +629,245 @@ def _hints(ds: Dataset) -> dict[str, str]:
 # --- pixels ------------------------------------------------------------------------------
 
 
-def _native_frames(ds: Dataset) -> np.ndarray | None:
-    """Little-endian native pixels as a zero-copy view, or None to let pydicom decode them."""
-    syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+@dataclass(frozen=True)
+class _Pixels:
+    """How one instance stores its pixels, read from its header before any decoding starts
+    (decoding threads then never touch the dataset)."""
+
+    sop_instance_uid: str
+    file_name: str
+    syntax: str
+    #: Native-order dtype of the stored values (PixelRepresentation, BitsAllocated); None
+    #: unless 8 or 16 bits allocated with 0 < BitsStored <= BitsAllocated.
+    dtype: np.dtype[Any] | None
+    signed: bool
+    bits_stored: int
+    photometric: str
+
+    @property
+    def monochrome1(self) -> bool:
+        return self.photometric == "MONOCHROME1"
+
+    def cannot_decode(self, exc: BaseException) -> SeriesError:
+        return SeriesError(f"cannot decode the pixel data of image {self.sop_instance_uid} "
+                           f"(file {self.file_name}): {exc}")
+
+
+def _pixels_of(ds: Dataset, path: Path) -> _Pixels:
     allocated = int(ds.get("BitsAllocated", 0) or 0)
     stored = int(ds.get("BitsStored", allocated) or allocated)
     signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
-    if (syntax not in _LITTLE_ENDIAN_NATIVE or allocated not in (8, 16) or "PixelData" not in ds
-            or not 0 < stored <= allocated):
-        return None
-    rows, columns = int(ds.Rows), int(ds.Columns)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    dtype = np.dtype(f"<{'i' if signed else 'u'}{allocated // 8}")
-    data = ds.PixelData
-    if len(data) < frames * rows * columns * dtype.itemsize:
-        return None  # pydicom's decoder reports the truncation in its own words
-    arr = np.frombuffer(data, dtype=dtype, count=frames * rows * columns)
-    if stored < allocated:
-        # Bits above BitsStored are not part of the value (old scanners kept overlays there):
-        # mask them, then sign-extend from the stored high bit.
-        shift = allocated - stored
-        arr = (arr << shift) >> shift if signed else arr & dtype.type((1 << stored) - 1)
-    return arr.reshape((frames, rows, columns) if frames > 1 else (rows, columns))
+    regular = allocated in (8, 16) and 0 < stored <= allocated
+    return _Pixels(
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+        file_name=path.name,
+        syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),
+        dtype=np.dtype(f"{'i' if signed else 'u'}{allocated // 8}") if regular else None,
+        signed=signed,
+        bits_stored=stored,
+        photometric=str(ds.get("PhotometricInterpretation", "")),
+    )
 
 
-def _decode_one(ds: Dataset, path: Path) -> np.ndarray:
-    native = _native_frames(ds)
-    if native is not None:
-        return native
-    syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
-    plugin = _PREFERRED_PLUGINS.get(syntax, "")
-    try:
-        if plugin and plugin not in get_decoder(UID(syntax)).available_plugins:
-            plugin = ""
-        return np.asarray(pixel_array(ds, decoding_plugin=plugin))
-    except _READ_ERRORS as exc:
-        raise SeriesError(f"cannot decode the pixel data of image {ds.SOPInstanceUID} (file "
-                          f"{path.name}): {exc}") from exc
+def _decode_jpeg_ls(data: bytes, pixels: _Pixels, shape: tuple[int, int]) -> np.ndarray:
+    return imagecodecs.jpegls_decode(data)
 
 
-def _decode(
-    datasets: list[Dataset], used: list[int], paths: list[Path]
-) -> Iterator[tuple[int, np.ndarray]]:
-    """(source index, pixels) for every used instance, in ``used`` order."""
-    jobs = list(zip(used, paths, strict=True))
-    compressed = sum(
-        str(datasets[i].file_meta.get("TransferSyntaxUID", "")) not in _NATIVE_SYNTAXES
-        for i in used)
-    workers = min(DECODE_THREADS, compressed)
+def _decode_jpeg_lossless(data: bytes, pixels: _Pixels, shape: tuple[int, int]) -> np.ndarray:
+    # libjpeg-turbo: also right where pylibjpeg-libjpeg gets a point transform wrong.
+    return imagecodecs.jpeg8_decode(data)
 
-    def task(job: tuple[int, Path]) -> tuple[int, np.ndarray]:
-        return job[0], _decode_one(datasets[job[0]], job[1])
 
+def _decode_jpeg_2000(data: bytes, pixels: _Pixels, shape: tuple[int, int]) -> np.ndarray:
+    return imagecodecs.jpeg2k_decode(data, numthreads=1)  # frames are already decoded in parallel
+
+
+def _decode_rle(data: bytes, pixels: _Pixels, shape: tuple[int, int]) -> np.ndarray:
+    assert pixels.dtype is not None  # only called for 8 or 16 bits allocated
+    return np.frombuffer(imagecodecs.dicomrle_decode(data, pixels.dtype),
+                         dtype=pixels.dtype).reshape(shape)
+
+
+#: Lossless (and JPEG-LS near-lossless, which decodes exactly) syntaxes decoded one frame at a
+#: time by imagecodecs, which releases the GIL: frames decode in parallel threads.  Each
+#: decoder returns the frame's stored bit patterns; :func:`_stored_values` interprets them.
+#: Other syntaxes (lossy JPEG and JPEG 2000, big endian, deflate) go through pydicom.
+_GIL_FREE_DECODERS: dict[str, Callable[[bytes, _Pixels, tuple[int, int]], np.ndarray]] = {
+    "1.2.840.10008.1.2.4.80": _decode_jpeg_ls,
+    "1.2.840.10008.1.2.4.81": _decode_jpeg_ls,
+    "1.2.840.10008.1.2.4.57": _decode_jpeg_lossless,
+    "1.2.840.10008.1.2.4.70": _decode_jpeg_lossless,
+    "1.2.840.10008.1.2.4.90": _decode_jpeg_2000,
+    "1.2.840.10008.1.2.5": _decode_rle,
+}
+
+
+def _fill(out: np.ndarray, jobs: list[Callable[[], None]]) -> None:
+    """Run ``jobs`` (each writes its own slices of ``out``); the first failure in job order
+    is raised, as a serial run would raise it, and the jobs not yet started are cancelled."""
+    workers = min(DECODE_THREADS, len(jobs))
     if workers <= 1:
-        yield from map(task, jobs)
+        for job in jobs:
+            job()
         return
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        yield from pool.map(task, jobs)
+        futures = [pool.submit(job) for job in jobs]
+        try:
+            for future in futures:
+                future.result()
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+def _jobs(
+    out: np.ndarray, file: _File, path: Path, slices: list[tuple[int, _Plane]]
+) -> list[Callable[[], None]]:
+    """Work that fills the ``slices`` (volume index, plane) of ``out`` from one file.  What the
+    threads need from the header is gathered here: they never touch a dataset."""
+    ds, pixels = file.dataset, file.pixels
+    if file.location is None:
+        return [partial(_decode_instance, out, ds, pixels, slices)]
+    offset, length = file.location
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    if pixels.syntax in _LITTLE_ENDIAN_NATIVE:
+        return [partial(_read_native, out, path, offset, length, (count, rows, columns), pixels, slices)]
+    decoder = _GIL_FREE_DECODERS[pixels.syntax]
+    offsets = None
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        offsets = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+    if count == 1:
+        ((k, plane),) = slices  # a single-frame instance is one slice
+        return [partial(_read_and_decode_frame, out[k], path, offset, offsets, decoder, pixels, plane)]
+    # A multi-frame instance is split here so that its frames decode in parallel.
+    frames = _encoded_frames(_read_from(path, offset, pixels), count, offsets, pixels)
+    return [partial(_decode_frame, out[k], decoder, frames[plane.frame - 1], pixels, plane)
+            for k, plane in slices]
+
+
+def _read_from(path: Path, offset: int, pixels: _Pixels, size: int = -1) -> bytes:
+    """``size`` bytes (all, if -1) of ``path`` from ``offset``."""
+    try:
+        with path.open("rb") as fp:
+            fp.seek(offset)
+            return fp.read(size)
+    except OSError as exc:
+        raise pixels.cannot_decode(exc) from exc
+
+
+def _read_native(
+    out: np.ndarray,
+    path: Path,
+    offset: int,
+    length: int | None,
+    shape: tuple[int, int, int],
+    pixels: _Pixels,
+    slices: list[tuple[int, _Plane]],
+) -> None:
+    assert pixels.dtype is not None  # native data are located only with 8 or 16 bits allocated
+    count, rows, columns = shape
+    expected = count * rows * columns * pixels.dtype.itemsize
+    data = _read_from(path, offset, pixels, expected)
+    if len(data) < expected or (length is not None and length < expected):
+        held = len(data) if length is None else min(len(data), length)
+        raise pixels.cannot_decode(ValueError(
+            f"Pixel Data holds {held} bytes, {count} frame(s) of {rows}x{columns} need {expected}"
+            + (" (the file ends there: it is truncated)" if len(data) < expected else "")))
+    frames = np.frombuffer(data, dtype=pixels.dtype.newbyteorder("<"))
+    _store_frames(out, frames.reshape((count, rows, columns) if count > 1 else (rows, columns)),
+                  pixels, slices)
+
+
+def _encoded_frames(
+    data: bytes, count: int, offsets: tuple[bytes, bytes] | None, pixels: _Pixels
+) -> list[bytes]:
+    """The encoded bytes of each of the ``count`` frames of encapsulated pixel data."""
+    try:
+        frames = list(itertools.islice(
+            generate_frames(data, number_of_frames=count, extended_offsets=offsets), count))
+    except _DECODE_ERRORS as exc:
+        raise pixels.cannot_decode(exc) from exc
+    if len(frames) < count:
+        raise pixels.cannot_decode(ValueError(f"{len(frames)} of {count} frames found in the "
+                                              "encapsulated pixel data"))
+    return frames
+
+
+def _read_and_decode_frame(
+    out: np.ndarray,
+    path: Path,
+    offset: int,
+    offsets: tuple[bytes, bytes] | None,
+    decoder: Callable[[bytes, _Pixels, tuple[int, int]], np.ndarray],
+    pixels: _Pixels,
+    plane: _Plane,
+) -> None:
+    (frame,) = _encoded_frames(_read_from(path, offset, pixels), 1, offsets, pixels)
+    _decode_frame(out, decoder, frame, pixels, plane)
+
+
+def _decode_frame(
+    out: np.ndarray,
+    decoder: Callable[[bytes, _Pixels, tuple[int, int]], np.ndarray],
+    data: bytes,
+    pixels: _Pixels,
+    plane: _Plane,
+) -> None:
+    try:
+        frame = decoder(data, pixels, (plane.rows, plane.columns))
+    except _DECODE_ERRORS as exc:
+        raise pixels.cannot_decode(exc) from exc
+    _store(out, frame, pixels, plane)
+
+
+def _decode_instance(
+    out: np.ndarray, ds: Dataset, pixels: _Pixels, slices: list[tuple[int, _Plane]]
+) -> None:
+    """Decode a whole instance with pydicom (holds the GIL: one instance at a time)."""
+    try:
+        frames = np.asarray(pixel_array(ds))
+    except _DECODE_ERRORS as exc:
+        raise pixels.cannot_decode(exc) from exc
+    _store_frames(out, frames, pixels, slices)
+
+
+def _store_frames(
+    out: np.ndarray, frames: np.ndarray, pixels: _Pixels, slices: list[tuple[int, _Plane]]
+) -> None:
+    for k, plane in slices:
+        _store(out[k], frames[plane.frame - 1] if frames.ndim == 3 else frames, pixels, plane)
+
+
+def _store(out: np.ndarray, frame: np.ndarray, pixels: _Pixels, plane: _Plane) -> None:
+    """Write one frame's rescaled values into its slice ``out`` of the volume."""
+    if frame.shape != (plane.rows, plane.columns):
+        raise SeriesError(f"frame {plane.frame} of image {plane.sop_instance_uid} has "
+                          f"shape {frame.shape}, expected {plane.rows}x{plane.columns}")
+    frame = _stored_values(frame, pixels)
+    if pixels.monochrome1:
+        frame = _invert_monochrome1(frame, pixels)
+    _rescale_into(out, frame, plane.slope, plane.intercept)
+
+
+def _stored_values(frame: np.ndarray, pixels: _Pixels) -> np.ndarray:
+    """The stored values of ``frame``: its bit patterns read with the instance's dtype, with
+    the bits above BitsStored ignored (old scanners kept overlays there) and the sign taken
+    from the stored high bit.  Decoders do not agree on these (JPEG-LS and JPEG lossless carry
+    no sign; pydicom leaves JPEG-LS high bits as they were), so it is done here for all."""
+    dtype = pixels.dtype
+    if dtype is None or frame.dtype.kind not in "iu":
+        return frame
+    if not frame.dtype.isnative:
+        frame = frame.astype(frame.dtype.newbyteorder("="))
+    if frame.dtype != dtype:
+        frame = frame.view(dtype) if frame.dtype.itemsize == dtype.itemsize else frame.astype(dtype)
+    shift = 8 * dtype.itemsize - pixels.bits_stored
+    if shift == 0:
+        return frame
+    if pixels.signed:
+        return np.asarray((frame << shift) >> shift)
+    return np.asarray(frame & dtype.type((1 << pixels.bits_stored) - 1))
 
 
 def _rescale_into(out: np.ndarray, frame: np.ndarray, slope: float, intercept: float) -> None:
@@ -659,10 +880,10 @@ def _rescale_into(out: np.ndarray, frame: np.ndarray, slope: float, intercept: f
         out += np.float32(intercept)
 
 
-def _invert_monochrome1(frame: np.ndarray, ds: Dataset) -> np.ndarray:
+def _invert_monochrome1(frame: np.ndarray, pixels: _Pixels) -> np.ndarray:
     """Mirror stored values within the stored range so that larger means brighter."""
-    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
-    if int(ds.get("PixelRepresentation", 0)) == 1:
+    wide = frame.astype(np.int32 if frame.dtype.itemsize <= 2 else np.int64)
+    if pixels.signed:
         # Signed range [-2^(b-1), 2^(b-1)-1] maps onto itself by v -> -1 - v.
-        return np.asarray(-1 - frame.astype(np.int64))
-    return np.asarray((1 << bits) - 1 - frame.astype(np.int64))
+        return np.asarray(-1 - wide)
+    return np.asarray((1 << (pixels.bits_stored or 16)) - 1 - wide)

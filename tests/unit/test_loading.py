@@ -17,15 +17,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGExtended12Bit,
+    JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
+    JPEGLSNearLossless,
     RLELossless,
 )
 
 from dicom_node.errors import PermanentError
 from dicom_node.loading import LoadedSeries, SeriesError, load_series
-from dicom_node.testing import quirks
+from dicom_node.testing import procs, quirks
 from dicom_node.testing.phantoms import Phantom, axial_affine, write_datasets
 
 ATOL_MM = 1e-3  # DS values carry 6 significant digits
@@ -365,6 +371,122 @@ def test_pydicom_compressed_lossless_exact(phantom: Phantom, tmp_path: Path, syn
     datasets = quirks.compress(_stack(phantom), pydicom.uid.UID(syntax))
     loaded = _load(datasets, tmp_path)
     np.testing.assert_array_equal(loaded.volume.array, quirks.stored_hu(phantom.hu))
+
+
+def _dcmtk(paths: list[Path], out: Path, *command: str) -> list[Path]:
+    """Run a DCMTK compressor command line (``dcmcjpeg +el ...``) on each of ``paths``."""
+    out.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        procs.run_tool([*command, str(path), str(out / path.name)], check=True)
+    return [out / path.name for path in paths]
+
+
+def _pydicom_hu(paths: list[Path]) -> np.ndarray:
+    """Reference voxels decoded by pydicom alone, one slice per file in slice order."""
+    datasets = sorted((pydicom.dcmread(p) for p in paths), key=lambda ds: float(ds.ImagePositionPatient[2]))
+    return np.stack([ds.pixel_array * np.float32(ds.RescaleSlope) + np.float32(ds.RescaleIntercept)
+                     for ds in datasets]).astype(np.float32)
+
+
+@pytest.mark.parametrize("predictor", ["2", "6", "7"])
+def test_jpeg_lossless_any_predictor_exact(
+    phantom: Phantom, tmp_path: Path, tool: Callable[..., None], predictor: str
+) -> None:
+    """JPEG lossless process 14 with selection values other than 1 decodes to the exact HU."""
+    tool("dcmcjpeg")
+    paths = write_datasets(_stack(phantom), tmp_path / "raw")
+    loaded = load_series(_dcmtk(paths, tmp_path / "jpeg", "dcmcjpeg", "+el", "+sv", predictor))
+    assert {str(ds.file_meta.TransferSyntaxUID) for ds in loaded.sources} == {JPEGLossless}
+    np.testing.assert_array_equal(loaded.volume.array, quirks.stored_hu(phantom.hu))
+
+
+@pytest.mark.parametrize("codec", sorted(quirks.DCMTK_CODECS))
+@pytest.mark.parametrize(("signed", "low", "high"), [(True, -2048, 2047), (False, -1024, 3071)])
+def test_compressed_12_bit_exact(
+    phantom: Phantom, tmp_path: Path, tool: Callable[..., None], codec: str, signed: bool,
+    low: int, high: int,
+) -> None:
+    """12 bits stored, signed or unsigned with junk in the unused high bits, compressed by DCMTK,
+    give the exact HU: the high bits are ignored (DCMTK's JPEG-LS keeps them in the stream)."""
+    tool(quirks.DCMTK_CODECS[codec][0])
+    datasets = quirks.bits_stored_12(_stack(phantom), signed=signed, high_bit_garbage=not signed)
+    paths = quirks.dcmtk_compress(write_datasets(datasets, tmp_path / "raw"), tmp_path / codec, codec)
+    loaded = load_series(paths)
+    np.testing.assert_array_equal(loaded.volume.array, np.clip(quirks.stored_hu(phantom.hu), low, high))
+
+
+@pytest.mark.parametrize("syntax", [JPEGLSLossless, RLELossless, JPEG2000Lossless])
+def test_compressed_monochrome1_inverted(phantom: Phantom, tmp_path: Path, syntax: str) -> None:
+    """Compressed MONOCHROME1 slices are inverted within the stored range, giving the HU back."""
+    datasets = quirks.compress(quirks.monochrome1(_stack(phantom)), pydicom.uid.UID(syntax))
+    loaded = _load(datasets, tmp_path)
+    np.testing.assert_array_equal(loaded.volume.array, quirks.stored_hu(phantom.hu))
+    assert loaded.volume.metadata["photometric"] == "MONOCHROME1 inverted"
+
+
+def test_compressed_per_slice_rescale(phantom: Phantom, tmp_path: Path) -> None:
+    """Per-slice RescaleSlope/RescaleIntercept are applied per slice to compressed frames too."""
+    datasets = quirks.compress(quirks.per_slice_rescale(_stack(phantom)), pydicom.uid.UID(JPEGLSLossless))
+    loaded = _load(datasets, tmp_path)
+    np.testing.assert_array_equal(loaded.volume.array, 2.0 * np.round(quirks.stored_hu(phantom.hu) / 2.0))
+
+
+def test_jpeg_ls_near_lossless_matches_pydicom(phantom: Phantom, tmp_path: Path, tool: Callable[..., None]) -> None:
+    """JPEG-LS near-lossless (NEAR 2) decodes to what pydicom decodes, within 2 of the HU."""
+    tool("dcmcjpls")
+    datasets = quirks.bits_stored_12(_stack(phantom), signed=False)
+    paths = _dcmtk(write_datasets(datasets, tmp_path / "raw"), tmp_path / "near", "dcmcjpls", "+en")
+    loaded = load_series(paths)
+    assert {str(ds.file_meta.TransferSyntaxUID) for ds in loaded.sources} == {JPEGLSNearLossless}
+    np.testing.assert_array_equal(loaded.volume.array, _pydicom_hu(paths))
+    expected = np.clip(quirks.stored_hu(phantom.hu), -1024, 3071)
+    assert np.abs(loaded.volume.array - expected).max() <= 2.0
+
+
+def test_lossy_jpeg_decoded_by_pydicom(phantom: Phantom, tmp_path: Path, tool: Callable[..., None]) -> None:
+    """Syntaxes without a GIL-free decoder (here lossy JPEG extended, 12 bits) decode through
+    pydicom, slice for slice as pydicom alone decodes them."""
+    tool("dcmcjpeg")
+    datasets = quirks.bits_stored_12(_stack(phantom), signed=False)
+    paths = _dcmtk(write_datasets(datasets, tmp_path / "raw"), tmp_path / "lossy", "dcmcjpeg", "+ee")
+    loaded = load_series(paths)
+    assert {str(ds.file_meta.TransferSyntaxUID) for ds in loaded.sources} == {JPEGExtended12Bit}
+    np.testing.assert_array_equal(loaded.volume.array, _pydicom_hu(paths))
+
+
+@pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian])
+def test_native_transfer_syntaxes_exact(phantom: Phantom, tmp_path: Path, syntax: str) -> None:
+    """Implicit VR (pixel data read by the decoding threads), deflated and big endian (read by
+    pydicom) native slices give the exact HU."""
+    datasets = _stack(phantom)
+    for ds in datasets:
+        if syntax == ExplicitVRBigEndian:
+            ds.PixelData = ds.pixel_array.astype(">i2").tobytes()
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.UID(syntax)
+    loaded = _load(datasets, tmp_path)
+    assert {str(ds.file_meta.TransferSyntaxUID) for ds in loaded.sources} == {syntax}
+    np.testing.assert_array_equal(loaded.volume.array, quirks.stored_hu(phantom.hu))
+
+
+def test_pixel_data_shorter_than_the_matrix_refused(phantom: Phantom, tmp_path: Path) -> None:
+    """Native Pixel Data with fewer bytes than Rows x Columns need is refused naming the image."""
+    datasets = _stack(phantom)
+    datasets[4].PixelData = datasets[4].PixelData[:-64]
+    with pytest.raises(SeriesError, match=rf"cannot decode the pixel data of image "
+                                          rf"{datasets[4].SOPInstanceUID} .*holds 1984 bytes"):
+        _load(datasets, tmp_path)
+
+
+@pytest.mark.parametrize("syntax", [JPEGLSLossless, RLELossless])
+def test_enhanced_compressed_frames(phantom: Phantom, tmp_path: Path, syntax: str) -> None:
+    """A compressed enhanced multi-frame instance with shuffled frames loads exactly."""
+    enhanced = quirks.enhanced(_stack(phantom, "enh-c"), "enh-c", shuffle_seed=5)
+    enhanced.compress(pydicom.uid.UID(syntax))
+    path = tmp_path / "enhanced.dcm"
+    enhanced.save_as(path, enforce_file_format=True)
+    loaded = load_series([path])
+    np.testing.assert_array_equal(loaded.volume.array, quirks.stored_hu(phantom.hu))
+    _assert_voxels_at_source_positions(loaded)
 
 
 # --- pixel representations -----------------------------------------------------------------
