@@ -1,15 +1,17 @@
 """Benchmark ``dicom_node.loading.load_series`` on a 500-slice 512x512 CT series.
 
-``python -m benchmarks.load`` writes the series once (native, and JPEG-LS lossless through
-DCMTK ``dcmcjpls`` when installed) under ``--workdir``, then times the loader, median of
-``--repeats`` runs, against SimpleITK's ``ImageSeriesReader`` (GDCM) in the same run when
-SimpleITK is importable, and prints the ratio.  Both readers parse headers, sort by position
-and return rescaled voxels; the values are checked to agree.
+``python -m benchmarks.load`` writes the series once under ``--workdir``: native, then
+compressed copies (``--codecs``: JPEG-LS, JPEG lossless SV1 and RLE through DCMTK when
+installed, JPEG 2000 lossless through pydicom's openjpeg encoder, which takes about a minute).
+It times the loader, median of ``--repeats`` runs, against SimpleITK's ``ImageSeriesReader``
+(GDCM) in the same run when SimpleITK is importable, and prints the ratio.  Both readers parse
+headers, sort by position and return rescaled voxels; the values are checked to agree.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -18,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pydicom
+from pydicom.uid import JPEG2000Lossless
 
 from dicom_node.loading import load_series
 from dicom_node.testing import procs, quirks
@@ -65,6 +69,34 @@ def write_series(out: Path, slices: int, size: int) -> list[Path]:
     return paths
 
 
+#: Compressed copies: name -> DCMTK codec of ``quirks.DCMTK_CODECS`` (None: pydicom's encoder).
+CODECS: dict[str, str | None] = {
+    "jpeg-ls": "jpeg-ls-lossless",
+    "jpeg-lossless": "jpeg-lossless-sv1",
+    "rle": "rle",
+    "jpeg-2000": None,
+}
+
+
+def compressed_series(native: list[Path], out: Path, name: str) -> list[Path] | None:
+    """The ``name`` copy of ``native`` under ``out`` (written once), or None without its encoder."""
+    existing = sorted(out.glob("*.dcm")) if out.exists() else []
+    if len(existing) == len(native):
+        return existing
+    codec = CODECS[name]
+    if codec is not None and not procs.tool_path(quirks.DCMTK_CODECS[codec][0]):
+        return None
+    shutil.rmtree(out, ignore_errors=True)
+    if codec is not None:
+        return quirks.dcmtk_compress(native, out, codec)
+    out.mkdir(parents=True)
+    for path in native:
+        ds = pydicom.dcmread(path)
+        ds.compress(JPEG2000Lossless)
+        ds.save_as(out / path.name, enforce_file_format=True)
+    return sorted(out.glob("*.dcm"))
+
+
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     """Median wall time of ``repeats`` calls of ``fn``."""
     times = []
@@ -96,7 +128,7 @@ def run(label: str, paths: list[Path], repeats: int) -> None:
     ours = median_seconds(lambda: load_series(paths), repeats)
     voxels = load_series(paths).volume.array
     shape = f"{len(paths)} x {voxels.shape[1]}x{voxels.shape[2]}"
-    line = f"{label:<10} {shape}: load_series {ours:6.2f} s"
+    line = f"{label:<13} {shape}: load_series {ours:6.2f} s"
     read = sitk_reader(paths[0].parent)
     if read is None:
         print(line + "   (SimpleITK not installed: no comparison)")
@@ -116,22 +148,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path("var/bench/load"))
+    parser.add_argument("--codecs", default=",".join(CODECS),
+                        help=f"compressed copies to time, comma-separated, of {', '.join(CODECS)}")
     parser.add_argument("--keep", action="store_true", help="keep the written series")
     args = parser.parse_args(argv)
+    codecs = [c for c in args.codecs.split(",") if c]
+    unknown = sorted(set(codecs) - set(CODECS))
+    if unknown:
+        parser.error(f"unknown codec(s) {', '.join(unknown)}; choose from {', '.join(CODECS)}")
     native_dir = args.workdir / "native"
     t0 = time.perf_counter()
     native = write_series(native_dir, args.slices, args.size)
-    print(f"series ready in {time.perf_counter() - t0:.1f} s ({native_dir})")
+    print(f"series ready in {time.perf_counter() - t0:.1f} s ({native_dir}); "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     run("native", native, args.repeats)
-    if procs.tool_path("dcmcjpls"):
-        jls_dir = args.workdir / "jpeg-ls"
-        jls = sorted(jls_dir.glob("*.dcm")) if jls_dir.exists() else []
-        if len(jls) != len(native):
-            shutil.rmtree(jls_dir, ignore_errors=True)
-            jls = quirks.dcmtk_compress(native, jls_dir, "jpeg-ls-lossless")
-        run("jpeg-ls", jls, args.repeats)
-    else:
-        print("dcmcjpls not installed: compressed run skipped")
+    for name in codecs:
+        paths = compressed_series(native, args.workdir / name, name)
+        if paths is None:
+            print(f"{name:<13} skipped: {quirks.DCMTK_CODECS[CODECS[name] or ''][0]} not installed")
+            continue
+        run(name, paths, args.repeats)
+    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)
     return 0
