@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -270,6 +270,25 @@ def _attr_int(value: Any) -> int | None:
         return None
 
 
+def expected_instances(attributes: Mapping[str, Any]) -> int | None:
+    """How many instances a series announces, from the attributes of one of them (or None).
+
+    * An enhanced multi-frame instance (NumberOfFrames > 1) is the whole series: 1.
+    * ImagesInAcquisition N, times NumberOfTemporalPositions T when T > 1: a dynamic series
+      whose acquisitions are its temporal positions announces N images per position.  When N
+      already counts every position, N x T is never reached and the idle timer completes the
+      series - late, never early.
+    """
+    frames = _attr_int(attributes.get("NumberOfFrames")) or 1
+    if frames > 1:
+        return 1
+    images = _attr_int(attributes.get("ImagesInAcquisition"))
+    if images is None or images < 1:
+        return None
+    positions = _attr_int(attributes.get("NumberOfTemporalPositions")) or 1
+    return images * max(positions, 1)
+
+
 class Catalog:
     """All database access of the node and its workers goes through this class."""
 
@@ -315,8 +334,7 @@ class Catalog:
                 series = series_rows.get(inst.series_instance_uid) or s.get(SeriesRow, inst.series_instance_uid)
                 attrs = inst.attributes
                 if series is None:
-                    frames = _attr_int(attrs.get("NumberOfFrames")) or 1
-                    expected = 1 if frames > 1 else _attr_int(attrs.get("ImagesInAcquisition"))
+                    expected = expected_instances(attrs)
                     series = SeriesRow(
                         series_instance_uid=inst.series_instance_uid,
                         study_instance_uid=inst.study_instance_uid,
@@ -403,11 +421,15 @@ class Catalog:
                 row.released_at = None
             return len(rows)
 
-    def due_series(self, now: float, idle_seconds: float) -> list[SeriesRow]:
+    def due_series(
+        self, now: float, idle_seconds: float,
+        expected_for: Callable[[SeriesRow], int | None] | None = None,
+    ) -> list[SeriesRow]:
         """Series still receiving that are complete now.
 
         Complete means idle for ``idle_seconds``, or the association that sent them was
-        released and the instance count reached the series' own expected count.
+        released and the instance count reached the expected count: the series' own (see
+        :func:`expected_instances`), else ``expected_for(row)`` (a routing rule's).
         """
         with self.session() as s:
             rows = s.scalars(select(SeriesRow).where(SeriesRow.state == SeriesState.RECEIVING.value)).all()
@@ -415,9 +437,12 @@ class Catalog:
             for row in rows:
                 if row.last_received_at + idle_seconds <= now:
                     due.append(row)
-                elif (row.released_at is not None and row.released_at >= row.last_received_at
-                      and row.expected_count is not None and row.instance_count >= row.expected_count):
-                    due.append(row)
+                elif row.released_at is not None and row.released_at >= row.last_received_at:
+                    expected = row.expected_count
+                    if expected is None and expected_for is not None:
+                        expected = expected_for(row)
+                    if expected is not None and row.instance_count >= expected:
+                        due.append(row)
             return due
 
     def mark_series_complete(self, uid: str, reason: str, note: str | None = None) -> SeriesRow:

@@ -1,8 +1,9 @@
 """Completion: decide when a series is complete, route it and queue its jobs.
 
 A series is complete when no instance arrived for ``completion.idle_seconds``, or earlier when
-the association that sent it was released and the instance count reached the series' own
-expected count (ImagesInAcquisition, or one enhanced multi-frame instance).
+the association that sent it was released and the instance count reached the expected count:
+the series' own (ImagesInAcquisition, times NumberOfTemporalPositions for dynamic series; one
+enhanced multi-frame instance), else the ``expected_instances`` of a routing rule it matches.
 
 The same loop re-sends jobs whose broker message was lost (:func:`dicom_node.jobs.requeue_stale_jobs`),
 so a broker that restarts without its data loses no job while the node keeps running.
@@ -15,7 +16,7 @@ import time
 
 import structlog
 
-from dicom_node.catalog import Catalog, JobSpec
+from dicom_node.catalog import Catalog, JobSpec, SeriesRow
 from dicom_node.jobs import JobQueue, queue_job, requeue_stale_jobs
 from dicom_node.routing import matching_rules
 from dicom_node.settings import Settings
@@ -64,11 +65,17 @@ class CompletionLoop:
                                   running_after=after + s.worker.time_limit,
                                   delivering_after=after + s.delivery.backoff_max_seconds + 60.0, now=now)
 
+    def _rule_count(self, series: SeriesRow) -> int | None:
+        """The largest ``expected_instances`` of the rules matching ``series`` (None if none)."""
+        counts = [rule.expected_instances for rule in matching_rules(self.settings.rules, series.routing_attributes())
+                  if rule.expected_instances is not None]
+        return max(counts) if counts else None
+
     def tick(self, now: float | None = None) -> list[int]:
         """Complete every due series; return the ids of the jobs queued."""
         now = time.time() if now is None else now
         queued: list[int] = []
-        for series in self.catalog.due_series(now, self.settings.completion.idle_seconds):
+        for series in self.catalog.due_series(now, self.settings.completion.idle_seconds, self._rule_count):
             uid = series.series_instance_uid
             reason = "idle" if series.last_received_at + self.settings.completion.idle_seconds <= now else "association"
             rules = matching_rules(self.settings.rules, series.routing_attributes())

@@ -172,6 +172,10 @@ class RuleSettings(_Section):
     models: list[str] = Field(min_length=1)
     destinations: list[str] = Field(default_factory=list)
     priority: Priority = Priority.NORMAL
+    #: For senders whose series announce no count (no ImagesInAcquisition): a series this rule
+    #: matches is complete as soon as the association that sent it is released with at least
+    #: this many instances, without waiting ``completion.idle_seconds``.
+    expected_instances: int | None = Field(None, ge=1)
 
 
 class ModelSettings(_Section):

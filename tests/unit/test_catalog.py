@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.catalog import Catalog, CatalogError, JobSpec, JobState
+from dicom_node.catalog import Catalog, CatalogError, JobSpec, JobState, expected_instances
 from dicom_node.completion import CompletionLoop
 from dicom_node.ingest import AssociationSummary, StoredInstance
 from dicom_node.jobs import reconcile_jobs
@@ -68,6 +68,56 @@ def test_idle_and_association_completion(catalog: Catalog) -> None:
     catalog.record_instances([inst(3, 101.0)])
     catalog.record_association(AssociationSummary("a2", "CT1", True, frozenset({SERIES}), 101.2))
     assert [s.series_instance_uid for s in catalog.due_series(101.3, 5.0)] == [SERIES]
+
+
+@pytest.mark.parametrize(
+    ("attrs", "expected"),
+    [
+        ({"ImagesInAcquisition": 3}, 3),
+        ({"ImagesInAcquisition": 10, "NumberOfTemporalPositions": 3}, 30),  # dynamic: 10 per phase
+        ({"ImagesInAcquisition": 10, "NumberOfTemporalPositions": 1}, 10),
+        ({"NumberOfFrames": 200, "ImagesInAcquisition": 200}, 1),  # enhanced multi-frame
+        ({"NumberOfTemporalPositions": 3}, None),  # positions without a count: no hint
+        ({"ImagesInAcquisition": "garbage"}, None),
+    ],
+)
+def test_expected_count_from_the_series_own_hints(attrs: dict[str, object], expected: int | None) -> None:
+    assert expected_instances(attrs) == expected
+
+
+def test_dynamic_series_does_not_complete_after_its_first_phase(catalog: Catalog) -> None:
+    """10 slices x 3 temporal positions: a release after the first 10 does not complete it."""
+    phase = {"ImagesInAcquisition": 10, "NumberOfTemporalPositions": 3}
+    catalog.record_instances([inst(n, 100.0, **phase) for n in range(10)])
+    catalog.record_association(AssociationSummary("a1", "MR1", True, frozenset({SERIES}), 100.5))
+    assert catalog.due_series(101.0, 5.0) == []
+    catalog.record_instances([inst(n, 102.0, **phase) for n in range(10, 30)])
+    catalog.record_association(AssociationSummary("a2", "MR1", True, frozenset({SERIES}), 102.5))
+    assert [s.series_instance_uid for s in catalog.due_series(103.0, 5.0)] == [SERIES]
+
+
+def test_rule_expected_instances_completes_a_series_without_hints_at_release(tmp_path: Path, catalog: Catalog) -> None:
+    """A sender announcing no count: the matching rule's ``expected_instances`` lets release
+    complete the series; one instance short, only the idle timer does."""
+    cfg = tmp_path / "r.toml"
+    cfg.write_text("""
+[completion]
+idle_seconds = 60
+[[rules]]
+name = "ldct"
+match = { Modality = "CT" }
+models = ["ct-tissue"]
+expected_instances = 4
+""")
+    loop = CompletionLoop(load_settings(cfg), catalog, MemoryQueue())
+    catalog.record_instances([inst(n, 100.0, ImagesInAcquisition="") for n in range(3)])
+    catalog.record_association(AssociationSummary("a1", "CT1", True, frozenset({SERIES}), 100.5))
+    assert loop.tick(now=101.0) == []  # 3 of 4
+    catalog.record_instances([inst(3, 101.0, ImagesInAcquisition="")])
+    catalog.record_association(AssociationSummary("a2", "CT1", True, frozenset({SERIES}), 101.5))
+    assert len(loop.tick(now=102.0)) == 1
+    row = catalog.get_series(SERIES)
+    assert row is not None and row.completion_reason == "association"
 
 
 def test_completion_creates_one_job_per_model_and_queues_it(tmp_path: Path, catalog: Catalog) -> None:
