@@ -134,6 +134,10 @@ class WorkerSettings(_Section):
     #: again: its message was lost (broker restarted without its data).  ``running`` jobs get
     #: ``time_limit`` on top, ``delivering`` jobs ``delivery.backoff_max_seconds``.
     requeue_after_seconds: float = Field(300.0, gt=0)
+    #: While a job's model runs, load the series of the job most likely to come next (one at a
+    #: time, in a background thread), so the device does not wait for files to be read.  Costs
+    #: at most one more volume in memory per worker process.
+    prefetch: bool = True
 
 
 class DeliverySettings(_Section):

@@ -1,7 +1,8 @@
 """The work of a job as plain functions: load → predict → encode → deliver.
 
 Tasks (``workers.tasks``) only handle retries and state; everything here is callable and
-testable without Celery.
+testable without Celery.  With ``[worker] prefetch`` the series of the next job is loaded in the
+background while the current job's model runs (``workers.prefetch``).
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import structlog
 
 from dicom_node.catalog import Catalog, JobRow, JobState
@@ -18,6 +20,11 @@ from dicom_node.errors import PermanentError
 from dicom_node.settings import Settings
 from dicom_node.spool import write_durably
 from inference.registry import ModelRegistry
+from inference.volume import Volume
+from workers.prefetch import Prefetcher
+
+if TYPE_CHECKING:
+    from dicom_node.loading import LoadedSeries
 
 log = structlog.get_logger(__name__)
 
@@ -29,7 +36,11 @@ class WorkerContext:
     settings: Settings
     catalog: Catalog
     registry: ModelRegistry
+    #: Seconds per stage of the last job (``load_wait``, ``load``, ``predict``, ``encode``) and
+    #: of the last delivery (``deliver``), for the log and the benchmarks.
     timings: dict[str, float] = field(default_factory=dict)
+    #: Loads the next job's series in the background; None when ``[worker] prefetch`` is off.
+    prefetcher: Prefetcher | None = None
 
 
 def build_context(settings: Settings) -> WorkerContext:
@@ -43,8 +54,11 @@ def build_context(settings: Settings) -> WorkerContext:
         registry.register(name, factory)
     for spec in settings.models:
         registry.register(spec.name, user_model_factory(spec.path))
-    log.info("worker_context_ready", device=str(device), models=registry.names)
-    return WorkerContext(settings, Catalog(settings.database.url), registry)
+    catalog = Catalog(settings.database.url)
+    prefetcher = Prefetcher(catalog, registry.names) if settings.worker.prefetch else None
+    log.info("worker_context_ready", device=str(device), models=registry.names,
+             prefetch=settings.worker.prefetch)
+    return WorkerContext(settings, catalog, registry, prefetcher=prefetcher)
 
 
 def _dataset_bytes(ds: Any) -> bytes:
@@ -59,34 +73,66 @@ def _dataset_bytes(ds: Any) -> bytes:
     return buf.getvalue()
 
 
+def load_job_series(ctx: WorkerContext, job: JobRow) -> tuple[LoadedSeries, dict[str, Any]]:
+    """The job's series as a volume: the prefetched one when it is still exact, else loaded now.
+
+    Returns the series and its load timings (``load_s``: wall time until the volume was in
+    hand, ``load_wait_s``: of which waiting for the background prefetch, ``prefetched``).
+    Raises ``SeriesError`` (permanent) for anything malformed; a prefetch that failed is loaded
+    again here, so the job reports the real error.
+    """
+    from dicom_node.loading import load_series
+
+    t0 = time.perf_counter()
+    paths = ctx.catalog.series_paths(job.series_instance_uid)
+    if not paths:
+        raise PermanentError(f"series {job.series_instance_uid} has no stored instances")
+    timings: dict[str, Any] = {"load_wait_s": 0.0, "prefetched": False}
+    if ctx.prefetcher is not None:
+        taken = ctx.prefetcher.take(job, paths)
+        timings["load_wait_s"] = round(taken.wait_s, 3)
+        if taken.loaded is not None:
+            timings.update(prefetched=True, prefetch_load_s=round(taken.load_s, 3),
+                           load_s=round(time.perf_counter() - t0, 3))
+            return taken.loaded, timings
+        if taken.reason != "not prefetched":
+            log.info("prefetch_unused", job_id=job.id, reason=taken.reason)
+    loaded = load_series(paths)
+    timings["load_s"] = round(time.perf_counter() - t0, 3)
+    return loaded, timings
+
+
 def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
     """Load the series, run the job's model, encode SEG + SR into the outbox.
 
     Raises ``dicom_node.PermanentError`` / ``inference.PermanentError`` for input the model
     cannot use, ``TransientError`` for conditions worth retrying.
     """
-
-    from dicom_node.loading import load_series
     from dicom_node.results import ResultOptions, encode_results
 
     bound = log.bind(job_id=job.id, model=job.model, series_instance_uid=job.series_instance_uid)
-    t0 = time.perf_counter()
-    paths = ctx.catalog.series_paths(job.series_instance_uid)
-    if not paths:
-        raise PermanentError(f"series {job.series_instance_uid} has no stored instances")
-    loaded = load_series(paths)  # SeriesError (permanent) for anything malformed
+    ctx.timings.clear()
+    loaded, load_timings = load_job_series(ctx, job)
+    if ctx.prefetcher is not None:
+        # The next job's files are read while this job's model runs.
+        ctx.prefetcher.start(job.id)
+    volume, sources, frame_refs, excluded = loaded.volume, loaded.sources, loaded.frame_refs, loaded.excluded
+    del loaded
     t1 = time.perf_counter()
     model = ctx.registry.get(job.model)
-    if model.modalities and loaded.volume.modality not in model.modalities:
+    if model.modalities and volume.modality not in model.modalities:
         raise PermanentError(
             f"model {model.name} accepts {'/'.join(sorted(model.modalities))}, "
-            f"but the series is {loaded.volume.modality or 'of unknown modality'}"
+            f"but the series is {volume.modality or 'of unknown modality'}"
         )
-    prediction = model.predict(loaded.volume)
+    prediction = model.predict(volume)
     t2 = time.perf_counter()
+    # The encoders read only the geometry: free the voxels (4 bytes each) before encoding.
+    volume = Volume(array=np.broadcast_to(np.float32(0.0), volume.shape), affine=volume.affine,
+                    modality=volume.modality, metadata=volume.metadata)
     opts = ctx.settings.results
     encoded = encode_results(
-        prediction, loaded.volume, loaded.sources, loaded.frame_refs,
+        prediction, volume, sources, frame_refs,
         ResultOptions(seg_series_number=opts.seg_series_number, sr_series_number=opts.sr_series_number,
                       manufacturer=opts.manufacturer),
     )
@@ -102,8 +148,10 @@ def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
         results[f"{role}_sop_instance_uid"] = str(ds.SOPInstanceUID)
         results[f"{role}_series_instance_uid"] = str(ds.SeriesInstanceUID)
     t3 = time.perf_counter()
-    results["timings"] = {"load_s": round(t1 - t0, 3), "inference_s": round(t2 - t1, 3), "encode_s": round(t3 - t2, 3)}
-    results["excluded"] = [list(e) for e in loaded.excluded][:50]
+    results["timings"] = {**load_timings, "inference_s": round(t2 - t1, 3), "encode_s": round(t3 - t2, 3)}
+    ctx.timings.update(load_wait=float(load_timings["load_wait_s"]), load=float(load_timings["load_s"]),
+                       predict=t2 - t1, encode=t3 - t2)
+    results["excluded"] = [list(e) for e in excluded][:50]
     bound.info("job_encoded", segments=len(prediction.segments), **results["timings"])
     return results
 
@@ -114,6 +162,14 @@ def deliver(ctx: WorkerContext, job: JobRow) -> list[str]:
     Returns the destinations that still failed transiently (empty: all done).  A permanent
     refusal raises ``PermanentError``.
     """
+    t0 = time.perf_counter()
+    try:
+        return _deliver(ctx, job)
+    finally:
+        ctx.timings["deliver"] = time.perf_counter() - t0
+
+
+def _deliver(ctx: WorkerContext, job: JobRow) -> list[str]:
     from dicom_node.errors import TransientError
     from dicom_node.sender import send_instances
 
@@ -146,4 +202,4 @@ def deliver(ctx: WorkerContext, job: JobRow) -> list[str]:
     return pending
 
 
-__all__ = ["JobState", "WorkerContext", "build_context", "deliver", "run_inference"]
+__all__ = ["JobState", "WorkerContext", "build_context", "deliver", "load_job_series", "run_inference"]
