@@ -684,8 +684,23 @@ def _decode_jpeg_2000(data: bytes, pixels: _Pixels, shape: tuple[int, int]) -> n
 
 def _decode_rle(data: bytes, pixels: _Pixels, shape: tuple[int, int]) -> np.ndarray:
     assert pixels.dtype is not None  # only called for 8 or 16 bits allocated
+    _check_rle_header(data, pixels.dtype.itemsize)
     return np.frombuffer(imagecodecs.dicomrle_decode(data, pixels.dtype),
                          dtype=pixels.dtype).reshape(shape)
+
+
+def _check_rle_header(data: bytes, segments: int) -> None:
+    """Refuse an RLE header whose segment count or offsets do not fit the frame: imagecodecs
+    (2026.3) trusts the offsets and crashes the process on ones past the end (found by fuzzing)."""
+    if len(data) < 64:
+        raise ValueError(f"the RLE frame has {len(data)} bytes, less than its 64-byte header")
+    count, *offsets = struct.unpack("<16L", data[:64])
+    if count != segments:
+        raise ValueError(f"the RLE header lists {count} segments, {segments} expected")
+    bounds = [*offsets[:count], len(data)]
+    if bounds[0] != 64 or any(a >= b for a, b in itertools.pairwise(bounds)):
+        raise ValueError(f"the RLE segment offsets {offsets[:count]} do not lie in order inside "
+                         f"the {len(data)}-byte frame")
 
 
 #: Lossless (and JPEG-LS near-lossless, which decodes exactly) syntaxes decoded one frame at a

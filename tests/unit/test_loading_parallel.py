@@ -123,3 +123,20 @@ def test_encapsulated_data_without_a_frame_refused(phantom: Phantom, tmp_path: P
     datasets[2].PixelData = encapsulate([b"\x00" * 64])[:10]
     with pytest.raises(SeriesError, match=rf"cannot decode the pixel data of image {datasets[2].SOPInstanceUID} "):
         load_series(write_datasets(datasets, tmp_path))
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    (0, 3, r"the RLE header lists 3 segments, 2 expected"),
+    (2, 0x7FFF0000, r"the RLE segment offsets \[64, 2147418112\] do not lie in order"),
+])
+def test_rle_header_not_fitting_its_frame_refused(
+    phantom: Phantom, tmp_path: Path, field: int, value: int, message: str
+) -> None:
+    """An RLE frame whose header lists the wrong number of segments, or a segment past its end
+    (which crashed the process inside imagecodecs), is refused naming the image."""
+    datasets = quirks.compress(_stack(phantom, "rle-header"), UID(RLELossless))
+    frame = bytearray(next(generate_frames(datasets[6].PixelData, number_of_frames=1)))
+    frame[4 * field:4 * field + 4] = value.to_bytes(4, "little")
+    datasets[6].PixelData = encapsulate([bytes(frame)])
+    with pytest.raises(SeriesError, match=rf"image {datasets[6].SOPInstanceUID} .*: {message}"):
+        load_series(write_datasets(datasets, tmp_path))
