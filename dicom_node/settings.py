@@ -136,8 +136,9 @@ class WorkerSettings(_Section):
     requeue_after_seconds: float = Field(300.0, gt=0)
     #: While a job's model runs, load the series of the job most likely to come next (one at a
     #: time, in a background thread), so the device does not wait for files to be read.  Costs
-    #: at most one more volume in memory per worker process.
-    prefetch: bool = True
+    #: at most one more volume in memory per worker process.  ``auto``: only when the models run
+    #: on a GPU (on the CPU, reading competes with the model for the same cores).
+    prefetch: bool | Literal["auto"] = "auto"
 
 
 class DeliverySettings(_Section):

@@ -39,7 +39,8 @@ class WorkerContext:
     #: Seconds per stage of the last job (``load_wait``, ``load``, ``predict``, ``encode``) and
     #: of the last delivery (``deliver``), for the log and the benchmarks.
     timings: dict[str, float] = field(default_factory=dict)
-    #: Loads the next job's series in the background; None when ``[worker] prefetch`` is off.
+    #: Loads the next job's series in the background; None when ``[worker] prefetch`` is off
+    #: (or ``auto`` on a CPU worker).
     prefetcher: Prefetcher | None = None
 
 
@@ -55,9 +56,12 @@ def build_context(settings: Settings) -> WorkerContext:
     for spec in settings.models:
         registry.register(spec.name, user_model_factory(spec.path))
     catalog = Catalog(settings.database.url)
-    prefetcher = Prefetcher(catalog, registry.names) if settings.worker.prefetch else None
-    log.info("worker_context_ready", device=str(device), models=registry.names,
-             prefetch=settings.worker.prefetch)
+    prefetch = settings.worker.prefetch
+    if prefetch == "auto":
+        # On the CPU the files would be read on the cores the model computes on: no gain.
+        prefetch = device.type != "cpu"
+    prefetcher = Prefetcher(catalog, registry.names) if prefetch else None
+    log.info("worker_context_ready", device=str(device), models=registry.names, prefetch=prefetch)
     return WorkerContext(settings, catalog, registry, prefetcher=prefetcher)
 
 

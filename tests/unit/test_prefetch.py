@@ -301,12 +301,12 @@ def test_series_files_change_with_size_and_mtime(tmp_path: Path) -> None:
     assert SeriesFiles.of([path]).files == ((str(path), -1, -1),)
 
 
-@pytest.mark.parametrize("enabled", [True, False])
-def test_build_context_follows_the_prefetch_setting(tmp_path: Path, enabled: bool) -> None:
-    """``[worker] prefetch`` decides whether the worker context has a prefetcher."""
+@pytest.mark.parametrize(("setting", "enabled"), [(True, True), (False, False), ("auto", False)])
+def test_build_context_follows_the_prefetch_setting(tmp_path: Path, setting: bool | str, enabled: bool) -> None:
+    """``[worker] prefetch`` decides whether a worker has a prefetcher; ``auto`` is off on the CPU."""
     settings = Settings(storage=StorageSettings(root=tmp_path / "spool"),
                         database=DatabaseSettings(url=f"sqlite:///{tmp_path / 'c.db'}"),
-                        worker=WorkerSettings(device="cpu", prefetch=enabled))
+                        worker=WorkerSettings(device="cpu", prefetch=setting))  # type: ignore[arg-type]
     ctx = build_context(settings)
     try:
         assert (ctx.prefetcher is not None) is enabled
