@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets = [
         Target("stock storescp (no fsync)", "ARCHIVE", lambda w: stock_storescp(w, nodelay)),
         Target(
-            "dicom-node, 1 process (fsync)",
+            "dicom-node, 1 process (durable)",
             "DICOM_NODE",
             lambda w: dicom_node_listeners(w / "spool", 1),
         ),

@@ -66,6 +66,8 @@ SYNC_WHEN_IDLE_S: Final = 0.5
 SYNC_WHEN_FULL: Final = 0.5
 #: or at the latest this long after the oldest unapplied one was written.
 SYNC_AFTER_S: Final = 30.0
+#: Instance bytes waiting in memory for the writer thread before senders are held back.
+MAX_BACKLOG_BYTES: Final = 64 << 20
 
 
 def _pad(length: int) -> int:
@@ -287,6 +289,9 @@ class Intake:
         self._queue: queue.Queue[object] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        #: Bytes handed to the writer thread and not yet in the spool (held in memory).
+        self._backlog = 0
+        self._backlog_cv = threading.Condition()
 
     def start(self) -> int:
         """Write back what the journal holds from before a crash; start the writer thread.
@@ -354,7 +359,14 @@ class Intake:
                 log.warning("journal_write_failed", error=str(exc))
                 seq = None
             if seq is not None:
+                size = sum(len(c) for c in chunks)
+                with self._backlog_cv:
+                    self._backlog += size
                 self._queue.put(_Written(seq, instance, chunks))
+                # Back-pressure: the senders wait (their data is safe) rather than memory grow
+                # while the writer thread catches up with many parallel associations.
+                with self._backlog_cv:
+                    self._backlog_cv.wait_for(lambda: self._backlog <= MAX_BACKLOG_BYTES, timeout=60)
                 return
         self.spool.store(instance.study_instance_uid, instance.series_instance_uid,
                          instance.sop_instance_uid, chunks)
@@ -414,6 +426,10 @@ class Intake:
                             path = self._write(instance, chunks)
                         except SpoolWriteError:
                             continue  # stopping: it stays in the journal for the next start
+                        finally:
+                            with self._backlog_cv:
+                                self._backlog -= sum(len(c) for c in chunks)
+                                self._backlog_cv.notify_all()
                         if not written:
                             oldest = time.monotonic()
                         written.append(path)

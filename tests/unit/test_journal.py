@@ -5,9 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
+import pytest
+
+import dicom_node.journal as journal_module
 from dicom_node.ingest import AssociationSummary, StoredInstance
 from dicom_node.journal import PAGE, Intake, IntakeJournal
 from dicom_node.spool import Spool
@@ -190,3 +194,30 @@ def test_recovery_finds_a_record_behind_an_old_one_left_by_a_torn_write(tmp_path
     reopened = IntakeJournal(path, 64 * PAGE)
     assert [(seq, meta["n"]) for seq, meta, _ in reopened.recover()] == [(4, 1)]
     reopened.close()
+
+
+def test_senders_are_held_back_while_the_writer_lags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory stays bounded: past ``MAX_BACKLOG_BYTES`` waiting for the writer, ``store`` waits."""
+    monkeypatch.setattr(journal_module, "MAX_BACKLOG_BYTES", 100_000)
+    gate = threading.Event()
+    spool = Spool(tmp_path / "spool")
+    intake = Intake(spool, RecordingSink(), _filled(tmp_path / "j.wal", 4 << 20))
+    real_write = Intake._write
+
+    def slow_write(self: Intake, instance: StoredInstance, chunks: list[bytes]) -> Path:
+        gate.wait(30)
+        return real_write(self, instance, chunks)
+
+    monkeypatch.setattr(Intake, "_write", slow_write)
+    intake.start()
+    done: list[int] = []
+    sender = threading.Thread(target=lambda: [intake.store(_instance(spool, n), [_payload(n)]) or done.append(n)
+                                              for n in range(3)])
+    sender.start()
+    time.sleep(0.5)
+    assert done == [0]  # 70 kB waiting is under the 100 kB mark; with the second (140 kB) held
+    gate.set()
+    sender.join(30)
+    assert done == [0, 1, 2]
+    intake.stop()
+    assert all(spool.path_for(STUDY, SERIES, f"{SERIES}.{n}").read_bytes() == _payload(n) for n in range(3))
