@@ -13,13 +13,15 @@ out in raster order of each component's first voxel, the same order as ``scipy.n
 Morphology uses an ellipsoid (or a box) with a per-axis radius in voxels.  A centred box is
 inside the ellipsoid when its corner is, so the ellipsoid is the union of the boxes spanned by
 its maximal corners; dilation by a union is the union of the dilations, and dilation by a box is
-three 1D dilations, each done in ``log2(2r + 1)`` shifted ORs.  Dilation treats the outside of
-the volume as background, erosion as foreground (like scikit-image), so closing never eats a
-structure that leaves the field of view and opening never grows one.
+three 1D dilations, each done in ``2r`` shifted in-place ORs (or, for a radius over 8, in
+``log2(2r + 1)`` ORs of doubling windows).  Dilation treats the outside of the volume as
+background, erosion as foreground (like scikit-image), so closing never eats a structure that
+leaves the field of view and opening never grows one.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -27,6 +29,10 @@ from fractions import Fraction
 import torch
 
 Offset = tuple[int, int, int]
+
+#: Voxels per slab of the steps done slab by slab (or, for painting, per step) so that their
+#: temporaries stay a small fixed size however large the volume: 4 Mi voxels, 32 MiB as int64.
+_SLAB_VOXELS = 1 << 22
 
 
 def _row_links(connectivity: int) -> tuple[tuple[int, int, int], ...]:
@@ -63,15 +69,27 @@ def _check_3d(mask: torch.Tensor, what: str = "mask") -> torch.Tensor:
 
 
 def _run_bounds(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Linear index of the first voxel and length of every run, in raster order."""
+    """Linear index of the first voxel and length of every run, in raster order.
+
+    Slab by slab, so the padded copy and its differences stay small on a large volume.
+    """
     d, h, w = mask.shape
-    edge = torch.zeros((d, h, 1), dtype=torch.bool, device=mask.device)
-    padded = torch.cat([edge, mask, edge], dim=2)
-    # Every row starts and ends with background, so its changes alternate start, stop, ...
-    changes = torch.nonzero((padded[..., 1:] != padded[..., :-1]).view(-1)).view(-1)
-    starts, stops = changes[0::2], changes[1::2]
-    row = starts // (w + 1)
-    return row * w + starts % (w + 1), stops - starts
+    step = max(1, _SLAB_VOXELS // max(1, h * w))
+    firsts: list[torch.Tensor] = []
+    lengths: list[torch.Tensor] = []
+    for z in range(0, d, step):
+        slab = mask[z : z + step]
+        edge = torch.zeros((slab.shape[0], h, 1), dtype=torch.bool, device=mask.device)
+        padded = torch.cat([edge, slab, edge], dim=2)
+        # Every row starts and ends with background, so its changes alternate start, stop, ...
+        changes = torch.nonzero((padded[..., 1:] != padded[..., :-1]).view(-1)).view(-1)
+        starts, stops = changes[0::2], changes[1::2]
+        row = starts // (w + 1)
+        firsts.append(z * h * w + row * w + starts % (w + 1))
+        lengths.append(stops - starts)
+    if len(firsts) == 1:
+        return firsts[0], lengths[0]
+    return torch.cat(firsts), torch.cat(lengths)
 
 
 def _union_find(n: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -137,12 +155,40 @@ def _components(mask: torch.Tensor, links: tuple[tuple[int, int, int], ...]) -> 
     return _Runs((d, h, w), start, length, component, int(is_root.sum()))
 
 
-def _paint(runs: _Runs, mask: torch.Tensor, per_run: torch.Tensor) -> torch.Tensor:
-    """Volume holding ``per_run[i]`` on the voxels of run ``i`` and zero/False elsewhere."""
-    total = int(runs.length.sum())
-    values = torch.repeat_interleave(per_run, runs.length, output_size=total)
-    out = torch.zeros(mask.numel(), dtype=per_run.dtype, device=mask.device)
-    return out.masked_scatter_(mask.view(-1), values).view(runs.shape)
+def _paint(runs: _Runs, per_run: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+    """Volume holding ``per_run[i]`` on the voxels of run ``i`` and zero/False elsewhere (or
+    ``into``'s own values there, painted over in place).
+
+    Only the runs with a non-zero value are written, a bounded number of voxels at a time:
+    ``repeat_interleave`` over every voxel at once would make an int64 index of 8 bytes a voxel.
+    """
+    if into is None:
+        into = torch.zeros(runs.shape, dtype=per_run.dtype, device=runs.start.device)
+    flat = into.view(-1)
+    chosen = per_run if per_run.dtype == torch.bool else per_run != 0
+    start, length, value = runs.start[chosen], runs.length[chosen], per_run[chosen]
+    if start.numel() == 0:
+        return into
+    ends = torch.cumsum(length, 0)  # voxels written up to and including each run
+    # Runs are at most one row long, so cutting at multiples of the step gives even steps.
+    total = int(ends[-1])
+    step = _SLAB_VOXELS
+    marks = torch.arange(step, max(total, step), step, device=ends.device)
+    cuts = [0, *torch.searchsorted(ends, marks, side="right").tolist(), int(ends.numel())]
+    for lo, hi in itertools.pairwise(cuts):
+        if lo == hi:
+            continue
+        count = length[lo:hi]
+        first = ends[lo:hi] - count  # position of each run's first voxel among those written
+        n = int(ends[hi - 1] - first[0])
+        # Voxel k of this step lies in run i at linear index start[i] + (k - first[i] + first[0]).
+        index = torch.repeat_interleave(start[lo:hi] - first + first[0], count, output_size=n)
+        index += torch.arange(n, device=index.device)
+        if per_run.dtype == torch.bool:
+            flat.index_fill_(0, index, True)
+        else:
+            flat.index_copy_(0, index, torch.repeat_interleave(value[lo:hi], count, output_size=n))
+    return into
 
 
 def _component_sizes(runs: _Runs) -> torch.Tensor:
@@ -175,7 +221,7 @@ def connected_components(mask: torch.Tensor, connectivity: int = 26) -> tuple[to
     _check_connectivity(connectivity)
     mask = _check_3d(mask)
     runs = _components(mask, _row_links(connectivity))
-    return _paint(runs, mask, runs.component), runs.n
+    return _paint(runs, runs.component), runs.n
 
 
 def component_sizes(labels: torch.Tensor, n: int) -> torch.Tensor:
@@ -192,18 +238,29 @@ def largest_component(mask: torch.Tensor, connectivity: int = 26) -> torch.Tenso
     if runs.n == 0:
         return torch.zeros_like(mask)
     biggest = int(torch.argmax(_component_sizes(runs)[1:])) + 1
-    return _paint(runs, mask, runs.component == biggest)
+    return _paint(runs, runs.component == biggest)
 
 
 def remove_small_components(
-    mask: torch.Tensor, min_voxels: int, connectivity: int = 26
+    mask: torch.Tensor, min_voxels: int, connectivity: int = 26, *, min_fraction: float = 0.0
 ) -> torch.Tensor:
-    """``mask`` without the connected components of fewer than ``min_voxels`` voxels."""
+    """``mask`` without the connected components of fewer than ``min_voxels`` voxels, nor of
+    fewer than ``min_fraction`` times the voxels of the largest component.
+
+    Works on the runs of ``mask`` and paints a boolean result, so no per-voxel label volume
+    (8 bytes a voxel with :func:`connected_components`) is ever made.
+    """
     _check_connectivity(connectivity)
+    if not math.isfinite(min_fraction) or not 0.0 <= min_fraction <= 1.0:
+        raise ValueError(f"min_fraction must be between 0 and 1, got {min_fraction}")
     mask = _check_3d(mask)
     runs = _components(mask, _row_links(connectivity))
-    keep = _component_sizes(runs) >= min_voxels
-    return _paint(runs, mask, keep[runs.component])
+    sizes = _component_sizes(runs)
+    threshold = min_voxels
+    if min_fraction > 0.0 and runs.n > 0:
+        threshold = max(threshold, math.ceil(min_fraction * int(sizes.max())))
+    keep = sizes >= threshold
+    return _paint(runs, keep[runs.component])
 
 
 def components_touching(
@@ -218,7 +275,7 @@ def components_touching(
     seeded_run = torch.searchsorted(runs.start, seed_start, side="right") - 1
     touched = torch.zeros(runs.n + 1, dtype=torch.bool, device=mask.device)
     touched[runs.component[seeded_run]] = True
-    return _paint(runs, mask, touched[runs.component])
+    return _paint(runs, touched[runs.component])
 
 
 def fill_holes(mask: torch.Tensor, per_slice: bool = True) -> torch.Tensor:
@@ -241,13 +298,29 @@ def fill_holes(mask: torch.Tensor, per_slice: bool = True) -> torch.Tensor:
         on_border |= (z == 0) | (z == d - 1)
     reaches_border = torch.zeros(runs.n + 1, dtype=torch.bool, device=mask.device)
     reaches_border[runs.component[on_border]] = True
-    return mask | _paint(runs, background, ~reaches_border[runs.component])
+    del background  # the runs are all the holes need; paint them into a copy of the mask
+    return _paint(runs, ~reaches_border[runs.component], into=mask.clone())
+
+
+#: Up to this radius a 1D dilation ORs shifted copies into one new tensor (2r in-place ORs);
+#: above it, doubling windows (log2(2r + 1) ORs, each allocating) take fewer passes.
+_SHIFT_MAX_RADIUS = 8
 
 
 def _dilate_axis(mask: torch.Tensor, axis: int, radius: int) -> torch.Tensor:
-    """OR of ``mask`` over ``[-radius, radius]`` along ``axis`` (outside = background)."""
+    """OR of ``mask`` over ``[-radius, radius]`` along ``axis`` (outside = background).
+
+    Returns ``mask`` itself for radius 0, otherwise a new tensor.
+    """
     if radius == 0:
         return mask
+    if radius <= _SHIFT_MAX_RADIUS:
+        out = mask.clone()
+        n = mask.shape[axis]
+        for shift in range(1, min(radius, n - 1) + 1):
+            out.narrow(axis, shift, n - shift).logical_or_(mask.narrow(axis, 0, n - shift))
+            out.narrow(axis, 0, n - shift).logical_or_(mask.narrow(axis, shift, n - shift))
+        return out
     pad_shape = list(mask.shape)
     pad_shape[axis] = radius
     pad = torch.zeros(pad_shape, dtype=torch.bool, device=mask.device)
@@ -305,7 +378,10 @@ def _check_radius(radius: tuple[int, int, int]) -> Offset:
 def binary_dilation(
     mask: torch.Tensor, radius: tuple[int, int, int], *, box: bool = False
 ) -> torch.Tensor:
-    """Dilate by an ellipsoid (or a box) with per-axis ``radius`` in voxels (0 = not along it)."""
+    """Dilate by an ellipsoid (or a box) with per-axis ``radius`` in voxels (0 = not along it).
+
+    Always returns a new tensor, which the caller may change in place.
+    """
     mask = _check_3d(mask)
     boxes = structuring_boxes(_check_radius(radius), box)
     out: torch.Tensor | None = None
@@ -313,7 +389,12 @@ def binary_dilation(
         along_z = _dilate_axis(mask, 0, a)
         for _, b, c in (p for p in boxes if p[0] == a):
             part = _dilate_axis(_dilate_axis(along_z, 1, b), 2, c)
-            out = part if out is None else out | part
+            if out is None:
+                # Accumulated in place below, so it must not be the input nor along_z.
+                out = part.clone() if part is mask or part is along_z else part
+            else:
+                out.logical_or_(part)
+            del part
     assert out is not None  # structuring_boxes always returns at least the centre
     return out
 
@@ -322,7 +403,7 @@ def binary_erosion(
     mask: torch.Tensor, radius: tuple[int, int, int], *, box: bool = False
 ) -> torch.Tensor:
     """Erode by an ellipsoid (or a box); the outside of the volume counts as foreground."""
-    return ~binary_dilation(~_check_3d(mask), radius, box=box)
+    return binary_dilation(~_check_3d(mask), radius, box=box).logical_not_()
 
 
 def binary_closing(
@@ -369,6 +450,31 @@ def otsu_threshold(values: torch.Tensor, bins: int = 256) -> float:
     # An empty class has no mean (0/0 = nan); it can never be the best split.
     between = torch.nan_to_num(between, nan=-1.0)
     return float(centres[int(torch.argmax(between))])
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean, accumulated in float64, of ``values`` where the same-shaped ``mask`` is true.
+
+    Computed slab by slab along the first axis, so the temporaries stay small (``values[mask]``
+    on the whole volume makes an index of 8 bytes per selected voxel and ``.to(float64)`` a copy
+    of twice the selection); NaN for an empty mask.
+    """
+    if values.shape != mask.shape or values.dim() == 0:
+        raise ValueError(
+            f"values and mask must have the same shape of at least one axis, got "
+            f"{tuple(values.shape)} and {tuple(mask.shape)}"
+        )
+    mask = mask if mask.dtype == torch.bool else mask != 0
+    step = max(1, _SLAB_VOXELS // max(1, values[0].numel()))
+    total = torch.zeros((), dtype=torch.float64, device=values.device)
+    count = 0
+    for start in range(0, values.shape[0], step):
+        # Flat indexing: twice as fast as a 3D boolean index, which first lists 3 coordinates.
+        slab = slice(start, start + step)
+        selected = values[slab].reshape(-1)[mask[slab].reshape(-1)]
+        total += selected.to(torch.float64).sum()
+        count += int(selected.numel())
+    return float(total) / count if count else math.nan
 
 
 def radius_in_voxels(mm: float, spacing: tuple[float, float, float]) -> tuple[int, int, int]:

@@ -75,9 +75,7 @@ def test_connected_components_matches_scipy(connectivity: int, density: float) -
     """Labels equal scipy.ndimage.label's exactly (same numbering) on random masks."""
     mask = _random_mask(int(density * 100) + connectivity, (17, 23, 29), density)
     labels, n = ops.connected_components(_t(mask), connectivity)
-    expected, expected_n = ndi.label(
-        mask, ndi.generate_binary_structure(3, STRUCTURE_RANK[connectivity])
-    )
+    expected, expected_n = ndi.label(mask, ndi.generate_binary_structure(3, STRUCTURE_RANK[connectivity]))
     assert n == expected_n
     np.testing.assert_array_equal(labels.numpy(), expected)
 
@@ -143,25 +141,17 @@ def test_fill_holes_hand_made() -> None:
 def test_fill_holes_matches_scipy(density: float) -> None:
     """Hole filling equals scipy.ndimage.binary_fill_holes in 3D and slice by slice."""
     mask = _random_mask(int(density * 10), (9, 25, 31), density)
-    np.testing.assert_array_equal(
-        ops.fill_holes(_t(mask), per_slice=False).numpy(), ndi.binary_fill_holes(mask)
-    )
-    np.testing.assert_array_equal(
-        ops.fill_holes(_t(mask)).numpy(), np.stack([ndi.binary_fill_holes(s) for s in mask])
-    )
+    np.testing.assert_array_equal(ops.fill_holes(_t(mask), per_slice=False).numpy(), ndi.binary_fill_holes(mask))
+    np.testing.assert_array_equal(ops.fill_holes(_t(mask)).numpy(), np.stack([ndi.binary_fill_holes(s) for s in mask]))
 
 
-@pytest.mark.parametrize(
-    "radius", [(0, 0, 0), (1, 1, 1), (0, 3, 3), (1, 2, 3), (2, 0, 1), (3, 3, 3), (1, 6, 6)]
-)
+@pytest.mark.parametrize("radius", [(0, 0, 0), (1, 1, 1), (0, 3, 3), (1, 2, 3), (2, 0, 1), (3, 3, 3), (1, 6, 6)])
 def test_morphology_matches_scipy_ellipsoid(radius: tuple[int, int, int]) -> None:
     """Dilation, erosion, closing and opening equal scipy's with the same ellipsoid footprint."""
     mask = _random_mask(sum(radius), (11, 24, 27), 0.08)
     dense = ndi.binary_dilation(mask, np.ones((1, 3, 3)))
     se = _ellipsoid(radius)
-    np.testing.assert_array_equal(
-        ops.binary_dilation(_t(mask), radius).numpy(), ndi.binary_dilation(mask, se)
-    )
+    np.testing.assert_array_equal(ops.binary_dilation(_t(mask), radius).numpy(), ndi.binary_dilation(mask, se))
     # Outside the volume counts as foreground for erosion (scipy: border_value=1).
     np.testing.assert_array_equal(
         ops.binary_erosion(_t(dense), radius).numpy(), ndi.binary_erosion(dense, se, border_value=1)
@@ -205,9 +195,7 @@ def test_closing_keeps_structures_leaving_the_volume() -> None:
 
 def test_morphology_rejects_bad_radius() -> None:
     """A negative or fractional radius is refused with the value in the message."""
-    with pytest.raises(
-        ValueError, match=r"radius must be three non-negative integers .* got \(1, -1, 0\)"
-    ):
+    with pytest.raises(ValueError, match=r"radius must be three non-negative integers .* got \(1, -1, 0\)"):
         ops.binary_dilation(torch.zeros((2, 3, 4), dtype=torch.bool), (1, -1, 0))
 
 
@@ -231,9 +219,7 @@ def _otsu_reference(values: np.ndarray, bins: int) -> float:
 def test_otsu_threshold_bimodal() -> None:
     """Otsu separates two Gaussian modes and equals a brute-force histogram search."""
     rng = np.random.default_rng(5)
-    values = np.concatenate([rng.normal(100, 10, 5000), rng.normal(400, 30, 3000)]).astype(
-        np.float32
-    )
+    values = np.concatenate([rng.normal(100, 10, 5000), rng.normal(400, 30, 3000)]).astype(np.float32)
     threshold = ops.otsu_threshold(torch.from_numpy(values))
     assert (values[:5000] <= threshold).mean() > 0.99
     assert (values[5000:] > threshold).mean() > 0.99
@@ -282,11 +268,76 @@ def test_connected_components_property(
     """On any small shape (including one-voxel-thin ones) labels equal scipy's."""
     mask = _random_mask(seed, shape, density)
     labels, n = ops.connected_components(_t(mask), connectivity)
-    expected, expected_n = ndi.label(
-        mask, ndi.generate_binary_structure(3, STRUCTURE_RANK[connectivity])
-    )
+    expected, expected_n = ndi.label(mask, ndi.generate_binary_structure(3, STRUCTURE_RANK[connectivity]))
     assert n == expected_n
     np.testing.assert_array_equal(labels.numpy(), expected)
+    np.testing.assert_array_equal(ops.fill_holes(_t(mask), per_slice=False).numpy(), ndi.binary_fill_holes(mask))
+
+
+@pytest.mark.parametrize("slab_voxels", [1, 37, 600])
+def test_slab_by_slab_steps_match_scipy(monkeypatch: pytest.MonkeyPatch, slab_voxels: int) -> None:
+    """With slabs (and paint steps) far smaller than the volume — one voxel, part of a row,
+    several rows — every result still equals scipy's on the whole volume."""
+    monkeypatch.setattr(ops, "_SLAB_VOXELS", slab_voxels)
+    mask = _random_mask(slab_voxels, (7, 19, 23), 0.45)
+    expected_labels, expected_n = ndi.label(mask, np.ones((3, 3, 3)))
+    labels, n = ops.connected_components(_t(mask))
+    assert n == expected_n
+    np.testing.assert_array_equal(labels.numpy(), expected_labels)
+    sizes = np.bincount(expected_labels.ravel())
     np.testing.assert_array_equal(
-        ops.fill_holes(_t(mask), per_slice=False).numpy(), ndi.binary_fill_holes(mask)
+        ops.remove_small_components(_t(mask), 4).numpy(), mask & (sizes[expected_labels] >= 4)
+    )
+    np.testing.assert_array_equal(
+        ops.largest_component(_t(mask)).numpy(),
+        expected_labels == int(np.argmax(sizes[1:])) + 1,
+    )
+    np.testing.assert_array_equal(ops.fill_holes(_t(mask)).numpy(), np.stack([ndi.binary_fill_holes(s) for s in mask]))
+    values = np.random.default_rng(slab_voxels).normal(40.0, 300.0, mask.shape).astype(np.float32)
+    assert ops.masked_mean(_t(values), _t(mask)) == pytest.approx(
+        float(values[mask].astype(np.float64).mean()), rel=1e-9
+    )
+
+
+def test_remove_small_components_min_fraction() -> None:
+    """``min_fraction`` also drops components under that share of the largest one's voxels."""
+    mask = np.zeros((1, 12, 40), dtype=bool)
+    mask[0, 1, 0:20] = True  # 20 voxels: the largest
+    mask[0, 4, 0:10] = True  # 10 voxels: half of it
+    mask[0, 7, 0:9] = True  # 9 voxels: under half
+    mask[0, 10, 0:2] = True  # 2 voxels: under min_voxels as well
+    kept = ops.remove_small_components(_t(mask), 1, min_fraction=0.5).numpy()
+    np.testing.assert_array_equal(kept.sum(axis=2)[0], [0, 20, 0, 0, 10, 0, 0, 0, 0, 0, 0, 0])
+    # min_voxels still applies when it is the stricter bound.
+    assert int(ops.remove_small_components(_t(mask), 15, min_fraction=0.1).sum()) == 20
+    assert not ops.remove_small_components(torch.zeros((2, 3, 4), dtype=torch.bool), 1, min_fraction=0.5).any()
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="min_fraction must be between 0 and 1"):
+            ops.remove_small_components(_t(mask), 1, min_fraction=bad)
+
+
+def test_masked_mean() -> None:
+    """The float64 mean of the selected values; NaN when nothing is selected; shapes checked."""
+    values = torch.tensor([[[1, 2], [3, 30000]], [[-32768, 5], [6, 7]]], dtype=torch.int16)
+    mask = values > 2
+    assert ops.masked_mean(values, mask) == pytest.approx((3 + 30000 + 5 + 6 + 7) / 5)
+    assert np.isnan(ops.masked_mean(values, torch.zeros_like(mask)))
+    assert ops.masked_mean(values, mask.to(torch.uint8)) == ops.masked_mean(values, mask)
+    with pytest.raises(ValueError, match=r"same shape .* got \(2, 2, 2\) and \(2, 2\)"):
+        ops.masked_mean(values, mask[0])
+
+
+@pytest.mark.parametrize("box", [False, True])
+def test_morphology_large_radius_matches_scipy(box: bool) -> None:
+    """Radii over 8 voxels take the doubling-window path; results still equal scipy's."""
+    radius = (1, 9, 12)
+    mask = _random_mask(3, (6, 40, 45), 0.01)
+    footprint = np.ones([2 * r + 1 for r in radius], dtype=bool) if box else _ellipsoid(radius)
+    np.testing.assert_array_equal(
+        ops.binary_dilation(_t(mask), radius, box=box).numpy(),
+        ndi.binary_dilation(mask, footprint),
+    )
+    np.testing.assert_array_equal(
+        ops.binary_erosion(_t(~mask), radius, box=box).numpy(),
+        ndi.binary_erosion(~mask, footprint, border_value=1),
     )
