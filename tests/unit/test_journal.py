@@ -14,7 +14,7 @@ import pytest
 import dicom_node.journal as journal_module
 from dicom_node.ingest import AssociationSummary, StoredInstance
 from dicom_node.journal import PAGE, Intake, IntakeJournal
-from dicom_node.spool import Spool
+from dicom_node.spool import FilesystemSync, Spool
 
 STUDY, SERIES = "1.2.826.0.1.3680043.10.1", "1.2.826.0.1.3680043.10.1.2"
 
@@ -221,3 +221,124 @@ def test_senders_are_held_back_while_the_writer_lags(tmp_path: Path, monkeypatch
     assert done == [0, 1, 2]
     intake.stop()
     assert all(spool.path_for(STUDY, SERIES, f"{SERIES}.{n}").read_bytes() == _payload(n) for n in range(3))
+
+
+class SlowFlushes:
+    """``os.fdatasync`` as it is, plus a delay (a disk whose flush takes 5 ms), counted; the
+    first ``fail`` calls after ``arm()`` raise EIO instead, as a failing disk does."""
+
+    def __init__(self, real: object, delay: float = 0.005) -> None:
+        self.real, self.delay = real, delay
+        self.calls = 0
+        self.fail = 0
+
+    def __call__(self, fd: int) -> None:
+        self.calls += 1
+        time.sleep(self.delay)
+        if self.fail:
+            self.fail -= 1
+            raise OSError(5, "Input/output error")
+        self.real(fd)  # type: ignore[operator]
+
+
+def test_parallel_appends_share_flushes_and_all_survive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Group commit: 8 associations appending at once need far fewer flushes than records, and
+    every record each of them was told is durable is recovered after a reopen."""
+    path = tmp_path / "j.wal"
+    journal = _filled(path, 8 << 20)
+    flushes = SlowFlushes(journal_module.os.fdatasync)
+    monkeypatch.setattr(journal_module.os, "fdatasync", flushes)
+    done: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def sender(t: int) -> None:
+        for i in range(20):
+            n = t * 100 + i
+            seq = journal.append(f'{{"n": {n}}}'.encode(), [_payload(n, 20_000)])
+            assert seq is not None
+            with lock:
+                done[n] = seq
+
+    threads = [threading.Thread(target=sender, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(done) == 160
+    assert flushes.calls <= 80, f"{flushes.calls} flushes for 160 records: no group commit"
+    monkeypatch.undo()
+    journal.close()
+    reopened = IntakeJournal(path, 8 << 20)
+    recovered = {meta["n"]: (seq, data) for seq, meta, data in reopened.recover()}
+    assert {n: seq for n, (seq, _) in recovered.items()} == done
+    assert all(data == _payload(n, 20_000) for n, (_, data) in recovered.items())
+    reopened.close()
+
+
+def test_a_failed_flush_fails_every_record_it_covered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write whose flush failed is an error for its sender (nothing promised), never retried
+    into a false success; the next records are made durable by a new flush."""
+    path = tmp_path / "j.wal"
+    journal = _filled(path, 1 << 20)
+    flushes = SlowFlushes(journal_module.os.fdatasync, delay=0.0)
+    monkeypatch.setattr(journal_module.os, "fdatasync", flushes)
+    flushes.fail = 1
+    with pytest.raises(OSError, match="Input/output error"):
+        journal.append(b"{}", [b"lost"])
+    assert journal.append(b"{}", [b"kept"]) == 2
+    monkeypatch.undo()
+    journal.close()
+    # The failed record was voided (it must not hold back the applied mark): only one is left.
+    reopened = IntakeJournal(path, 1 << 20)
+    assert [(seq, data) for seq, _, data in reopened.recover()] == [(2, b"kept")]
+    reopened.close()
+
+
+def test_a_failed_spool_sync_keeps_the_records_for_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the disk fails the batch sync, the writer thread lives on, nothing is marked applied,
+    and the next start writes those instances from the journal again."""
+    spool = Spool(tmp_path / "spool")
+    sink = RecordingSink()
+    intake = Intake(spool, sink, _filled(tmp_path / "j.wal", 4 << 20))
+    intake.start()
+    failures: list[int] = []
+
+    def failing_sync(self: FilesystemSync) -> None:
+        failures.append(1)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(FilesystemSync, "sync", failing_sync)
+    for n in range(3):
+        intake.store(_instance(spool, n), [_payload(n)])
+    deadline = time.monotonic() + 30
+    while not failures:  # the writer syncs once the stream pauses (0.5 s)
+        assert time.monotonic() < deadline, "the spool files were never synced"
+        time.sleep(0.05)
+    journal = intake.journal
+    assert journal is not None and journal.applied == 0
+    monkeypatch.undo()
+    intake.store(_instance(spool, 3), [_payload(3)])  # the writer still works
+    intake.stop()
+    assert [e[1] for e in sink.events] == [f"{SERIES}.{n}" for n in range(4)]
+
+    sink = RecordingSink()
+    again = Intake(spool, sink, IntakeJournal(tmp_path / "j.wal", 4 << 20))
+    assert again.start() == 4  # 0-2 were never applied, and 3 is behind them in the ring
+    again.stop()
+    assert all(spool.path_for(STUDY, SERIES, f"{SERIES}.{n}").read_bytes() == _payload(n) for n in range(4))
+
+
+def test_filesystem_sync_covers_the_spool_filesystem(tmp_path: Path) -> None:
+    """syncfs is there on Linux, covers files of the spool's filesystem and succeeds."""
+    fs = FilesystemSync(tmp_path)
+    try:
+        assert fs.available == sys.platform.startswith("linux")
+        (tmp_path / "f").write_bytes(b"x")
+        assert fs.covers(tmp_path / "f") and fs.covers(tmp_path / "gone")
+        assert not fs.covers(Path("/proc")) or not sys.platform.startswith("linux")
+        if fs.available:
+            fs.sync()
+    finally:
+        fs.close()
