@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
 
 import structlog
 from pydicom import dcmread
@@ -27,6 +26,7 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext, build_context
 
 from dicom_node import statuses
@@ -37,6 +37,8 @@ from dicom_node.settings import DestinationSettings
 #: pynetdicom accepts at most 128 presentation contexts per association.
 MAX_CONTEXTS = 128
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
+#: A-ASSOCIATE-RJ results: rejected-permanent (1) and rejected-transient (2), PS3.8 9.3.4.
+_REJECT_RESULTS = frozenset({0x01, 0x02})
 _UNCOMPRESSED = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian, "1.2.840.10008.1.2.2"})
 
 _log = structlog.get_logger("dicom_node.sender")
@@ -134,6 +136,25 @@ def _make_ae(calling_ae_title: str, timeout: float) -> TunedAE:
     return ae
 
 
+def _rejection(assoc: Association) -> tuple[bool, A_ASSOCIATE | None]:
+    """Whether the peer rejected ``assoc``, and its A-ASSOCIATE-RJ primitive when known.
+
+    pynetdicom (3.0) can miss a reject: after starting the connection, the requesting thread
+    waits for the transport to be ready and then checks that the socket is still connected.
+    An archive that answers the A-ASSOCIATE-RQ with an A-ASSOCIATE-RJ and closes the
+    connection at once (DCMTK's ``storescp --refuse``) lets the reactor thread receive the
+    reject and close the socket before that check runs on a busy machine; pynetdicom then
+    aborts and leaves the reject primitive unread at the head of the DUL's ``to_user_queue``.
+    It is read from there, so the admin sees the archive's reason, not an abort.
+    """
+    if assoc.is_rejected:
+        return True, assoc.acceptor.primitive
+    pending = assoc.dul.peek_next_pdu()
+    if isinstance(pending, A_ASSOCIATE) and pending.result in _REJECT_RESULTS:
+        return True, pending
+    return False, None
+
+
 def _associate(
     ae: TunedAE, dest: DestinationSettings, contexts: list[PresentationContext]
 ) -> Association:
@@ -142,8 +163,8 @@ def _associate(
     if assoc.is_established:
         return assoc
     where = _describe(dest)
-    if assoc.is_rejected:
-        rsp = cast(Any, assoc.acceptor.primitive)
+    rejected, rsp = _rejection(assoc)
+    if rejected:
         detail = (
             f"{rsp.result_str}, source {rsp.source_str}: {rsp.reason_str}".lower()
             if rsp is not None else "no reason given"

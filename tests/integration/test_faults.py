@@ -381,14 +381,21 @@ def test_time_limits_end_hung_inference(tmp_path: Path) -> None:
     """A model still busy at ``worker.soft_time_limit`` between patches fails with the soft-limit
     reason; one stuck inside a single forward is killed at ``worker.time_limit`` and its job is
     failed with the hard-limit reason; the worker keeps serving afterwards."""
-    slow = busy_model(tmp_path / "models" / "slow", "slow", [4, 32, 32], seconds_per_patch=0.4)  # 27 patches
+    # Celery raises the soft limit in the worker between Python bytecodes, so a model notices it
+    # only when its current patch returns, and must have failed its job before the hard limit:
+    # the gap between the limits has to dwarf one patch even under CPU load (where a patch
+    # calibrated at 0.4 s took up to 2.7 s).  Hence short patches (12 x 6 x 6 = 432 of 0.05 s,
+    # about 22 s of work on an idle machine, so still busy at the soft limit), a gap of 4 s, and
+    # a soft limit that leaves the normal job (about 2.7 s in a fresh worker process under load)
+    # plenty of time.
+    slow = busy_model(tmp_path / "models" / "slow", "slow", [1, 16, 16], seconds_per_patch=0.05)
     hung = busy_model(tmp_path / "models" / "hung", "hung", [12, 96, 96], seconds_per_patch=600)
     workdir = tmp_path / "node"
     config = node_config(workdir, idle_seconds=0.5,
                          rules=[rule("slow", "slow", [], SeriesDescription="slow"),
                                 rule("hung", "hung", [], SeriesDescription="hung"),
                                 rule("fine", "ct-tissue", [], SeriesDescription="fine")],
-                         worker={"soft_time_limit": 3.0, "time_limit": 6.0})
+                         worker={"soft_time_limit": 8.0, "time_limit": 12.0})
     config["models"] = [slow, hung]
     node = start_node(workdir, config)
     try:
@@ -396,8 +403,8 @@ def test_time_limits_end_hung_inference(tmp_path: Path) -> None:
         for name in ("slow", "hung", "fine"):
             storescu(node.port, series_files(tmp_path, f"limit-{name}", series_description=name))
         jobs = {j.rule: j for j in wait_until(jobs_settled(catalog, 3), 120, what="three jobs settled")}
-        assert jobs["slow"].state == "failed" and "soft time limit of 3 s" in (jobs["slow"].reason or "")
-        assert jobs["hung"].state == "failed" and "hard time limit of 6 s" in (jobs["hung"].reason or "")
+        assert jobs["slow"].state == "failed" and "soft time limit of 8 s" in (jobs["slow"].reason or "")
+        assert jobs["hung"].state == "failed" and "hard time limit of 12 s" in (jobs["hung"].reason or "")
         assert jobs["fine"].state == "done", jobs["fine"].reason
     finally:
         node.stop()
