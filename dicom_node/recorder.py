@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 from pydicom import dcmread
@@ -22,8 +23,13 @@ from dicom_node.catalog import Catalog
 from dicom_node.ingest import CATALOG_ATTRIBUTES, AssociationSummary, StoredInstance
 
 log = structlog.get_logger(__name__)
+_T = TypeVar("_T")
 
 _STOP = object()
+#: Waits between attempts at one catalog write (another writer's lock or a concurrent insert of
+#: the same series, a dropped database connection): about 6 s in all, then the write is given up
+#: (logged; the spool keeps the files and :func:`reconcile_spool` records them at the next start).
+RETRY_DELAYS_S: tuple[float, ...] = (0.05, 0.2, 1.0, 2.0, 3.0)
 
 
 class CatalogRecorder:
@@ -93,10 +99,10 @@ class CatalogRecorder:
                 if isinstance(item, StoredInstance):
                     instances.append(item)
                 elif isinstance(item, AssociationSummary):
-                    self._record_instances(instances)
+                    self._attempt(self._record_instances, instances)
                     instances = []
-                    self.catalog.record_association(item)
-            self._record_instances(instances)
+                    self._attempt(self.catalog.record_association, item)
+            self._attempt(self._record_instances, instances)
         except Exception:  # process boundary: the thread must survive a database hiccup
             log.exception("catalog_write_failed", batch=len(batch))
         finally:
@@ -105,6 +111,19 @@ class CatalogRecorder:
                 if self._pending <= 0:
                     self._pending = 0
                     self._idle.set()
+
+    @staticmethod
+    def _attempt(write: Callable[[_T], object], arg: _T) -> None:
+        """Run one catalog write (a transaction: all or nothing, and idempotent), retrying."""
+        for delay in (*RETRY_DELAYS_S, None):
+            try:
+                write(arg)
+                return
+            except Exception as exc:
+                if delay is None:
+                    raise
+                log.warning("catalog_write_retry", error=str(exc).splitlines()[0][:200], retry_in_s=delay)
+                time.sleep(delay)
 
     def _record_instances(self, instances: list[StoredInstance]) -> None:
         if not instances:

@@ -191,3 +191,52 @@ def test_reconcile_requeues_unfinished_jobs(catalog: Catalog) -> None:
     assert reconcile_jobs(catalog, queue) == 3
     assert sorted(j for j, _ in queue.inference) == [a, b] and queue.dispatch == [c]
     assert time.time() - (catalog.get_job(b).queued_at or 0) < 60  # type: ignore[union-attr]
+
+
+def test_recorder_retries_a_write_the_database_refused(catalog: Catalog, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch the database refuses ("database is locked") is written again, not dropped."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    import dicom_node.recorder as recorder_module
+
+    monkeypatch.setattr(recorder_module, "RETRY_DELAYS_S", (0.01, 0.01, 0.01))
+    real = catalog.record_instances
+    calls: list[int] = []
+
+    def refused_twice(instances: list[StoredInstance], **kwargs: str) -> list[str]:
+        calls.append(len(instances))
+        if len(calls) <= 2:
+            raise OperationalError("INSERT INTO series", {}, sqlite3.OperationalError("database is locked"))
+        return real(instances, **kwargs)
+
+    monkeypatch.setattr(catalog, "record_instances", refused_twice)
+    recorder = CatalogRecorder(catalog, linger_s=0.5)
+    recorder.start()
+    for n in range(5):
+        recorder.instance_stored(inst(n, 1.0 + n))
+    assert recorder.flush()
+    recorder.stop()
+    assert calls == [5, 5, 5]
+    series = catalog.get_series(SERIES)
+    assert series is not None and series.instance_count == 5
+
+
+def test_two_recorders_on_one_database_record_every_instance(tmp_path: Path) -> None:
+    """Two listener processes (here: two catalogs on one SQLite file) receiving the same new
+    series at once race to insert its row; the loser retries, nothing is left out."""
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    recorders = [CatalogRecorder(Catalog(url), linger_s=0.0) for _ in range(2)]
+    for r in recorders:
+        r.start()
+    series = [f"{SERIES}.{k}" for k in range(20)]
+    for uid in series:
+        for n, r in enumerate(recorders):
+            r.instance_stored(inst(n, 1.0, series=uid))
+    for r in recorders:
+        assert r.flush(60)
+        r.stop()
+    check = Catalog(url)
+    counts = {uid: getattr(check.get_series(uid), "instance_count", 0) for uid in series}
+    assert counts == dict.fromkeys(series, 2)
