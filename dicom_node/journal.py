@@ -43,10 +43,10 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, cast
 
 import structlog
 
@@ -78,11 +78,24 @@ def _pad(length: int) -> int:
     return -(-length // PAGE) * PAGE
 
 
+def _crc32_function() -> Callable[[BytesLike, int], int]:
+    """CRC-32 (the zlib polynomial, same values): libdeflate's through imagecodecs, 11 us for a
+    0.5 MB CT image here against zlib's 125 us, on the path of every C-STORE response."""
+    try:
+        from imagecodecs import deflate_crc32
+    except ImportError:  # an imagecodecs built without libdeflate
+        return zlib.crc32
+    return cast("Callable[[BytesLike, int], int]", deflate_crc32)
+
+
+_crc32 = _crc32_function()
+
+
 def _crc(seq: int, meta: bytes, chunks: Sequence[BytesLike]) -> int:
-    crc = zlib.crc32(struct.pack("<QII", seq, len(meta), sum(len(c) for c in chunks)))
-    crc = zlib.crc32(meta, crc)
+    crc = _crc32(struct.pack("<QII", seq, len(meta), sum(len(c) for c in chunks)), 0)
+    crc = _crc32(meta, crc)
     for chunk in chunks:
-        crc = zlib.crc32(chunk, crc)
+        crc = _crc32(chunk, crc)
     return crc
 
 
