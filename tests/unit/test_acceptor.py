@@ -298,3 +298,52 @@ def test_pynetdicom_scu_stores_through_small_pdus() -> None:
     stored = handler.stored[0]
     assert stored.affected_sop_instance_uid == ds.SOPInstanceUID
     assert len(stored.dataset) > 10000 and b"Test^Fragments" in stored.dataset
+
+
+def test_a_repeated_request_is_negotiated_from_the_cache_with_its_own_titles(
+    served: tuple[Acceptor, _Recorder],
+) -> None:
+    """A sender proposing the same contexts again gets the same answer without pynetdicom
+    decoding its request again; the titles, protocol version and checks are its own each time."""
+    from pynetdicom.pdu import A_ASSOCIATE_AC
+
+    acceptor, handler = served
+
+    def associate(pdu: bytes) -> tuple[int, bytes]:
+        with socket.create_connection(("127.0.0.1", acceptor.port), timeout=5) as sock:
+            sock.sendall(pdu)
+            return _read_pdu(sock)
+
+    def decoded(body: bytes) -> A_ASSOCIATE_AC:
+        ac = A_ASSOCIATE_AC()
+        ac.decode(struct.pack(">BxI", 0x02, len(body)) + body)
+        return ac
+
+    first_type, first = associate(_request_pdu("SCU_A"))
+    second_type, second = associate(_request_pdu("  SCU_B"))  # leading spaces are not significant
+    assert (first_type, second_type) == (0x02, 0x02)
+    assert len(acceptor._negotiated) == 1
+    a, b = decoded(first), decoded(second)
+    assert (a.calling_ae_title, b.calling_ae_title, b.called_ae_title) == ("SCU_A", "SCU_B", "ANY")
+    assert first[:20] == second[:20] and first[36:] == second[36:]  # only the calling title differs
+    for body in (first, second):  # byte for byte what pynetdicom would encode
+        assert decoded(body).encode() == struct.pack(">BxI", 0x02, len(body)) + body
+    results = b.to_primitive().presentation_context_definition_results_list
+    assert [(cx.context_id, cx.result, cx.transfer_syntax) for cx in results] == [
+        (1, 0, [ExplicitVRLittleEndian])
+    ]
+    # Checks still run on the cached path: an unknown caller, a protocol version without bit 0.
+    assert associate(_request_pdu("INTRUDER"))[0] == 0x03
+    old_version = bytearray(_request_pdu("SCU_A"))
+    old_version[6:8] = b"\x00\x02"
+    pdu_type, body = associate(bytes(old_version))
+    assert (pdu_type, body[3]) == (0x03, 2)  # A-ASSOCIATE-RJ: protocol version not supported
+    blank = bytearray(_request_pdu("SCU_A"))
+    blank[26:42] = b" " * 16  # calling AE title of spaces only
+    pdu_type, body = associate(bytes(blank))
+    assert (pdu_type, body[3]) == (0x07, 0x06)  # A-ABORT: invalid PDU parameter value
+    assert len(acceptor._negotiated) == 1
+    # Another set of contexts is negotiated (and remembered) on its own.
+    assert associate(_request_pdu("SCU_A", app_context="1.2.3"))[0] == 0x03
+    assert len(acceptor._negotiated) == 2
+    assert any(kind == "failed" and "Calling AE Title" in text for kind, text in handler.events)
