@@ -9,7 +9,8 @@ each sending a quarter of the corpus).  dicom-node runs in child processes: one 
 to one core by the GIL).  Each listener runs as in ``dicom-node serve``: the real catalog
 recorder (SQLite) behind it, every instance on disk before success - in the intake journal
 (``storage.journal_mb``, the default), or with the journal off, by fsyncing each file and its
-folder.  storescp and Orthanc (as configured here) do not fsync at all.
+folder.  storescp and Orthanc (as configured here) do not fsync at all.  Each row also gives
+the receiver's own CPU time per instance (all its processes and threads, senders excluded).
 
 Also used by :mod:`benchmarks.stock_sender` (same corpus, same helpers).
 """
@@ -26,6 +27,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -70,6 +72,24 @@ def make_corpus(out: Path, n: int = 200, size: int = 512) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+#: The receiver processes behind each port, for their CPU time (:func:`cpu_seconds`).
+RECEIVER_PIDS: dict[int, list[int]] = {}
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU of these processes (all their threads) and of their children that
+    ended and were waited for (``storescp --fork``'s), from ``/proc/<pid>/stat``; 0 off Linux."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(v) for v in fields[11:15]) / tick  # utime stime cutime cstime
+    return total
 
 
 def _listener_main(
@@ -125,9 +145,11 @@ def dicom_node_listeners(root: Path, processes: int = 1, journal_mb: int = 512) 
         if not ready.wait(150):
             raise RuntimeError("listener process did not start")
         children.append(p)
+    RECEIVER_PIDS[port] = [p.pid for p in children if p.pid is not None]
     try:
         yield port
     finally:
+        RECEIVER_PIDS.pop(port, None)
         stop.set()
         for p in children:
             p.join(30)
@@ -175,8 +197,10 @@ def plain_pynetdicom(root: Path, mode: str, max_pdu: int) -> Iterator[int]:
     try:
         if not ready.wait(60):
             raise RuntimeError("pynetdicom SCP did not start")
+        RECEIVER_PIDS[port] = [child.pid] if child.pid is not None else []
         yield port
     finally:
+        RECEIVER_PIDS.pop(port, None)
         stop.set()
         child.join(30)
         if child.is_alive():
@@ -191,9 +215,11 @@ def stock_storescp(
     and store nothing), Nagle on unless ``nodelay``; yield its port."""
     extra = [*(["--fork"] if fork else []), *(["--ignore"] if ignore else [])]
     server = procs.start_storescp(workdir, nodelay=nodelay, extra_args=extra)
+    RECEIVER_PIDS[server.port] = [server.proc.pid]
     try:
         yield server.port
     finally:
+        RECEIVER_PIDS.pop(server.port, None)
         server.stop()
 
 
@@ -230,8 +256,10 @@ def orthanc(workdir: Path, nodelay: bool) -> Iterator[int]:
     log.close()
     try:
         procs.wait_for_port(port, proc=proc, timeout=30)
+        RECEIVER_PIDS[port] = [proc.pid]
         yield port
     finally:
+        RECEIVER_PIDS.pop(port, None)
         procs.stop_process(proc)
 
 
@@ -304,20 +332,31 @@ def measure_interleaved(
         for target in targets:
             workdir = scratch / f"{target.name}-{parallel}-{run}".replace(" ", "_")
             with target.start(workdir) as port:
+                before = cpu_seconds(RECEIVER_PIDS.get(port, []))
                 seconds = send_parallel(port, target.ae_title, files, parallel, nodelay)
+                time.sleep(0.3)  # forked children reaped; the journal's writer done with the burst
+                used = cpu_seconds(RECEIVER_PIDS.get(port, [])) - before
             rates[target.name].append(len(files) / seconds)
+            CPU_MS[(target.name, parallel)].append(used / len(files) * 1000)
             shutil.rmtree(workdir, ignore_errors=True)
     return rates
 
 
+#: Receiver CPU ms per instance, per (receiver, associations), one value per run.
+CPU_MS: defaultdict[tuple[str, int], list[float]] = defaultdict(list)
+
+
 def print_table(title: str, rows: list[tuple[str, int, list[float], float | None]]) -> None:
-    """Print ``(receiver, parallel, rates, ratio)`` rows with median and spread."""
+    """Print ``(receiver, parallel, rates, ratio)`` rows with median and spread, and the
+    receiver's CPU ms per instance (median of the runs; its own processes, senders excluded)."""
     print(f"\n{title}")
-    print(f"{'receiver':<36} {'assoc':>5} {'median/s':>9} {'runs (instances/s)':<28} {'ratio':>6}")
+    print(f"{'receiver':<36} {'assoc':>5} {'median/s':>9} {'runs (instances/s)':<28} {'ratio':>6} {'CPU ms':>7}")
     for name, parallel, rates, ratio in rows:
         runs = ", ".join(f"{r:.0f}" for r in rates)
         shown = f"{ratio:.2f}x" if ratio is not None else ""
-        print(f"{name:<36} {parallel:>5} {statistics.median(rates):>9.1f} {runs:<28} {shown:>6}")
+        cpu = CPU_MS.get((name, parallel))
+        cpu_shown = f"{statistics.median(cpu):.2f}" if cpu else ""
+        print(f"{name:<36} {parallel:>5} {statistics.median(rates):>9.1f} {runs:<28} {shown:>6} {cpu_shown:>7}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
