@@ -127,14 +127,15 @@ class IntakeJournal:
         self._syncing = False
         self._failed_through = 0
         raw = os.pread(self._fd, _HEADER.size, 0)
-        if len(raw) == _HEADER.size and raw[:4] == _HEADER_MAGIC:
+        has_header = len(raw) == _HEADER.size and raw[:4] == _HEADER_MAGIC
+        if has_header:
             _, _version, applied, ready = _HEADER.unpack(raw)
             self.applied: int = int(applied)
             self._ready: int = min(int(ready), os.fstat(self._fd).st_size)
         else:
             self.applied, self._ready = 0, PAGE
         self._header_ready = self._ready
-        if len(raw) != _HEADER.size or raw[:4] != _HEADER_MAGIC:
+        if not has_header:
             self._write_header()
         self._next_seq = self.applied + 1
         self._offset = PAGE
@@ -547,9 +548,10 @@ class Intake:
         is not applied: its records stay in the journal and are written again at the next start
         (a second ``fsync`` cannot be trusted: Linux may report it clean with the data lost).
         """
+        folders = {p.parent for p in paths}
         try:
             fs = self._fs_sync
-            if fs is not None and fs.available and all(fs.covers(p.parent) for p in paths):
+            if fs is not None and fs.available and all(fs.covers(folder) for folder in folders):
                 fs.sync()
                 return True
             for path in paths:
@@ -561,7 +563,7 @@ class Intake:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-            for folder in {p.parent for p in paths}:
+            for folder in folders:
                 with contextlib.suppress(FileNotFoundError):
                     fsync_dir(folder)
         except OSError as exc:
