@@ -230,6 +230,9 @@ IMPLEMENTATION_VERSION_NAME = "DICOM_NODE_01"
 class TunedAE(ApplicationEntity):
     """An :class:`ApplicationEntity` whose associations (as SCU) use the tuned transport."""
 
+    #: The socket each association gets (a subclass of the tuned one).
+    socket_type: type[TunedAssociationSocket] = TunedAssociationSocket
+
     def __init__(self, ae_title: str = "DICOM_NODE") -> None:
         super().__init__(ae_title=ae_title)
         self.implementation_class_uid = IMPLEMENTATION_CLASS_UID
@@ -242,6 +245,6 @@ class TunedAE(ApplicationEntity):
         tls_args: tuple[ssl.SSLContext, str] | None,
     ) -> AssociationSocket:
         install_tuned_dul(assoc)
-        sock = TunedAssociationSocket(assoc, address=address)
+        sock = self.socket_type(assoc, address=address)
         sock.tls_args = tls_args
         return sock

@@ -22,7 +22,7 @@ from pynetdicom.transport import AddressInformation, AssociationSocket
 
 from dicom_node import sender
 from dicom_node.errors import TransientError
-from dicom_node.net import TunedAE, TunedAssociationSocket, install_tuned_dul
+from dicom_node.net import TunedAE, TunedAssociationSocket
 from dicom_node.settings import DestinationSettings
 from dicom_node.testing.phantoms import (
     ChestSpec,
@@ -140,9 +140,11 @@ class _LateRequestorSocket(TunedAssociationSocket):
 class _LateRequestorAE(TunedAE):
     """A :class:`TunedAE` whose associations use :class:`_LateRequestorSocket`."""
 
+    socket_type = _LateRequestorSocket
+
     def __init__(self) -> None:
         super().__init__(ae_title="DICOM_NODE")
-        self.sockets: list[_LateRequestorSocket] = []
+        self.sockets: list[AssociationSocket] = []
 
     def _create_socket(
         self,
@@ -150,9 +152,7 @@ class _LateRequestorAE(TunedAE):
         address: AddressInformation,
         tls_args: tuple[ssl.SSLContext, str] | None,
     ) -> AssociationSocket:
-        install_tuned_dul(assoc)
-        sock = _LateRequestorSocket(assoc, address)
-        sock.tls_args = tls_args
+        sock = super()._create_socket(assoc, address, tls_args)
         self.sockets.append(sock)
         return sock
 
@@ -182,6 +182,7 @@ def test_reject_handled_before_requestor_wakes_gives_reason(
     with pytest.raises(TransientError, match=REJECT_MESSAGE):
         sender._associate(ae, _dest(rejecting_peer), [build_context(CT)])
     [sock] = ae.sockets
+    assert isinstance(sock, _LateRequestorSocket)
     assert sock.closed_before_check, "the reject did not close the socket before the check"
     assert rejecting_peer.requests == [A_ASSOCIATE_RQ_TYPE]
 
