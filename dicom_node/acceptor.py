@@ -179,6 +179,10 @@ class ScpHandler(Protocol):
     def store(self, assoc: Association, request: StoreRequest) -> tuple[int, str | None]:
         """Return the status and an optional Error Comment (at most 64 characters are sent)."""
 
+    def store_answered(self, assoc: Association) -> None:
+        """After each C-STORE response was sent (or failed to be): for work that need not hold
+        up the answer."""
+
     def ended(self, assoc: Association, released: bool, reason: str) -> None: ...
 
     def connection_failed(self, address: str, error: str) -> None:
@@ -349,6 +353,33 @@ class _Connection:
         self._start = 0
         self._end = 0
 
+    def set_timeout(self, seconds: float | None) -> None:
+        """Make each blocking receive and send give up after ``seconds`` (``TimeoutError``).
+
+        A plain TCP socket stays in blocking mode and gets the timeout from the kernel
+        (``SO_RCVTIMEO``/``SO_SNDTIMEO``): with Python's own timeout every ``recv`` and ``send``
+        is preceded by a ``poll``, two system calls - and two hand-overs of the GIL among the
+        association threads - instead of one.  TLS sockets keep Python's timeout.
+        """
+        if isinstance(self.sock, ssl.SSLSocket) or not seconds or seconds <= 0:
+            self.sock.settimeout(seconds if seconds and seconds > 0 else None)
+            return
+        self.sock.settimeout(None)
+        whole = int(seconds)
+        timeval = struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+    def _recv_into(self, view: memoryview) -> int:
+        arm_quickack(self.sock)
+        try:
+            n = self.sock.recv_into(view)
+        except BlockingIOError:  # SO_RCVTIMEO ran out
+            raise TimeoutError("receive timed out") from None
+        if not n:
+            raise _Closed
+        return n
+
     def _fill(self, need: int) -> None:
         while self._end - self._start < need:
             if self._start == self._end:
@@ -357,11 +388,7 @@ class _Connection:
                 size = self._end - self._start
                 self._buf[:size] = self._buf[self._start:self._end]
                 self._start, self._end = 0, size
-            arm_quickack(self.sock)
-            n = self.sock.recv_into(self._view[self._end:])
-            if not n:
-                raise _Closed
-            self._end += n
+            self._end += self._recv_into(self._view[self._end:])
 
     def read_pdu(self, limit: int) -> tuple[int, bytes | bytearray]:
         """The next PDU's type and body; PDUs longer than ``limit`` abort the association."""
@@ -382,15 +409,14 @@ class _Connection:
         view = memoryview(big)
         got = buffered
         while got < length:
-            arm_quickack(self.sock)
-            n = self.sock.recv_into(view[got:])
-            if not n:
-                raise _Closed
-            got += n
+            got += self._recv_into(view[got:])
         return pdu_type, big
 
     def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        try:
+            self.sock.sendall(data)
+        except BlockingIOError:  # SO_SNDTIMEO ran out
+            raise TimeoutError("send timed out") from None
 
 
 class _Message:
@@ -567,7 +593,7 @@ class _AssociationRun:
 
     def run(self) -> None:
         address = f"{self.addr[0]}:{self.addr[1]}"
-        self.sock.settimeout(self.config.acse_timeout)
+        self.conn.set_timeout(self.config.acse_timeout)
         try:
             pdu_type, body = self.conn.read_pdu(_MAX_REQUEST_PDU)
         except (_Closed, ConnectionError):
@@ -712,7 +738,7 @@ class _AssociationRun:
     # -- data transfer ---------------------------------------------------------------------------
     def _serve(self, assoc: Association) -> tuple[bool, str]:
         """Serve messages until release or abort; return (released, why it ended)."""
-        self.sock.settimeout(self.config.network_timeout)
+        self.conn.set_timeout(self.config.network_timeout)
         message: _Message | None = None
         try:
             while True:
@@ -798,7 +824,9 @@ class _AssociationRun:
         comment: str | None = None
         sop_class = _text(fields.get(0x0002))
         sop_instance = _text(fields.get(0x1000))
+        stored = False
         if command == C_STORE_RQ and dataset is not None:
+            stored = True
             request = StoreRequest(
                 message_id=message_id,
                 affected_sop_class_uid=sop_class,
@@ -823,5 +851,11 @@ class _AssociationRun:
             command, message_id, status, sop_class_uid=sop_class or None,
             sop_instance_uid=sop_instance or None, error_comment=comment,
         )
-        self.conn.send(p_data_pdus(message.context_id, response, assoc.peer_max_pdu))
+        if not stored:
+            self.conn.send(p_data_pdus(message.context_id, response, assoc.peer_max_pdu))
+            return
+        try:
+            self.conn.send(p_data_pdus(message.context_id, response, assoc.peer_max_pdu))
+        finally:
+            self.handler.store_answered(assoc)
 

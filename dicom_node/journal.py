@@ -9,9 +9,10 @@ node may answer success.  Parallel associations share flushes (group commit: one
 covers every record written before it began), which matters on disks whose flush is slow
 whatever is written (4 ms on another virtual disk here, even with nothing dirty).
 
-A background thread then writes the instance to its spool file without waiting for the disk,
-tells the ingest sink, fsyncs a whole batch of files and folders at once, and only then marks
-the batch *applied* in the journal header. After a crash, :meth:`IntakeJournal.recover` finds
+Once the answer is sent, the association's thread writes the instance to its spool file without
+waiting for the disk (the bytes are still in the CPU's cache) and tells the ingest sink; a
+background thread fsyncs a whole batch of files and folders at once, and only then marks the
+batch *applied* in the journal header. After a crash, :meth:`IntakeJournal.recover` finds
 the records that were not applied and :class:`Intake` writes their files again before the
 listener opens its port.
 
@@ -38,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import struct
 import threading
 import time
@@ -62,16 +62,12 @@ _VERSION: Final = 1
 _RECORD = struct.Struct("<4sQIII")
 _RECORD_MAGIC: Final = b"DNJR"
 _ZERO_CHUNK: Final = 8 << 20
-#: Queue items taken at once by the writer thread.
-_BATCH: Final = 64
 #: The spool files are fsync'd (and their records applied) after this long without an instance,
 SYNC_WHEN_IDLE_S: Final = 0.5
 #: when this share of the journal holds records not yet applied,
 SYNC_WHEN_FULL: Final = 0.5
 #: or at the latest this long after the oldest unapplied one was written.
 SYNC_AFTER_S: Final = 30.0
-#: Instance bytes waiting in memory for the writer thread before senders are held back.
-MAX_BACKLOG_BYTES: Final = 64 << 20
 
 
 def _pad(length: int) -> int:
@@ -325,13 +321,12 @@ class IntakeJournal:
             os.close(self._fd)
 
 
-_STOP = object()
 
+class Pending(NamedTuple):
+    """An instance durable in the journal whose spool file is still to be written
+    (:meth:`Intake.finish`)."""
 
-class _Written(NamedTuple):
-    """An instance to write to the spool (``seq`` None: already there, only to report)."""
-
-    seq: int | None
+    seq: int
     instance: StoredInstance
     chunks: list[BytesLike]
 
@@ -348,28 +343,37 @@ def _instance_meta(instance: StoredInstance) -> bytes:
 class Intake:
     """Makes received instances durable, writes them to the spool and reports them in order.
 
-    With a journal, :meth:`store` returns once the journal record is on disk; a background
-    thread writes the spool file, tells the sink and marks the record applied once the file is
-    fsync'd.  Without one (``journal=None``, or when it has no room), :meth:`store` writes and
-    fsyncs the spool file itself.  The sink hears of every instance of an association before
-    the end of that association (both go through the same queue).
+    With a journal, :meth:`store` returns once the journal record is on disk (the moment the
+    C-STORE may be answered) and :meth:`finish`, called by the same association thread once
+    the answer is sent, writes the spool file while the bytes are still in the CPU's cache,
+    tells the sink and leaves the file to the sync thread: it makes a whole batch of files
+    durable with one ``syncfs`` when the stream pauses and only then marks their records
+    applied.  Without a journal (``journal=None``, or when it has no room) :meth:`store` writes
+    and fsyncs the spool file itself and tells the sink.  Either way the sink hears of an
+    association's instances on the association's own thread, so before the end of that
+    association.
     """
 
     def __init__(self, spool: Spool, sink: IngestSink, journal: IntakeJournal | None) -> None:
         self.spool = spool
         self.sink = sink
         self.journal = journal
-        self._queue: queue.Queue[object] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        #: Bytes handed to the writer thread and not yet in the spool (held in memory).
-        self._backlog = 0
-        self._backlog_cv = threading.Condition()
-        #: Made when the writer starts, before any write it is to report errors of.
+        # Files written and not yet synced, with their records; guarded by _cv, which also
+        # wakes the sync thread and flush().
+        self._cv = threading.Condition()
+        self._unsynced: list[Path] = []
+        self._unapplied: list[int] = []
+        self._oldest = 0.0
+        self._added = 0
+        #: Instances answered from the journal whose spool file is not written and reported yet.
+        self._unfinished = 0
+        #: Made when the sync thread starts, before any write it is to report errors of.
         self._fs_sync: FilesystemSync | None = None
 
     def start(self) -> int:
-        """Write back what the journal holds from before a crash; start the writer thread.
+        """Write back what the journal holds from before a crash; start the sync thread.
 
         Returns how many instances were recovered from the journal.
         """
@@ -399,15 +403,17 @@ class Intake:
             if recovered:
                 log.warning("journal_recovered", instances=recovered, path=str(self.journal.path))
             self.journal.start_filling()
-            self._thread = threading.Thread(target=self._run, name="intake-writer", daemon=True)
+            self._thread = threading.Thread(target=self._run, name="intake-sync", daemon=True)
             self._thread.start()
         return recovered
 
     def stop(self) -> None:
-        """Write and apply everything queued, then stop."""
+        """Sync and apply every spool file written, then stop (call after the associations
+        ended: an instance finished later stays in the journal for the next start)."""
         if self._thread is not None:
             self._stopping.set()
-            self._queue.put(_STOP)
+            with self._cv:
+                self._cv.notify_all()
             self._thread.join(120)
             self._thread = None
         if self.journal is not None:
@@ -419,15 +425,16 @@ class Intake:
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until the sink has heard of everything stored so far (not that it is fsync'd
         in the spool: it is durable in the journal already)."""
-        if self._thread is None:
-            return True
-        reached = threading.Event()
-        self._queue.put(reached)
-        return reached.wait(timeout)
+        with self._cv:
+            return self._cv.wait_for(lambda: self._unfinished == 0, timeout)
 
     # -- called from association threads -------------------------------------------------------
-    def store(self, instance: StoredInstance, chunks: list[BytesLike]) -> None:
+    def store(self, instance: StoredInstance, chunks: list[BytesLike]) -> Pending | None:
         """Make ``instance`` (its file bytes in ``chunks``) durable; return when it is.
+
+        Returns what :meth:`finish` must be given once the answer is sent when the instance
+        went to the journal; None when it was written (and fsync'd) to the spool directly and
+        reported already.
 
         Raises
         ------
@@ -441,98 +448,90 @@ class Intake:
                 log.warning("journal_write_failed", error=str(exc))
                 seq = None
             if seq is not None:
-                size = sum(len(c) for c in chunks)
-                with self._backlog_cv:
-                    self._backlog += size
-                self._queue.put(_Written(seq, instance, chunks))
-                # Back-pressure: the senders wait (their data is safe) rather than memory grow
-                # while the writer thread catches up with many parallel associations.
-                with self._backlog_cv:
-                    self._backlog_cv.wait_for(lambda: self._backlog <= MAX_BACKLOG_BYTES, timeout=60)
-                return
+                with self._cv:
+                    self._unfinished += 1
+                return Pending(seq, instance, chunks)
         self.spool.store(instance.study_instance_uid, instance.series_instance_uid,
                          instance.sop_instance_uid, chunks)
-        if self._thread is not None:
-            self._queue.put(_Written(None, instance, []))  # reported in order with the journaled ones
-        else:
-            self._report(instance)
+        self._report(instance)
+        return None
+
+    def finish(self, pending: Pending) -> None:
+        """Write the spool file of an instance :meth:`store` put in the journal, tell the sink,
+        and leave the file to the sync thread.  Retries while the disk refuses (the sender has
+        its answer; this association waits, the others go on) until the intake stops: the
+        instance then stays in the journal and is written at the next start."""
+        try:
+            path = self._write(pending.instance, pending.chunks)
+        except SpoolWriteError:
+            path = None
+        if path is not None:
+            self._report(pending.instance)
+        journal = self.journal
+        assert journal is not None
+        with self._cv:
+            self._unfinished -= 1
+            if path is not None:
+                if not self._unsynced:
+                    self._oldest = time.monotonic()
+                self._unsynced.append(path)
+                self._unapplied.append(pending.seq)
+                self._added += 1
+            # Wake the sync thread for a new batch, a journal filling up, or flush().
+            if len(self._unsynced) == 1 or self._unfinished == 0 or (
+                journal.outstanding_fraction > SYNC_WHEN_FULL
+            ):
+                self._cv.notify_all()
 
     def association_ended(self, summary: AssociationSummary) -> None:
-        """Tell the sink, after every instance of the association."""
-        if self._thread is not None:
-            self._queue.put(summary)
-        else:
-            self._ended(summary)
+        """Tell the sink, after every instance of the association (same thread)."""
+        try:
+            self.sink.association_ended(summary)
+        except Exception:
+            log.exception("sink_failed", sink_event="association_ended")
 
-    # -- the writer thread ---------------------------------------------------------------------
     def _report(self, instance: StoredInstance) -> None:
         try:
             self.sink.instance_stored(instance)
         except Exception:
             log.exception("sink_failed", sink_event="instance_stored")
 
-    def _ended(self, summary: AssociationSummary) -> None:
-        try:
-            self.sink.association_ended(summary)
-        except Exception:
-            log.exception("sink_failed", sink_event="association_ended")
-
+    # -- the sync thread -----------------------------------------------------------------------
     def _run(self) -> None:
+        """Sync the spool files written when the stream pauses (``SYNC_WHEN_IDLE_S`` without a
+        new one), when the journal is half full of unapplied records, after ``SYNC_AFTER_S``,
+        or when stopping; then mark their records applied."""
         journal = self.journal
         assert journal is not None
-        stopping = False
-        applied: list[int] = []
-        written: list[Path] = []
-        oldest = 0.0
-        while not stopping:
-            try:
-                batch = [self._queue.get(timeout=SYNC_WHEN_IDLE_S if written else None)]
-            except queue.Empty:
-                batch = []  # the stream paused: time to make the spool files durable
-            while batch and len(batch) < _BATCH:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            for item in batch:
-                if item is _STOP:
-                    stopping = True
-                elif isinstance(item, AssociationSummary):
-                    self._ended(item)
-                elif isinstance(item, threading.Event):
-                    item.set()  # flush(): everything before it was reported
-                elif isinstance(item, _Written):
-                    seq, instance, chunks = item
-                    if seq is not None:
-                        try:
-                            path = self._write(instance, chunks)
-                        except SpoolWriteError:
-                            continue  # stopping: it stays in the journal for the next start
-                        finally:
-                            with self._backlog_cv:
-                                self._backlog -= sum(len(c) for c in chunks)
-                                self._backlog_cv.notify_all()
-                        if not written:
-                            oldest = time.monotonic()
-                        written.append(path)
-                        applied.append(seq)
-                    self._report(instance)
-            if written and (
-                not batch
-                or stopping
-                or journal.outstanding_fraction > SYNC_WHEN_FULL
-                or time.monotonic() - oldest > SYNC_AFTER_S
-            ):
-                if self._sync(written):
-                    journal.applied_through(applied)
-                written, applied = [], []
+        while True:
+            with self._cv:
+                while True:
+                    stopping = self._stopping.is_set()
+                    if not self._unsynced:
+                        if stopping:
+                            return
+                        self._cv.wait()
+                        continue
+                    if (
+                        stopping
+                        or journal.outstanding_fraction > SYNC_WHEN_FULL
+                        or time.monotonic() - self._oldest > SYNC_AFTER_S
+                    ):
+                        break
+                    added = self._added
+                    self._cv.wait(SYNC_WHEN_IDLE_S)
+                    if self._added == added:
+                        break  # the stream paused
+                paths, seqs = self._unsynced, self._unapplied
+                self._unsynced, self._unapplied = [], []
+            if self._sync(paths):
+                journal.applied_through(seqs)
 
     def _write(self, instance: StoredInstance, chunks: list[BytesLike]) -> Path:
         """Write the spool file (no fsync yet), retrying while the disk refuses."""
         while True:
             try:
-                return self.spool.store(instance.study_instance_uid, instance.series_instance_uid,
-                                        instance.sop_instance_uid, chunks, sync=False)
+                return self.spool.store_at(instance.path, chunks, sync=False)
             except SpoolWriteError as exc:
                 # Safe in the journal; keep trying (it is written again at the next start).
                 log.error("journal_apply_failed", sop_instance_uid=instance.sop_instance_uid,

@@ -22,7 +22,7 @@ import zlib
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, cast
+from typing import Any, BinaryIO, Final, Protocol, cast
 
 import structlog
 from pydicom.charset import convert_encodings, decode_bytes
@@ -49,7 +49,7 @@ from dicom_node.acceptor import (
 )
 from dicom_node.errors import InvalidUIDError, PermanentError
 from dicom_node.ingest import CATALOG_ATTRIBUTES, AssociationSummary, IngestSink, StoredInstance
-from dicom_node.journal import Intake, IntakeJournal
+from dicom_node.journal import Intake, IntakeJournal, Pending
 from dicom_node.net import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.settings import ListenerSettings, StorageSettings, TlsSettings
 from dicom_node.spool import Spool, SpoolWriteError
@@ -244,6 +244,12 @@ class _Refused(Exception):
         return self.event.replace("store_refused_", "refused: ").replace("_", " ")
 
 
+#: While the spool has this much more than ``storage.min_free_mb`` free, its free space is read
+#: again only after this long (else for every instance).
+FREE_SPACE_MARGIN_MB: Final = 1024
+FREE_SPACE_RECHECK_S: Final = 0.5
+
+
 @dataclass
 class _AssociationState:
     association_id: str
@@ -251,6 +257,8 @@ class _AssociationState:
     log: Any
     series: set[str] = field(default_factory=set)
     stored: int = 0
+    #: The instance answered from the intake journal whose spool file is written next.
+    pending: Pending | None = None
 
 
 class ListenerMetrics(Protocol):
@@ -315,6 +323,8 @@ class Listener:
         )
         self._acceptor: Acceptor | None = None
         self._intake: Intake | None = None
+        #: The last free-space reading of the spool (MiB) and when it was taken (monotonic s).
+        self._free: tuple[float, float] = (0.0, -1e9)
         self.journal_path = journal_path or Path(storage.root) / ".journal" / "intake.wal"
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -452,6 +462,7 @@ class Listener:
         if self.metrics is not None:
             self.metrics.association(state.calling_ae_title, "released" if released else "aborted")
         assert self._intake is not None
+        self.store_answered(assoc)  # nothing is left pending, normally
         self._intake.association_ended(summary)
 
     # -- services ------------------------------------------------------------------------------
@@ -470,9 +481,9 @@ class Listener:
 
         **Statuses returned** (failures carry an Error Comment naming the reason)
 
-        - ``0x0000`` Success: the instance is on disk - in the intake journal (then in the
-          spool moments later), or fsync'd in the spool - and the sink hears of it once the
-          spool file exists.
+        - ``0x0000`` Success: the instance is on disk - in the intake journal (its spool file
+          is written by :meth:`store_answered`, once the answer is sent), or fsync'd in the
+          spool - and the sink hears of it once the spool file exists.
         - ``0xA700`` Refused, out of resources: free space below ``storage.min_free_mb``
           (nothing written) or the write failed.
         - ``0xA900`` Error, dataset does not match SOP class: the dataset's SOP Class/Instance
@@ -502,8 +513,28 @@ class Listener:
             self.metrics.store_status(status)
         return status, comment
 
+    def store_answered(self, assoc: Association) -> None:
+        """Once the sender has its answer: write the spool file of the instance answered from
+        the journal and tell the sink (the sender's next instance arrives meanwhile)."""
+        state = cast(_AssociationState, assoc.user_data)
+        pending, state.pending = state.pending, None
+        if pending is not None:
+            assert self._intake is not None
+            self._intake.finish(pending)
+
+    def _free_mb(self) -> float:
+        """The spool's free space: a ``statfs`` per instance near the watermark, else one every
+        ``FREE_SPACE_RECHECK_S`` (no sender fills ``FREE_SPACE_MARGIN_MB`` in that time)."""
+        measured, at = self._free
+        now = time.monotonic()
+        if now - at < FREE_SPACE_RECHECK_S and measured >= self.storage.min_free_mb + FREE_SPACE_MARGIN_MB:
+            return measured
+        measured = self.spool.free_mb()
+        self._free = (measured, now)
+        return measured
+
     def _store(self, req: StoreRequest, state: _AssociationState, received_at: float) -> int:
-        free = self.spool.free_mb()
+        free = self._free_mb()
         if free < self.storage.min_free_mb:
             raise _Refused(
                 statuses.OUT_OF_RESOURCES, "store_refused_low_disk",
@@ -565,7 +596,7 @@ class Listener:
         )
         assert self._intake is not None
         try:
-            self._intake.store(instance, [meta, req.dataset])
+            state.pending = self._intake.store(instance, [meta, req.dataset])
         except SpoolWriteError as exc:
             raise _Refused(statuses.OUT_OF_RESOURCES, "store_refused_write_failed",
                            error=str(exc)) from None

@@ -129,6 +129,54 @@ def write_durably(final: Path, chunks: Iterable[BytesLike], *, sync: bool = True
         raise
 
 
+#: Files can be written unnamed and linked in once complete (Linux: ``O_TMPFILE``, and
+#: ``/proc/self/fd`` to link them by).
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0) if os.path.isdir("/proc/self/fd") else 0
+
+
+def _writev_all(fd: int, chunks: Iterable[BytesLike]) -> None:
+    views = [memoryview(c).cast("B") for c in chunks if len(c)]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views.pop(0))
+        if n:
+            views[0] = views[0][n:]
+
+
+def write_unsynced(final: Path, chunks: list[BytesLike]) -> None:
+    """Write ``chunks`` as ``final`` atomically, without fsync (see ``sync=False`` of
+    :func:`write_durably`).
+
+    Written as an unnamed file (``O_TMPFILE``) and linked under its name once complete: one
+    operation on the folder instead of two (a temporary name, then the rename), which the
+    association threads writing into one series folder otherwise queue for.  Where that is not
+    supported, or ``final`` exists (a re-sent instance: a link does not replace), it is
+    :func:`write_durably` with ``sync=False``.
+    """
+    if _O_TMPFILE:
+        try:
+            fd = os.open(final.parent, os.O_WRONLY | _O_TMPFILE | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+        else:
+            try:
+                _writev_all(fd, chunks)
+                # linkat(AT_SYMLINK_FOLLOW) of the magic link: a file descriptor cannot be linked
+                # by itself without CAP_DAC_READ_SEARCH (the absolute path ignores src_dir_fd).
+                os.link(f"/proc/self/fd/{fd}", final, src_dir_fd=fd, follow_symlinks=True)
+                return
+            except FileNotFoundError:
+                raise  # the folder is gone (see Spool.store_at)
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP):
+                    raise
+            finally:
+                os.close(fd)
+    write_durably(final, chunks, sync=False)
+
+
 class Spool:
     """Durable file store for received instances.
 
@@ -177,7 +225,11 @@ class Spool:
         SpoolWriteError
             When the write, fsync or rename fails (the temporary file is removed).
         """
-        final = self.path_for(study_uid, series_uid, sop_uid)
+        return self.store_at(self.path_for(study_uid, series_uid, sop_uid), data, sync=sync)
+
+    def store_at(self, final: Path, data: BytesLike | Iterable[BytesLike], *, sync: bool = True) -> Path:
+        """:meth:`store` to a path :meth:`path_for` made (not checked again)."""
+        write = write_durably if sync else write_unsynced
         try:
             # A list, so the chunks can be written again if the folder has to be recreated.
             chunks: list[BytesLike] = (
@@ -185,14 +237,14 @@ class Spool:
             )
             self._ensure_dir(final.parent)
             try:
-                write_durably(final, chunks, sync=sync)
+                write(final, chunks)
             except FileNotFoundError:
                 # The folder was removed behind our back (retention gc): forget and recreate it.
                 with self._lock:
                     self._known_dirs.discard(final.parent)
                     self._known_dirs.discard(final.parent.parent)
                 self._ensure_dir(final.parent)
-                write_durably(final, chunks, sync=sync)
+                write(final, chunks)
         except OSError as exc:
             raise SpoolWriteError(f"could not write {final} to the spool: {exc}") from exc
         return final

@@ -14,7 +14,7 @@ import pytest
 import dicom_node.journal as journal_module
 from dicom_node.ingest import AssociationSummary, StoredInstance
 from dicom_node.journal import PAGE, Intake, IntakeJournal
-from dicom_node.spool import FilesystemSync, Spool
+from dicom_node.spool import FilesystemSync, Spool, SpoolWriteError
 
 STUDY, SERIES = "1.2.826.0.1.3680043.10.1", "1.2.826.0.1.3680043.10.1.2"
 
@@ -43,6 +43,13 @@ def _instance(spool: Spool, n: int) -> StoredInstance:
 
 def _payload(n: int, size: int = 70_000) -> bytes:
     return (f"instance {n} ".encode() * (size // 10 + 1))[:size]
+
+
+def _store(intake: Intake, instance: StoredInstance, chunks: list[bytes]) -> None:
+    """What the listener does for one C-STORE: store, answer (here: nothing), finish."""
+    pending = intake.store(instance, list(chunks))
+    if pending is not None:
+        intake.finish(pending)
 
 
 def _filled(path: Path, size: int) -> IntakeJournal:
@@ -107,7 +114,7 @@ def test_intake_writes_reports_in_order_and_applies(tmp_path: Path) -> None:
     intake = Intake(spool, sink, _filled(tmp_path / "j.wal", 4 << 20))
     assert intake.start() == 0
     for n in range(20):
-        intake.store(_instance(spool, n), [b"meta", _payload(n)])
+        _store(intake, _instance(spool, n), [b"meta", _payload(n)])
     intake.association_ended(AssociationSummary("a1", "CT1", True, frozenset({SERIES}), time.time()))
     journal = intake.journal
     assert journal is not None
@@ -124,7 +131,7 @@ def test_full_journal_falls_back_to_direct_durable_writes(tmp_path: Path) -> Non
     intake = Intake(spool, sink, _filled(tmp_path / "j.wal", 3 * PAGE))  # too small for any record
     intake.start()
     for n in range(3):
-        intake.store(_instance(spool, n), [_payload(n)])
+        assert intake.store(_instance(spool, n), [_payload(n)]) is None  # nothing left to finish
     intake.stop()
     assert [e[1] for e in sink.events] == [f"{SERIES}.{n}" for n in range(3)]
     assert all(spool.path_for(STUDY, SERIES, f"{SERIES}.{n}").read_bytes() == _payload(n) for n in range(3))
@@ -135,7 +142,7 @@ def test_without_a_journal_the_intake_writes_directly(tmp_path: Path) -> None:
     sink = RecordingSink()
     intake = Intake(spool, sink, None)
     intake.start()
-    intake.store(_instance(spool, 1), [_payload(1)])
+    assert intake.store(_instance(spool, 1), [_payload(1)]) is None
     assert sink.events == [("instance", f"{SERIES}.1")]  # reported at once, on the caller's thread
     intake.stop()
 
@@ -150,13 +157,11 @@ def test_acknowledged_instances_survive_a_crash_before_the_spool_write(tmp_path:
         from test_journal import RecordingSink, _filled, _instance, _payload
         from dicom_node.journal import Intake
         from dicom_node.spool import Spool
-        import time
-        Intake._write = lambda self, instance, chunks: time.sleep(3600)  # the spool write stalls
         spool = Spool(Path({str(tmp_path / "spool")!r}))
         intake = Intake(spool, RecordingSink(), _filled(Path({str(tmp_path / "j.wal")!r}), 8 << 20))
         intake.start()
         for n in range(30):
-            intake.store(_instance(spool, n), [_payload(n)])
+            assert intake.store(_instance(spool, n), [_payload(n)]) is not None  # never finished
         os._exit(0)
     """)
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120, cwd=Path(__file__).parents[2])
@@ -196,31 +201,56 @@ def test_recovery_finds_a_record_behind_an_old_one_left_by_a_torn_write(tmp_path
     reopened.close()
 
 
-def test_senders_are_held_back_while_the_writer_lags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Memory stays bounded: past ``MAX_BACKLOG_BYTES`` waiting for the writer, ``store`` waits."""
-    monkeypatch.setattr(journal_module, "MAX_BACKLOG_BYTES", 100_000)
-    gate = threading.Event()
+def test_the_spool_file_is_written_once_the_answer_is_out(tmp_path: Path) -> None:
+    """``store`` returns as soon as the record is durable (the C-STORE is answered then), with
+    the spool file not written and nothing reported; ``finish`` writes and reports it."""
     spool = Spool(tmp_path / "spool")
-    intake = Intake(spool, RecordingSink(), _filled(tmp_path / "j.wal", 4 << 20))
-    real_write = Intake._write
-
-    def slow_write(self: Intake, instance: StoredInstance, chunks: list[bytes]) -> Path:
-        gate.wait(30)
-        return real_write(self, instance, chunks)
-
-    monkeypatch.setattr(Intake, "_write", slow_write)
+    sink = RecordingSink()
+    intake = Intake(spool, sink, _filled(tmp_path / "j.wal", 4 << 20))
     intake.start()
-    done: list[int] = []
-    sender = threading.Thread(target=lambda: [intake.store(_instance(spool, n), [_payload(n)]) or done.append(n)
-                                              for n in range(3)])
-    sender.start()
-    time.sleep(0.5)
-    assert done == [0]  # 70 kB waiting is under the 100 kB mark; with the second (140 kB) held
-    gate.set()
-    sender.join(30)
-    assert done == [0, 1, 2]
+    instance = _instance(spool, 7)
+    pending = intake.store(instance, [_payload(7)])
+    assert pending is not None and not instance.path.exists() and sink.events == []
+    assert not intake.flush(0.2)  # the sink has not heard of an answered instance yet
+    intake.finish(pending)
+    assert intake.flush(5)
+    assert instance.path.read_bytes() == _payload(7)
+    assert sink.events == [("instance", f"{SERIES}.7")]
     intake.stop()
-    assert all(spool.path_for(STUDY, SERIES, f"{SERIES}.{n}").read_bytes() == _payload(n) for n in range(3))
+
+
+def test_finish_retries_while_the_disk_refuses_the_spool_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spool write that fails after the answer is retried (the instance is safe in the
+    journal) and reported once written; the other associations are not held up meanwhile."""
+    spool = Spool(tmp_path / "spool")
+    sink = RecordingSink()
+    intake = Intake(spool, sink, _filled(tmp_path / "j.wal", 4 << 20))
+    intake.start()
+    other_done, refused = threading.Event(), threading.Event()
+    real_store_at = Spool.store_at
+
+    def full_disk_for_1(self: Spool, final: Path, *args: object, **kwargs: object) -> Path:
+        if final.stem == f"{SERIES}.1" and not other_done.is_set():  # until 2 was stored
+            refused.set()
+            raise SpoolWriteError("No space left on device")
+        return real_store_at(self, final, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Spool, "store_at", full_disk_for_1)
+    stuck = intake.store(_instance(spool, 1), [_payload(1)])
+    assert stuck is not None
+    retrying = threading.Thread(target=intake.finish, args=(stuck,))
+    retrying.start()
+    assert refused.wait(30)
+    _store(intake, _instance(spool, 2), [_payload(2)])  # another association, meanwhile
+    other_done.set()
+    retrying.join(30)
+    assert not retrying.is_alive()
+    assert sink.events == [("instance", f"{SERIES}.2"), ("instance", f"{SERIES}.1")]
+    assert spool.path_for(STUDY, SERIES, f"{SERIES}.1").read_bytes() == _payload(1)
+    intake.stop()
+    assert intake.journal is not None and intake.journal.applied == 2
 
 
 class SlowFlushes:
@@ -297,7 +327,7 @@ def test_a_failed_flush_fails_every_record_it_covered(tmp_path: Path, monkeypatc
 def test_a_failed_spool_sync_keeps_the_records_for_the_next_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """When the disk fails the batch sync, the writer thread lives on, nothing is marked applied,
+    """When the disk fails the batch sync, the sync thread lives on, nothing is marked applied,
     and the next start writes those instances from the journal again."""
     spool = Spool(tmp_path / "spool")
     sink = RecordingSink()
@@ -311,15 +341,15 @@ def test_a_failed_spool_sync_keeps_the_records_for_the_next_start(
 
     monkeypatch.setattr(FilesystemSync, "sync", failing_sync)
     for n in range(3):
-        intake.store(_instance(spool, n), [_payload(n)])
+        _store(intake, _instance(spool, n), [_payload(n)])
     deadline = time.monotonic() + 30
-    while not failures:  # the writer syncs once the stream pauses (0.5 s)
+    while not failures:  # the sync thread syncs once the stream pauses (0.5 s)
         assert time.monotonic() < deadline, "the spool files were never synced"
         time.sleep(0.05)
     journal = intake.journal
     assert journal is not None and journal.applied == 0
     monkeypatch.undo()
-    intake.store(_instance(spool, 3), [_payload(3)])  # the writer still works
+    _store(intake, _instance(spool, 3), [_payload(3)])  # the sync thread still works
     intake.stop()
     assert [e[1] for e in sink.events] == [f"{SERIES}.{n}" for n in range(4)]
 
