@@ -396,3 +396,28 @@ def test_a_repeated_request_is_negotiated_from_the_cache_with_its_own_titles(
     assert associate(_request_pdu("SCU_A", app_context="1.2.3"))[0] == 0x03
     assert len(acceptor._negotiated) == 2
     assert any(kind == "failed" and "Calling AE Title" in text for kind, text in handler.events)
+
+
+def test_silent_peers_are_dropped_after_the_acse_and_network_timeouts() -> None:
+    """A connection that never sends its A-ASSOCIATE-RQ is closed after ``acse_timeout``; an
+    association that goes quiet gets an A-ABORT after ``network_timeout`` (the kernel's receive
+    timeout on a plain socket, so no poll before every read)."""
+    handler = _Recorder()
+    acceptor = Acceptor(
+        ("127.0.0.1", 0),
+        AcceptorConfig(contexts={CT: (ExplicitVRLittleEndian,)}, acse_timeout=0.5, network_timeout=0.5),
+        handler,
+    )
+    try:
+        with socket.create_connection(("127.0.0.1", acceptor.port), timeout=10) as silent:
+            pdu_type, body = _read_pdu(silent)  # nothing sent: the node gives up
+        assert (pdu_type, body[2]) == (0x07, 2)  # A-ABORT from the service provider
+        with _associate(acceptor.port) as quiet:
+            quiet.settimeout(10)
+            pdu_type, body = _read_pdu(quiet)  # associated, then nothing
+        assert (pdu_type, body[2]) == (0x07, 2)
+        assert handler.done.wait(10)
+    finally:
+        acceptor.shutdown()
+    assert ("failed", "no A-ASSOCIATE-RQ within acse_timeout") in handler.events
+    assert ("ended", "aborted: no data for network_timeout (0.5 s)") in handler.events
