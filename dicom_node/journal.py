@@ -115,13 +115,15 @@ class IntakeJournal:
         self._lock = threading.Lock()
         #: Serialises header writes, so the values on disk only ever grow.
         self._header_lock = threading.Lock()
-        # Group commit: writes done (a ticket each), tickets known durable, one fdatasync at a
-        # time, tickets whose fdatasync failed.
+        # Group commit: writes done (a ticket each), tickets covered by a finished fdatasync,
+        # tickets known durable, one fdatasync at a time, and the ranges (lo, hi] of tickets
+        # whose fdatasync failed (a later successful one must not pass them as durable).
         self._sync_cv = threading.Condition()
         self._tickets = 0
+        self._handled = 0
         self._synced = 0
         self._syncing = False
-        self._failed_through = 0
+        self._failed: list[tuple[int, int]] = []
         raw = os.pread(self._fd, _HEADER.size, 0)
         has_header = len(raw) == _HEADER.size and raw[:4] == _HEADER_MAGIC
         if has_header:
@@ -166,26 +168,33 @@ class IntakeJournal:
         with self._sync_cv:
             self._tickets += 1
             ticket = self._tickets
-            while self._synced < ticket:
-                if ticket <= self._failed_through:
+            while True:
+                if any(lo < ticket <= hi for lo, hi in self._failed):
                     raise OSError(f"fdatasync of {self.path} failed")
+                if self._synced >= ticket:
+                    return
                 if self._syncing:
                     self._sync_cv.wait()
                     continue
                 self._syncing = True
-                covered = self._tickets
+                lo, covered = self._handled, self._tickets
+                error: OSError | None = None
                 self._sync_cv.release()
                 try:
                     os.fdatasync(self._fd)
-                except OSError:
-                    self._failed_through = covered
-                    raise
-                else:
-                    self._synced = max(self._synced, covered)
+                except OSError as exc:
+                    error = exc
                 finally:
                     self._sync_cv.acquire()
-                    self._syncing = False
-                    self._sync_cv.notify_all()
+                self._handled = max(self._handled, covered)
+                if error is None:
+                    self._synced = max(self._synced, covered)
+                else:
+                    self._failed.append((lo, covered))
+                self._syncing = False
+                self._sync_cv.notify_all()
+                if error is not None:
+                    raise error
 
     def start_filling(self) -> None:
         """Zero-fill the rest of the file in a background thread (records only go where filled)."""
