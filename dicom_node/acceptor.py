@@ -571,6 +571,11 @@ class Acceptor:
             with contextlib.suppress(OSError):
                 conn.close()
 
+    @property
+    def established(self) -> int:
+        """Associations established and not ended yet."""
+        return self._established
+
     def _count(self, delta: int) -> int:
         with self._lock:
             self._established += delta

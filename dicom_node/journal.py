@@ -220,6 +220,11 @@ class IntakeJournal:
             log.info("journal_ready", path=str(self.path), size_mb=self.size >> 20)
 
     @property
+    def last_seq(self) -> int:
+        """The sequence number of the newest record written (0: none since it was made)."""
+        return self._next_seq - 1
+
+    @property
     def ready_bytes(self) -> int:
         """How much of the file is zero-filled and usable for records."""
         return self._ready
@@ -438,19 +443,21 @@ class Intake:
             return self._cv.wait_for(lambda: self._unfinished == 0, timeout)
 
     # -- called from association threads -------------------------------------------------------
-    def store(self, instance: StoredInstance, chunks: list[BytesLike]) -> Pending | None:
+    def store(
+        self, instance: StoredInstance, chunks: list[BytesLike], *, direct: bool = False
+    ) -> Pending | None:
         """Make ``instance`` (its file bytes in ``chunks``) durable; return when it is.
 
         Returns what :meth:`finish` must be given once the answer is sent when the instance
         went to the journal; None when it was written (and fsync'd) to the spool directly and
-        reported already.
+        reported already: with ``direct``, without a journal, or when it has no room.
 
         Raises
         ------
         SpoolWriteError
             When it could not be made durable (nothing was promised).
         """
-        if self.journal is not None and self._thread is not None:
+        if self.journal is not None and self._thread is not None and not direct:
             try:
                 seq = self.journal.append(_instance_meta(instance), chunks)
             except OSError as exc:

@@ -248,6 +248,12 @@ class _Refused(Exception):
 #: again only after this long (else for every instance).
 FREE_SPACE_MARGIN_MB: Final = 1024
 FREE_SPACE_RECHECK_S: Final = 0.5
+#: From this many associations at once, instances are written and fsync'd straight into the
+#: spool instead of going through the intake journal.  The journal makes one sender faster (one
+#: cheap flush per instance instead of a file and folder fsync) but costs a second copy and a
+#: second disk write of every instance; with several senders the CPU is short and the
+#: filesystem batches their fsyncs anyway (docs/performance.md: 4 associations).
+DIRECT_FROM_ASSOCIATIONS: Final = 3
 
 
 @dataclass
@@ -483,7 +489,8 @@ class Listener:
 
         - ``0x0000`` Success: the instance is on disk - in the intake journal (its spool file
           is written by :meth:`store_answered`, once the answer is sent), or fsync'd in the
-          spool - and the sink hears of it once the spool file exists.
+          spool (without a journal, or from ``DIRECT_FROM_ASSOCIATIONS`` associations at once)
+          - and the sink hears of it once the spool file exists.
         - ``0xA700`` Refused, out of resources: free space below ``storage.min_free_mb``
           (nothing written) or the write failed.
         - ``0xA900`` Error, dataset does not match SOP class: the dataset's SOP Class/Instance
@@ -596,7 +603,9 @@ class Listener:
         )
         assert self._intake is not None
         try:
-            state.pending = self._intake.store(instance, [meta, req.dataset])
+            # Many senders at once: write straight to the spool (see DIRECT_FROM_ASSOCIATIONS).
+            direct = self._acceptor is not None and self._acceptor.established >= DIRECT_FROM_ASSOCIATIONS
+            state.pending = self._intake.store(instance, [meta, req.dataset], direct=direct)
         except SpoolWriteError as exc:
             raise _Refused(statuses.OUT_OF_RESOURCES, "store_refused_write_failed",
                            error=str(exc)) from None

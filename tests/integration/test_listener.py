@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pynetdicom import AE
 
 from dicom_node.errors import PermanentError, TransientError
 from dicom_node.ingest import CollectingSink
-from dicom_node.listener import IMPLEMENTATION_CLASS_UID, Listener
+from dicom_node.listener import DIRECT_FROM_ASSOCIATIONS, IMPLEMENTATION_CLASS_UID, Listener
 from dicom_node.sender import send_instances
 from dicom_node.settings import DestinationSettings, ListenerSettings, StorageSettings
 from dicom_node.spool import Spool
@@ -50,8 +51,8 @@ class Node:
 
     @property
     def sink(self) -> CollectingSink:
-        """The sink, once it has heard of everything answered so far (the intake journal
-        reports instances from its writer thread, moments after the C-STORE response)."""
+        """The sink, once it has heard of everything answered so far (an instance that went
+        through the intake journal is reported just after its C-STORE response)."""
         assert self.listener.flush()
         return self._sink
 
@@ -150,6 +151,38 @@ def test_series_is_spooled_byte_identical(
     assert first.attributes["SliceThickness"] == pytest.approx(5.0)
     assert first.attributes["ImageType"] == "ORIGINAL\\PRIMARY\\AXIAL"
     assert "PatientName" not in first.attributes
+
+
+def test_several_senders_at_once_write_straight_to_the_spool(
+    make_node: Callable[..., Node], series: list[Path]
+) -> None:
+    """One association goes through the intake journal; from ``DIRECT_FROM_ASSOCIATIONS``
+    associations at once the instances are fsync'd straight into the spool (no second copy),
+    every one of them stored and reported either way."""
+    node = make_node()
+    journal = node.listener._intake.journal if node.listener._intake else None
+    assert journal is not None
+    storescu(node.port, series[:2])
+    assert journal.last_seq == 2 and len(node.sink.instances) == 2
+    ae = AE(ae_title="PARALLEL")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assocs = [ae.associate("127.0.0.1", node.port, ae_title="DICOM_NODE")
+              for _ in range(DIRECT_FROM_ASSOCIATIONS)]
+    try:
+        assert all(a.is_established for a in assocs)
+        for n, path in enumerate(series[2:2 + 2 * len(assocs)]):
+            status = assocs[n % len(assocs)].send_c_store(dcmread(path))
+            assert status.Status == 0x0000
+    finally:
+        for a in assocs:
+            a.release()
+    assert journal.last_seq == 2  # none of those went through the journal
+    stored = {i.sop_instance_uid for i in node.sink.instances}
+    assert len(stored) == 2 + 2 * len(assocs)
+    for path in series[: 2 + 2 * len(assocs)]:
+        sop = dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        assert sop in stored
+        assert dataset_part(node.root / STUDY / SERIES / f"{sop}.dcm") == dataset_part(path)
 
 
 def test_resent_instance_replaces_copy_and_is_reported_again(

@@ -137,6 +137,21 @@ def test_full_journal_falls_back_to_direct_durable_writes(tmp_path: Path) -> Non
     assert all(spool.path_for(STUDY, SERIES, f"{SERIES}.{n}").read_bytes() == _payload(n) for n in range(3))
 
 
+def test_a_direct_store_bypasses_the_journal(tmp_path: Path) -> None:
+    """``direct=True`` (many senders at once): fsync'd straight into the spool, reported at
+    once, nothing in the journal."""
+    spool = Spool(tmp_path / "spool")
+    sink = RecordingSink()
+    intake = Intake(spool, sink, _filled(tmp_path / "j.wal", 4 << 20))
+    intake.start()
+    assert intake.store(_instance(spool, 5), [_payload(5)], direct=True) is None
+    assert sink.events == [("instance", f"{SERIES}.5")]
+    assert spool.path_for(STUDY, SERIES, f"{SERIES}.5").read_bytes() == _payload(5)
+    journal = intake.journal
+    assert journal is not None and journal.last_seq == 0
+    intake.stop()
+
+
 def test_without_a_journal_the_intake_writes_directly(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     sink = RecordingSink()
