@@ -8,8 +8,10 @@ each sending a quarter of the corpus).  dicom-node runs in child processes: one 
 ``--processes N`` listeners sharing the port with ``SO_REUSEPORT`` (one Python process is held
 to one core by the GIL).  Each listener runs as in ``dicom-node serve``: the real catalog
 recorder (SQLite) behind it, every instance on disk before success - in the intake journal
-(``storage.journal_mb``, the default), or with the journal off, by fsyncing each file and its
-folder.  storescp and Orthanc (as configured here) do not fsync at all.  Each row also gives
+(``storage.journal_mb``, the default; fsync'd straight into the spool from 3 associations at
+once), or with the journal off, by fsyncing each file and its folder.  The journals are kept
+from run to run (zero-filled once, as a node's are).  storescp and Orthanc (as configured here)
+do not fsync at all.  Each row also gives
 the receiver's own CPU time per instance (all its processes and threads, senders excluded).
 
 Also used by :mod:`benchmarks.stock_sender` (same corpus, same helpers).
@@ -93,7 +95,8 @@ def cpu_seconds(pids: Sequence[int]) -> float:
 
 
 def _listener_main(
-    port: int, root: str, index: int, processes: int, journal_mb: int, ready: Any, stop: Any
+    port: int, root: str, index: int, processes: int, journal_mb: int, journal_dir: str | None,
+    ready: Any, stop: Any,
 ) -> None:
     import structlog
 
@@ -115,7 +118,7 @@ def _listener_main(
         recorder,
         storage,
         reuse_port=processes > 1,
-        journal_path=Path(root) / ".journal" / f"intake-{index}.wal",
+        journal_path=Path(journal_dir or Path(root) / ".journal") / f"intake-{index}.wal",
     )
     listener.start()
     deadline = time.monotonic() + 120
@@ -129,8 +132,17 @@ def _listener_main(
 
 
 @contextmanager
-def dicom_node_listeners(root: Path, processes: int = 1, journal_mb: int = 512) -> Iterator[int]:
-    """Run ``processes`` listener processes on one port (SO_REUSEPORT when > 1); yield the port."""
+def dicom_node_listeners(
+    root: Path, processes: int = 1, journal_mb: int = 512, journal_dir: Path | None = None
+) -> Iterator[int]:
+    """Run ``processes`` listener processes on one port (SO_REUSEPORT when > 1); yield the port.
+
+    ``journal_dir``: where the intake journals are, kept from run to run as a node keeps its
+    own (zero-filled once, when first created).  Measuring straight after a fresh 512 MiB fill
+    is not the steady state: for some seconds afterwards every fsync is slower (4 associations
+    writing straight into the spool took 261-362/s just after the fill, 460-505/s 10 s later).
+    Default: a fresh journal in the spool folder.
+    """
     ctx = mp.get_context("spawn")
     port = procs.free_port()
     stop = ctx.Event()
@@ -139,7 +151,8 @@ def dicom_node_listeners(root: Path, processes: int = 1, journal_mb: int = 512) 
         ready = ctx.Event()
         p = ctx.Process(
             target=_listener_main,
-            args=(port, str(root), index, processes, journal_mb, ready, stop),
+            args=(port, str(root), index, processes, journal_mb,
+                  None if journal_dir is None else str(journal_dir), ready, stop),
         )
         p.start()
         if not ready.wait(150):
@@ -325,11 +338,15 @@ def measure_interleaved(
 ) -> dict[str, list[float]]:
     """Instances/s per target; runs interleave the targets so ratios share the machine's mood.
 
-    Each run starts a fresh receiver on a fresh folder (no file is ever replaced).
+    Each run starts a fresh receiver on a fresh folder (no file is ever replaced), after an
+    ``os.sync()``: a receiver that does not fsync (storescp, Orthanc) leaves ~100 MB of dirty
+    pages, and the kernel writing them back would slow the next receiver's flushes and fsyncs
+    (ext4 writes a file's data before the commit that makes its name durable).
     """
     rates: dict[str, list[float]] = {t.name: [] for t in targets}
     for run in range(runs):
         for target in targets:
+            os.sync()
             workdir = scratch / f"{target.name}-{parallel}-{run}".replace(" ", "_")
             with target.start(workdir) as port:
                 before = cpu_seconds(RECEIVER_PIDS.get(port, []))
@@ -396,7 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             Target(
                 "dicom-node (journal)",
                 "DICOM_NODE",
-                lambda w: dicom_node_listeners(w / "spool", 1),
+                lambda w: dicom_node_listeners(w / "spool", 1, journal_dir=w.parent / "journal-1"),
             ),
             Target(
                 "dicom-node, journal off (fsync)",
@@ -406,7 +423,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             Target(
                 f"dicom-node, {args.processes} proc (journal)",
                 "DICOM_NODE",
-                lambda w: dicom_node_listeners(w / "spool", args.processes),
+                lambda w: dicom_node_listeners(
+                    w / "spool", args.processes, journal_dir=w.parent / f"journal-{args.processes}"
+                ),
             ),
         ]
         if args.orthanc and procs.tool_path("Orthanc"):
