@@ -411,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 lambda w: stock_storescp(w, nodelay, fork=fork),
             ),
             Target(
-                "dicom-node (journal)",
+                "dicom-node (default)",
                 "DICOM_NODE",
                 lambda w: dicom_node_listeners(w / "spool", 1, journal_dir=w.parent / "journal-1"),
             ),
@@ -421,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 lambda w: dicom_node_listeners(w / "spool", 1, journal_mb=0),
             ),
             Target(
-                f"dicom-node, {args.processes} proc (journal)",
+                f"dicom-node, {args.processes} proc",
                 "DICOM_NODE",
                 lambda w: dicom_node_listeners(
                     w / "spool", args.processes, journal_dir=w.parent / f"journal-{args.processes}"
