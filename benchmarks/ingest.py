@@ -351,7 +351,7 @@ def measure_interleaved(
             with target.start(workdir) as port:
                 before = cpu_seconds(RECEIVER_PIDS.get(port, []))
                 seconds = send_parallel(port, target.ae_title, files, parallel, nodelay)
-                time.sleep(0.3)  # forked children reaped; the journal's writer done with the burst
+                time.sleep(0.3)  # forked children reaped; the receiver done with the burst
                 used = cpu_seconds(RECEIVER_PIDS.get(port, [])) - before
             rates[target.name].append(len(files) / seconds)
             CPU_MS[(target.name, parallel)].append(used / len(files) * 1000)

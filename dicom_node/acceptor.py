@@ -361,8 +361,10 @@ class _Connection:
         is preceded by a ``poll``, two system calls - and two hand-overs of the GIL among the
         association threads - instead of one.  TLS sockets keep Python's timeout.
         """
-        if isinstance(self.sock, ssl.SSLSocket) or not seconds or seconds <= 0:
-            self.sock.settimeout(seconds if seconds and seconds > 0 else None)
+        if seconds is not None and seconds <= 0:
+            seconds = None  # no timeout
+        if seconds is None or isinstance(self.sock, ssl.SSLSocket):
+            self.sock.settimeout(seconds)
             return
         self.sock.settimeout(None)
         whole = int(seconds)
@@ -856,11 +858,9 @@ class _AssociationRun:
             command, message_id, status, sop_class_uid=sop_class or None,
             sop_instance_uid=sop_instance or None, error_comment=comment,
         )
-        if not stored:
-            self.conn.send(p_data_pdus(message.context_id, response, assoc.peer_max_pdu))
-            return
         try:
             self.conn.send(p_data_pdus(message.context_id, response, assoc.peer_max_pdu))
         finally:
-            self.handler.store_answered(assoc)
+            if stored:
+                self.handler.store_answered(assoc)
 

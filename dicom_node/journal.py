@@ -374,13 +374,12 @@ class Intake:
         self.journal = journal
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        # Files written and not yet synced, with their records; guarded by _cv, which also
-        # wakes the sync thread and flush().
+        # Spool files written and not yet synced, with their records' sequence numbers (only
+        # the sync thread takes them away); guarded by _cv, which also wakes the sync thread and
+        # flush().
         self._cv = threading.Condition()
-        self._unsynced: list[Path] = []
-        self._unapplied: list[int] = []
+        self._unsynced: list[tuple[Path, int]] = []
         self._oldest = 0.0
-        self._added = 0
         #: Instances answered from the journal whose spool file is not written and reported yet.
         self._unfinished = 0
         #: Made when the sync thread starts, before any write it is to report errors of.
@@ -406,8 +405,7 @@ class Intake:
                             str(fields["sop_instance_uid"]),
                         ),
                     })
-                    self.spool.store(instance.study_instance_uid, instance.series_instance_uid,
-                                     instance.sop_instance_uid, data)
+                    self.spool.store_at(instance.path, data)
                 except (TypeError, ValueError, SpoolWriteError) as exc:
                     log.error("journal_recovery_failed", seq=seq, error=str(exc))
                     continue
@@ -467,8 +465,7 @@ class Intake:
                 with self._cv:
                     self._unfinished += 1
                 return Pending(seq, instance, chunks)
-        self.spool.store(instance.study_instance_uid, instance.series_instance_uid,
-                         instance.sop_instance_uid, chunks)
+        self.spool.store_at(instance.path, chunks)
         self._report(instance)
         return None
 
@@ -490,9 +487,7 @@ class Intake:
             if path is not None:
                 if not self._unsynced:
                     self._oldest = time.monotonic()
-                self._unsynced.append(path)
-                self._unapplied.append(pending.seq)
-                self._added += 1
+                self._unsynced.append((path, pending.seq))
             # Wake the sync thread for a new batch, a journal filling up, or flush().
             if len(self._unsynced) == 1 or self._unfinished == 0 or (
                 journal.outstanding_fraction > SYNC_WHEN_FULL
@@ -534,14 +529,13 @@ class Intake:
                         or time.monotonic() - self._oldest > SYNC_AFTER_S
                     ):
                         break
-                    added = self._added
+                    written = len(self._unsynced)
                     self._cv.wait(SYNC_WHEN_IDLE_S)
-                    if self._added == added:
+                    if len(self._unsynced) == written:
                         break  # the stream paused
-                paths, seqs = self._unsynced, self._unapplied
-                self._unsynced, self._unapplied = [], []
-            if self._sync(paths):
-                journal.applied_through(seqs)
+                batch, self._unsynced = self._unsynced, []
+            if self._sync([path for path, _ in batch]):
+                journal.applied_through([seq for _, seq in batch])
 
     def _write(self, instance: StoredInstance, chunks: list[BytesLike]) -> Path:
         """Write the spool file (no fsync yet), retrying while the disk refuses."""

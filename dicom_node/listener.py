@@ -53,7 +53,6 @@ from dicom_node.journal import Intake, IntakeJournal, Pending
 from dicom_node.net import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.settings import ListenerSettings, StorageSettings, TlsSettings
 from dicom_node.spool import Spool, SpoolWriteError
-from dicom_node.uids import validate_uid
 
 #: Transfer syntaxes accepted for every storage SOP class (datasets are stored as sent).
 TRANSFER_SYNTAXES: tuple[str, ...] = (
@@ -577,10 +576,10 @@ class Listener:
                 statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, "store_refused_sop_instance_mismatch",
                 dataset_sop_instance_uid=sop_instance[:80],
             )
+        study = str(found["StudyInstanceUID"] or "")
+        series = str(found["SeriesInstanceUID"] or "")
         try:
-            study = validate_uid(str(found["StudyInstanceUID"] or ""), "StudyInstanceUID")
-            series = validate_uid(str(found["SeriesInstanceUID"] or ""), "SeriesInstanceUID")
-            validate_uid(sop_instance, "SOPInstanceUID")
+            path = self.spool.path_for(study, series, sop_instance)  # validates the three UIDs
         except InvalidUIDError as exc:
             raise _Refused(
                 statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, "store_refused_invalid_uid",
@@ -594,7 +593,7 @@ class Listener:
             sop_instance_uid=sop_instance,
             sop_class_uid=sop_class,
             transfer_syntax_uid=transfer_syntax,
-            path=self.spool.path_for(study, series, sop_instance),
+            path=path,
             size=size,
             calling_ae_title=state.calling_ae_title,
             association_id=state.association_id,

@@ -93,12 +93,14 @@ class FilesystemSync:
 _datasync = getattr(os, "fdatasync", os.fsync)
 
 
-def _write_all(fd: int, chunk: BytesLike) -> int:
-    view = memoryview(chunk).cast("B")
-    written = 0
-    while written < len(view):
-        written += os.write(fd, view[written:])
-    return written
+def _writev_all(fd: int, chunks: Iterable[BytesLike]) -> None:
+    views = [memoryview(c).cast("B") for c in chunks if len(c)]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views.pop(0))
+        if n:
+            views[0] = views[0][n:]
 
 
 def write_durably(final: Path, chunks: Iterable[BytesLike], *, sync: bool = True) -> None:
@@ -113,8 +115,7 @@ def write_durably(final: Path, chunks: Iterable[BytesLike], *, sync: bool = True
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            for chunk in chunks:
-                _write_all(fd, chunk)
+            _writev_all(fd, chunks)
             if sync:
                 # The data and what is needed to read it back (size, blocks); timestamps may lag.
                 _datasync(fd)
@@ -132,16 +133,6 @@ def write_durably(final: Path, chunks: Iterable[BytesLike], *, sync: bool = True
 #: Files can be written unnamed and linked in once complete (Linux: ``O_TMPFILE``, and
 #: ``/proc/self/fd`` to link them by).
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0) if os.path.isdir("/proc/self/fd") else 0
-
-
-def _writev_all(fd: int, chunks: Iterable[BytesLike]) -> None:
-    views = [memoryview(c).cast("B") for c in chunks if len(c)]
-    while views:
-        n = os.writev(fd, views)
-        while views and n >= len(views[0]):
-            n -= len(views.pop(0))
-        if n:
-            views[0] = views[0][n:]
 
 
 def write_unsynced(final: Path, chunks: list[BytesLike]) -> None:
