@@ -18,24 +18,11 @@ import socket
 import ssl
 import struct
 import time
-import zlib
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path
-from typing import Any, BinaryIO, Final, Protocol, cast
+from typing import Any, Final, Protocol, cast
 
 import structlog
-from pydicom.charset import convert_encodings, decode_bytes
-from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
-from pydicom.multival import MultiValue
-from pydicom.tag import BaseTag, Tag
-from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ImplicitVRLittleEndian,
-)
 from pynetdicom import AllStoragePresentationContexts
 
 from dicom_node import statuses
@@ -47,8 +34,9 @@ from dicom_node.acceptor import (
     AssociationRequest,
     StoreRequest,
 )
-from dicom_node.errors import InvalidUIDError, PermanentError
-from dicom_node.ingest import CATALOG_ATTRIBUTES, AssociationSummary, IngestSink, StoredInstance
+from dicom_node.errors import InvalidUIDError
+from dicom_node.header import UndecodableDatasetError, parse_header
+from dicom_node.ingest import AssociationSummary, IngestSink, StoredInstance
 from dicom_node.journal import Intake, IntakeJournal, Pending
 from dicom_node.net import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.settings import ListenerSettings, StorageSettings, TlsSettings
@@ -72,110 +60,6 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
 )
 
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
-
-
-_UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-_TAGS: dict[str, int] = {
-    k: cast(int, tag_for_keyword(k))
-    for k in ("SpecificCharacterSet", *_UID_KEYWORDS, *CATALOG_ATTRIBUTES)
-}
-_HEADER_TAGS: list[BaseTag | int] = [Tag(t) for t in _TAGS.values()]
-_TEXT_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC", "PN"})
-_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})
-
-
-def _at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
-    return tag in _PIXEL_TAGS
-
-
-def read_header(stream: BinaryIO, transfer_syntax: str) -> Dataset:
-    """Parse only the elements the listener needs (UIDs, catalog attributes) from a raw dataset.
-
-    ``stream`` holds the dataset as received (no file meta) in ``transfer_syntax``; reading stops
-    before the pixel data, so pixel bytes are never touched.
-    """
-    if transfer_syntax == DeflatedExplicitVRLittleEndian:
-        stream.seek(0)
-        stream = BytesIO(zlib.decompress(stream.read(), -zlib.MAX_WBITS))
-    implicit = transfer_syntax == ImplicitVRLittleEndian
-    little = transfer_syntax != ExplicitVRBigEndian
-    stream.seek(0)
-    return read_dataset(
-        stream, implicit, little, stop_when=_at_pixel_data, specific_tags=_HEADER_TAGS
-    )
-
-
-def _element_text(header: Dataset, tag: int, encodings: list[str]) -> str | None:
-    """The raw value of a string element as text (no pydicom value conversion, ~10x faster)."""
-    elem = header.get_item(tag)
-    if elem is None or elem.value is None:
-        return None
-    value = elem.value
-    if not isinstance(value, bytes):
-        # Already converted (or a non-string VR): format what pydicom gives us.
-        if isinstance(value, MultiValue | list | tuple):
-            return "\\".join(str(v) for v in value)
-        return str(value)
-    vr = elem.VR or dictionary_VR(tag)
-    if vr == "UI":
-        return value.rstrip(b"\x00 ").decode("ascii", "replace")
-    text = decode_bytes(value, encodings, {0x5C}) if vr in _TEXT_VRS else value.decode(
-        "ascii", "replace"
-    )
-    return "\\".join(part.strip(" \x00") for part in text.split("\\"))
-
-
-def header_values(
-    header: Dataset,
-) -> tuple[dict[str, str | None], dict[str, str | int | float]]:
-    """The UIDs (:data:`_UID_KEYWORDS`) and catalog attributes found in a parsed header.
-
-    Numbers become ``int`` (IS) or ``float`` (DS); multi-valued strings stay ``a\\b``;
-    values that do not parse are left out (they are optional catalog hints).
-    """
-    charset = _element_text(header, 0x00080005, ["iso8859"])
-    encodings = convert_encodings(charset.split("\\") if charset else None)
-    uids = {k: _element_text(header, _TAGS[k], encodings) for k in _UID_KEYWORDS}
-    attributes: dict[str, str | int | float] = {}
-    for keyword in CATALOG_ATTRIBUTES:
-        tag = _TAGS[keyword]
-        try:
-            text = _element_text(header, tag, encodings)
-            if not text:
-                continue
-            vr = dictionary_VR(tag)
-            if vr == "IS":
-                attributes[keyword] = int(float(text.split("\\")[0]))
-            elif vr == "DS":
-                attributes[keyword] = float(text.split("\\")[0])
-            else:
-                attributes[keyword] = text
-        except Exception:  # noqa: S112 - a malformed optional attribute is not worth a refusal
-            continue
-    return uids, attributes
-
-
-class UndecodableDatasetError(PermanentError):
-    """A received data set whose header cannot be parsed in its transfer syntax (0xC210)."""
-
-
-def parse_header(
-    stream: BinaryIO, transfer_syntax: str
-) -> tuple[dict[str, str | None], dict[str, str | int | float]]:
-    """:func:`read_header` + :func:`header_values`, with every parsing failure as one error.
-
-    Raises
-    ------
-    UndecodableDatasetError
-        When the bytes are not a data set in ``transfer_syntax`` (truncated, garbage, absurd
-        lengths...), naming the transfer syntax and what went wrong.
-    """
-    try:
-        return header_values(read_header(stream, transfer_syntax))
-    except Exception as exc:  # untrusted bytes: pydicom/zlib/struct raise a dozen types here
-        raise UndecodableDatasetError(
-            f"the data set cannot be decoded as {transfer_syntax}: {type(exc).__name__}: {exc}"[:300]
-        ) from exc
 
 
 def _meta_element(tag_element: int, vr: bytes, value: bytes) -> bytes:
@@ -549,7 +433,7 @@ class Listener:
         transfer_syntax = req.context.transfer_syntax
         abstract_syntax = req.context.abstract_syntax
         try:
-            found, attributes = parse_header(BytesIO(req.dataset), transfer_syntax)
+            found, attributes = parse_header(req.dataset, transfer_syntax)
         except UndecodableDatasetError as exc:
             raise _Refused(
                 statuses.CANNOT_UNDERSTAND, "store_refused_undecodable",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import tempfile
 import warnings
-from io import BytesIO
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dicom_node.errors import DicomNodeError
-from dicom_node.listener import UndecodableDatasetError, parse_header
+from dicom_node.header import UndecodableDatasetError, parse_header
 from dicom_node.loading import load_series
 from dicom_node.testing.phantoms import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
 
@@ -62,7 +61,7 @@ def test_listener_parsing_raises_only_its_own_error(body: bytes, syntax: str) ->
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            uids, attributes = parse_header(BytesIO(body), syntax)
+            uids, attributes = parse_header(body, syntax)
         except UndecodableDatasetError as exc:
             assert str(exc).startswith("the data set cannot be decoded as")
             return
