@@ -8,7 +8,6 @@ the process dies is found again by :func:`reconcile_spool` at the next start.
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -25,7 +24,6 @@ from dicom_node.ingest import CATALOG_ATTRIBUTES, AssociationSummary, StoredInst
 log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
 
-_STOP = object()
 #: Waits between attempts at one catalog write (another writer's lock or a concurrent insert of
 #: the same series, a dropped database connection): about 6 s in all, then the write is given up
 #: (logged; the spool keeps the files and :func:`reconcile_spool` records them at the next start).
@@ -44,18 +42,24 @@ class CatalogRecorder:
         self.late_policy = late_policy
         self.max_batch = max_batch
         self.on_reopened = on_reopened
-        self._queue: queue.Queue[object] = queue.Queue()
+        #: Handed over, not yet taken by the recorder thread; only the first of a batch wakes it
+        #: (a wake-up per instance cost the association threads GIL hand-overs).
+        self._items: list[object] = []
+        self._cv = threading.Condition()
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="catalog-recorder", daemon=True)
         self._idle = threading.Event()
         self._idle.set()
         self._pending = 0
-        self._lock = threading.Lock()
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._queue.put(_STOP)
+        """Write what was handed over, then end the thread."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
         self._thread.join(timeout=30)
 
     # IngestSink
@@ -66,10 +70,12 @@ class CatalogRecorder:
         self._put(summary)
 
     def _put(self, item: object) -> None:
-        with self._lock:
+        with self._cv:
             self._pending += 1
             self._idle.clear()
-        self._queue.put(item)
+            self._items.append(item)
+            if len(self._items) == 1:
+                self._cv.notify()
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until everything handed over so far is in the catalog."""
@@ -77,19 +83,15 @@ class CatalogRecorder:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            batch = [item]
-            deadline = time.monotonic() + self.linger_s
-            while len(batch) < self.max_batch and item is not _STOP:
-                try:
-                    item = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
-                except queue.Empty:
-                    break
-                batch.append(item)
-            stop = any(b is _STOP for b in batch)
-            self._write([b for b in batch if b is not _STOP])
-            if stop:
-                return
+            with self._cv:
+                self._cv.wait_for(lambda: self._items or self._stopping)
+                if not self._items:
+                    return  # stopping, and everything is written
+                # Let the batch fill (only stop() wakes this wait), then take all of it.
+                self._cv.wait_for(lambda: self._stopping, timeout=self.linger_s)
+                batch, self._items = self._items, []
+            for start in range(0, len(batch), self.max_batch):
+                self._write(batch[start:start + self.max_batch])
 
     def _write(self, batch: list[object]) -> None:
         # Keep order: instances before the association end that follows them.
@@ -106,7 +108,7 @@ class CatalogRecorder:
         except Exception:  # process boundary: the thread must survive a database hiccup
             log.exception("catalog_write_failed", batch=len(batch))
         finally:
-            with self._lock:
+            with self._cv:
                 self._pending -= len(batch)
                 if self._pending <= 0:
                     self._pending = 0

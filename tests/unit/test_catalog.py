@@ -240,3 +240,29 @@ def test_two_recorders_on_one_database_record_every_instance(tmp_path: Path) -> 
     check = Catalog(url)
     counts = {uid: getattr(check.get_series(uid), "instance_count", 0) for uid in series}
     assert counts == dict.fromkeys(series, 2)
+
+
+def test_the_recorder_writes_what_arrives_while_it_lingers_in_one_batch(
+    catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Instances handed over within the linger go to the catalog in one transaction, larger
+    hand-overs in batches of max_batch, and stop() writes what is still waiting."""
+    real = catalog.record_instances
+    calls: list[int] = []
+
+    def counted(instances: list[StoredInstance], **kwargs: str) -> list[str]:
+        calls.append(len(instances))
+        return real(instances, **kwargs)
+
+    monkeypatch.setattr(catalog, "record_instances", counted)
+    recorder = CatalogRecorder(catalog, linger_s=0.3, max_batch=4)
+    recorder.start()
+    for n in range(10):
+        recorder.instance_stored(inst(n, 1.0 + n))
+    assert recorder.flush()
+    assert calls == [4, 4, 2]
+    recorder.instance_stored(inst(10, 11.0))
+    recorder.stop()  # long before the linger is over
+    assert calls == [4, 4, 2, 1]
+    series = catalog.get_series(SERIES)
+    assert series is not None and series.instance_count == 11
