@@ -1,9 +1,10 @@
 """The spool: received instances as files, ``<root>/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``.
 
-Every write is durable before the caller answers the sender: the bytes go to a temporary file in
-the destination folder, the file is fsync'd, renamed over its final name (so a re-sent instance
-replaces its copy atomically) and the folder is fsync'd (new folders too, up to the root).  A
-crash leaves at worst a temporary file, which :meth:`Spool.clean_temp_files` removes on start and
+Every write is durable before the caller answers the sender: the bytes go to an unnamed file in
+the destination folder (``O_TMPFILE``; elsewhere a temporary file), the file is fsync'd, only
+then given its final name (a re-sent instance replaces its copy atomically) and the folder is
+fsync'd (new folders too, up to the root).  A crash leaves at worst an unnamed file the
+filesystem frees, or a temporary file, which :meth:`Spool.clean_temp_files` removes on start and
 which is never taken for an instance.  UIDs are validated before they become path parts.
 """
 
@@ -168,6 +169,117 @@ def write_unsynced(final: Path, chunks: list[BytesLike]) -> None:
     write_durably(final, chunks, sync=False)
 
 
+#: Open folders kept by a :class:`Spool` for its durable writes (most recently used).
+FOLDER_HANDLES = 64
+
+
+class _FolderHandles:
+    """Open file descriptors of recently written folders, so a durable write needs no ``open``
+    and ``close`` of its folder (each system call hands the GIL over, and with several
+    associations at once takes it back behind the others).
+
+    A handle is closed only when no thread uses it: a number closed under a thread's feet could
+    be reused by another ``open`` and the file linked into the wrong folder.
+    """
+
+    def __init__(self, limit: int = FOLDER_HANDLES) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._open: dict[Path, list[int]] = {}  # folder -> [fd, users], least recently used first
+        self._stale: list[list[int]] = []  # forgotten while in use: closed by their last user
+
+    @contextlib.contextmanager
+    def use(self, folder: Path) -> Iterator[int]:
+        with self._lock:
+            entry = self._open.pop(folder, None)
+            if entry is not None:
+                self._open[folder] = entry  # most recently used
+                entry[1] += 1
+        if entry is None:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            with self._lock:
+                entry = self._open.setdefault(folder, [fd, 0])
+                entry[1] += 1
+                if entry[0] != fd:
+                    os.close(fd)  # another thread opened it meanwhile
+                self._evict()
+        try:
+            yield entry[0]
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if entry[1] == 0 and any(e is entry for e in self._stale):
+                    self._stale.remove(entry)
+                    os.close(entry[0])
+
+    def forget(self, folder: Path) -> None:
+        """The folder was removed (or replaced): open it again next time."""
+        with self._lock:
+            entry = self._open.pop(folder, None)
+            if entry is not None:
+                if entry[1]:
+                    self._stale.append(entry)
+                else:
+                    os.close(entry[0])
+
+    def close(self) -> None:
+        with self._lock:
+            for folder in [f for f, e in self._open.items() if not e[1]]:
+                os.close(self._open.pop(folder)[0])
+
+    def __del__(self) -> None:  # a Spool dropped without close(): no descriptor leaks
+        for fd, _ in [*self._open.values(), *self._stale]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _evict(self) -> None:
+        for folder in list(self._open):
+            if len(self._open) <= self.limit:
+                return
+            if not self._open[folder][1]:
+                os.close(self._open.pop(folder)[0])
+
+
+def _write_unnamed_durably(folder_fd: int, name: str, chunks: list[BytesLike]) -> bool:
+    """Write ``chunks`` as ``name`` in the open folder, durably: an unnamed file (``O_TMPFILE``),
+    fdatasync'd, linked under ``name``, the folder fsync'd.  A file already there (a re-sent
+    instance) is replaced: linked under a temporary name, renamed over it.
+
+    Returns False, having written nothing, where unnamed files are not supported.
+    """
+    try:
+        fd = os.open(".", os.O_WRONLY | _O_TMPFILE | os.O_CLOEXEC, 0o644, dir_fd=folder_fd)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            return False
+        if os.fstat(folder_fd).st_nlink == 0:  # Linux says EPERM for a removed folder
+            raise FileNotFoundError(errno.ENOENT, "the folder was removed", name) from exc
+        raise
+    try:
+        _writev_all(fd, chunks)
+        _datasync(fd)  # the data first: the name never points at bytes that are not on disk
+        source = f"/proc/self/fd/{fd}"  # see write_unsynced
+        try:
+            os.link(source, name, dst_dir_fd=folder_fd, follow_symlinks=True)
+        except FileExistsError:
+            temp = f".{name}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
+            os.link(source, temp, dst_dir_fd=folder_fd, follow_symlinks=True)
+            try:
+                os.replace(temp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp, dir_fd=folder_fd)
+                raise
+        except OSError as exc:
+            if exc.errno in (errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP):
+                return False
+            raise
+    finally:
+        os.close(fd)
+    os.fsync(folder_fd)
+    return True
+
+
 class Spool:
     """Durable file store for received instances.
 
@@ -181,6 +293,9 @@ class Spool:
         self.root = Path(root)
         self._known_dirs: set[Path] = set()
         self._lock = threading.Lock()
+        self._folders = _FolderHandles()
+        #: Unnamed files work here (False once the filesystem refused one).
+        self._unnamed = bool(_O_TMPFILE)
         self._ensure_dir(self.root)
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
@@ -220,7 +335,7 @@ class Spool:
 
     def store_at(self, final: Path, data: BytesLike | Iterable[BytesLike], *, sync: bool = True) -> Path:
         """:meth:`store` to a path :meth:`path_for` made (not checked again)."""
-        write = write_durably if sync else write_unsynced
+        write = self._write_durably if sync else write_unsynced
         try:
             # A list, so the chunks can be written again if the folder has to be recreated.
             chunks: list[BytesLike] = (
@@ -234,11 +349,24 @@ class Spool:
                 with self._lock:
                     self._known_dirs.discard(final.parent)
                     self._known_dirs.discard(final.parent.parent)
+                self._folders.forget(final.parent)
                 self._ensure_dir(final.parent)
                 write(final, chunks)
         except OSError as exc:
             raise SpoolWriteError(f"could not write {final} to the spool: {exc}") from exc
         return final
+
+    def _write_durably(self, final: Path, chunks: list[BytesLike]) -> None:
+        if self._unnamed:
+            with self._folders.use(final.parent) as folder_fd:
+                if _write_unnamed_durably(folder_fd, final.name, chunks):
+                    return
+            self._unnamed = False
+        write_durably(final, chunks)
+
+    def close(self) -> None:
+        """Close the folders kept open (the spool stays usable: they are opened again)."""
+        self._folders.close()
 
     def _ensure_dir(self, path: Path) -> None:
         """Create ``path`` (and missing parents), fsync'ing each parent that gained an entry."""

@@ -172,3 +172,79 @@ def test_unsynced_write_recreates_a_folder_removed_behind_its_back(tmp_path: Pat
     first.parent.rmdir()
     first.parent.parent.rmdir()
     assert spool.store(STUDY, SERIES, SOP, b"y", sync=False).read_bytes() == b"y"
+
+
+@pytest.mark.parametrize("tmpfile", [True, False], ids=["O_TMPFILE", "temporary-name"])
+def test_durable_writes_are_whole_new_files_or_replacements(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tmpfile: bool
+) -> None:
+    """The durable write (an unnamed file fdatasync'd, then linked; elsewhere a temporary name
+    renamed) leaves the whole file under its name, replaces a re-sent one, and no temporary."""
+    if not tmpfile:
+        monkeypatch.setattr(spool_module, "_O_TMPFILE", 0)
+    elif not spool_module._O_TMPFILE:
+        pytest.skip("O_TMPFILE is Linux only")  # the CI machine is Linux: it runs
+    spool = Spool(tmp_path / "spool")
+    path = spool.store(STUDY, SERIES, SOP, [b"meta", b"a" * 70_000])
+    assert path.read_bytes() == b"meta" + b"a" * 70_000
+    inode = path.stat().st_ino
+    assert spool.store_at(path, [b"meta", b"b" * 10]) == path
+    assert path.read_bytes() == b"metabbbbbbbbbb" and path.stat().st_ino != inode
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    spool.close()
+
+
+def test_a_filesystem_without_unnamed_files_gets_temporary_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the filesystem refuses an unnamed file, the spool writes through a temporary
+    name from then on."""
+    refused: list[str] = []
+
+    def unsupported(folder_fd: int, name: str, chunks: list[bytes]) -> bool:
+        refused.append(name)
+        return False
+
+    monkeypatch.setattr(spool_module, "_write_unnamed_durably", unsupported)
+    spool = Spool(tmp_path)
+    first = spool.store(STUDY, SERIES, SOP, b"one")
+    second = spool.store(STUDY, SERIES, SOP + ".2", b"two")
+    assert (first.read_bytes(), second.read_bytes()) == (b"one", b"two")
+    assert refused == [first.name]  # asked once, then remembered
+
+
+def test_a_series_folder_replaced_behind_its_back_gets_the_file(tmp_path: Path) -> None:
+    """The spool keeps folders open; one removed and made again by someone else (retention,
+    an operator) is not written into through the old handle: the file lands in the new one."""
+    spool = Spool(tmp_path)
+    first = spool.store(STUDY, SERIES, SOP, b"a")
+    folder = first.parent
+    for p in folder.iterdir():
+        p.unlink()
+    folder.rmdir()
+    folder.mkdir()
+    again = spool.store(STUDY, SERIES, SOP + ".2", b"b")
+    assert again.parent == folder and again.read_bytes() == b"b"
+    assert [p.name for p in folder.iterdir()] == [again.name]
+
+
+def test_folder_handles_are_bounded_and_never_closed_in_use(tmp_path: Path) -> None:
+    """Beyond the limit the least recently used folder is closed, but never one a thread is
+    writing into; one forgotten while in use is closed by its last user."""
+    handles = spool_module._FolderHandles(limit=1)
+    a, b, c = (tmp_path / n for n in "abc")
+    for folder in (a, b, c):
+        folder.mkdir()
+    with handles.use(a) as fd_a:
+        with handles.use(b):
+            assert set(handles._open) == {a, b}  # a is in use: kept beyond the limit
+        os.fstat(fd_a)
+        handles.forget(a)
+        os.fstat(fd_a)  # still open for its user
+        assert handles._stale
+    assert not handles._stale  # closed by its last user
+    with handles.use(c):
+        pass
+    assert set(handles._open) == {c}
+    handles.close()
+    assert handles._open == {}
