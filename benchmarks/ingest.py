@@ -358,6 +358,7 @@ def measure_interleaved(
     nodelay: bool,
     runs: int,
     scratch: Path,
+    warm_up: bool = True,
 ) -> dict[str, list[float]]:
     """Instances/s per target; runs interleave the targets so ratios share the machine's mood.
 
@@ -373,7 +374,8 @@ def measure_interleaved(
             os.sync()
             workdir = scratch / f"{target.name}-{parallel}-{run}".replace(" ", "_")
             with target.start(workdir) as port:
-                warm_free_memory(scratch, 2 * sum(f.stat().st_size for f in files))
+                if warm_up:
+                    warm_free_memory(scratch, 2 * sum(f.stat().st_size for f in files))
                 before = cpu_seconds(RECEIVER_PIDS.get(port, []))
                 seconds = send_parallel(port, target.ae_title, files, parallel, nodelay)
                 time.sleep(0.3)  # forked children reaped; the receiver done with the burst
@@ -417,6 +419,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--references",
         action="store_true",
         help="also storescp --ignore and plain pynetdicom SCPs (the issue's reference rows)",
+    )
+    parser.add_argument(
+        "--no-warm-up",
+        action="store_true",
+        help="skip warm_free_memory() before each run (to see what this VM's memory costs)",
     )
     parser.add_argument(
         "--corpus", type=Path, default=Path(tempfile.gettempdir()) / "dn-bench-corpus"
@@ -479,7 +486,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows: list[tuple[str, int, list[float], float | None]] = []
         for parallel in args.parallel:
             targets = targets_for(parallel)
-            results = measure_interleaved(targets, files, parallel, nodelay, args.runs, scratch)
+            results = measure_interleaved(
+                targets, files, parallel, nodelay, args.runs, scratch, warm_up=not args.no_warm_up
+            )
             base = statistics.median(results[targets[0].name])
             for t in targets:
                 ratio = None if t is targets[0] else statistics.median(results[t.name]) / base
