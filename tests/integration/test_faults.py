@@ -630,6 +630,9 @@ def test_gc_removes_only_old_finished_series_by_cli_and_periodically(tmp_path: P
         done = wait_job(node, catalog, done_uid, ("done",))
         failed = wait_job(node, catalog, failed_uid, ("failed",))
         assert (outbox / f"job-{done.id}").is_dir()
+        # Older than the 0.5 s asked for below once the CLI runs, however fast it starts.
+        wait_until(lambda: time.time() - catalog.get_job(done.id).updated_at > 0.6, 10,  # type: ignore[union-attr]
+                   interval=0.05, what="the finished job older than 0.6 s")
 
         dry = cli(node, "gc", "--older-than-days", str(0.5 / 86400), "--dry-run", "--json")
         assert dry.returncode == 0, dry.stderr
