@@ -248,3 +248,30 @@ def test_folder_handles_are_bounded_and_never_closed_in_use(tmp_path: Path) -> N
     assert set(handles._open) == {c}
     handles.close()
     assert handles._open == {}
+
+
+@pytest.mark.skipif(not spool_module._O_TMPFILE, reason="O_TMPFILE is Linux only")  # CI is Linux: it runs
+def test_a_folder_removed_between_write_and_link_is_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The series folder disappears after the unnamed file was written and flushed, before it
+    is linked: the write is done again into a new folder, and unnamed files stay in use."""
+    spool = Spool(tmp_path)
+    spool.store(STUDY, SERIES, SOP, b"first")  # the folder exists and its handle is kept
+    folder = spool.path_for(STUDY, SERIES, SOP).parent
+    real_datasync = spool_module._datasync
+    removed: list[Path] = []
+
+    def datasync_then_remove(fd: int) -> None:
+        real_datasync(fd)
+        if not removed:
+            for p in folder.iterdir():
+                p.unlink()
+            folder.rmdir()
+            removed.append(folder)
+
+    monkeypatch.setattr(spool_module, "_datasync", datasync_then_remove)
+    path = spool.store(STUDY, SERIES, SOP + ".2", b"second")
+    assert removed and path.read_bytes() == b"second"
+    assert [p.name for p in folder.iterdir()] == [path.name]
+    assert spool._unnamed
