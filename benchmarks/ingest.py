@@ -369,13 +369,14 @@ def measure_interleaved(
     receiver is up, :func:`warm_free_memory` gives every receiver the same memory to write into.
     """
     rates: dict[str, list[float]] = {t.name: [] for t in targets}
+    warm_bytes = 2 * sum(f.stat().st_size for f in files)
     for run in range(runs):
         for target in targets:
             os.sync()
             workdir = scratch / f"{target.name}-{parallel}-{run}".replace(" ", "_")
             with target.start(workdir) as port:
                 if warm_up:
-                    warm_free_memory(scratch, 2 * sum(f.stat().st_size for f in files))
+                    warm_free_memory(scratch, warm_bytes)
                 before = cpu_seconds(RECEIVER_PIDS.get(port, []))
                 seconds = send_parallel(port, target.ae_title, files, parallel, nodelay)
                 time.sleep(0.3)  # forked children reaped; the receiver done with the burst

@@ -136,39 +136,6 @@ def write_durably(final: Path, chunks: Iterable[BytesLike], *, sync: bool = True
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0) if os.path.isdir("/proc/self/fd") else 0
 
 
-def write_unsynced(final: Path, chunks: list[BytesLike]) -> None:
-    """Write ``chunks`` as ``final`` atomically, without fsync (see ``sync=False`` of
-    :func:`write_durably`).
-
-    Written as an unnamed file (``O_TMPFILE``) and linked under its name once complete: one
-    operation on the folder instead of two (a temporary name, then the rename), which the
-    association threads writing into one series folder otherwise queue for.  Where that is not
-    supported, or ``final`` exists (a re-sent instance: a link does not replace), it is
-    :func:`write_durably` with ``sync=False``.
-    """
-    if _O_TMPFILE:
-        try:
-            fd = os.open(final.parent, os.O_WRONLY | _O_TMPFILE | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-                raise
-        else:
-            try:
-                _writev_all(fd, chunks)
-                # linkat(AT_SYMLINK_FOLLOW) of the magic link: a file descriptor cannot be linked
-                # by itself without CAP_DAC_READ_SEARCH (the absolute path ignores src_dir_fd).
-                os.link(f"/proc/self/fd/{fd}", final, src_dir_fd=fd, follow_symlinks=True)
-                return
-            except FileNotFoundError:
-                raise  # the folder is gone (see Spool.store_at)
-            except OSError as exc:
-                if exc.errno not in (errno.EEXIST, errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP):
-                    raise
-            finally:
-                os.close(fd)
-    write_durably(final, chunks, sync=False)
-
-
 #: Open folders kept by a :class:`Spool` for its durable writes (most recently used).
 FOLDER_HANDLES = 64
 
@@ -186,7 +153,6 @@ class _FolderHandles:
         self.limit = limit
         self._lock = threading.Lock()
         self._open: dict[Path, list[int]] = {}  # folder -> [fd, users], least recently used first
-        self._stale: list[list[int]] = []  # forgotten while in use: closed by their last user
 
     @contextlib.contextmanager
     def use(self, folder: Path) -> Iterator[int]:
@@ -208,19 +174,15 @@ class _FolderHandles:
         finally:
             with self._lock:
                 entry[1] -= 1
-                if entry[1] == 0 and any(e is entry for e in self._stale):
-                    self._stale.remove(entry)
-                    os.close(entry[0])
+                if entry[1] == 0 and self._open.get(folder) is not entry:
+                    os.close(entry[0])  # forgotten while in use: its last user closes it
 
     def forget(self, folder: Path) -> None:
         """The folder was removed (or replaced): open it again next time."""
         with self._lock:
             entry = self._open.pop(folder, None)
-            if entry is not None:
-                if entry[1]:
-                    self._stale.append(entry)
-                else:
-                    os.close(entry[0])
+            if entry is not None and not entry[1]:
+                os.close(entry[0])
 
     def close(self) -> None:
         with self._lock:
@@ -228,7 +190,7 @@ class _FolderHandles:
                 os.close(self._open.pop(folder)[0])
 
     def __del__(self) -> None:  # a Spool dropped without close(): no descriptor leaks
-        for fd, _ in [*self._open.values(), *self._stale]:
+        for fd, _ in self._open.values():
             with contextlib.suppress(OSError):
                 os.close(fd)
 
@@ -240,12 +202,20 @@ class _FolderHandles:
                 os.close(self._open.pop(folder)[0])
 
 
-def _write_unnamed_durably(folder_fd: int, name: str, chunks: list[BytesLike]) -> bool:
-    """Write ``chunks`` as ``name`` in the open folder, durably: an unnamed file (``O_TMPFILE``),
-    fdatasync'd, linked under ``name``, the folder fsync'd.  A file already there (a re-sent
-    instance) is replaced: linked under a temporary name, renamed over it.
+def _write_unnamed(folder_fd: int, name: str, chunks: list[BytesLike], *, sync: bool) -> bool:
+    """Write ``chunks`` as ``name`` in the open folder through an unnamed file (``O_TMPFILE``)
+    linked under ``name`` once complete: one operation on the folder instead of two (a
+    temporary name, then the rename), which association threads writing into one series
+    folder otherwise queue for.  A file already there (a re-sent instance) is replaced: linked
+    under a temporary name, renamed over it.  With ``sync`` the file is fdatasync'd before it
+    is named (the name never points at bytes that are not on disk) and the folder fsync'd after.
 
-    Returns False, having written nothing, where unnamed files are not supported.
+    Returns False, having named nothing, where unnamed files are not supported.
+
+    Raises
+    ------
+    FileNotFoundError
+        When the folder was removed.
     """
     try:
         fd = os.open(".", os.O_WRONLY | _O_TMPFILE | os.O_CLOEXEC, 0o644, dir_fd=folder_fd)
@@ -257,8 +227,11 @@ def _write_unnamed_durably(folder_fd: int, name: str, chunks: list[BytesLike]) -
         raise
     try:
         _writev_all(fd, chunks)
-        _datasync(fd)  # the data first: the name never points at bytes that are not on disk
-        source = f"/proc/self/fd/{fd}"  # see write_unsynced
+        if sync:
+            _datasync(fd)
+        # linkat(AT_SYMLINK_FOLLOW) of the magic link: a file descriptor cannot be linked by
+        # itself without CAP_DAC_READ_SEARCH.
+        source = f"/proc/self/fd/{fd}"
         try:
             os.link(source, name, dst_dir_fd=folder_fd, follow_symlinks=True)
         except FileExistsError:
@@ -276,7 +249,8 @@ def _write_unnamed_durably(folder_fd: int, name: str, chunks: list[BytesLike]) -
             raise
     finally:
         os.close(fd)
-    os.fsync(folder_fd)
+    if sync:
+        os.fsync(folder_fd)
     return True
 
 
@@ -335,34 +309,34 @@ class Spool:
 
     def store_at(self, final: Path, data: BytesLike | Iterable[BytesLike], *, sync: bool = True) -> Path:
         """:meth:`store` to a path :meth:`path_for` made (not checked again)."""
-        write = self._write_durably if sync else write_unsynced
+        folder = final.parent
         try:
             # A list, so the chunks can be written again if the folder has to be recreated.
             chunks: list[BytesLike] = (
                 [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
             )
-            self._ensure_dir(final.parent)
+            self._ensure_dir(folder)
             try:
-                write(final, chunks)
+                self._write(folder, final, chunks, sync)
             except FileNotFoundError:
                 # The folder was removed behind our back (retention gc): forget and recreate it.
                 with self._lock:
-                    self._known_dirs.discard(final.parent)
-                    self._known_dirs.discard(final.parent.parent)
-                self._folders.forget(final.parent)
-                self._ensure_dir(final.parent)
-                write(final, chunks)
+                    self._known_dirs.discard(folder)
+                    self._known_dirs.discard(folder.parent)
+                self._folders.forget(folder)
+                self._ensure_dir(folder)
+                self._write(folder, final, chunks, sync)
         except OSError as exc:
             raise SpoolWriteError(f"could not write {final} to the spool: {exc}") from exc
         return final
 
-    def _write_durably(self, final: Path, chunks: list[BytesLike]) -> None:
+    def _write(self, folder: Path, final: Path, chunks: list[BytesLike], sync: bool) -> None:
         if self._unnamed:
-            with self._folders.use(final.parent) as folder_fd:
-                if _write_unnamed_durably(folder_fd, final.name, chunks):
+            with self._folders.use(folder) as folder_fd:
+                if _write_unnamed(folder_fd, final.name, chunks, sync=sync):
                     return
             self._unnamed = False
-        write_durably(final, chunks)
+        write_durably(final, chunks, sync=sync)
 
     def close(self) -> None:
         """Close the folders kept open (the spool stays usable: they are opened again)."""

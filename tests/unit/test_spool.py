@@ -201,11 +201,11 @@ def test_a_filesystem_without_unnamed_files_gets_temporary_names(
     name from then on."""
     refused: list[str] = []
 
-    def unsupported(folder_fd: int, name: str, chunks: list[bytes]) -> bool:
+    def unsupported(folder_fd: int, name: str, chunks: list[bytes], *, sync: bool) -> bool:
         refused.append(name)
         return False
 
-    monkeypatch.setattr(spool_module, "_write_unnamed_durably", unsupported)
+    monkeypatch.setattr(spool_module, "_write_unnamed", unsupported)
     spool = Spool(tmp_path)
     first = spool.store(STUDY, SERIES, SOP, b"one")
     second = spool.store(STUDY, SERIES, SOP + ".2", b"two")
@@ -241,8 +241,9 @@ def test_folder_handles_are_bounded_and_never_closed_in_use(tmp_path: Path) -> N
         os.fstat(fd_a)
         handles.forget(a)
         os.fstat(fd_a)  # still open for its user
-        assert handles._stale
-    assert not handles._stale  # closed by its last user
+        assert a not in handles._open
+    with pytest.raises(OSError):
+        os.fstat(fd_a)  # closed by its last user
     with handles.use(c):
         pass
     assert set(handles._open) == {c}
