@@ -179,10 +179,6 @@ class ScpHandler(Protocol):
     def store(self, assoc: Association, request: StoreRequest) -> tuple[int, str | None]:
         """Return the status and an optional Error Comment (at most 64 characters are sent)."""
 
-    def store_answered(self, assoc: Association) -> None:
-        """After each C-STORE response was sent (or failed to be): for work that need not hold
-        up the answer."""
-
     def ended(self, assoc: Association, released: bool, reason: str) -> None: ...
 
     def connection_failed(self, address: str, error: str) -> None:
@@ -831,9 +827,7 @@ class _AssociationRun:
         comment: str | None = None
         sop_class = _text(fields.get(0x0002))
         sop_instance = _text(fields.get(0x1000))
-        stored = False
         if command == C_STORE_RQ and dataset is not None:
-            stored = True
             request = StoreRequest(
                 message_id=message_id,
                 affected_sop_class_uid=sop_class,
@@ -858,9 +852,5 @@ class _AssociationRun:
             command, message_id, status, sop_class_uid=sop_class or None,
             sop_instance_uid=sop_instance or None, error_comment=comment,
         )
-        try:
-            self.conn.send(p_data_pdus(message.context_id, response, assoc.peer_max_pdu))
-        finally:
-            if stored:
-                self.handler.store_answered(assoc)
+        self.conn.send(p_data_pdus(message.context_id, response, assoc.peer_max_pdu))
 

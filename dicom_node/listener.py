@@ -19,7 +19,6 @@ import ssl
 import struct
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final, Protocol, cast
 
 import structlog
@@ -37,7 +36,6 @@ from dicom_node.acceptor import (
 from dicom_node.errors import InvalidUIDError
 from dicom_node.header import UndecodableDatasetError, parse_header
 from dicom_node.ingest import AssociationSummary, IngestSink, StoredInstance
-from dicom_node.journal import Intake, IntakeJournal, Pending
 from dicom_node.net import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.settings import ListenerSettings, StorageSettings, TlsSettings
 from dicom_node.spool import Spool, SpoolWriteError
@@ -131,12 +129,6 @@ class _Refused(Exception):
 #: again only after this long (else for every instance).
 FREE_SPACE_MARGIN_MB: Final = 1024
 FREE_SPACE_RECHECK_S: Final = 0.5
-#: From this many associations at once, instances are written and fsync'd straight into the
-#: spool instead of going through the intake journal.  The journal makes one sender faster (one
-#: cheap flush per instance instead of a file and folder fsync) but costs a second copy and a
-#: second disk write of every instance; with several senders the CPU is short and the
-#: filesystem batches their fsyncs anyway (docs/performance.md: 4 associations).
-DIRECT_FROM_ASSOCIATIONS: Final = 3
 
 
 @dataclass
@@ -146,8 +138,6 @@ class _AssociationState:
     log: Any
     series: set[str] = field(default_factory=set)
     stored: int = 0
-    #: The instance answered from the intake journal whose spool file is written next.
-    pending: Pending | None = None
 
 
 class ListenerMetrics(Protocol):
@@ -185,9 +175,6 @@ class Listener:
     reuse_port : bool
         Bind with ``SO_REUSEPORT`` so several listener processes share the port (one Python
         process uses one core; the kernel spreads associations over the processes).
-    journal_path : Path, optional
-        The intake journal (default ``<storage root>/.journal/intake.wal``; each listener
-        process needs its own).  Not used when ``storage.journal_mb`` is 0.
     """
 
     def __init__(
@@ -199,7 +186,6 @@ class Listener:
         *,
         reuse_port: bool = False,
         metrics: ListenerMetrics | None = None,
-        journal_path: Path | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -211,10 +197,8 @@ class Listener:
             ae_title=settings.ae_title
         )
         self._acceptor: Acceptor | None = None
-        self._intake: Intake | None = None
         #: The last free-space reading of the spool (MiB) and when it was taken (monotonic s).
         self._free: tuple[float, float] = (0.0, -1e9)
-        self.journal_path = journal_path or Path(storage.root) / ".journal" / "intake.wal"
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -229,34 +213,20 @@ class Listener:
             network_timeout=s.network_timeout,
         )
         context = server_ssl_context(s.tls) if s.tls is not None else None
-        journal = (
-            IntakeJournal(self.journal_path, self.storage.journal_mb << 20)
-            if self.storage.journal_mb else None
+        self._acceptor = Acceptor(
+            (s.host, s.port), config, self, ssl_context=context, reuse_port=self.reuse_port
         )
-        self._intake = Intake(self.spool, self.sink, journal)
-        recovered = self._intake.start()  # before the port opens: crash leftovers first
-        try:
-            self._acceptor = Acceptor(
-                (s.host, s.port), config, self, ssl_context=context, reuse_port=self.reuse_port
-            )
-        except OSError:
-            self._intake.stop()
-            self._intake = None
-            raise
         self._log.info(
             "listener_started", host=s.host, port=self.port, tls=s.tls is not None,
-            max_associations=s.max_associations, journal_mb=self.storage.journal_mb,
-            recovered_from_journal=recovered,
+            max_associations=s.max_associations,
         )
 
     def stop(self) -> None:
         """Stop accepting, abort running associations and close the socket."""
-        if self._acceptor is None or self._intake is None:
+        if self._acceptor is None:
             return
-        self._acceptor.shutdown()
+        self._acceptor.shutdown()  # every acknowledged instance is on disk and reported
         self._acceptor = None
-        self._intake.stop()  # every acknowledged instance written, fsync'd and reported
-        self._intake = None
         self._log.info("listener_stopped")
 
     @property
@@ -267,14 +237,8 @@ class Listener:
         return self._acceptor.port
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until the sink has heard of every instance answered with success so far."""
-        return True if self._intake is None else self._intake.flush(timeout)
-
-    @property
-    def journal_ready(self) -> bool:
-        """True when the intake journal is zero-filled (always False without a journal)."""
-        journal = self._intake.journal if self._intake is not None else None
-        return journal is not None and journal.ready_bytes >= journal.size
+        """True: the sink hears of every instance on the association's thread before its answer."""
+        return True
 
     def active_sockets(self) -> list[socket.socket]:
         """The server-side sockets of the connections served now (for diagnostics)."""
@@ -350,9 +314,10 @@ class Listener:
         )
         if self.metrics is not None:
             self.metrics.association(state.calling_ae_title, "released" if released else "aborted")
-        assert self._intake is not None
-        self.store_answered(assoc)  # nothing is left pending, normally
-        self._intake.association_ended(summary)
+        try:
+            self.sink.association_ended(summary)
+        except Exception:
+            state.log.exception("sink_failed", sink_event="association_ended")
 
     # -- services ------------------------------------------------------------------------------
     def echo(self, assoc: Association) -> int:
@@ -370,10 +335,9 @@ class Listener:
 
         **Statuses returned** (failures carry an Error Comment naming the reason)
 
-        - ``0x0000`` Success: the instance is on disk - in the intake journal (its spool file
-          is written by :meth:`store_answered`, once the answer is sent), or fsync'd in the
-          spool (without a journal, or from ``DIRECT_FROM_ASSOCIATIONS`` associations at once)
-          - and the sink hears of it once the spool file exists.
+        - ``0x0000`` Success: the instance is on disk - written as an unnamed file,
+          fdatasync'd, linked under its name and its folder fsync'd - and the sink has heard of
+          it.
         - ``0xA700`` Refused, out of resources: free space below ``storage.min_free_mb``
           (nothing written) or the write failed.
         - ``0xA900`` Error, dataset does not match SOP class: the dataset's SOP Class/Instance
@@ -402,15 +366,6 @@ class Listener:
         if self.metrics is not None:
             self.metrics.store_status(status)
         return status, comment
-
-    def store_answered(self, assoc: Association) -> None:
-        """Once the sender has its answer: write the spool file of the instance answered from
-        the journal and tell the sink (the sender's next instance arrives meanwhile)."""
-        state = cast(_AssociationState, assoc.user_data)
-        pending, state.pending = state.pending, None
-        if pending is not None:
-            assert self._intake is not None
-            self._intake.finish(pending)
 
     def _free_mb(self) -> float:
         """The spool's free space: a ``statfs`` per instance near the watermark, else one every
@@ -484,14 +439,15 @@ class Listener:
             received_at=received_at,
             attributes=attributes,
         )
-        assert self._intake is not None
         try:
-            # Many senders at once: write straight to the spool (see DIRECT_FROM_ASSOCIATIONS).
-            direct = self._acceptor is not None and self._acceptor.established >= DIRECT_FROM_ASSOCIATIONS
-            state.pending = self._intake.store(instance, [meta, req.dataset], direct=direct)
+            self.spool.store_at(path, [meta, req.dataset])
         except SpoolWriteError as exc:
             raise _Refused(statuses.OUT_OF_RESOURCES, "store_refused_write_failed",
                            error=str(exc)) from None
+        try:
+            self.sink.instance_stored(instance)
+        except Exception:
+            state.log.exception("sink_failed", sink_event="instance_stored")
         if self.metrics is not None:
             self.metrics.instance_received(state.calling_ae_title, size)
         state.series.add(series)

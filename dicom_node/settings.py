@@ -75,10 +75,6 @@ class StorageSettings(_Section):
     root: Path = Path("var/spool")
     #: Below this much free space (MiB) C-STORE is answered 0xA700 (out of resources).
     min_free_mb: int = Field(512, ge=0)
-    #: Size (MiB) of the intake journal (``<root>/.journal/intake.wal``): each instance is made
-    #: durable there with one cheap write before C-STORE success, then written to its spool file
-    #: in the background.  0: fsync every spool file before answering instead (slower).
-    journal_mb: int = Field(512, ge=0)
     #: Delivered series are removed after this many days (``dicom-node gc``); 0 keeps them.
     retention_days: float = Field(0, ge=0)
     #: How often ``serve`` runs the retention clean-up (when ``retention_days`` > 0).

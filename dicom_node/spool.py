@@ -11,11 +11,9 @@ which is never taken for an instance.  UIDs are validated before they become pat
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import secrets
-import sys
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -42,54 +40,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _libc_syncfs() -> object | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
-    except OSError:
-        return None
-
-
-_syncfs = _libc_syncfs()
-
-
-class FilesystemSync:
-    """Make everything written to one filesystem durable with a single ``syncfs(2)``.
-
-    One call writes back every dirty file and folder of the filesystem holding ``folder`` and
-    flushes the disk once, where an ``fsync`` per file flushes it once per file (3 ms each on
-    the virtual disk here: 0.62 s for 200 CT files against 0.05 s).  The folder stays open so
-    that a write-back error anywhere on the filesystem after this object was made is reported
-    (Linux 5.8 and later).  :attr:`available` is False where ``syncfs`` does not exist; callers
-    then fsync file by file.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self._fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.device = os.fstat(self._fd).st_dev
-        self.available = _syncfs is not None
-
-    def covers(self, path: Path) -> bool:
-        """Whether ``path`` (an existing file or folder) is on this filesystem."""
-        try:
-            return os.stat(path).st_dev == self.device
-        except FileNotFoundError:
-            return True  # gone: nothing left to make durable
-
-    def sync(self) -> None:
-        """Raises ``OSError`` when the write-back or the flush failed."""
-        if _syncfs is None:
-            raise OSError(errno.ENOSYS, "syncfs is not available")
-        if _syncfs(self._fd) != 0:  # type: ignore[operator]
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
-
-
 #: ``fdatasync`` where it exists (Linux): ~15 % cheaper than ``fsync`` for a new 0.5 MB file here.
 _datasync = getattr(os, "fdatasync", os.fsync)
 
@@ -104,27 +54,22 @@ def _writev_all(fd: int, chunks: Iterable[BytesLike]) -> None:
             views[0] = views[0][n:]
 
 
-def write_durably(final: Path, chunks: Iterable[BytesLike], *, sync: bool = True) -> None:
+def write_durably(final: Path, chunks: Iterable[BytesLike]) -> None:
     """Write ``chunks`` as ``final`` atomically and durably: a temporary file in the same
     folder, fsync, rename over ``final``, fsync of the folder (the rename is durable only once
     the folder entry is).  The folder must exist.  On ``OSError`` the temporary file is removed.
-
-    ``sync=False`` skips both fsyncs (atomic, not yet durable): for callers that hold the bytes
-    durably elsewhere and fsync later (:class:`dicom_node.journal.Intake`).
     """
     tmp = final.with_name(f".{final.stem}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             _writev_all(fd, chunks)
-            if sync:
-                # The data and what is needed to read it back (size, blocks); timestamps may lag.
-                _datasync(fd)
+            # The data and what is needed to read it back (size, blocks); timestamps may lag.
+            _datasync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, final)
-        if sync:
-            fsync_dir(final.parent)
+        fsync_dir(final.parent)
     except OSError:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -202,13 +147,13 @@ class _FolderHandles:
                 os.close(self._open.pop(folder)[0])
 
 
-def _write_unnamed(folder_fd: int, name: str, chunks: list[BytesLike], *, sync: bool) -> bool:
+def _write_unnamed(folder_fd: int, name: str, chunks: list[BytesLike]) -> bool:
     """Write ``chunks`` as ``name`` in the open folder through an unnamed file (``O_TMPFILE``)
     linked under ``name`` once complete: one operation on the folder instead of two (a
     temporary name, then the rename), which association threads writing into one series
     folder otherwise queue for.  A file already there (a re-sent instance) is replaced: linked
-    under a temporary name, renamed over it.  With ``sync`` the file is fdatasync'd before it
-    is named (the name never points at bytes that are not on disk) and the folder fsync'd after.
+    under a temporary name, renamed over it.  The file is fdatasync'd before it is named (the
+    name never points at bytes that are not on disk) and the folder fsync'd after.
 
     Returns False, having named nothing, where unnamed files are not supported.
 
@@ -227,8 +172,7 @@ def _write_unnamed(folder_fd: int, name: str, chunks: list[BytesLike], *, sync: 
         raise
     try:
         _writev_all(fd, chunks)
-        if sync:
-            _datasync(fd)
+        _datasync(fd)
         # linkat(AT_SYMLINK_FOLLOW) of the magic link: a file descriptor cannot be linked by
         # itself without CAP_DAC_READ_SEARCH.
         source = f"/proc/self/fd/{fd}"
@@ -249,8 +193,7 @@ def _write_unnamed(folder_fd: int, name: str, chunks: list[BytesLike], *, sync: 
             raise
     finally:
         os.close(fd)
-    if sync:
-        os.fsync(folder_fd)
+    os.fsync(folder_fd)
     return True
 
 
@@ -291,12 +234,8 @@ class Spool:
         series_uid: str,
         sop_uid: str,
         data: BytesLike | Iterable[BytesLike],
-        *,
-        sync: bool = True,
     ) -> Path:
         """Write ``data`` (bytes or an iterable of chunks) durably as the instance; return its path.
-
-        ``sync=False``: atomic but not fsync'd (see :func:`write_durably`).
 
         Raises
         ------
@@ -305,9 +244,9 @@ class Spool:
         SpoolWriteError
             When the write, fsync or rename fails (the temporary file is removed).
         """
-        return self.store_at(self.path_for(study_uid, series_uid, sop_uid), data, sync=sync)
+        return self.store_at(self.path_for(study_uid, series_uid, sop_uid), data)
 
-    def store_at(self, final: Path, data: BytesLike | Iterable[BytesLike], *, sync: bool = True) -> Path:
+    def store_at(self, final: Path, data: BytesLike | Iterable[BytesLike]) -> Path:
         """:meth:`store` to a path :meth:`path_for` made (not checked again)."""
         folder = final.parent
         try:
@@ -317,7 +256,7 @@ class Spool:
             )
             self._ensure_dir(folder)
             try:
-                self._write(folder, final, chunks, sync)
+                self._write(folder, final, chunks)
             except FileNotFoundError:
                 # The folder was removed behind our back (retention gc): forget and recreate it.
                 with self._lock:
@@ -325,18 +264,18 @@ class Spool:
                     self._known_dirs.discard(folder.parent)
                 self._folders.forget(folder)
                 self._ensure_dir(folder)
-                self._write(folder, final, chunks, sync)
+                self._write(folder, final, chunks)
         except OSError as exc:
             raise SpoolWriteError(f"could not write {final} to the spool: {exc}") from exc
         return final
 
-    def _write(self, folder: Path, final: Path, chunks: list[BytesLike], sync: bool) -> None:
+    def _write(self, folder: Path, final: Path, chunks: list[BytesLike]) -> None:
         if self._unnamed:
             with self._folders.use(folder) as folder_fd:
-                if _write_unnamed(folder_fd, final.name, chunks, sync=sync):
+                if _write_unnamed(folder_fd, final.name, chunks):
                     return
             self._unnamed = False
-        write_durably(final, chunks, sync=sync)
+        write_durably(final, chunks)
 
     def close(self) -> None:
         """Close the folders kept open (the spool stays usable: they are opened again)."""

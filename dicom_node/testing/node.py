@@ -55,8 +55,7 @@ def node_config(
     """A config for a test node living entirely inside ``workdir``."""
     config: dict[str, Any] = {
         "listener": {"ae_title": "DICOM_NODE", "host": LOOPBACK, "port": port or free_port()},
-        # A small intake journal: zero-filled in a moment, still wraps in long tests.
-        "storage": {"root": str(workdir / "spool"), "min_free_mb": 0, "journal_mb": 16},
+        "storage": {"root": str(workdir / "spool"), "min_free_mb": 0},
         "database": {"url": f"sqlite:///{workdir / 'node.db'}"},
         "broker": {"url": broker_url or f"sqla+sqlite:///{workdir / 'broker.db'}"},
         "web": {"enabled": False},

@@ -122,7 +122,7 @@ def test_dcmtk_storescu_over_tls_with_client_certificate_stores(tls_node: NodePr
     res = procs.run_tool(["storescu", "-aec", "DICOM_NODE", "+tls", str(pki["client_key"]), str(pki["client"]),
                           "+cf", str(pki["ca"]), procs.LOOPBACK, str(tls_node.port), *map(str, files)], timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
-    spool = tls_node.config_path.parent / "spool"  # written from the journal moments after success
+    spool = tls_node.config_path.parent / "spool"
     wait_until(lambda: len(list(spool.rglob("*.dcm"))) == len(files), 10, what="spool files")
 
 

@@ -53,9 +53,9 @@ def series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 def _listener(tmp_path: Path, sink: CollectingSink) -> Listener:
-    # No intake journal: the sink is then told on the association's own thread, so a sink that
-    # holds the C-STORE holds the association open while its socket is inspected.
-    storage = StorageSettings(root=tmp_path / "spool", min_free_mb=0, journal_mb=0)
+    # The sink is told on the association's own thread, so a sink that holds the C-STORE holds
+    # the association open while its socket is inspected.
+    storage = StorageSettings(root=tmp_path / "spool", min_free_mb=0)
     listener = Listener(
         ListenerSettings(port=procs.free_port()), Spool(storage.root), sink, storage
     )
