@@ -36,7 +36,7 @@ from typing import Any
 
 from pydicom.uid import UID
 
-from dicom_node.testing import procs
+from tests.support import procs
 
 CORPUS_STUDY = "1.2.826.0.1.3680043.8.498.4242"
 CORPUS_SERIES = "1.2.826.0.1.3680043.8.498.4242.1"
@@ -44,7 +44,7 @@ CORPUS_SERIES = "1.2.826.0.1.3680043.8.498.4242.1"
 
 def make_corpus(out: Path, n: int = 200, size: int = 512) -> list[Path]:
     """``n`` single-frame CT instances (``size``x``size`` int16, ~0.5 MB), seeded and reused."""
-    from dicom_node.testing.phantoms import (
+    from dicom_node.demo import (
         ChestSpec,
         SeriesInfo,
         make_chest_phantom,
@@ -98,10 +98,10 @@ def _listener_main(
     import structlog
 
     from dicom_node.catalog import Catalog
-    from dicom_node.listener import Listener
-    from dicom_node.recorder import CatalogRecorder
+    from dicom_node.ingest.listener import Listener
+    from dicom_node.ingest.recorder import CatalogRecorder
+    from dicom_node.ingest.spool import Spool
     from dicom_node.settings import ListenerSettings, StorageSettings
-    from dicom_node.spool import Spool
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     # As in ``dicom-node serve``: the real catalog recorder (SQLite) behind the listener.

@@ -19,9 +19,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from dicom_node.testing import procs
-from dicom_node.testing.node import node_config, start_node
-from dicom_node.testing.phantoms import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
+from dicom_node.demo import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
+from tests.support import procs
+from tests.support.node import node_config, start_node
 
 
 def _status_kb(pid: int, key: str) -> int:

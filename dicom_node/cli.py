@@ -99,7 +99,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def _job_action(args: argparse.Namespace, action: str) -> int:
     from dicom_node.catalog import Catalog, CatalogError, JobState
-    from dicom_node.jobs import queue_job
+    from dicom_node.scheduling.jobs import queue_job
     from workers.app import CeleryJobQueue, create_celery_app
 
     settings = _settings(args)
@@ -147,9 +147,9 @@ def _own_listener(settings: Settings) -> DestinationSettings:
 def cmd_status(args: argparse.Namespace) -> int:
     """One screen for ops: listener, queue, workers, disk, recent failures."""
     from dicom_node.catalog import Catalog, JobState
-    from dicom_node.heartbeat import worker_statuses
-    from dicom_node.sender import echo
-    from dicom_node.spool import Spool
+    from dicom_node.catalog.heartbeats import worker_statuses
+    from dicom_node.delivery.dicom import echo
+    from dicom_node.ingest.spool import Spool
 
     settings = _settings(args)
     catalog = Catalog(settings.database.url)
@@ -192,8 +192,8 @@ def cmd_send(args: argparse.Namespace) -> int:
     """Send a folder of DICOM files to a destination (default: this node's own listener)."""
     from pydicom.misc import is_dicom
 
+    from dicom_node.delivery.dicom import send_instances
     from dicom_node.errors import TransientError
-    from dicom_node.sender import send_instances
 
     settings = _settings(args)
     if args.to:
@@ -234,7 +234,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from dicom_node.sender import echo
+    from dicom_node.delivery.dicom import echo
 
     settings = _settings(args)
     try:
@@ -249,8 +249,8 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_rules_test(args: argparse.Namespace) -> int:
-    from dicom_node.recorder import instance_from_file
-    from dicom_node.routing import evaluate
+    from dicom_node.ingest.recorder import instance_from_file
+    from dicom_node.scheduling.routing import evaluate
 
     settings = _settings(args)
     series: dict[str, dict[str, Any]] = {}

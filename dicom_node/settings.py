@@ -227,7 +227,7 @@ class Settings(BaseSettings):
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise ValueError(f"destination names must be unique, repeated: {sorted(dupes)}")
-        from dicom_node.routing import validate_rule
+        from dicom_node.scheduling.routing import validate_rule
 
         for rule in self.rules:
             validate_rule(rule)

@@ -79,7 +79,7 @@ def create_celery_app(settings: Settings, *, with_tasks: bool = False) -> Celery
 
 
 class CeleryJobQueue:
-    """:class:`dicom_node.jobs.JobQueue` over Celery (sends by task name: no task import)."""
+    """:class:`dicom_node.scheduling.jobs.JobQueue` over Celery (sends by task name: no task import)."""
 
     def __init__(self, app: Celery) -> None:
         self.app = app

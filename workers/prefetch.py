@@ -12,7 +12,7 @@ else is discarded and the job loads its series itself, so a stale volume is neve
 Memory stays bounded: the prefetcher holds one volume at most (loaded or being loaded), and
 drops it before loading another, so a worker process holds the current job's volume and one
 more.  A failed prefetch is never an error of the job: the job's own load reports it.  Loading
-is CPU work (``dicom_node.loading``); the model picks its device, so this is the same for CPU
+is CPU work (``dicom_node.imaging.loading``); the model picks its device, so this is the same for CPU
 and CUDA workers.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import structlog
 
 from dicom_node.catalog import Catalog, JobRow, JobState
-from dicom_node.loading import LoadedSeries, load_series
+from dicom_node.imaging.loading import LoadedSeries, load_series
 
 log = structlog.get_logger(__name__)
 
@@ -105,7 +105,7 @@ class Prefetcher:
     models:
         The models this worker can run; jobs for other models are never prefetched.
     load:
-        The loader (:func:`dicom_node.loading.load_series`; tests pass a wrapper).
+        The loader (:func:`dicom_node.imaging.loading.load_series`; tests pass a wrapper).
     """
 
     def __init__(self, catalog: Catalog, models: Collection[str], *, load: Loader = load_series) -> None:

@@ -31,14 +31,14 @@ from dicom_node.catalog import (
     JobState,
     SeriesRow,
 )
-from dicom_node.heartbeat import ALIVE_WITHIN_S, worker_statuses
-from dicom_node.jobs import JobQueue, queue_job
+from dicom_node.catalog.heartbeats import ALIVE_WITHIN_S, worker_statuses
 from dicom_node.metrics import (
     STAGE_DEFINITIONS,
     STAGES,
     last_instance_before,
     stage_durations,
 )
+from dicom_node.scheduling.jobs import JobQueue, queue_job
 from dicom_node.settings import Settings
 
 #: States from which a job may be retried; unfinished jobs are still owned by a worker or queue.

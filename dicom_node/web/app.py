@@ -16,10 +16,10 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-from dicom_node import heartbeat
 from dicom_node.catalog import Catalog
-from dicom_node.jobs import JobQueue
+from dicom_node.catalog import heartbeats as heartbeat
 from dicom_node.metrics import NodeMetrics
+from dicom_node.scheduling.jobs import JobQueue
 from dicom_node.settings import Settings
 from dicom_node.web.api import ApiContext, PatientIdLookup, create_router
 from dicom_node.web.pages import create_pages_router

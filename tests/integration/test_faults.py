@@ -29,12 +29,12 @@ import torch
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from dicom_node.catalog import Catalog, JobRow
-from dicom_node.ingest import StoredInstance
-from dicom_node.spool import TEMP_SUFFIX
-from dicom_node.testing import procs
-from dicom_node.testing.node import NodeProcess, node_config, start_node, wait_until
-from dicom_node.testing.phantoms import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
+from dicom_node.demo import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
+from dicom_node.ingest.events import StoredInstance
+from dicom_node.ingest.spool import TEMP_SUFFIX
 from tests.conftest import require_tool
+from tests.support import procs
+from tests.support.node import NodeProcess, node_config, start_node, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -13,15 +13,15 @@ from pydicom import dcmread
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 
+from dicom_node.delivery.dicom import send_instances
+from dicom_node.demo import ChestSpec, SeriesInfo, write_chest_series
 from dicom_node.errors import PermanentError, TransientError
-from dicom_node.ingest import CollectingSink
-from dicom_node.listener import IMPLEMENTATION_CLASS_UID, Listener
-from dicom_node.sender import send_instances
+from dicom_node.ingest.listener import IMPLEMENTATION_CLASS_UID, Listener
+from dicom_node.ingest.spool import Spool
 from dicom_node.settings import DestinationSettings, ListenerSettings, StorageSettings
-from dicom_node.spool import Spool
-from dicom_node.testing import procs
-from dicom_node.testing.phantoms import ChestSpec, SeriesInfo, write_chest_series
 from tests.conftest import require_tool
+from tests.support import procs
+from tests.support.sinks import CollectingSink
 
 pytestmark = pytest.mark.integration
 
@@ -406,7 +406,7 @@ def test_tls_listener_echoes_and_refuses_plain_tcp(
     """With TLS set, a TLS client gets C-ECHO success; a plain-TCP echoscu fails, node unharmed."""
     import ssl
 
-    from dicom_node.net import TunedAE
+    from dicom_node.delivery.association import TunedAE
     from dicom_node.settings import TlsSettings
 
     cert, key = tls_files

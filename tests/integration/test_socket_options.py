@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.ingest import AssociationSummary, CollectingSink, StoredInstance
-from dicom_node.listener import Listener
-from dicom_node.net import TCP_QUICKACK
+from dicom_node.demo import ChestSpec, SeriesInfo, write_chest_series
+from dicom_node.dimse import TCP_QUICKACK
+from dicom_node.ingest.events import AssociationSummary, StoredInstance
+from dicom_node.ingest.listener import Listener
+from dicom_node.ingest.spool import Spool
 from dicom_node.settings import ListenerSettings, StorageSettings
-from dicom_node.spool import Spool
-from dicom_node.testing import procs
-from dicom_node.testing.phantoms import ChestSpec, SeriesInfo, write_chest_series
 from tests.conftest import require_tool
+from tests.support import procs
+from tests.support.sinks import CollectingSink
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 
-from dicom_node.acceptor import (
+from dicom_node.ingest.acceptor import (
     Acceptor,
     AcceptorConfig,
     Association,

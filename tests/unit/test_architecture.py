@@ -48,7 +48,7 @@ def test_dicom_node_does_not_import_torch_or_tasks_at_import_time() -> None:
 
 def test_listener_host_runs_without_torch() -> None:
     """Importing everything `dicom-node serve` needs does not load torch (the listener host may lack it)."""
-    code = ("import sys, dicom_node.cli, dicom_node.node, dicom_node.listener, dicom_node.sender, "
-            "dicom_node.completion, workers.app; print('torch' in sys.modules)")
+    code = ("import sys, dicom_node.cli, dicom_node.node, dicom_node.ingest.listener, dicom_node.delivery.dicom, "
+            "dicom_node.scheduling.completion, workers.app; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "False"

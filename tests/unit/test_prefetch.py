@@ -21,13 +21,13 @@ import torch
 from structlog.testing import capture_logs
 
 from dicom_node.catalog import Catalog, JobRow, JobSpec, JobState
-from dicom_node.jobs import queue_job
-from dicom_node.loading import LoadedSeries, SeriesError, load_series
-from dicom_node.recorder import instance_from_file
+from dicom_node.demo import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
+from dicom_node.imaging.loading import LoadedSeries, SeriesError, load_series
+from dicom_node.ingest.recorder import instance_from_file
+from dicom_node.scheduling.jobs import queue_job
 from dicom_node.settings import DatabaseSettings, Settings, StorageSettings, WorkerSettings
-from dicom_node.testing.phantoms import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
-from dicom_node.testing.queues import MemoryQueue
 from inference.registry import ModelRegistry
+from tests.support.queues import MemoryQueue
 from workers.pipeline import WorkerContext, build_context, deliver, load_job_series, run_inference
 from workers.prefetch import Prefetcher, SeriesFiles, next_queued_job
 

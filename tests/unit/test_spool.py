@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-import dicom_node.spool as spool_module
+import dicom_node.ingest.spool as spool_module
 from dicom_node.errors import InvalidUIDError, TransientError
-from dicom_node.spool import TEMP_SUFFIX, Spool, SpoolWriteError
+from dicom_node.ingest.spool import TEMP_SUFFIX, Spool, SpoolWriteError
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 SERIES = "1.2.826.0.1.3680043.8.498.1.2"

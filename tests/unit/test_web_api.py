@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from dicom_node import heartbeat
 from dicom_node.catalog import Catalog, JobSpec, JobState
-from dicom_node.ingest import StoredInstance
-from dicom_node.jobs import queue_job
+from dicom_node.catalog import heartbeats as heartbeat
+from dicom_node.ingest.events import StoredInstance
+from dicom_node.scheduling.jobs import queue_job
 from dicom_node.settings import Settings, load_settings
-from dicom_node.testing.queues import MemoryQueue
 from dicom_node.web import create_app, readiness_checks
+from tests.support.queues import MemoryQueue
 
 TOKEN = "s3cret-token"  # noqa: S105 - a test token, not a credential
 ROOT = "1.2.826.0.1.3680043.8.498"

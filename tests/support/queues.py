@@ -1,4 +1,4 @@
-"""An in-memory :class:`dicom_node.jobs.JobQueue`: what would have been sent to Celery."""
+"""An in-memory :class:`dicom_node.scheduling.jobs.JobQueue`: what would have been sent to Celery."""
 
 from __future__ import annotations
 

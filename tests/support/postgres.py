@@ -24,7 +24,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import make_url
 
-from dicom_node.testing.procs import LOOPBACK, free_port
+from tests.support.procs import LOOPBACK, free_port
 
 #: Set this to use a running server instead of starting one.
 URL_ENV = "DICOM_NODE_TEST_POSTGRES_URL"

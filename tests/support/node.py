@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dicom_node.testing.procs import LOOPBACK, Server, free_port, stop_process, wait_for_port
+from tests.support.procs import LOOPBACK, Server, free_port, stop_process, wait_for_port
 
 
 def _toml_value(value: Any) -> str:

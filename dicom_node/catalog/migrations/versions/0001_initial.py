@@ -5,7 +5,7 @@ Revises:
 Create Date: 2026-11-22
 
 A database made by ``Base.metadata.create_all`` before migrations existed has exactly this
-schema; :func:`dicom_node.schema.upgrade_schema` stamps such a database with this revision.
+schema; :func:`dicom_node.catalog.schema.upgrade_schema` stamps such a database with this revision.
 """
 
 from __future__ import annotations

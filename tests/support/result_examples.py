@@ -10,7 +10,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
-from dicom_node.testing.phantoms import Phantom, SeriesInfo, slice_datasets
+from dicom_node.demo import Phantom, SeriesInfo, slice_datasets
 from inference.prediction import (
     ANATOMICAL_STRUCTURE,
     DIAMETER,

@@ -2,12 +2,12 @@
 
 Each C-STORE dataset is written exactly as it arrived on the wire (no decode/re-encode: pixel
 data stays in the transfer syntax the sender used) behind a file meta header we build, fsync'd
-through :class:`~dicom_node.spool.Spool`, reported to the :class:`~dicom_node.ingest.IngestSink`,
+through :class:`~dicom_node.ingest.spool.Spool`, reported to the :class:`~dicom_node.ingest.IngestSink`,
 and only then answered with success.  Only the header elements needed to place and catalog the
 file are parsed.  The node never crashes on a bad peer: every failure becomes a named status
 (:mod:`dicom_node.statuses`) and a log line with UIDs and AE titles (never patient data).
 
-The protocol is served by :mod:`dicom_node.acceptor` (one thread per association, whole PDUs
+The protocol is served by :mod:`dicom_node.ingest.acceptor` (one thread per association, whole PDUs
 read straight from the socket, ``TCP_NODELAY``/``TCP_QUICKACK`` on every accepted socket), so
 unmodified DCMTK senders do not stall 40 ms per instance on delayed ACKs.
 """
@@ -25,7 +25,9 @@ import structlog
 from pynetdicom import AllStoragePresentationContexts
 
 from dicom_node import statuses
-from dicom_node.acceptor import (
+from dicom_node.dimse import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from dicom_node.errors import InvalidUIDError
+from dicom_node.ingest.acceptor import (
     Acceptor,
     AcceptorConfig,
     Association,
@@ -33,12 +35,10 @@ from dicom_node.acceptor import (
     AssociationRequest,
     StoreRequest,
 )
-from dicom_node.errors import InvalidUIDError
-from dicom_node.header import UndecodableDatasetError, parse_header
-from dicom_node.ingest import AssociationSummary, IngestSink, StoredInstance
-from dicom_node.net import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from dicom_node.ingest.events import AssociationSummary, IngestSink, StoredInstance
+from dicom_node.ingest.header import UndecodableDatasetError, parse_header
+from dicom_node.ingest.spool import Spool, SpoolWriteError
 from dicom_node.settings import ListenerSettings, StorageSettings, TlsSettings
-from dicom_node.spool import Spool, SpoolWriteError
 
 #: Transfer syntaxes accepted for every storage SOP class (datasets are stored as sent).
 TRANSFER_SYNTAXES: tuple[str, ...] = (
@@ -159,7 +159,7 @@ def _contexts() -> dict[str, tuple[str, ...]]:
 class Listener:
     """Storage + Verification SCP writing to a :class:`Spool` and reporting to a sink.
 
-    The DICOM protocol is served by :class:`dicom_node.acceptor.Acceptor`; this class decides
+    The DICOM protocol is served by :class:`dicom_node.ingest.acceptor.Acceptor`; this class decides
     who may associate, and stores what arrives.
 
     Parameters
@@ -193,7 +193,7 @@ class Listener:
         self.spool = spool
         self.sink = sink
         self.storage = storage
-        self._log = structlog.get_logger("dicom_node.listener").bind(
+        self._log = structlog.get_logger("dicom_node.ingest.listener").bind(
             ae_title=settings.ae_title
         )
         self._acceptor: Acceptor | None = None
@@ -251,7 +251,7 @@ class Listener:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    # -- association events (dicom_node.acceptor.ScpHandler) -----------------------------------
+    # -- association events (dicom_node.ingest.acceptor.ScpHandler) -----------------------------------
     def check(self, request: AssociationRequest, active: int) -> None:
         """Reject callers not on the allow-list, a wrong called AE title, or one too many."""
         s = self.settings

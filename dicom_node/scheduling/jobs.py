@@ -63,7 +63,7 @@ def reconcile_jobs(catalog: Catalog, queue: JobQueue) -> int:
 
 def _busy_job_ids(catalog: Catalog, now: float) -> set[int] | None:
     """Jobs an alive worker says it is running now (``None``: heartbeats unavailable)."""
-    from dicom_node import heartbeat
+    from dicom_node.catalog import heartbeats as heartbeat
 
     try:
         return {w.current_job_id for w in heartbeat.alive_workers(catalog, now=now)

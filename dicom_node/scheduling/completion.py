@@ -5,7 +5,7 @@ the association that sent it was released and the instance count reached the exp
 the series' own (ImagesInAcquisition, times NumberOfTemporalPositions for dynamic series; one
 enhanced multi-frame instance), else the ``expected_instances`` of a routing rule it matches.
 
-The same loop re-sends jobs whose broker message was lost (:func:`dicom_node.jobs.requeue_stale_jobs`),
+The same loop re-sends jobs whose broker message was lost (:func:`dicom_node.scheduling.jobs.requeue_stale_jobs`),
 so a broker that restarts without its data loses no job while the node keeps running.
 """
 
@@ -17,8 +17,8 @@ import time
 import structlog
 
 from dicom_node.catalog import Catalog, JobSpec, SeriesRow
-from dicom_node.jobs import JobQueue, queue_job, requeue_stale_jobs
-from dicom_node.routing import matching_rules
+from dicom_node.scheduling.jobs import JobQueue, queue_job, requeue_stale_jobs
+from dicom_node.scheduling.routing import matching_rules
 from dicom_node.settings import Settings
 
 log = structlog.get_logger(__name__)

@@ -1,4 +1,4 @@
-"""Alembic environment: migrate the catalog on the connection :mod:`dicom_node.schema` hands over.
+"""Alembic environment: migrate the catalog on the connection :mod:`dicom_node.catalog.schema` hands over.
 
 Online mode uses ``config.attributes["connection"]`` (so the caller's lock and transaction
 cover the migration), or else an engine on the ``sqlalchemy.url`` option.  Offline mode
@@ -12,7 +12,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import NullPool
 
-from dicom_node.catalog import Base
+from dicom_node.catalog.tables import Base
 
 target_metadata = Base.metadata
 
@@ -47,7 +47,7 @@ def run_online() -> None:
     url = context.config.get_main_option("sqlalchemy.url")
     if not url:
         raise RuntimeError("no connection and no sqlalchemy.url: "
-                           "call dicom_node.schema.upgrade_schema(url)")
+                           "call dicom_node.catalog.schema.upgrade_schema(url)")
     engine = create_engine(url, poolclass=NullPool)
     try:
         with engine.connect() as conn:

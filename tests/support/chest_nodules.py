@@ -1,6 +1,6 @@
 """Chest phantoms for the nodule detector: spheres in the lung or on its wall, plus vessels.
 
-Built on :func:`dicom_node.testing.phantoms.make_chest_phantom`; adds vessel-like tubes (capsules
+Built on :func:`dicom_node.demo.make_chest_phantom`; adds vessel-like tubes (capsules
 of soft-tissue density inside the lungs) so that a detector has elongated look-alikes to reject,
 and places nodules from a seed so tests and benchmarks see the same cases every run.
 """
@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 
-from dicom_node.testing.phantoms import (
+from dicom_node.demo import (
     NODULE_HU,
     SOFT_TISSUE_HU,
     ChestSpec,

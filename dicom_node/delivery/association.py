@@ -1,17 +1,9 @@
-"""Transport tuning for pynetdicom, through its extension points (no library file is edited).
+"""The SCU transport: pynetdicom tuned through its extension points (no library file is edited).
 
-Why: DCMTK and Orthanc keep Nagle's algorithm on unless ``TCP_NODELAY=1`` is in their
-environment, and write each C-STORE message as two small writes, so every message waits for our
-delayed ACK (~40 ms per instance; see ``BENCHMARKING.md``).  A receiver defends itself by
-setting ``TCP_NODELAY`` on every accepted socket and re-arming ``TCP_QUICKACK`` before each
-``recv`` (Linux clears it after use), and by sending each PDU in one call.
-
-What is here (the SCU side: the sender; the SCP side is :mod:`dicom_node.acceptor`):
-
-* :func:`tune_socket` / :func:`arm_quickack`: the socket options (skipped where they do not exist).
-* :class:`TunedAssociationSocket`: options on connect, ``TCP_QUICKACK`` before every ``recv``,
-  reads straight into one buffer per PDU (pynetdicom reads 4 KiB pieces), one ``sendall`` per
-  PDU, and a ``ready`` that *blocks* in ``poll`` on the socket and a wake-up ``eventfd``.
+* :class:`TunedAssociationSocket`: socket options on connect (:func:`dicom_node.dimse.tune_socket`),
+  ``TCP_QUICKACK`` before every ``recv``, reads straight into one buffer per PDU (pynetdicom reads
+  4 KiB pieces), one ``sendall`` per PDU, and a ``ready`` that *blocks* in ``poll`` on the socket
+  and a wake-up ``eventfd``.
 * :class:`TunedDUL`: the DICOM upper layer with a loop delay of 0 - it no longer sleeps 1 ms
   per message, it waits in ``poll`` and is woken when the service user queues a PDU to send.
 * :class:`TunedAE`: ``ae.associate`` uses the tuned socket and DUL.
@@ -20,7 +12,6 @@ What is here (the SCU side: the sender; the SCP side is :mod:`dicom_node.accepto
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import select
 import socket
@@ -41,27 +32,18 @@ from pynetdicom.transport import (
 if TYPE_CHECKING:  # pragma: no cover
     from pynetdicom.pdu_primitives import _PDUPrimitiveType
 
-#: ``TCP_QUICKACK`` exists on Linux only; elsewhere delayed ACKs cannot be switched off per recv.
-TCP_QUICKACK: Final[int | None] = getattr(socket, "TCP_QUICKACK", None)
+from dicom_node.dimse import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    arm_quickack,
+    tune_socket,
+)
+
 _HAS_EVENTFD: Final = hasattr(os, "eventfd")
 #: Longest time the DUL thread blocks in ``poll`` before re-checking its timers and kill flag.
 POLL_INTERVAL_MS: Final = 20
 #: Largest single ``recv``; big PDUs are read in few system calls instead of 4 KiB pieces.
 _RECV_CHUNK: Final = 1 << 20
-
-
-def arm_quickack(sock: socket.socket) -> None:
-    """Ask Linux to ACK the next segments at once (it clears the flag again after use)."""
-    if TCP_QUICKACK is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
-
-
-def tune_socket(sock: socket.socket) -> None:
-    """Set ``TCP_NODELAY`` and arm ``TCP_QUICKACK`` on a connected TCP socket."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    arm_quickack(sock)
 
 
 class TunedDUL(DULServiceProvider):
@@ -217,14 +199,6 @@ def install_tuned_dul(assoc: Association) -> None:
     # The timers live on the DUL: apply the association's timeouts to the new one.
     assoc.acse_timeout = assoc.acse_timeout
     assoc.network_timeout = assoc.network_timeout
-
-
-#: Implementation Class UID and Version Name the node sends in A-ASSOCIATE (as SCP and SCU) and
-#: writes into the file meta of spooled and result files.
-IMPLEMENTATION_CLASS_UID = "2.25." + str(
-    int.from_bytes(hashlib.sha256(b"dicom-node implementation class").digest()[:16], "big")
-)
-IMPLEMENTATION_VERSION_NAME = "DICOM_NODE_01"
 
 
 class TunedAE(ApplicationEntity):

@@ -10,7 +10,7 @@ without touching its rows: stamped at the head when its tables already match
 
 Write a new revision after changing :mod:`dicom_node.catalog`::
 
-    python -m dicom_node.schema revision "add jobs.worker"
+    python -m dicom_node.catalog.schema revision "add jobs.worker"
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def _sqlite_file_lock(database: str | None) -> Iterator[None]:
 def _matches_metadata(conn: Connection) -> bool:
     """True when the tables already are what the newest revision builds (create_all by this
     very version); otherwise a create_all database is taken to be at :data:`BASELINE`."""
-    from dicom_node.catalog import Base  # here: the catalog imports this module
+    from dicom_node.catalog.tables import Base  # here: the catalog imports this module
 
     ctx = MigrationContext.configure(conn, opts={"compare_type": True})
     return not compare_metadata(ctx, Base.metadata)
@@ -267,8 +267,8 @@ def new_revision(message: str, *, rev_id: str | None = None) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m dicom_node.schema upgrade URL`` / ``revision MESSAGE``."""
-    parser = argparse.ArgumentParser(prog="python -m dicom_node.schema", description=__doc__,
+    """``python -m dicom_node.catalog.schema upgrade URL`` / ``revision MESSAGE``."""
+    parser = argparse.ArgumentParser(prog="python -m dicom_node.catalog.schema", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("upgrade", help="migrate a database to the newest revision")

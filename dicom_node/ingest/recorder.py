@@ -19,7 +19,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from dicom_node.catalog import Catalog
-from dicom_node.ingest import CATALOG_ATTRIBUTES, AssociationSummary, StoredInstance
+from dicom_node.ingest.events import CATALOG_ATTRIBUTES, AssociationSummary, StoredInstance
 
 log = structlog.get_logger(__name__)
 _T = TypeVar("_T")

@@ -49,7 +49,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, build_context, negotiate_as_acceptor
 from pynetdicom.utils import decode_bytes, set_ae
 
-from dicom_node.net import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, arm_quickack, tune_socket
+from dicom_node.dimse import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, arm_quickack, tune_socket
 
 APPLICATION_CONTEXT_NAME: Final = "1.2.840.10008.3.1.1.1"
 

@@ -33,7 +33,7 @@ from pydicom.uid import (
 )
 
 from dicom_node.errors import PermanentError
-from dicom_node.ingest import CATALOG_ATTRIBUTES
+from dicom_node.ingest.events import CATALOG_ATTRIBUTES
 
 #: The UIDs read from every data set.
 UID_KEYWORDS: Final = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")

@@ -1,6 +1,6 @@
 """Scanner quirks applied to synthetic phantom series, for the loader's tests and benchmark.
 
-Every generator starts from :mod:`dicom_node.testing.phantoms` (known HU and geometry) and
+Every generator starts from :mod:`dicom_node.demo` (known HU and geometry) and
 reproduces one thing real scanners send: shuffled or reversed InstanceNumbers, feet-first
 stacks, gantry tilt, gaps and irregular steps, duplicated slices, echoes, localizers, reformats,
 enhanced multi-frame objects, compressed transfer syntaxes, 12-bit signed/unsigned pixels,
@@ -22,8 +22,7 @@ from highdicom.legacy import LegacyConvertedEnhancedCTImage, LegacyConvertedEnha
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from dicom_node.testing import procs
-from dicom_node.testing.phantoms import (
+from dicom_node.demo import (
     ChestSpec,
     Phantom,
     SeriesInfo,
@@ -31,6 +30,7 @@ from dicom_node.testing.phantoms import (
     make_chest_phantom,
     slice_datasets,
 )
+from tests.support import procs
 
 #: DCMTK command line per codec name: (tool, options).  All are lossless.
 DCMTK_CODECS: dict[str, tuple[str, tuple[str, ...]]] = {

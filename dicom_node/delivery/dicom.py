@@ -3,7 +3,7 @@
 Files are sent as stored: each is proposed in its own transfer syntax (read from its file meta)
 plus Explicit VR Little Endian, and when the peer accepts the file's own syntax the dataset bytes
 go out unchanged (read from the file, never decoded).  The transport is tuned like the listener's
-(:mod:`dicom_node.net`), so a Nagle-ing archive does not stall us 40 ms per instance either.
+(:mod:`dicom_node.dimse`), so a Nagle-ing archive does not stall us 40 ms per instance either.
 
 Errors split by how the caller (the dispatch task) reacts:
 
@@ -30,8 +30,8 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext, build_context
 
 from dicom_node import statuses
+from dicom_node.delivery.association import TunedAE, TunedAssociationSocket
 from dicom_node.errors import PermanentError, TransientError
-from dicom_node.net import TunedAE, TunedAssociationSocket
 from dicom_node.settings import DestinationSettings
 
 #: pynetdicom accepts at most 128 presentation contexts per association.
@@ -41,7 +41,7 @@ VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 _REJECT_RESULTS = frozenset({0x01, 0x02})
 _UNCOMPRESSED = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian, "1.2.840.10008.1.2.2"})
 
-_log = structlog.get_logger("dicom_node.sender")
+_log = structlog.get_logger("dicom_node.delivery.dicom")
 
 
 @dataclass(frozen=True)
