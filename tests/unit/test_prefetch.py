@@ -21,9 +21,9 @@ import torch
 from structlog.testing import capture_logs
 
 from dicom_node.catalog import Catalog, JobRow, JobSpec, JobState
+from dicom_node.catalog.recorder import instance_from_file
 from dicom_node.demo import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
 from dicom_node.imaging.loading import LoadedSeries, SeriesError, load_series
-from dicom_node.ingest.recorder import instance_from_file
 from dicom_node.scheduling.jobs import queue_job
 from dicom_node.settings import DatabaseSettings, Settings, StorageSettings, WorkerSettings
 from inference.registry import ModelRegistry
