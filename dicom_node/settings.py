@@ -101,7 +101,6 @@ class WebSettings(_Section):
     port: int = Field(8080, ge=0, le=65535)
     #: Bearer token for mutating API calls; unset means mutating calls are refused.
     api_token: str | None = None
-    show_patient_id: bool = False
 
 
 class LateInstancePolicy(str, Enum):
