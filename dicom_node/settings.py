@@ -2,8 +2,8 @@
 
 Built once in ``main()`` and passed down.  Unknown keys and wrong types stop the program with
 one readable line naming the key (:func:`load_settings` raises :class:`ConfigError`).
-Relative paths (storage root, ``sqlite:`` database and broker files, model paths) resolve
-against the folder of the configuration file.
+Paths (storage root, ``sqlite:`` database and broker files, model paths) may start with ``~``
+(the user's home); relative ones resolve against the folder of the configuration file.
 """
 
 from __future__ import annotations
@@ -260,7 +260,7 @@ def _resolve_url(url: str, base: Path) -> str:
     m = _SQLITE_URL.match(url)
     if not m or not m.group("path") or m.group("path") == ":memory:":
         return url
-    path = Path(m.group("path"))
+    path = Path(m.group("path")).expanduser()
     if not path.is_absolute():
         path = (base / path).resolve()
     return f"{m.group('scheme')}{path}{m.group('query') or ''}"
@@ -269,7 +269,7 @@ def _resolve_url(url: str, base: Path) -> str:
 def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     storage = data.get("storage")
     if isinstance(storage, dict) and isinstance(storage.get("root"), str):
-        root = Path(storage["root"])
+        root = Path(storage["root"]).expanduser()
         storage["root"] = str(root if root.is_absolute() else (base / root).resolve())
     for section in ("database", "broker"):
         sec = data.get(section)
