@@ -323,6 +323,36 @@ def enhanced(datasets: Sequence[Dataset], seed: str, *, shuffle_seed: int | None
                include_dimension_index=shuffle_seed is None)
 
 
+#: Where :func:`functional_group_layout` puts (Pixel Measures, Plane Orientation): "shared",
+#: "per-frame" (both in every frame's item, as Siemens XA enhanced MR) or "mixed".
+GROUP_LAYOUTS: dict[str, tuple[bool, bool]] = {
+    "shared": (False, False),
+    "per-frame": (True, True),
+    "mixed": (True, False),
+}
+
+
+def functional_group_layout(ds: Dataset, layout: str) -> Dataset:
+    """Move the Pixel Measures and Plane Orientation functional groups of an enhanced image
+    between the shared item and every per-frame item, as ``GROUP_LAYOUTS[layout]`` says (the
+    standard allows either place; a group is in exactly one of them)."""
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    per_frame = ds.PerFrameFunctionalGroupsSequence
+    for keyword, to_frames in zip(("PixelMeasuresSequence", "PlaneOrientationSequence"),
+                                  GROUP_LAYOUTS[layout], strict=True):
+        item = shared[keyword].value[0] if keyword in shared else per_frame[0][keyword].value[0]
+        for frame in per_frame:
+            if keyword in frame:
+                delattr(frame, keyword)
+            if to_frames:
+                setattr(frame, keyword, [copy.deepcopy(item)])
+        if keyword in shared:
+            delattr(shared, keyword)
+        if not to_frames:
+            setattr(shared, keyword, [item])
+    return ds
+
+
 # --- missing attributes and damaged files ------------------------------------------------
 
 
