@@ -7,7 +7,9 @@ background while the current job's model runs (``workers.prefetch``).
 
 from __future__ import annotations
 
+import re
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -106,6 +108,44 @@ def load_job_series(ctx: WorkerContext, job: JobRow) -> tuple[LoadedSeries, dict
     return loaded, timings
 
 
+#: What the encoders (highdicom, pydicom) raise on source headers they cannot use.  Encoding is
+#: deterministic: a retry fails the same way, so these fail the job at once (permanent).
+ENCODING_INPUT_ERRORS: tuple[type[Exception], ...] = (AttributeError, KeyError, ValueError, TypeError, IndexError)
+
+
+def _dicom_keywords(exc: BaseException) -> list[str]:
+    """The DICOM keywords an encoder's exception names (``AttributeError.name``, words of its
+    message, highdicom enum names such as ``PatientSexValues``); never any value."""
+    from pydicom.datadict import keyword_dict
+
+    words = [getattr(exc, "name", None) or "", *re.findall(r"[A-Z][A-Za-z0-9]+", str(exc))]
+    found: list[str] = []
+    for word in words:
+        for keyword in (word, word.removesuffix("Values")):
+            if keyword and keyword in keyword_dict and keyword not in found:
+                found.append(keyword)
+                break
+    return found
+
+
+def encoding_failure(exc: BaseException, bound: Any) -> PermanentError:
+    """The permanent job failure for an encoder exception raised by the series' headers.
+
+    The reason names the attribute keyword(s) the exception points at and the exception type,
+    never its message (which may quote a value, e.g. a patient attribute).
+    """
+    keywords = _dicom_keywords(exc)
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
+    bound.error("encoding_failed", error_type=type(exc).__name__, keywords=keywords, where=where)
+    if keywords:
+        what = f"attribute {keywords[0]}" if len(keywords) == 1 else f"attributes {', '.join(keywords)}"
+        return PermanentError(f"the results cannot be encoded: the source images' {what} cannot be used "
+                              f"({type(exc).__name__} in the SEG/SR encoder)")
+    return PermanentError(f"the results cannot be encoded: the SEG/SR encoder refused the source images' "
+                          f"headers ({type(exc).__name__} at {where})")
+
+
 def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
     """Load the series, run the job's model, encode SEG + SR into the outbox.
 
@@ -135,11 +175,14 @@ def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
     volume = Volume(array=np.broadcast_to(np.float32(0.0), volume.shape), affine=volume.affine,
                     modality=volume.modality, metadata=volume.metadata)
     opts = ctx.settings.results
-    encoded = encode_results(
-        prediction, volume, sources, frame_refs,
-        ResultOptions(seg_series_number=opts.seg_series_number, sr_series_number=opts.sr_series_number,
-                      manufacturer=opts.manufacturer),
-    )
+    try:
+        encoded = encode_results(
+            prediction, volume, sources, frame_refs,
+            ResultOptions(seg_series_number=opts.seg_series_number, sr_series_number=opts.sr_series_number,
+                          manufacturer=opts.manufacturer),
+        )
+    except ENCODING_INPUT_ERRORS as exc:
+        raise encoding_failure(exc, bound) from exc
     outdir = ctx.settings.outbox / f"job-{job.id}"
     outdir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"segments": len(prediction.segments), "files": []}
