@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,7 @@ from dicom_node.errors import PermanentError
 from dicom_node.settings import Settings
 from dicom_node.spool import write_durably
 from inference.registry import ModelRegistry
-from inference.volume import Volume
+from inference.stacks import StackedVolume, predict_stacked
 from workers.prefetch import Prefetcher
 
 if TYPE_CHECKING:
@@ -169,11 +169,15 @@ def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
             f"model {model.name} accepts {'/'.join(sorted(model.modalities))}, "
             f"but the series is {volume.modality or 'of unknown modality'}"
         )
-    prediction = model.predict(volume)
+    if isinstance(volume, StackedVolume):
+        # Stacks of different spacing: the model runs on each, results join slice for slice.
+        prediction = predict_stacked(model, volume)
+    else:
+        prediction = model.predict(volume)
     t2 = time.perf_counter()
-    # The encoders read only the geometry: free the voxels (4 bytes each) before encoding.
-    volume = Volume(array=np.broadcast_to(np.float32(0.0), volume.shape), affine=volume.affine,
-                    modality=volume.modality, metadata=volume.metadata)
+    # The encoders read only the geometry: free the voxels (4 bytes each) before encoding
+    # (``replace`` keeps a StackedVolume's per-stack geometry).
+    volume = replace(volume, array=np.broadcast_to(np.float32(0.0), volume.shape))
     opts = ctx.settings.results
     try:
         encoded = encode_results(

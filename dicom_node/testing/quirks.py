@@ -150,6 +150,21 @@ def irregular_positions(affine: np.ndarray, steps_mm: Sequence[float]) -> np.nda
     return np.asarray(affine[:3, 3] + offsets[:, None] * axis)
 
 
+def stacked_positions(affine: np.ndarray, counts: Sequence[int], spacings: Sequence[float],
+                      boundaries: Sequence[float] | None = None) -> np.ndarray:
+    """Positions of consecutive regular stacks along the affine's slice axis (one series of
+    several spacings, as a head CT's posterior fossa and cerebrum stacks): ``counts[i]``
+    slices ``spacings[i]`` apart, each stack ``boundaries[i]`` mm after the last slice of the
+    one before (default: the mean of the two spacings, i.e. contiguous slabs)."""
+    steps: list[float] = []
+    for i, (count, spacing) in enumerate(zip(counts, spacings, strict=True)):
+        if i > 0:
+            steps.append(boundaries[i - 1] if boundaries is not None
+                         else (spacings[i - 1] + spacing) / 2.0)
+        steps.extend([spacing] * (count - 1))
+    return irregular_positions(affine, steps)
+
+
 def drop(datasets: Sequence[Dataset], *indices: int) -> list[Dataset]:
     """The datasets without those at ``indices`` (a missing slice)."""
     gone = set(indices)
