@@ -13,15 +13,17 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
+import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
 from dicom_node.loading import LoadedSeries, load_series
 from dicom_node.results import ResultEncodingError, encode_results
-from dicom_node.results.examples import NODULE_LABEL, phantom_prediction
+from dicom_node.results.examples import BODY_LABEL, NODULE_LABEL, phantom_prediction
 from dicom_node.testing import quirks
 from dicom_node.testing.phantoms import ChestSpec, Phantom, Sphere, make_chest_phantom, slice_datasets, write_datasets
 from inference.prediction import Prediction, Segment
-from tests.unit.test_results_seg import check_roundtrip
+from dicom_node.testing import procs
+from tests.unit.test_results_seg import check_roundtrip, dcmqi_tool
 
 NODULES = (Sphere((-60.0, 10.0, 5.0), 20.0),)
 
@@ -128,3 +130,31 @@ def test_frames_without_a_common_pixel_spacing_are_refused_naming_the_group(
     prediction = Prediction("m", "1", [Segment(NODULE_LABEL, mask, tracking_id="Nodule 1")])
     with pytest.raises(ResultEncodingError, match="source frames differ in PixelMeasuresSequence"):
         encode_results(prediction, loaded.volume, loaded.sources, loaded.frame_refs)
+
+
+@pytest.mark.parametrize("source", ["single-frame", "enhanced per-frame"])
+def test_dcmqi_rebuilds_the_exact_volume(phantom: Phantom, tmp_path: Path, source: str) -> None:
+    """dcmqi turns the SEG into an NRRD on the source grid, voxel for voxel: 7 mm thick slices
+    every 5 mm as single frames, and an enhanced MR with its geometry only per frame."""
+    seed = f"dcmqi-{source.replace(' ', '-')}"
+    if source == "single-frame":
+        datasets = slice_datasets(phantom.hu, phantom.affine, quirks.series_info(seed))
+        for ds in datasets:
+            ds.SliceThickness = "7"
+        loaded = load_series(write_datasets(datasets, tmp_path / "ct"))
+    else:
+        loaded = _enhanced_series(phantom, "MR", "per-frame", seed, tmp_path)
+    body = phantom.masks["body"]
+    prediction = Prediction("m", "1", [Segment(BODY_LABEL, body)])
+    seg = encode_results(prediction, loaded.volume, loaded.sources, loaded.frame_refs).seg
+    assert seg is not None
+    path = _write(seg, tmp_path / "seg.dcm")
+    out = tmp_path / "nrrd"
+    out.mkdir()
+    res = procs.run_tool([dcmqi_tool("segimage2itkimage"), "--inputDICOM", str(path),
+                          "--outputDirectory", str(out), "-t", "nrrd"])
+    assert res.returncode == 0 and "ERROR" not in res.stdout + res.stderr, res.stdout + res.stderr
+    image = sitk.ReadImage(str(out / "1.nrrd"))
+    np.testing.assert_allclose(image.GetSpacing(), phantom.spacing[::-1], atol=1e-4)
+    np.testing.assert_allclose(image.GetOrigin(), phantom.affine[:3, 3], atol=1e-3)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image) > 0, body)
