@@ -36,7 +36,7 @@ from dicom_node.catalog import (
     SeriesRow,
     WorkerHeartbeatRow,
 )
-from dicom_node.heartbeat import ALIVE_WITHIN_S
+from dicom_node.catalog.heartbeats import ALIVE_WITHIN_S
 
 #: The stages of a job, in order, as the dashboard columns and the ``stage`` label name them.
 STAGES: tuple[str, ...] = (

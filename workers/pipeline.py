@@ -7,9 +7,7 @@ background while the current job's model runs (``workers.prefetch``).
 
 from __future__ import annotations
 
-import re
 import time
-import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,14 +17,14 @@ import structlog
 
 from dicom_node.catalog import Catalog, JobRow, JobState
 from dicom_node.errors import PermanentError
+from dicom_node.ingest.spool import write_durably
 from dicom_node.settings import Settings
-from dicom_node.spool import write_durably
 from inference.registry import ModelRegistry
 from inference.stacks import StackedVolume, predict_stacked
 from workers.prefetch import Prefetcher
 
 if TYPE_CHECKING:
-    from dicom_node.loading import LoadedSeries
+    from dicom_node.imaging.loading import LoadedSeries
 
 log = structlog.get_logger(__name__)
 
@@ -70,7 +68,8 @@ def build_context(settings: Settings) -> WorkerContext:
 def _dataset_bytes(ds: Any) -> bytes:
     from io import BytesIO
 
-    from dicom_node.net import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+    from dicom_node.dimse import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
 
     buf = BytesIO()
     ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
@@ -87,7 +86,7 @@ def load_job_series(ctx: WorkerContext, job: JobRow) -> tuple[LoadedSeries, dict
     Raises ``SeriesError`` (permanent) for anything malformed; a prefetch that failed is loaded
     again here, so the job reports the real error.
     """
-    from dicom_node.loading import load_series
+    from dicom_node.imaging.loading import load_series
 
     t0 = time.perf_counter()
     paths = ctx.catalog.series_paths(job.series_instance_uid)
@@ -108,44 +107,6 @@ def load_job_series(ctx: WorkerContext, job: JobRow) -> tuple[LoadedSeries, dict
     return loaded, timings
 
 
-#: What the encoders (highdicom, pydicom) raise on source headers they cannot use.  Encoding is
-#: deterministic: a retry fails the same way, so these fail the job at once (permanent).
-ENCODING_INPUT_ERRORS: tuple[type[Exception], ...] = (AttributeError, KeyError, ValueError, TypeError, IndexError)
-
-
-def _dicom_keywords(exc: BaseException) -> list[str]:
-    """The DICOM keywords an encoder's exception names (``AttributeError.name``, words of its
-    message, highdicom enum names such as ``PatientSexValues``); never any value."""
-    from pydicom.datadict import keyword_dict
-
-    words = [getattr(exc, "name", None) or "", *re.findall(r"[A-Z][A-Za-z0-9]+", str(exc))]
-    found: list[str] = []
-    for word in words:
-        for keyword in (word, word.removesuffix("Values")):
-            if keyword and keyword in keyword_dict and keyword not in found:
-                found.append(keyword)
-                break
-    return found
-
-
-def encoding_failure(exc: BaseException, bound: Any) -> PermanentError:
-    """The permanent job failure for an encoder exception raised by the series' headers.
-
-    The reason names the attribute keyword(s) the exception points at and the exception type,
-    never its message (which may quote a value, e.g. a patient attribute).
-    """
-    keywords = _dicom_keywords(exc)
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
-    bound.error("encoding_failed", error_type=type(exc).__name__, keywords=keywords, where=where)
-    if keywords:
-        what = f"attribute {keywords[0]}" if len(keywords) == 1 else f"attributes {', '.join(keywords)}"
-        return PermanentError(f"the results cannot be encoded: the source images' {what} cannot be used "
-                              f"({type(exc).__name__} in the SEG/SR encoder)")
-    return PermanentError(f"the results cannot be encoded: the SEG/SR encoder refused the source images' "
-                          f"headers ({type(exc).__name__} at {where})")
-
-
 def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
     """Load the series, run the job's model, encode SEG + SR into the outbox.
 
@@ -153,6 +114,7 @@ def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
     cannot use, ``TransientError`` for conditions worth retrying.
     """
     from dicom_node.results import ResultOptions, encode_results
+    from dicom_node.results.failures import ENCODING_INPUT_ERRORS, dicom_keywords, input_failure, raised_at
 
     bound = log.bind(job_id=job.id, model=job.model, series_instance_uid=job.series_instance_uid)
     ctx.timings.clear()
@@ -186,7 +148,11 @@ def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
                           manufacturer=opts.manufacturer),
         )
     except ENCODING_INPUT_ERRORS as exc:
-        raise encoding_failure(exc, bound) from exc
+        # Deterministic: a retry fails the same way, so the job fails at once (permanent).
+        failure = input_failure(exc)
+        bound.error("encoding_failed", error_type=type(exc).__name__, keywords=dicom_keywords(exc),
+                    where=raised_at(exc))
+        raise failure from exc
     outdir = ctx.settings.outbox / f"job-{job.id}"
     outdir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"segments": len(prediction.segments), "files": []}
@@ -221,8 +187,8 @@ def deliver(ctx: WorkerContext, job: JobRow) -> list[str]:
 
 
 def _deliver(ctx: WorkerContext, job: JobRow) -> list[str]:
+    from dicom_node.delivery.dicom import send_instances
     from dicom_node.errors import TransientError
-    from dicom_node.sender import send_instances
 
     files = [Path(p) for p in job.results.get("files", [])]
     missing = [str(p) for p in files if not p.exists()]

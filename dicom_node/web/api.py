@@ -2,9 +2,7 @@
 
 Reads go straight to the catalog.  Mutating calls (retry, cancel) need
 ``Authorization: Bearer <web.api_token>``; with no token configured they are refused (403), so a
-node is read-only until someone chooses a token.  No patient data: the catalog holds none, and
-the ``patient_id`` fields stay empty unless ``web.show_patient_id`` is set *and* the node was
-given a ``patient_id_lookup`` (a documented hook; nothing provides one today).
+node is read-only until someone chooses a token.  No patient data: the catalog holds none.
 """
 
 from __future__ import annotations
@@ -31,19 +29,18 @@ from dicom_node.catalog import (
     JobState,
     SeriesRow,
 )
-from dicom_node.heartbeat import ALIVE_WITHIN_S, worker_statuses
-from dicom_node.jobs import JobQueue, queue_job
+from dicom_node.catalog.heartbeats import ALIVE_WITHIN_S, worker_statuses
 from dicom_node.metrics import (
     STAGE_DEFINITIONS,
     STAGES,
     last_instance_before,
     stage_durations,
 )
+from dicom_node.scheduling.jobs import JobQueue, queue_job
 from dicom_node.settings import Settings
 
 #: States from which a job may be retried; unfinished jobs are still owned by a worker or queue.
 RETRYABLE = (JobState.FAILED, JobState.CANCELLED, JobState.DONE)
-PatientIdLookup = Callable[[str], str | None]
 
 
 @dataclass
@@ -53,13 +50,6 @@ class ApiContext:
     settings: Settings
     catalog: Catalog
     queue: JobQueue
-    patient_id_lookup: PatientIdLookup | None = None
-
-    def patient_id(self, series_instance_uid: str) -> str | None:
-        """PatientID for display, only when ``web.show_patient_id`` is on and a lookup exists."""
-        if not self.settings.web.show_patient_id or self.patient_id_lookup is None:
-            return None
-        return self.patient_id_lookup(series_instance_uid)
 
 
 # -- response models ------------------------------------------------------------------------
@@ -69,9 +59,6 @@ class JobSummary(BaseModel):
     id: int
     series_instance_uid: str
     study_instance_uid: str
-    patient_id: str | None = Field(
-        None, description="Only with web.show_patient_id and a lookup hook."
-    )
     modality: str | None
     rule: str
     model: str
@@ -131,7 +118,6 @@ class ActionResult(BaseModel):
 class SeriesSummary(BaseModel):
     series_instance_uid: str
     study_instance_uid: str
-    patient_id: str | None = None
     modality: str | None
     body_part_examined: str | None
     series_description: str | None
@@ -221,7 +207,6 @@ def _summary(
         id=job.id,
         series_instance_uid=job.series_instance_uid,
         study_instance_uid=job.study_instance_uid,
-        patient_id=ctx.patient_id(job.series_instance_uid),
         modality=job.modality,
         rule=job.rule,
         model=job.model,
@@ -281,7 +266,6 @@ def _series_summary(ctx: ApiContext, row: SeriesRow) -> SeriesSummary:
     return SeriesSummary(
         series_instance_uid=row.series_instance_uid,
         study_instance_uid=row.study_instance_uid,
-        patient_id=ctx.patient_id(row.series_instance_uid),
         modality=row.modality,
         body_part_examined=row.body_part_examined,
         series_description=row.series_description,

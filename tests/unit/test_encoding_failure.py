@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from dicom_node.catalog import Catalog, JobSpec, JobState
+from dicom_node.catalog.recorder import instance_from_file
+from dicom_node.demo import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
 from dicom_node.errors import PermanentError
-from dicom_node.jobs import queue_job
-from dicom_node.recorder import instance_from_file
+from dicom_node.scheduling.jobs import queue_job
 from dicom_node.settings import BrokerSettings, DatabaseSettings, Settings, StorageSettings
-from dicom_node.testing.phantoms import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
-from dicom_node.testing.queues import MemoryQueue
 from inference.registry import ModelRegistry
+from tests.support.queues import MemoryQueue
 from workers.app import INFERENCE_TASK, create_celery_app
 from workers.pipeline import WorkerContext, run_inference
 from workers.tasks import NodeTask

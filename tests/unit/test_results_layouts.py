@@ -16,13 +16,12 @@ import pytest
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
-from dicom_node.loading import LoadedSeries, load_series
+from dicom_node.demo import ChestSpec, Phantom, Sphere, make_chest_phantom, slice_datasets, write_datasets
+from dicom_node.imaging.loading import LoadedSeries, load_series
 from dicom_node.results import ResultEncodingError, encode_results
-from dicom_node.results.examples import BODY_LABEL, NODULE_LABEL, phantom_prediction
-from dicom_node.testing import quirks
-from dicom_node.testing.phantoms import ChestSpec, Phantom, Sphere, make_chest_phantom, slice_datasets, write_datasets
 from inference.prediction import Prediction, Segment
-from dicom_node.testing import procs
+from tests.support import procs, quirks
+from tests.support.result_examples import BODY_LABEL, NODULE_LABEL, phantom_prediction
 from tests.unit.test_results_seg import check_roundtrip, dcmqi_tool
 
 NODULES = (Sphere((-60.0, 10.0, 5.0), 20.0),)

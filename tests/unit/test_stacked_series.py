@@ -18,17 +18,17 @@ import pytest
 import torch
 
 from dicom_node.catalog import Catalog, JobSpec, JobState
-from dicom_node.jobs import queue_job
-from dicom_node.loading import load_series
-from dicom_node.recorder import instance_from_file
-from dicom_node.results.examples import BODY_LABEL, NODULE_LABEL
+from dicom_node.catalog.recorder import instance_from_file
+from dicom_node.demo import ChestSpec, make_chest_phantom, write_datasets
+from dicom_node.imaging.loading import load_series
+from dicom_node.scheduling.jobs import queue_job
 from dicom_node.settings import DatabaseSettings, Settings, StorageSettings
-from dicom_node.testing import quirks
-from dicom_node.testing.phantoms import ChestSpec, make_chest_phantom, write_datasets
-from dicom_node.testing.queues import MemoryQueue
 from inference.prediction import HU, MEAN, ML, VOLUME, Measurement, Prediction, Segment
 from inference.registry import ModelRegistry
 from inference.stacks import StackedVolume, join_predictions
+from tests.support import quirks
+from tests.support.queues import MemoryQueue
+from tests.support.result_examples import BODY_LABEL, NODULE_LABEL
 from tests.unit.test_results_seg import masks_by_slice
 from workers.pipeline import WorkerContext, run_inference
 
