@@ -17,10 +17,10 @@ Rules, in the order they are applied:
    equivalents) keeping the fullest stack, and refused when nothing tells them apart;
 6. consecutive positions must lie on a regular grid (gantry tilt is a sheared but regular grid,
    kept exactly in the affine), or on consecutive regular grids of different spacing (a head
-   CT's 4 mm then 7 mm stacks), each of at least ``MIN_STACK_SLICES`` slices: the volume is then
-   an :class:`inference.stacks.StackedVolume`, each stack with its exact affine.  Anything else
-   is refused naming the cause (slices missing between two positions, a gap between stacks,
-   steps that form no regular stack), never averaged or resampled away;
+   CT's 4 mm then 7 mm stacks), each of at least 3 slices (:mod:`dicom_node.imaging.stacking`):
+   the volume is then an :class:`inference.stacks.StackedVolume`, each stack with its exact
+   affine.  Anything else is refused naming the cause (slices missing between two positions, a
+   gap between stacks, steps that form no regular stack), never averaged or resampled away;
 7. pixel data are decoded straight into the volume in a thread pool (compressed lossless frames
    by imagecodecs, which releases the GIL), the bits above BitsStored are ignored, MONOCHROME1
    is inverted within the stored bit range, and the per-image rescale slope/intercept is applied.
@@ -49,18 +49,17 @@ from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels.utils import pixel_array
 from pydicom.uid import UID
 
-from dicom_node.errors import PermanentError
+from dicom_node.imaging.errors import SeriesError as SeriesError  # re-exported: the loader's error
+from dicom_node.imaging.stacking import (
+    POSITION_TOLERANCE_MM,
+    RELATIVE_SPACING_TOLERANCE,
+    regular_stacks,
+)
 from inference.stacks import StackedVolume, describe_stacks
 from inference.volume import Volume
 
-#: Two positions closer than this (mm, along the slice normal) are "the same position".
-POSITION_TOLERANCE_MM = 0.01
-#: Slice positions may deviate from the regular grid by max(this fraction of a step, 0.01 mm).
-RELATIVE_SPACING_TOLERANCE = 0.01
 #: Two ImageOrientationPatient values are "the same orientation" if no cosine differs more.
 ORIENTATION_TOLERANCE = 1e-4
-#: Fewest slices of one regular stack of a series made of stacks of different spacing.
-MIN_STACK_SLICES = 3
 #: A slice step further than this from the normal is reported as gantry tilt (degrees).
 TILT_REPORT_THRESHOLD_DEG = 0.01
 #: What tells apart images at the same position, tried in this order: (what, single-frame
@@ -96,10 +95,6 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 #: Threads filling the volume; the decoders used for the common syntaxes and NumPy release the
 #: GIL, so frames decode and rescale in parallel.
 DECODE_THREADS = min(8, os.cpu_count() or 1)
-
-
-class SeriesError(PermanentError):
-    """The series cannot be turned into one volume; the message says why."""
 
 
 @dataclass
@@ -192,7 +187,8 @@ def _load(paths: Sequence[Path], modality_hint: str | None) -> LoadedSeries:
     planes = _main_orientation(planes, excluded)
     _check_matrix(planes)
     planes = _sorted_unique_positions(planes, excluded)
-    stacks = _regular_stacks(planes)
+    stacks = regular_stacks(np.asarray([p.position for p in planes], dtype=np.float64),
+                            _normal(planes[0].orientation))
     geometries = [_geometry(planes[start:stop]) for start, stop in stacks]
     hints = _hints(datasets[planes[0].source])
     affine, metadata = geometries[0] if len(stacks) == 1 else (geometries[0][0], {})
@@ -580,122 +576,6 @@ def _sorted_unique_positions(planes: list[_Plane], excluded: list[tuple[str, str
             f"({labels}) and no {', '.join(kw for _, kw, _ in SPLIT_ATTRIBUTES)} tells them "
             "apart: refusing to stack duplicates")
     return [g[0] for g in groups]
-
-
-# --- stacks ------------------------------------------------------------------------------
-
-
-def _regular_stacks(planes: list[_Plane]) -> list[tuple[int, int]]:
-    """``(start, stop)`` of the regular stacks the sorted ``planes`` form, or SeriesError.
-
-    Consecutive equal steps make a run; a run of fewer than ``MIN_STACK_SLICES`` slices gives
-    its slices back to the run after it when they are on that run's step.  Runs of that length
-    meeting at one step of at most the larger spacing are stacks; a step that is a whole
-    multiple of the spacing on both sides is slices missing, and any other odd step is refused.
-    """
-    n = len(planes)
-    if n < MIN_STACK_SLICES:
-        return [(0, n)]
-    positions = np.asarray([p.position for p in planes], dtype=np.float64)
-    steps = np.diff(positions, axis=0)
-    lengths = np.linalg.norm(steps, axis=1)
-
-    def same(i: int, j: int) -> bool:
-        tol = max(POSITION_TOLERANCE_MM, RELATIVE_SPACING_TOLERANCE * float(lengths[i]))
-        return float(np.linalg.norm(steps[i] - steps[j])) <= tol
-
-    runs: list[list[int]] = []
-    start = 0
-    while start < n:
-        stop = min(start + 2, n)
-        while stop < n and same(start, stop - 1):
-            stop += 1
-        runs.append([start, stop])
-        start = stop
-    if len(runs) == 1:
-        return [(0, n)]
-    for i in range(1, len(runs)):
-        run, before = runs[i], runs[i - 1]
-        while (run[1] - run[0] >= MIN_STACK_SLICES and 0 < before[1] - before[0] < MIN_STACK_SLICES
-               and same(run[0], run[0] - 1)):
-            run[0] -= 1
-            before[1] -= 1
-    runs = [r for r in runs if r[1] > r[0]]
-    if len(runs) == 1:
-        return [(0, n)]
-    _explain_odd_steps(planes, runs, positions, lengths)
-    return [(a, b) for a, b in runs]
-
-
-def _explain_odd_steps(planes: list[_Plane], runs: list[list[int]], positions: np.ndarray,
-                       lengths: np.ndarray) -> None:
-    """Raise SeriesError naming the first step between ``runs`` that is not a change of
-    spacing between two regular stacks; return when every one is."""
-    normal = _normal(planes[0].orientation)
-    axis = int(np.argmax(np.abs(normal)))
-
-    def where(i: int, j: int | None = None, words: tuple[str, str] = ("between", "and")) -> str:
-        """Positions i and j (i + 1), as the patient coordinate closest to the slice normal."""
-        name, j = "xyz"[axis], i + 1 if j is None else j
-        return (f"{words[0]} {name}={positions[i][axis]:.4g} {words[1]} "
-                f"{name}={positions[j][axis]:.4g} mm")
-
-    def spacing(run: list[int] | None) -> float | None:
-        if run is None or run[1] - run[0] < MIN_STACK_SLICES:
-            return None
-        return float(lengths[run[0]])
-
-    def close(a: float, b: float) -> bool:
-        return abs(a - b) <= max(POSITION_TOLERANCE_MM, RELATIVE_SPACING_TOLERANCE * max(a, b))
-
-    def describe(pair: list[list[int]]) -> str:
-        words = ("two", "three", "four")
-        counts = [f"{r[1] - r[0]} slices at {lengths[r[0]]:.3g} mm" for r in pair]
-        return f"{words[len(pair) - 2] if len(pair) <= 4 else len(pair)} spacings: {' then '.join(counts)}"
-
-    for i, run in enumerate(runs):
-        prev = runs[i - 1] if i > 0 else None
-        nxt = runs[i + 1] if i + 1 < len(runs) else None
-        if run[1] - run[0] < MIN_STACK_SLICES:
-            # Odd steps: those into, inside and out of this short run.
-            odd = list(range(max(run[0] - 1, 0), min(run[1], len(lengths))))
-            around = [s for s in (spacing(prev), spacing(nxt)) if s is not None]
-            if around and all(close(around[0], s) for s in around):
-                step = around[0]
-                multiples = [round(float(lengths[j]) / step) for j in odd]
-                if all(m >= 1 and close(float(lengths[j]), m * step) for j, m in zip(odd, multiples,
-                                                                                   strict=True)) \
-                        and max(multiples) >= 2:
-                    j = next(j for j, m in zip(odd, multiples, strict=True) if m >= 2)
-                    raise _missing(multiples[odd.index(j)] - 1, where(j), float(lengths[j]), step)
-            lo, hi = float(lengths.min()), float(lengths.max())
-            shown = ", ".join(f"{lengths[j]:.4g}" for j in odd[:6])
-            raise SeriesError(
-                f"irregular slice spacing: steps between {lo:.4g} and {hi:.4g} mm over "
-                f"{len(planes)} slices; {where(odd[0], odd[-1] + 1, ('from', 'to'))} the steps "
-                f"({shown} mm) form no regular stack of at least {MIN_STACK_SLICES} slices")
-        if prev is None or prev[1] - prev[0] < MIN_STACK_SLICES:
-            continue
-        j = run[0] - 1  # the step from the last slice of prev to the first of run
-        before, after, step = float(lengths[prev[0]]), float(lengths[run[0]]), float(lengths[j])
-        if close(before, after):
-            m = round(step / before)
-            if m >= 2 and close(step, m * before):
-                raise _missing(m - 1, where(j), step, before)
-            if step > before and not close(step, before):
-                raise SeriesError(
-                    f"a gap of {step:.4g} mm {where(j)}, where the slices on either side are "
-                    f"{before:.4g} mm apart: not a whole number of missing slices")
-        elif step > max(before, after) and not close(step, max(before, after)):
-            raise SeriesError(
-                f"{describe([prev, run])}, with a gap of {step:.4g} mm {where(j)}: slices are "
-                "missing between the two stacks")
-
-
-def _missing(count: int, where: str, step: float, spacing: float) -> SeriesError:
-    what = "a slice is" if count == 1 else f"{count} slices are"
-    return SeriesError(f"{what} missing {where}: a {step:.4g} mm step where the slices on "
-                       f"either side are {spacing:.4g} mm apart")
 
 
 # --- geometry ----------------------------------------------------------------------------
