@@ -21,6 +21,7 @@ from dicom_node.catalog import Catalog, JobSpec, JobState
 from dicom_node.catalog.recorder import instance_from_file
 from dicom_node.demo import ChestSpec, make_chest_phantom, write_datasets
 from dicom_node.imaging.loading import load_series
+from dicom_node.results import encode_results
 from dicom_node.scheduling.jobs import queue_job
 from dicom_node.settings import DatabaseSettings, Settings, StorageSettings
 from inference.prediction import HU, MEAN, ML, VOLUME, Measurement, Prediction, Segment
@@ -29,7 +30,7 @@ from inference.stacks import StackedVolume, join_predictions
 from tests.support import quirks
 from tests.support.queues import MemoryQueue
 from tests.support.result_examples import BODY_LABEL, NODULE_LABEL
-from tests.unit.test_results_seg import masks_by_slice
+from tests.unit.test_results_seg import check_roundtrip, masks_by_slice
 from workers.pipeline import WorkerContext, run_inference
 
 SPACINGS = (4.2, 7.4)
@@ -159,3 +160,24 @@ def test_join_sums_region_volumes_weights_means_and_renames_lesions() -> None:
     assert second.mask[4].sum() == 4 and not second.mask[:3].any()
     assert joined.notes == ["processed as 2 regular stacks: 3 slices at 2.06 mm, then 3 slices at 4.12 mm",
                             "no bone found"]
+
+
+def test_two_stack_enhanced_ct_gives_a_seg_on_its_frames(
+    tmp_path: Path, dciodvfy_clean: Callable[[Path], list[str]]
+) -> None:
+    """The same two stacks as one enhanced multi-frame CT: a SEG whose frames name their frames."""
+    phantom = make_chest_phantom(ChestSpec(slices=sum(COUNTS), rows=64, columns=64, pixel_spacing=5.0))
+    affine = quirks.tilted_affine(phantom.hu.shape, 5.0, SPACINGS[0], tilt_deg=TILT_DEG)
+    info = quirks.series_info("two-stacks-enhanced")
+    datasets = quirks.with_positions(quirks.stack(phantom.hu, affine, info),
+                                     quirks.stacked_positions(affine, COUNTS, SPACINGS))
+    enhanced = quirks.functional_group_layout(quirks.enhanced(datasets, "two-stacks-enhanced"), "per-frame")
+    loaded = load_series(write_datasets([enhanced], tmp_path / "ct"))
+    assert isinstance(loaded.volume, StackedVolume) and loaded.volume.stacks == ((0, 14), (14, 28))
+    prediction = Prediction("m", "1", [Segment(BODY_LABEL, phantom.masks["body"])])
+    seg = encode_results(prediction, loaded.volume, loaded.sources, loaded.frame_refs).seg
+    assert seg is not None
+    path = tmp_path / "seg.dcm"
+    seg.save_as(path, enforce_file_format=True)
+    dciodvfy_clean(path)
+    check_roundtrip(path, prediction, loaded.sources, loaded.frame_refs)
