@@ -29,7 +29,7 @@ from inference.registry import ModelRegistry
 from inference.stacks import StackedVolume, join_predictions
 from tests.support import quirks
 from tests.support.queues import MemoryQueue
-from tests.support.result_examples import BODY_LABEL, NODULE_LABEL
+from tests.support.result_examples import BODY_LABEL, NODULE_LABEL, circle_outline
 from tests.unit.test_results_seg import check_roundtrip, masks_by_slice
 from workers.pipeline import WorkerContext, run_inference
 
@@ -181,3 +181,33 @@ def test_two_stack_enhanced_ct_gives_a_seg_on_its_frames(
     seg.save_as(path, enforce_file_format=True)
     dciodvfy_clean(path)
     check_roundtrip(path, prediction, loaded.sources, loaded.frame_refs)
+
+
+def test_lesion_outlines_of_each_stack_land_on_their_own_source_images(tmp_path: Path) -> None:
+    """A lesion per stack: the SR draws each outline on the source image of its key slice, at its pixels."""
+    phantom = make_chest_phantom(ChestSpec(slices=sum(COUNTS), rows=64, columns=64, pixel_spacing=5.0))
+    affine = quirks.tilted_affine(phantom.hu.shape, 5.0, SPACINGS[0], tilt_deg=TILT_DEG)
+    datasets = quirks.with_positions(quirks.stack(phantom.hu, affine, quirks.series_info("two-stack-lesions")),
+                                     quirks.stacked_positions(affine, COUNTS, SPACINGS))
+    loaded = load_series(write_datasets(datasets, tmp_path / "ct"))
+    assert isinstance(loaded.volume, StackedVolume)
+    parts = []
+    for stack in loaded.volume.stack_volumes():
+        mask = np.zeros(stack.shape, dtype=bool)
+        mask[5, 30:34, 30:34] = True
+        centre = stack.index_to_patient(np.array([5.0, 31.5, 31.5]))
+        parts.append(Prediction("m", "1", [Segment(
+            NODULE_LABEL, mask, tracking_id="Nodule 1", confidence=0.9, centre=tuple(centre), key_slice=5,
+            outline=circle_outline(stack, 5, centre, 8.0))]))
+    prediction = join_predictions(parts, loaded.volume)
+    sr_path = tmp_path / "sr.dcm"
+    encode_results(prediction, loaded.volume, loaded.sources, loaded.frame_refs).sr.save_as(
+        sr_path, enforce_file_format=True)
+    outlines = {g.tracking_identifier: g.roi for g in hd.sr.srread(sr_path).content.get_planar_roi_measurement_groups()
+                if g.roi is not None and g.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE}
+    for name, key_slice in (("Nodule 1", 5), ("Nodule 1 (stack 2)", 19)):
+        source = loaded.sources[loaded.frame_refs[key_slice][0]]
+        roi = outlines[name]
+        assert roi.ContentSequence[0].referenced_sop_instance_uid == source.SOPInstanceUID
+        # (column, row) of the pixel centres, +0.5: the circle is centred on pixel (31.5, 31.5).
+        np.testing.assert_allclose(roi.value[:-1].mean(axis=0), (32.0, 32.0), atol=1e-3)
