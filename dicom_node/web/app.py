@@ -14,9 +14,8 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
 
-from dicom_node.catalog import Catalog
+from dicom_node.catalog import Catalog, queries
 from dicom_node.catalog import heartbeats as heartbeat
 from dicom_node.metrics import NodeMetrics
 from dicom_node.scheduling.jobs import JobQueue
@@ -34,8 +33,7 @@ WEB_DIR = Path(__file__).resolve().parent
 def database_check(catalog: Catalog) -> Check:
     """The catalog database answers ``SELECT 1``."""
     try:
-        with catalog.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+        queries.ping(catalog)
     except Exception as exc:  # readiness reports any failure as a failed check, never raises
         return False, f"database unreachable: {type(exc).__name__}: {exc}"
     return True, "database reachable"
