@@ -771,10 +771,12 @@ class Acceptor:
         ident = threading.get_ident()
         with self._lock:
             self._active[ident] = conn
-        run: _AssociationRun | None = None
+        accepted_at = time.monotonic()
         try:
             sock = conn
             if self.ssl_context is not None:
+                # CPython's TLS handshake takes the socket timeout as a deadline for the whole
+                # handshake (not per receive); the A-ASSOCIATE-RQ gets what is left of it.
                 conn.settimeout(self.config.acse_timeout)
                 try:
                     sock = self.ssl_context.wrap_socket(conn, server_side=True)
@@ -784,8 +786,7 @@ class Acceptor:
                     return
                 with self._lock:
                     self._active[ident] = sock
-            run = _AssociationRun(self, sock, addr, key)
-            run.run()
+            _AssociationRun(self, sock, addr, key, accepted_at).run()
         except Exception as exc:  # never let a thread die silently
             self.handler.connection_failed(address, f"{type(exc).__name__}: {exc}")
         finally:
@@ -811,7 +812,8 @@ class _AssociationRun:
     """One association from A-ASSOCIATE-RQ to release or abort."""
 
     def __init__(
-        self, acceptor: Acceptor, sock: socket.socket, addr: tuple[str, int], key: int
+        self, acceptor: Acceptor, sock: socket.socket, addr: tuple[str, int], key: int,
+        accepted_at: float,
     ) -> None:
         self.acceptor = acceptor
         self.key = key
@@ -824,7 +826,7 @@ class _AssociationRun:
             self.config.maximum_pdu_size + 6 if self.config.maximum_pdu_size else _MAX_DATA_PDU
         )
         #: When the connection was accepted (``time.monotonic()``).
-        self.started = time.monotonic()
+        self.started = accepted_at
 
     def run(self) -> None:
         address = f"{self.addr[0]}:{self.addr[1]}"
