@@ -586,6 +586,7 @@ class Acceptor:
         #: Connections not associated yet, oldest first: id -> socket (see :meth:`_shed`).
         self._pending: OrderedDict[int, socket.socket] = OrderedDict()
         self._shed_ids: set[int] = set()
+        self._shed_logged_at, self._shed_unlogged = -1e9, 0
         self._next_id = 0
         self._established = 0
         self._closing = False
@@ -743,8 +744,13 @@ class Acceptor:
                 len(self._pending) > self.config.max_pending
             ) else 0
         if shed:
-            _log.warning("connection_shed", reason="max_pending_connections reached",
-                         max_pending_connections=self.config.max_pending, shed_connections=shed)
+            self._shed_unlogged += shed
+            now = time.monotonic()
+            if now - self._shed_logged_at >= 1.0:  # one line a second under a flood
+                _log.warning("connection_shed", reason="max_pending_connections reached",
+                             max_pending_connections=self.config.max_pending,
+                             shed_connections=self._shed_unlogged)
+                self._shed_logged_at, self._shed_unlogged = now, 0
         tune_socket(conn)
         thread = threading.Thread(
             target=self._serve, args=(conn, addr, key), name=f"dicom-assoc-{addr[1]}", daemon=True
@@ -1089,7 +1095,9 @@ class _AssociationRun:
                         f"data set over max_instance_mb ({self.config.max_message_bytes >> 20} MiB)",
                     )
                 if control & 0x02:
-                    self._dispatch(assoc, message, b"".join(message.dataset))
+                    dataset = b"".join(message.dataset)
+                    message.dataset = None  # the PDU bodies go: one copy while it is stored
+                    self._dispatch(assoc, message, dataset)
                     message = None
         return message
 
