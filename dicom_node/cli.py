@@ -172,23 +172,49 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def _job_action(args: argparse.Namespace, action: str) -> int:
     from dicom_node.catalog import Catalog, CatalogError, JobState
-    from dicom_node.scheduling.jobs import queue_job
+    from dicom_node.scheduling.operator import retry_job
     from workers.app import CeleryJobQueue, create_celery_app
 
     settings = _settings(args)
     catalog = Catalog(settings.database.url)
     try:
         if action == "retry":
-            queue_job(catalog, CeleryJobQueue(create_celery_app(settings)), args.job, reason="retried by operator")
+            what = retry_job(catalog, CeleryJobQueue(create_celery_app(settings)), args.job,
+                             reason="retried by operator (cli)")
         else:
-            catalog.transition(args.job, JobState.CANCELLED, reason="cancelled by operator")
+            catalog.transition(args.job, JobState.CANCELLED, reason="cancelled by operator (cli)")
+            what = f"job {args.job} cancelled"
     except CatalogError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     job = catalog.get_job(args.job)
     assert job is not None
-    _print(args, _job_dict(job), f"job {job.id} is now {job.state}")
+    _print(args, {**_job_dict(job), "action": what}, f"job {job.id} is now {job.state} ({what})")
     return 0
+
+
+def _series_action(args: argparse.Namespace, action: str) -> int:
+    """resend, rerun, reprocess: audited operator actions on stored results and series."""
+    from dicom_node.catalog import Catalog, CatalogError
+    from dicom_node.scheduling import operator
+    from workers.app import CeleryJobQueue, create_celery_app
+
+    settings = _settings(args)
+    catalog = Catalog(settings.database.url)
+    to = [_destination(settings, name).name for name in (getattr(args, "to", None) or [])]
+    queue = CeleryJobQueue(create_celery_app(settings))
+    try:
+        if action == "resend":
+            report = operator.resend(catalog, queue, settings, args.target, to=to, by="cli")
+        elif action == "rerun":
+            report = operator.rerun(catalog, queue, settings, args.series, model=args.model, by="cli")
+        else:
+            report = operator.reprocess(catalog, queue, settings, args.uid, by="cli")
+    except CatalogError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    _print(args, {"jobs": report.job_ids, "messages": report.lines}, "\n".join(report.lines))
+    return 0 if report.job_ids else 1
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -382,10 +408,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("jobs", cmd_jobs, "list jobs, newest first")
     p.add_argument("--state", default=None, choices=[s.value for s in JobState], help="only jobs in this state")
     p.add_argument("--limit", type=int, default=50, help="at most this many jobs (default 50)")
-    p = add("retry", lambda a: _job_action(a, "retry"), "queue a job again")
+    p = add("retry", lambda a: _job_action(a, "retry"),
+            "finish a failed or cancelled job: deliver its results, or run it again "
+            "(per-state table in docs/operations.md)")
     p.add_argument("job", type=int)
     p = add("cancel", lambda a: _job_action(a, "cancel"), "cancel a job")
     p.add_argument("job", type=int)
+    p = add("resend", lambda a: _series_action(a, "resend"),
+            "deliver the stored results of a job or series again, without running the model")
+    p.add_argument("target", metavar="JOB|SERIES", help="a job id, or a Series Instance UID (its newest results)")
+    p.add_argument("--to", action="append", default=None, metavar="DEST",
+                   help="only this configured destination (repeatable; default: the job's destinations)")
+    p = add("rerun", lambda a: _series_action(a, "rerun"),
+            "run the models of a processed series again, as a new generation")
+    p.add_argument("series", metavar="SERIES", help="a Series Instance UID")
+    p.add_argument("--model", default=None, help="only this model (default: every model that ran on it)")
+    p = add("reprocess", lambda a: _series_action(a, "reprocess"),
+            "apply the routing rules again to a stored series or study, as a new generation")
+    p.add_argument("uid", metavar="STUDY|SERIES", help="a Study or Series Instance UID")
     p = add("gc", cmd_gc, "remove delivered series older than storage.retention_days")
     p.add_argument("--older-than-days", type=float, default=None, help="override storage.retention_days")
     p.add_argument("--dry-run", action="store_true", help="only report what would be removed")

@@ -51,6 +51,9 @@ class CatalogRecorder:
         self._idle = threading.Event()
         self._idle.set()
         self._pending = 0
+        #: Instances re-sent although already stored, per association id and series UID; logged
+        #: once per association when it ends (``instances_already_stored``).
+        self._already: dict[str, dict[str, int]] = {}
 
     def start(self) -> None:
         self._thread.start()
@@ -104,6 +107,7 @@ class CatalogRecorder:
                     self._attempt(self._record_instances, instances)
                     instances = []
                     self._attempt(self.catalog.record_association, item)
+                    self._report_already_stored(item)
             self._attempt(self._record_instances, instances)
         except Exception:  # process boundary: the thread must survive a database hiccup
             log.exception("catalog_write_failed", batch=len(batch))
@@ -113,6 +117,17 @@ class CatalogRecorder:
                 if self._pending <= 0:
                     self._pending = 0
                     self._idle.set()
+
+    def _report_already_stored(self, summary: AssociationSummary) -> None:
+        """One log line per series for the instances an association re-sent: they replace the
+        stored files but start no job (``dicom-node reprocess`` or ``rerun`` does)."""
+        for uid, count in sorted(self._already.pop(summary.association_id, {}).items()):
+            series = self.catalog.get_series(uid)
+            log.info("instances_already_stored", count=count, series_instance_uid=uid,
+                     calling_ae_title=summary.calling_ae_title,
+                     series_state=series.state if series else None,
+                     message=f"{count} already-stored instances ignored (no new job); "
+                             "'dicom-node reprocess' re-evaluates the rules")
 
     @staticmethod
     def _attempt(write: Callable[[_T], object], arg: _T) -> None:
@@ -130,7 +145,13 @@ class CatalogRecorder:
     def _record_instances(self, instances: list[StoredInstance]) -> None:
         if not instances:
             return
-        reopened = self.catalog.record_instances(instances, late_policy=self.late_policy)
+        counts: dict[str, int] = {}
+        reopened = self.catalog.record_instances(instances, late_policy=self.late_policy, already_stored=counts)
+        if counts:
+            by_series = {i.series_instance_uid: i.association_id for i in instances}
+            for uid, n in counts.items():
+                per_assoc = self._already.setdefault(by_series[uid], {})
+                per_assoc[uid] = per_assoc.get(uid, 0) + n
         if reopened:
             log.info("series_reopened_by_late_instances", series=reopened)
             if self.on_reopened:

@@ -31,7 +31,8 @@ class JobState(str, Enum):
 
 
 #: Which state may follow which.  ``queued`` is reachable again from every unfinished state
-#: (reconciliation after a crash, retry of a failed job).
+#: (reconciliation after a crash, retry of a failed job); ``encoded`` again from ``done`` and
+#: ``failed`` (the stored results are delivered again: ``dicom-node resend``).
 _TRANSITIONS: dict[JobState, set[JobState]] = {
     JobState.RECEIVED: {JobState.QUEUED, JobState.FAILED, JobState.CANCELLED},
     JobState.QUEUED: {JobState.QUEUED, JobState.RUNNING, JobState.FAILED, JobState.CANCELLED},
@@ -39,7 +40,7 @@ _TRANSITIONS: dict[JobState, set[JobState]] = {
     JobState.ENCODED: {JobState.QUEUED, JobState.ENCODED, JobState.DELIVERING, JobState.FAILED, JobState.CANCELLED},
     JobState.DELIVERING: {JobState.QUEUED, JobState.DELIVERING, JobState.ENCODED, JobState.DONE,
                           JobState.FAILED, JobState.CANCELLED},
-    JobState.DONE: {JobState.QUEUED},
+    JobState.DONE: {JobState.QUEUED, JobState.ENCODED},
     JobState.FAILED: {JobState.QUEUED, JobState.ENCODED},
     JobState.CANCELLED: {JobState.QUEUED},
 }

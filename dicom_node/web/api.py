@@ -1,6 +1,7 @@
-"""The REST API under ``/api``: jobs, series, destinations, queue, throughput; retry and cancel.
+"""The REST API under ``/api``: jobs, series, destinations, queue, throughput; retry, cancel,
+resend, rerun and reprocess.
 
-Reads go straight to the catalog.  Mutating calls (retry, cancel) need
+Reads go straight to the catalog.  Mutating calls (retry, cancel, resend, rerun, reprocess) need
 ``Authorization: Bearer <web.api_token>``; with no token configured they are refused (403), so a
 node is read-only until someone chooses a token.  No patient data: the catalog holds none.
 """
@@ -32,7 +33,8 @@ from dicom_node.metrics import (
     STAGES,
     stage_durations,
 )
-from dicom_node.scheduling.jobs import JobQueue, queue_job
+from dicom_node.scheduling import operator
+from dicom_node.scheduling.jobs import JobQueue
 from dicom_node.settings import Settings
 
 #: States from which a job may be retried; unfinished jobs are still owned by a worker or queue.
@@ -109,6 +111,11 @@ class ActionResult(BaseModel):
     job_id: int
     state: str
     message: str
+
+
+class OperatorResult(BaseModel):
+    job_ids: list[int] = Field(description="Jobs queued or re-queued by the action.")
+    messages: list[str] = Field(description="One sentence per step (also for series left alone).")
 
 
 class SeriesSummary(BaseModel):
@@ -391,7 +398,7 @@ def create_router(ctx: ApiContext) -> APIRouter:
                 f"job {job_id} is {job.state}; only failed, cancelled or done jobs can be retried",
             )
         try:
-            queue_job(catalog, ctx.queue, job_id, reason="retried from the web API")
+            operator.retry_job(catalog, ctx.queue, job_id, reason="retried from the web API")
         except CatalogError as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
         after = get_job_or_404(job_id)
@@ -429,6 +436,75 @@ def create_router(ctx: ApiContext) -> APIRouter:
         return ActionResult(
             job_id=job_id, state=JobState.CANCELLED.value, message=f"job {job_id} cancelled"
         )
+
+    @router.post(
+        "/jobs/{job_id}/resend",
+        response_model=OperatorResult,
+        tags=["jobs"],
+        dependencies=authorized,
+        summary="Deliver a job's stored results again (no model run), to its destinations or to"
+        " ?to=DEST",
+        responses={
+            401: {"description": "missing or wrong token"},
+            403: {"description": "no API token configured"},
+            404: {"description": "no such job or destination"},
+            409: {"description": "the job has no stored results"},
+        },
+    )
+    def resend_job(job_id: int, to: Annotated[list[str] | None, Query()] = None) -> OperatorResult:
+        get_job_or_404(job_id)
+        try:
+            report = operator.resend(catalog, ctx.queue, ctx.settings, str(job_id), to=to or [],
+                                     by="web API")
+        except KeyError as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no destination named {exc}") from None
+        except CatalogError as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        return OperatorResult(job_ids=report.job_ids, messages=report.lines)
+
+    @router.post(
+        "/series/{series_instance_uid}/rerun",
+        response_model=OperatorResult,
+        tags=["series"],
+        dependencies=authorized,
+        summary="Run a processed series' models again (or only ?model=M) as a new generation",
+        responses={
+            401: {"description": "missing or wrong token"},
+            403: {"description": "no API token configured"},
+            404: {"description": "no such series"},
+            409: {"description": "still receiving, or no model known for it"},
+        },
+    )
+    def rerun_series(series_instance_uid: str, model: str | None = None) -> OperatorResult:
+        if catalog.get_series(series_instance_uid) is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"series {series_instance_uid} not found")
+        try:
+            report = operator.rerun(catalog, ctx.queue, ctx.settings, series_instance_uid, model=model,
+                                    by="web API")
+        except CatalogError as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        return OperatorResult(job_ids=report.job_ids, messages=report.lines)
+
+    @router.post(
+        "/series/{series_instance_uid}/reprocess",
+        response_model=OperatorResult,
+        tags=["series"],
+        dependencies=authorized,
+        summary="Apply the routing rules again to a stored series (or every series of a study UID)"
+        " as a new generation",
+        responses={
+            401: {"description": "missing or wrong token"},
+            403: {"description": "no API token configured"},
+            404: {"description": "no such series or study"},
+        },
+    )
+    def reprocess_series(series_instance_uid: str) -> OperatorResult:
+        try:
+            report = operator.reprocess(catalog, ctx.queue, ctx.settings, series_instance_uid,
+                                        by="web API")
+        except CatalogError as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+        return OperatorResult(job_ids=report.job_ids, messages=report.lines)
 
     @router.get(
         "/series",
