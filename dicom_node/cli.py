@@ -154,11 +154,52 @@ def _job_dict(job: Any) -> dict[str, Any]:
     }
 
 
+def _series_dict(row: Any, routing: list[str] | None) -> dict[str, Any]:
+    return {
+        "series_instance_uid": row.series_instance_uid, "study_instance_uid": row.study_instance_uid,
+        "modality": row.modality, "series_description": row.series_description,
+        "calling_ae_title": row.calling_ae_title, "instances": row.instance_count, "state": row.state,
+        "generation": row.generation, "last_received_at": row.last_received_at, "note": row.note,
+        "routing": routing,
+    }
+
+
+def cmd_series(args: argparse.Namespace) -> int:
+    """Series the node stores; --unmatched: those no routing rule matched, with the deciding keys."""
+    from dicom_node.catalog import Catalog, queries
+    from dicom_node.scheduling.routing import deciding_reasons
+
+    settings = _settings(args)
+    catalog = Catalog(settings.database.url)
+    if args.unmatched:
+        total, rows = queries.unmatched_series(catalog, limit=args.limit)
+    else:
+        rows = catalog.list_series(limit=args.limit)
+        total = len(rows)
+    unmatched = {r.series_instance_uid for r in queries.unmatched_series(catalog, limit=args.limit)[1]} \
+        if not args.unmatched else {r.series_instance_uid for r in rows}
+    data = [_series_dict(r, deciding_reasons(settings.rules, r.routing_attributes())
+                         if r.series_instance_uid in unmatched else None) for r in rows]
+    lines = []
+    for r, d in zip(rows, data, strict=True):
+        desc = " ".join(x for x in (r.modality, r.series_description and repr(r.series_description),
+                                    f"from {r.calling_ae_title}" if r.calling_ae_title else None) if x)
+        lines.append(f"{r.series_instance_uid}  {r.state:<9} {r.instance_count:>5} inst  gen {r.generation}  {desc}")
+        for why in d["routing"] or []:
+            lines.append(f"    no rule: {why}")
+    if args.unmatched and total > len(rows):
+        lines.append(f"... and {total - len(rows)} more")
+    empty = "no series matched no rule" if args.unmatched else "no series"
+    _print(args, data, "\n".join(lines) if lines else empty)
+    return 0
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from dicom_node.catalog import Catalog
+    from dicom_node.catalog import Catalog, queries
 
     catalog = Catalog(_settings(args).database.url)
     jobs = catalog.list_jobs(state=args.state, limit=args.limit)
+    unmatched, _ = queries.unmatched_series(catalog, limit=0)
     now = time.time()
     lines = [f"{'ID':>5}  {'STATE':<10} {'MODEL':<16} {'AGE':>7}  SERIES / REASON"]
     for job in jobs:
@@ -166,7 +207,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         lines.append(f"{job.id:>5}  {job.state:<10} {job.model:<16} {age:>7}  {job.series_instance_uid}")
         if job.reason:
             lines.append(f"{'':>36}{job.reason}")
-    _print(args, [_job_dict(j) for j in jobs], "\n".join(lines) if jobs else "no jobs")
+    text = "\n".join(lines) if jobs else "no jobs"
+    if unmatched:
+        text += f"\n{unmatched} series matched no rule (no job): dicom-node series --unmatched"
+    _print(args, [_job_dict(j) for j in jobs], text)
     return 0
 
 
@@ -245,7 +289,7 @@ def _own_listener(settings: Settings) -> DestinationSettings:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """One screen for ops: listener, queue, workers, disk, recent failures."""
-    from dicom_node.catalog import Catalog, JobState
+    from dicom_node.catalog import Catalog, JobState, queries
     from dicom_node.catalog.heartbeats import worker_statuses
     from dicom_node.delivery.dicom import echo
     from dicom_node.ingest.spool import Spool
@@ -258,6 +302,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     by_priority = {priority: n for (queue, priority), (n, _) in catalog.queue_depth().items() if queue == "inference"}
     workers = worker_statuses(catalog)
     failures = catalog.list_jobs(state=JobState.FAILED.value, limit=5)
+    unmatched, _ = queries.unmatched_series(catalog, limit=0)
     free_mb = Spool(settings.storage.root).free_mb()
     data: dict[str, Any] = {
         "listener": {"ae_title": lst.ae_title, "host": lst.host, "port": lst.port, "answers_echo": listening},
@@ -269,6 +314,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "disk": {"free_mb": round(free_mb, 1), "min_free_mb": settings.storage.min_free_mb,
                  "accepting": free_mb >= settings.storage.min_free_mb},
         "recent_failures": [{"id": j.id, "model": j.model, "reason": j.reason} for j in failures],
+        "unmatched_series": unmatched,
     }
     echo_text = {True: "answers C-ECHO", False: "NOT ANSWERING", None: "TLS (not probed)"}[listening]
     lines = [f"listener  {lst.ae_title}@{lst.host}:{lst.port}  {echo_text}",
@@ -281,6 +327,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"\n          {w.hostname} pid {w.pid} [{','.join(w.queues)}] {w.device or ''}"
         + (f" running job {w.current_job_id} ({w.current_model})" if w.current_job_id else " idle")
         for w in alive))
+    lines.append(f"unmatched {unmatched} series" + (" (no rule matched: dicom-node series --unmatched)"
+                                                     if unmatched else ""))
     lines.append("failures  " + ("none" if not failures else "".join(
         f"\n          job {j.id} {j.model}: {j.reason}" for j in failures)))
     _print(args, data, "\n".join(lines))
@@ -408,6 +456,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("jobs", cmd_jobs, "list jobs, newest first")
     p.add_argument("--state", default=None, choices=[s.value for s in JobState], help="only jobs in this state")
     p.add_argument("--limit", type=int, default=50, help="at most this many jobs (default 50)")
+    p = add("series", cmd_series, "list stored series, newest first (--unmatched: those no rule matched, and why)")
+    p.add_argument("--unmatched", action="store_true",
+                   help="only complete series without a job: the rule keys that decided are shown")
+    p.add_argument("--limit", type=int, default=50, help="at most this many series (default 50)")
     p = add("retry", lambda a: _job_action(a, "retry"),
             "finish a failed or cancelled job: deliver its results, or run it again "
             "(per-state table in docs/operations.md)")

@@ -229,3 +229,19 @@ def series_files_and_jobs(catalog: Catalog, series_instance_uid: str) -> tuple[l
         ))
         job_ids = list(s.scalars(select(JobRow.id).where(JobRow.series_instance_uid == series_instance_uid)))
     return paths, job_ids
+
+
+def unmatched_series(catalog: Catalog, limit: int = 100) -> tuple[int, list[SeriesRow]]:
+    """Complete series with no job in their current generation (no routing rule matched them):
+    how many there are, and the ``limit`` most recently received."""
+    has_job = (
+        select(JobRow.id)
+        .where(JobRow.series_instance_uid == SeriesRow.series_instance_uid,
+               JobRow.generation == SeriesRow.generation)
+        .exists()
+    )
+    where = (SeriesRow.state == SeriesState.COMPLETE.value, ~has_job)
+    with catalog.session() as s:
+        count = int(s.scalar(select(func.count()).select_from(SeriesRow).where(*where)) or 0)
+        rows = list(s.scalars(select(SeriesRow).where(*where).order_by(SeriesRow.last_received_at.desc()).limit(limit)))
+        return count, rows

@@ -173,6 +173,13 @@ def rerun(catalog: Catalog, queue: JobQueue, settings: Settings, series_uid: str
     if series is None:
         raise CatalogError(f"unknown series {series_uid}")
     previous = _previous_specs(catalog, series)
+    # Destinations and priority come from the rules as configured now when one of them still
+    # routes the model to this series; else from the model's last job (a one-off
+    # ``resend --to`` is not carried over: it is in the job's events, not in a rule).
+    matching, _ = _matching_specs(settings, series)
+    for spec in matching:
+        if spec.model in previous:
+            previous[spec.model] = spec
     if model is None:
         specs = list(previous.values())
         if not specs:
@@ -181,7 +188,6 @@ def rerun(catalog: Catalog, queue: JobQueue, settings: Settings, series_uid: str
     elif model in previous:
         specs = [previous[model]]
     else:
-        matching, _ = _matching_specs(settings, series)
         named = [s for s in matching if s.model == model] or [
             JobSpec(series_uid, rule.name, model, rule.destinations, rule.priority.value)
             for rule in settings.rules if model in rule.models][:1]

@@ -13,7 +13,7 @@ from typing import Any
 from dicom_node.matching import KNOWN_KEYS, check, validate_match
 from dicom_node.settings import RuleSettings
 
-__all__ = ["KNOWN_KEYS", "RuleMatch", "evaluate", "matching_rules", "validate_rule"]
+__all__ = ["KNOWN_KEYS", "RuleMatch", "deciding_reasons", "evaluate", "matching_rules", "validate_rule"]
 
 @dataclass(frozen=True)
 class RuleMatch:
@@ -42,3 +42,16 @@ def evaluate(rule: RuleSettings, attributes: Mapping[str, Any]) -> RuleMatch:
 
 def matching_rules(rules: Sequence[RuleSettings], attributes: Mapping[str, Any]) -> list[RuleSettings]:
     return [r for r in rules if evaluate(r, attributes).matched]
+
+
+def deciding_reasons(rules: Sequence[RuleSettings], attributes: Mapping[str, Any]) -> list[str]:
+    """Why no rule matches: per rule, the keys that failed (``"ct: Modality='MR' != 'CT'"``)."""
+    out = []
+    for rule in rules:
+        failed = [why for key, expected in rule.match.items()
+                  for ok, why in [check(key, expected, attributes.get(key))] if not ok]
+        if failed:
+            out.append(f"{rule.name}: {'; '.join(failed)}")
+    if not rules:
+        return ["no routing rule is configured"]
+    return out or ["a rule matches it now: 'dicom-node reprocess' runs it"]

@@ -234,6 +234,31 @@ def test_real_c_store_job_on_a_running_node(tmp_path: Path, browser_page: Any) -
         page.screenshot(path=str(ARTIFACTS / "job-real-node.png"), full_page=True)
         received = list(Path(archive.extra["received"]).iterdir())
         assert len(received) == 2  # SEG + SR
+
+        # Resend: the stored results go out again (the model does not run), audited.
+        page.wait_for_function("() => !document.getElementById('resend-button').disabled")
+        page.locator("#resend-button").click()
+        page.locator("#action-message", has_text="stored results queued for delivery to archive").wait_for()
+        wait_until(lambda: any("resend by operator (web API)" in (e.detail or "")
+                               for e in catalog.job_events(job.id)) and catalog.get_job(job.id).state == "done",  # type: ignore[union-attr]
+                   90, what="the resent job to be done again")
+        delivery = catalog.deliveries(job.id)[0]
+        assert delivery.state == "done" and delivery.attempts == 1  # counted afresh for the resend
+        assert [e.state for e in catalog.job_events(job.id)].count("running") == 1  # no model run
+
+        # Re-run: a new generation of the series, a new job, audited, delivered.
+        page.wait_for_function("() => !document.getElementById('rerun-button').disabled")
+        page.locator("#rerun-button").click()
+        page.locator("#rerun-link").click()
+        page.wait_for_url("**/jobs/*")
+        new_id = int(page.url.rsplit("/", 1)[1])
+        assert new_id > job.id
+        rerun = wait_until(lambda: (lambda j: j if j and j.state in ("done", "failed") else None)(
+            catalog.get_job(new_id)), 120, what="the re-run job to finish")
+        assert rerun.state == "done" and rerun.generation == 2 and rerun.model == "ct-tissue", rerun.reason
+        first = catalog.job_events(new_id)[0]
+        assert first.state == "received" and "rerun by operator (web API)" in (first.detail or "")
+        page.locator("#job-state", has_text="done").wait_for()
     finally:
         if archive is not None:
             archive.stop()

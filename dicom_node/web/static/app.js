@@ -101,7 +101,8 @@ const DicomNode = (() => {
     try { body = await r.json(); } catch (e) { /* non-JSON error page */ }
     if (r.status === 401) sessionStorage.removeItem(TOKEN_KEY);  // ask again next time
     initTokenButton();
-    return {ok: r.ok, message: body.message || body.detail || `HTTP ${r.status}`};
+    const text = body.message || (body.messages && body.messages.join(" ")) || body.detail || `HTTP ${r.status}`;
+    return {ok: r.ok, message: text, body};
   }
 
   // -- dashboard -------------------------------------------------------------------------------
@@ -201,11 +202,21 @@ const DicomNode = (() => {
       message.className = ok ? "message ok" : "message error";
     }
 
-    for (const [button, action] of [[retry, "retry"], [cancel, "cancel"]]) {
+    const resend = document.getElementById("resend-button");
+    const rerun = document.getElementById("rerun-button");
+    const seriesUid = document.getElementById("job").dataset.seriesUid;
+    const model = document.getElementById("job").dataset.model;
+    for (const [button, url] of [[retry, `/api/jobs/${jobId}/retry`], [cancel, `/api/jobs/${jobId}/cancel`],
+                                 [resend, `/api/jobs/${jobId}/resend`],
+                                 [rerun, `/api/series/${encodeURIComponent(seriesUid)}/rerun?model=${encodeURIComponent(model)}`]]) {
       button.addEventListener("click", async () => {
         button.disabled = true;
-        const r = await mutate(`/api/jobs/${jobId}/${action}`);
+        const r = await mutate(url);
         say(r.message, r.ok);
+        if (r.ok && button === rerun && r.body.job_ids && r.body.job_ids.length) {
+          const id = r.body.job_ids[0];
+          message.append(" ", el("a", {href: `/jobs/${id}`, id: "rerun-link", text: `Open job ${id}`}));
+        }
         await refresh();
       });
     }
@@ -218,6 +229,9 @@ const DicomNode = (() => {
       document.getElementById("job-attempts").textContent = String(j.attempts);
       retry.disabled = !tokenConfigured || !j.actions.includes("retry");
       cancel.disabled = !tokenConfigured || !j.actions.includes("cancel");
+      const finished = ["done", "failed", "cancelled"].includes(j.state);
+      resend.disabled = !tokenConfigured || !(["done", "failed"].includes(j.state) && j.results.file_count > 0 && j.encoded_at);
+      rerun.disabled = !tokenConfigured || !finished;
       // A failed job shows its reason; after a retry the last failure stays visible, muted.
       const err = document.getElementById("job-error");
       const lastFailure = [...j.events].reverse().find(e => e.state === "failed");
