@@ -35,6 +35,7 @@ from dicom_node.metrics import (
 )
 from dicom_node.scheduling import operator
 from dicom_node.scheduling.jobs import JobQueue
+from dicom_node.scheduling.routing import deciding_reasons
 from dicom_node.settings import Settings
 
 #: States from which a job may be retried; unfinished jobs are still owned by a worker or queue.
@@ -116,6 +117,25 @@ class ActionResult(BaseModel):
 class OperatorResult(BaseModel):
     job_ids: list[int] = Field(description="Jobs queued or re-queued by the action.")
     messages: list[str] = Field(description="One sentence per step (also for series left alone).")
+
+
+class UnmatchedSeries(BaseModel):
+    series_instance_uid: str
+    study_instance_uid: str
+    modality: str | None
+    series_description: str | None
+    calling_ae_title: str | None
+    instance_count: int
+    generation: int
+    completed_at: float | None
+    routing: list[str] = Field(
+        description="Per rule, the keys that did not match (against the rules as configured now)."
+    )
+
+
+class UnmatchedList(BaseModel):
+    total: int
+    series: list[UnmatchedSeries]
 
 
 class SeriesSummary(BaseModel):
@@ -505,6 +525,32 @@ def create_router(ctx: ApiContext) -> APIRouter:
         except CatalogError as exc:
             raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
         return OperatorResult(job_ids=report.job_ids, messages=report.lines)
+
+    @router.get(
+        "/unmatched-series",
+        response_model=UnmatchedList,
+        tags=["series"],
+        summary="Complete series no routing rule matched (no job), with the keys that decided",
+    )
+    def unmatched_series(limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> UnmatchedList:
+        total, rows = queries.unmatched_series(catalog, limit=limit)
+        return UnmatchedList(
+            total=total,
+            series=[
+                UnmatchedSeries(
+                    series_instance_uid=r.series_instance_uid,
+                    study_instance_uid=r.study_instance_uid,
+                    modality=r.modality,
+                    series_description=r.series_description,
+                    calling_ae_title=r.calling_ae_title,
+                    instance_count=r.instance_count,
+                    generation=r.generation,
+                    completed_at=r.completed_at,
+                    routing=deciding_reasons(ctx.settings.rules, r.routing_attributes()),
+                )
+                for r in rows
+            ],
+        )
 
     @router.get(
         "/series",

@@ -121,6 +121,8 @@ def test_failed_job_is_listed_shown_and_retried(
     """The dashboard lists the failed job, its page shows timeline and error, Retry re-queues it."""
     catalog, queue, jobs = populated
     failed = jobs["failed"]
+    receive_series(catalog, f"{ROOT}.9", f"{ROOT}.9.1", 5, start=time.time() - 50, modality="MR")
+    catalog.mark_series_complete(f"{ROOT}.9.1", "idle", "no routing rule matched")
     server = WebServer(create_app(make_settings(tmp_path), catalog, queue), "127.0.0.1", 0)
     server.start()
     page = browser_page
@@ -132,6 +134,11 @@ def test_failed_job_is_listed_shown_and_retried(
         assert "lung-nodules" in row.inner_text() and f"{ROOT}.2.1" in row.inner_text()
         page.locator("#workers-table tbody tr", has_text="celery@gpu-01").wait_for()
         page.locator("#destinations-table tbody tr", has_text="failing").wait_for()
+        # 22.3: the series no rule matched has its own panel, with the reason.
+        unmatched = page.locator(f'#unmatched-table tbody tr[data-series-uid="{ROOT}.9.1"]')
+        unmatched.wait_for()
+        assert "MR" in unmatched.inner_text() and "no routing rule is configured" in unmatched.inner_text()
+        assert page.locator("#unmatched-count").inner_text() == "(1)"
 
         page.select_option("#state-filter", "failed")
         page.wait_for_function(

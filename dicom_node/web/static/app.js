@@ -184,7 +184,21 @@ const DicomNode = (() => {
         el("span", {style: `height:${Math.round(100 * n / max)}%`, title: `${n} instances`})));
     }
 
-    every(() => Promise.all([refreshJobs(), refreshQueue(), refreshDestinations(), refreshThroughput()]));
+    async function refreshUnmatched() {
+      const u = await getJSON("/api/unmatched-series?limit=50");
+      document.getElementById("unmatched-count").textContent = `(${u.total})`;
+      const rows = u.series.map(r => el("tr", {"data-series-uid": r.series_instance_uid},
+        el("td", {class: "uids"}, uid(r.series_instance_uid)),
+        el("td", {text: r.modality || ""}), el("td", {text: r.series_description || ""}),
+        el("td", {text: r.calling_ae_title || ""}), el("td", {class: "num", text: String(r.instance_count)}),
+        el("td", {text: ago(r.completed_at)}),
+        el("td", {class: "reason"}, ...r.routing.flatMap((why, i) => i ? [el("br"), why] : [why]))));
+      if (!rows.length) rows.push(el("tr", {}, el("td", {colspan: "7", class: "muted", text: "none: every complete series matched a rule"})));
+      fillBody(document.getElementById("unmatched-table"), rows);
+    }
+
+    every(() => Promise.all([refreshJobs(), refreshQueue(), refreshDestinations(), refreshThroughput(),
+                             refreshUnmatched()]));
   }
 
   // -- one job ---------------------------------------------------------------------------------
