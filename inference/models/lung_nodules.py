@@ -11,10 +11,16 @@ findings growing from the chest wall, the mediastinum or the diaphragm survive:
    lesion lies inside the region instead of being cut away with the wall.
 3. Candidates are the soft-tissue (> -400 HU, grown down to -550 HU) 3D components inside that
    region.  A component wider than a nodule (a mass, or a mass fused with the slice of heart,
-   hilum or liver dome that the hull also covers) is split at its distance-transform necks: a
-   watershed of the distance to the component's border, one basin per regional maximum of at
-   least ``NECK_MM``.  A round mass meets the wall over a base narrower than itself; the basin
-   boundary falls on that neck, so the mass becomes a candidate of its own.
+   hilum or diaphragm dome that the hull also covers) is split at distance-transform necks, on a
+   ~2.5 mm grid, in two stages:
+   a. a watershed of the distance map of *all* soft tissue (wall included), one basin per
+      regional maximum at least ``NECK_MM`` above the neck to its neighbour.  A mass on the wall
+      is a blob on a bigger blob (mediastinum, chest wall, diaphragm and liver) joined at a
+      neck; the basins whose deepest point lies inside the lung hull are lesions, the others
+      wall, however far the hull reaches into them;
+   b. what the hull pulled in of wall basins (a lens of heart, hilum or dome, and a mass fused
+      with it without a neck in the whole-tissue map) is split again at the necks of that
+      hull-cut tissue alone, and left to the gates below.
 4. Each candidate is measured from partial-volume weighted moments in millimetres (exact for
    anisotropic voxels): weighted centroid, in-plane second moments (long axis = 2 sqrt(5 lambda)
    of a solid ellipse section, independent of the slice thickness), extent along the slice axis,
@@ -22,16 +28,19 @@ findings growing from the chest wall, the mediastinum or the diaphragm survive:
 5. A confidence in [0, 1] multiplies soft gates on roundness in the plane (vessels running in
    the plane, wall slivers and hull lenses are long and thin), elongation along the slice axis
    (vessels running head to foot look round in each slice but extend over many), fill of the
-   moment ellipsoid, size (4-100 mm), contrast and, for candidates wider than a nodule, the lung
-   contact (a mass bulges into the lung; a slice of mediastinum cut off by the hull faces it on
-   one side only).  Findings closer than their radii are merged (one lesion split across slices
-   is one finding); reported findings have a long axis of at least 4 mm, and are a nodule up to
-   30 mm and a mass above.
+   moment ellipsoid, size (4-100 mm), contrast and, for candidates wider than a nodule, lung
+   contact (a mass bulges into the lung and faces it over most of its border; a lens of
+   mediastinum cut off by the hull faces it on one side only) and thickness head to foot (a
+   slice of diaphragm dome is flat).  Findings whose centres lie within each other's radius
+   (one slice apart at most) are merged and measured again: one lesion split across slices is
+   one finding.  Reported findings have a long axis of 4-100 mm (hard limits); a finding is a
+   Nodule up to 30 mm (whole millimetres) and a Mass above.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,7 +102,10 @@ SPLIT_WIDTH_MM = 24.0
 #: A basin of the split needs a distance maximum this much (mm) above the neck to its neighbour.
 NECK_MM = 4.0
 #: A mass must face aerated lung over at least this share of its border.
-MIN_MASS_CONTACT = 0.5
+MIN_MASS_CONTACT = 0.62
+#: A mass is at least this thick head to foot relative to its width (slices of a diaphragm
+#: dome or a lens of wall cut by the hull are flatter).
+MIN_MASS_Z_RATIO = 0.55
 #: Findings below this confidence are not reported.
 REPORT_THRESHOLD = 0.5
 # A chest is at least this wide (mm) in-plane and this long (mm) head to foot.
@@ -102,7 +114,7 @@ _MIN_CHEST_LENGTH_MM = 20.0
 _MIN_LUNG_ML = 20.0
 _COARSE_MM = 2.5
 #: The watershed of the necks runs on this grid (mm, in-plane).
-_SPLIT_GRID_MM = 1.5
+_SPLIT_GRID_MM = 2.5
 #: A lung section smaller than this (mm²) near the midline is an airway, not a lung.
 _AIRWAY_MM2 = 600.0
 _OUTLINE_POINTS = 32
@@ -139,7 +151,12 @@ def convex_fill(mask: np.ndarray) -> np.ndarray:
     cols = np.flatnonzero(mask.any(axis=0))
     box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
     out = np.zeros(mask.shape, dtype=bool)
-    out[box] = convex_hull_image(mask[box], offset_coordinates=False)  # type: ignore[no-untyped-call]
+    if len(rows) < 2 or len(cols) < 2:
+        return np.asarray(mask, dtype=bool)  # a line is its own hull (qhull needs a 2D set)
+    with warnings.catch_warnings():
+        # Collinear pixels: qhull warns and skimage returns an empty image; the mask is the hull.
+        warnings.simplefilter("ignore", UserWarning)
+        out[box] = convex_hull_image(mask[box], offset_coordinates=False)  # type: ignore[no-untyped-call]
     return np.asarray(out | mask.astype(bool))
 
 
@@ -284,14 +301,34 @@ class LungNoduleModel:
         if not wide.any():
             return labels, n
         split = wide[labels]
+        # The distance map is that of all soft tissue, wall included: a mass on the wall is a
+        # blob on a bigger blob (mediastinum, chest wall, diaphragm and liver), joined at a neck.
         factors = _factors(spacing, _SPLIT_GRID_MM, slices=False)
-        coarse = _block_mean(split.astype(np.float32), factors) > 0.0
         grid = (spacing[0] * factors[0], spacing[1] * factors[1], spacing[2] * factors[2])
-        distance = ndi.distance_transform_edt(coarse, sampling=grid)
-        markers, _ = ndi.label(h_maxima(distance, NECK_MM), structure=full)  # type: ignore[no-untyped-call]
-        basins = watershed(-distance, markers, mask=coarse)  # type: ignore[no-untyped-call]
+        tissue = _block_mean((smooth >= AIR_THRESHOLD_HU).astype(np.float32), factors) >= 0.5
+        tissue |= _block_mean(split.astype(np.float32), factors) > 0.0
+        inside = _block_mean(region.astype(np.float32), factors) >= 0.5
+        distance = ndi.distance_transform_edt(tissue, sampling=grid)
+        markers, count = ndi.label(h_maxima(distance, NECK_MM), structure=full)  # type: ignore[no-untyped-call]
+        basins = watershed(-distance, markers, mask=tissue)  # type: ignore[no-untyped-call]
+        # A lesion's deepest point lies in the lung's hull; a basin whose deepest point lies
+        # outside it is wall (heart, liver, chest wall) even where the hull reaches into it.
+        lesion = np.zeros(count + 1, dtype=bool)
+        lesion[markers[inside & (markers > 0)]] = True
+        lesion[0] = False
+        basins = np.where(lesion[basins], basins, 0)
         fine = _expand(basins, factors, labels.shape)
         labels = np.where(split, np.where(fine > 0, fine + n, 0), labels)
+        # What the hull pulled in of wall basins (slices of heart, hilum or diaphragm, and a mass
+        # fused with them without a neck of its own) is split at the necks of the hull-cut
+        # tissue alone; the lung-contact and flatness gates then tell a mass from a slice of wall.
+        rest = split & (fine == 0)
+        if rest.any():
+            coarse = _block_mean(rest.astype(np.float32), factors) > 0.0
+            distance = ndi.distance_transform_edt(coarse, sampling=grid)
+            markers, _ = ndi.label(h_maxima(distance, NECK_MM), structure=full)  # type: ignore[no-untyped-call]
+            pieces = _expand(watershed(-distance, markers, mask=coarse), factors, labels.shape)  # type: ignore[no-untyped-call]
+            labels = np.where(rest, np.where(pieces > 0, pieces + n + count, 0), labels)
         return labels, int(labels.max())
 
     def _find(
@@ -465,7 +502,8 @@ class _Crop:
                 * _sigmoid((MAX_DIAMETER_MM - long_axis) / 2.5)
                 * _sigmoid((contrast - 500.0) / 50.0)
                 * _sigmoid((fill - (0.55 - 0.15 * wide)) / 0.07)
-                * (1.0 - wide + wide * _sigmoid((float(contact[lab]) - MIN_MASS_CONTACT) / 0.05))
+                * (1.0 - wide + wide * _sigmoid((float(contact[lab]) - MIN_MASS_CONTACT) / 0.03))
+                * (1.0 - wide + wide * _sigmoid((z_ratio - MIN_MASS_Z_RATIO) / 0.05))
             )
             if not MIN_DIAMETER_MM <= long_axis <= MAX_DIAMETER_MM:
                 continue  # the documented range is a hard limit, not only a soft gate
