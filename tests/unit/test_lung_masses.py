@@ -12,18 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_node.loading import load_series
+from dicom_node.demo import SeriesInfo, slice_datasets, write_datasets
+from dicom_node.imaging.loading import load_series
 from dicom_node.results import encode_results
-from dicom_node.testing.chest_masses import (
-    MASS_SET,
-    LesionMatch,
-    MassPhantom,
-    mass_set_case,
-    mass_spec,
-    match_lesions,
-)
-from dicom_node.testing.chest_nodules import make_nodule_phantom
-from dicom_node.testing.phantoms import SeriesInfo, slice_datasets, write_datasets
 from inference import Prediction, Volume
 from inference.models.lung_nodules import (
     MASS_LABEL,
@@ -32,6 +23,15 @@ from inference.models.lung_nodules import (
     LungNoduleModel,
 )
 from inference.prediction import DIAMETER
+from tests.support.chest_masses import (
+    MASS_SET,
+    LesionMatch,
+    MassPhantom,
+    mass_set_case,
+    mass_spec,
+    match_lesions,
+)
+from tests.support.chest_nodules import make_nodule_phantom
 
 CPU = torch.device("cpu")
 REQUIRE_TOOLS = os.environ.get("DICOM_NODE_REQUIRE_TOOLS") == "1"
