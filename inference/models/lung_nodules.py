@@ -12,7 +12,7 @@ findings growing from the chest wall, the mediastinum or the diaphragm survive:
 3. Candidates are the soft-tissue (> -400 HU, grown down to -550 HU) 3D components inside that
    region.  A component wider than a nodule (a mass, or a mass fused with the slice of heart,
    hilum or diaphragm dome that the hull also covers) is split at distance-transform necks, on a
-   ~2.5 mm grid, in two stages:
+   ~2.5 mm in-plane grid (every slice kept), in two stages:
    a. a watershed of the distance map of *all* soft tissue (wall included), one basin per
       regional maximum at least ``NECK_MM`` above the neck to its neighbour.  A mass on the wall
       is a blob on a bigger blob (mediastinum, chest wall, diaphragm and liver) joined at a
@@ -132,7 +132,9 @@ def _factors(spacing: tuple[float, float, float], grid_mm: float, *, slices: boo
 def _block_mean(image: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
     """Mean over ``factors`` blocks; the last partial block repeats the edge (no zero padding)."""
     pad = [(0, (-n) % f) for n, f in zip(image.shape, factors, strict=True)]
-    return np.asarray(block_reduce(np.pad(image, pad, mode="edge"), factors, np.mean))  # type: ignore[no-untyped-call]
+    if any(after for _, after in pad):
+        image = np.pad(image, pad, mode="edge")
+    return np.asarray(block_reduce(image, factors, np.mean))  # type: ignore[no-untyped-call]
 
 
 def _expand(image: np.ndarray, factors: tuple[int, int, int], shape: tuple[int, ...]) -> np.ndarray:
@@ -238,15 +240,18 @@ class LungNoduleModel:
         midline = (int(cols[0]) + int(cols[-1])) / 2.0
         pixel_mm2 = spacing[1] * spacing[2]
         near_mm = 20.0
+        columns = np.broadcast_to(np.arange(lungs.shape[2], dtype=np.float64), lungs.shape[1:]).ravel()
         for k in np.flatnonzero(lungs.any(axis=(1, 2))):
             sections, n = ndi.label(lungs[k])
             if n == 0:
                 continue
-            areas = np.bincount(sections.ravel(), minlength=n + 1) * pixel_mm2
-            centres = ndi.center_of_mass(lungs[k], sections, range(1, n + 1))
+            counts = np.bincount(sections.ravel(), minlength=n + 1)
+            areas = counts * pixel_mm2
+            centre_cols = np.bincount(sections.ravel(), weights=columns, minlength=n + 1) / np.maximum(counts, 1)
             sides = [np.zeros(lungs.shape[1:], dtype=bool), np.zeros(lungs.shape[1:], dtype=bool)]
             column = np.arange(lungs.shape[2])[None, :]
-            for value, (_, c) in enumerate(centres, start=1):
+            for value in range(1, n + 1):
+                c = centre_cols[value]
                 if areas[value] < _AIRWAY_MM2 and abs(c - midline) * spacing[2] < near_mm:
                     continue  # trachea or a main bronchus, not a lung
                 section = sections == value
@@ -303,6 +308,7 @@ class LungNoduleModel:
         split = wide[labels]
         # The distance map is that of all soft tissue, wall included: a mass on the wall is a
         # blob on a bigger blob (mediastinum, chest wall, diaphragm and liver), joined at a neck.
+        # Every slice is kept: merging thin slices in pairs blurs the neck of a mass on the dome.
         factors = _factors(spacing, _SPLIT_GRID_MM, slices=False)
         grid = (spacing[0] * factors[0], spacing[1] * factors[1], spacing[2] * factors[2])
         tissue = _block_mean((smooth >= AIR_THRESHOLD_HU).astype(np.float32), factors) >= 0.5
