@@ -366,8 +366,7 @@ class LungNoduleModel:
                 relabel[[c.label for c in group]] = group[0].label
             labels = relabel[labels]
             again = {c.label: c for c in crop.measure(labels, n)}
-            kept = [again[g[0].label] for g in merged]
-            kept = [c for c in kept if c.confidence >= REPORT_THRESHOLD]
+            kept = [c for c in (again.get(g[0].label) for g in merged) if c and c.confidence >= REPORT_THRESHOLD]
         kept.sort(key=lambda c: -c.confidence)
         return self._segments(volume, labels, box, kept, volume.voxel_volume_ml)
 
@@ -539,8 +538,8 @@ def _merge_groups(cands: list[_Candidate], volume: Volume) -> list[list[_Candida
     for i in range(len(order)):
         for j in range(i + 1, len(order)):
             d = centres[j] - centres[i]
-            along = abs(float(d @ normal))
-            across = float(np.linalg.norm(d - along * normal))
+            signed = float(d @ normal)
+            along, across = abs(signed), float(np.linalg.norm(d - signed * normal))
             reach = max(order[i].long_axis_mm, order[j].long_axis_mm) / 2.0
             if across <= reach and along <= reach + step:
                 parent[root(j)] = root(i)

@@ -195,3 +195,23 @@ def test_real_chest_ct_tumour_is_found(model: LungNoduleModel) -> None:
     assert hits, [(s.tracking_id, s.centre, _diameter(s)) for s in prediction.segments]
     assert hits[0].label == MASS_LABEL
     assert len(prediction.segments) - 1 <= 3
+
+
+def test_pieces_of_one_lesion_on_adjacent_slices_are_grouped() -> None:
+    """Two pieces of a 6 mm spot on adjacent 8 mm slices are one group; a piece two slices away,
+    or one beside it in-plane beyond its radius, stays apart."""
+    from dicom_node.demo import axial_affine
+    from inference.models.lung_nodules import _Candidate, _merge_groups
+
+    volume = Volume(np.zeros((10, 64, 64), dtype=np.float32), axial_affine((10, 64, 64), 1.0, 8.0), "CT")
+
+    def piece(label: int, index: tuple[float, float, float], confidence: float) -> _Candidate:
+        return _Candidate(label, 10.0, np.array(index), 6.0, 5.0, 1.0, 600.0, 1.0, confidence)
+
+    a = piece(1, (4.0, 30.0, 30.0), 0.9)
+    b = piece(2, (5.0, 31.0, 30.0), 0.7)  # next slice, 1 mm beside: the same spot
+    c = piece(3, (7.0, 30.0, 30.0), 0.8)  # three slices up: another lesion
+    d = piece(4, (4.0, 30.0, 40.0), 0.6)  # 10 mm beside in-plane: another lesion
+    groups = _merge_groups([b, c, a, d], volume)
+    assert sorted(sorted(x.label for x in g) for g in groups) == [[1, 2], [3], [4]]
+    assert next(g for g in groups if len(g) == 2)[0] is a  # the most confident piece leads
