@@ -89,7 +89,7 @@ def test_wrong_password_fails_readably_without_the_secret(
     the password; a missing variable says which; a stopped server is transient."""
     files = series_files(tmp_path, "stow-wrong")[:1]
     monkeypatch.setenv("STOW_PASSWORD", "not-the-password-123")
-    dest = _destination(orthanc.port, password_env="STOW_PASSWORD")
+    dest = _destination(orthanc.port, password_env="STOW_PASSWORD")  # noqa: S106 - a variable name
     with pytest.raises(PermanentError, match=r"HTTP 401.*authentication refused") as refused:
         send_files(dest, files, calling_ae_title="DICOM_NODE")
     assert "not-the-password-123" not in str(refused.value) and PASSWORD not in str(refused.value)
