@@ -152,6 +152,9 @@ class DeliverySettings(_Section):
     max_attempts: int = Field(5, ge=1)
     backoff_seconds: float = Field(2.0, ge=0)
     backoff_max_seconds: float = Field(300.0, ge=0)
+    #: How often ``serve`` checks that each destination answers (shown by ``/readyz``, never a
+    #: reason to be unready, and by the metric ``dicom_node_destination_reachable``).
+    probe_interval_seconds: float = Field(60.0, gt=0)
 
 
 class ResultsSettings(_Section):
