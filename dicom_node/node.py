@@ -91,6 +91,10 @@ class Node:
                                  metrics=self.metrics)
         self.completion = CompletionLoop(settings, self.catalog, queue)
         self.retention = RetentionLoop(settings, self.catalog)
+        from dicom_node.delivery.probe import DestinationProber
+
+        self.prober = DestinationProber(settings, interval=settings.delivery.probe_interval_seconds)
+        self.metrics.watch_destinations(self.prober.results)
         self.worker: WorkerProcess | None = None
         if settings.run_in_process_worker:
             self.worker = WorkerProcess(config_path, dict(os.environ))
@@ -98,7 +102,7 @@ class Node:
         if settings.web.enabled:
             from dicom_node.web import WebServer, create_app, readiness_checks
 
-            app = create_app(settings, self.catalog, queue, metrics=self.metrics,
+            app = create_app(settings, self.catalog, queue, metrics=self.metrics, destinations=self.prober.results,
                              readiness=readiness_checks(broker=broker_check, free_mb=self.spool.free_mb,
                                                         min_free_mb=settings.storage.min_free_mb,
                                                         listener=self.listener.readiness))
@@ -114,6 +118,7 @@ class Node:
         self.recorder.start()
         self.completion.start()
         self.retention.start()
+        self.prober.start()
         if self.worker is not None:
             self.worker.start()
         if self.web is not None:
@@ -130,6 +135,7 @@ class Node:
         self.recorder.stop()
         self.completion.stop()
         self.retention.stop()
+        self.prober.stop()
         if self.worker is not None:
             self.worker.stop()
         self.catalog.close()
