@@ -131,7 +131,10 @@ class InstanceRow(Base):
 
 class JobRow(Base):
     __tablename__ = "jobs"
-    __table_args__ = (UniqueConstraint("series_instance_uid", "model", "generation", name="uq_job_series_model_gen"),)
+    # sqlite_autoincrement: a job id is never given twice, even after gc removed every job
+    # (revision 0005); PostgreSQL's sequence never goes back anyway.
+    __table_args__ = (UniqueConstraint("series_instance_uid", "model", "generation", name="uq_job_series_model_gen"),
+                      {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     series_instance_uid: Mapped[str] = mapped_column(

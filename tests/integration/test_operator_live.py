@@ -1,7 +1,8 @@
 """Operator actions against a running node: a series no rule matches is listed with the rule keys
 that decided, a re-send of stored instances is logged and starts nothing, `reprocess` applies a
 rule added later, `resend` re-delivers the stored results (also to another destination),
-`retry` on a done job re-delivers, `rerun --model` runs a new generation; each one audited."""
+`retry` on a done job re-delivers, `rerun --model` runs a new generation; each one audited;
+after `gc` removed every job, job ids do not start again."""
 
 from __future__ import annotations
 
@@ -142,6 +143,15 @@ def test_unmatched_resend_reprocess_retry_rerun(tmp_path: Path) -> None:
         assert bad.returncode == 2 and "configured destinations: archive, second" in bad.stderr
         bad = cli(node.config_path, "rerun", series_uid, "--model", "no-such-model")
         assert bad.returncode == 1 and "no job and no routing rule names model 'no-such-model'" in bad.stderr
+
+        # 22.12: gc removes every job; the next job's id is above every id used before.
+        used = max(j.id for j in catalog.list_jobs())
+        gc = cli(node.config_path, "gc", "--older-than-days", "0.00001", "--json")
+        assert gc.returncode == 0 and json.loads(gc.stdout)["jobs"] == 2, gc.stdout + gc.stderr
+        assert catalog.list_jobs() == [] and catalog.get_series(series_uid) is None
+        assert cli(node.config_path, "send", str(folder)).returncode == 0
+        fresh = wait_until(lambda: catalog.list_jobs(), 60, what="a job for the series sent after gc")
+        assert fresh[0].id > used, (fresh[0].id, used)
     finally:
         node.stop()
         archive.stop()

@@ -246,3 +246,46 @@ def test_unreachable_database_is_a_transient_error() -> None:
     with pytest.raises(DatabaseUnavailableError, match=rf"127\.0\.0\.1:{port}/catalog") as info:
         upgrade_schema(f"postgresql+psycopg://node:s3cret@127.0.0.1:{port}/catalog")
     assert "s3cret" not in str(info.value)
+
+
+def test_job_ids_are_never_reused_after_every_job_is_removed(url: str) -> None:
+    """A catalog at revision 0004 with jobs, their events and deliveries is upgraded (0005 rebuilds
+    the jobs table with AUTOINCREMENT, rows and references kept); after every job is deleted
+    (as gc does), the next job's id is above every id used before."""
+    upgrade_schema(url, revision="0004")
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO series (series_instance_uid, study_instance_uid, instance_count, "
+                              "bytes_received, first_received_at, last_received_at, state, generation) "
+                              "VALUES ('1.2.3.1', '1.2.3', 1, 10, 0, 0, 'complete', 1)"))
+            for n in (1, 2, 3):
+                conn.execute(text(
+                    "INSERT INTO jobs (series_instance_uid, study_instance_uid, rule, model, priority, "
+                    "destinations_json, generation, state, attempts, delivery_attempts, created_at, updated_at, "
+                    f"results_json) VALUES ('1.2.3.1', '1.2.3', 'r', 'm{n}', 'normal', '[\"a\"]', 1, 'done', 1, 0, "
+                    "0, 0, '{}')"))
+            conn.execute(text("INSERT INTO job_events (job_id, state, at, detail) VALUES (3, 'done', 0, 'x')"))
+            conn.execute(text("INSERT INTO deliveries (job_id, destination, state, attempts) "
+                              "VALUES (3, 'a', 'done', 1)"))
+        upgrade_schema(url)
+        assert schema_diff(engine) == []
+        with engine.begin() as conn:
+            ddl = conn.execute(text("SELECT sql FROM sqlite_master WHERE name = 'jobs'")).scalar_one()
+            assert "AUTOINCREMENT" in ddl
+            assert [r[0] for r in conn.execute(text("SELECT id FROM jobs ORDER BY id"))] == [1, 2, 3]
+            assert conn.execute(text("SELECT job_id FROM job_events")).scalar_one() == 3
+            assert list(conn.execute(text("PRAGMA foreign_key_check"))) == []
+    finally:
+        engine.dispose()
+    catalog = Catalog(url)
+    try:
+        catalog.delete_series("1.2.3.1")  # what gc does: every job goes
+        assert catalog.list_jobs() == []
+        catalog.record_instances([StoredInstance("1.2.3", "1.2.3.9", "1.2.3.9.1", "1.2.840.10008.5.1.4.1.1.2",
+                                                 "1.2.840.10008.1.2.1", Path("/spool/x.dcm"), 10, "CT1", "a",
+                                                 time.time(), {"Modality": "CT"})])
+        [new_id] = catalog.create_jobs([JobSpec("1.2.3.9", "r", "m1", ["a"])])
+        assert new_id == 4
+    finally:
+        catalog.close()
