@@ -110,7 +110,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     configure_logging(args.log_format)
     app = create_celery_app(settings, with_tasks=True)
     queues = args.queues or f"{INFERENCE_QUEUE},{DISPATCH_QUEUE}"
-    argv = ["worker", "-Q", queues, "--concurrency", str(args.concurrency or settings.worker.concurrency),
+    # Celery's ASCII-art banner is for a developer's terminal; an operator's log gets the node's
+    # own worker_ready line (``--banner`` shows it again).
+    argv = [] if args.banner else ["--quiet"]
+    argv += ["worker", "-Q", queues, "--concurrency", str(args.concurrency or settings.worker.concurrency),
             "--prefetch-multiplier", "1", "--loglevel", "INFO", "-E", "--without-gossip", "--without-mingle"]
     if args.hostname:
         argv += ["--hostname", args.hostname]
@@ -447,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=None,
                    help="worker processes (default [worker] concurrency of the configuration)")
     p.add_argument("--hostname", default=None, help="worker node name (default celery@host)")
+    p.add_argument("--banner", action="store_true", help="print Celery's start-up banner (off by default)")
     cfg = sub.add_parser("config", help="configuration commands")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
     p = cfg_sub.add_parser("check", help="validate the configuration, the rules' models and modalities")

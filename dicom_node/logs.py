@@ -66,3 +66,7 @@ def configure_logging(fmt: str = "auto", level: str = "INFO") -> None:
     root.setLevel(level)
     # pynetdicom logs every PDU at INFO; keep its warnings only.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # highdicom logs "copy attributes of module ..." lines at INFO for every SEG/SR it encodes,
+    # alembic its context and plugin set-up at every start: warnings only.
+    for name in ("highdicom", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)

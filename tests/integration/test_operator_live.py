@@ -152,6 +152,13 @@ def test_unmatched_resend_reprocess_retry_rerun(tmp_path: Path) -> None:
         assert cli(node.config_path, "send", str(folder)).returncode == 0
         fresh = wait_until(lambda: catalog.list_jobs(), 60, what="a job for the series sent after gc")
         assert fresh[0].id > used, (fresh[0].id, used)
+
+        # 22.13: an operator's log: no Celery banner, no highdicom or alembic INFO chatter.
+        logs = node.logs()
+        assert "celery@" in logs and " ready." in logs  # the worker did start and say so
+        assert "-------------- celery@" not in logs and "[config]" not in logs
+        assert "-related attributes from dataset" not in logs and "copy attributes of module" not in logs
+        assert "Context impl" not in logs and "Will assume" not in logs
     finally:
         node.stop()
         archive.stop()
