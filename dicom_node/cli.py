@@ -379,6 +379,22 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Write the synthetic demo chest CT (no patient data) into a folder."""
+    from dicom_node.demo import DEMO_NODULE, write_chest_series
+
+    out = Path(args.directory)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a folder")
+    _, paths = write_chest_series(out)
+    x, y, z = DEMO_NODULE.centre
+    _print(args, {"directory": str(out), "files": len(paths),
+                  "nodule": {"centre_lps_mm": list(DEMO_NODULE.centre), "diameter_mm": DEMO_NODULE.diameter_mm}},
+           f"wrote {len(paths)} CT slices (synthetic chest, {DEMO_NODULE.diameter_mm:g} mm nodule at "
+           f"LPS {x:g}, {y:g}, {z:g} mm) into {out}")
+    return 0
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
     """C-ECHO a DICOM destination; for a DICOMweb one, an authenticated QIDO-RS request."""
     from dicom_node.delivery import reachable
@@ -494,6 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="our AE title towards the peer (default the destination's, else the listener's)")
     p.add_argument("--batch", type=int, default=50, help="files per association")
     p.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
+    p = add("demo", cmd_demo, "write a synthetic chest CT with a 20 mm lung nodule (no patient data) into DIR")
+    p.add_argument("directory", metavar="DIR")
     p = add("echo", cmd_echo, "check a configured destination: C-ECHO, or an authenticated QIDO-RS for DICOMweb")
     p.add_argument("destination")
     rules = sub.add_parser("rules", help="routing rule commands")

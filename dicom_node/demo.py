@@ -329,10 +329,17 @@ def write_datasets(
     return paths
 
 
+#: The quickstart's nodule: 20 mm, in the left lung (LPS mm), clear of the chest wall.
+DEMO_NODULE = Sphere((70.0, 0.0, 10.0), 20.0)
+#: The quickstart's phantom (``dicom-node demo DIR``): 48 slices of 96 x 96 with one nodule.
+DEMO_SPEC = ChestSpec(nodules=(DEMO_NODULE,))
+
+
 def write_chest_series(
     out_dir: Path | str, spec: ChestSpec | None = None, info: SeriesInfo | None = None
 ) -> tuple[Phantom, list[Path]]:
-    """Render a chest phantom and write it as a single-frame CT series into ``out_dir``."""
-    phantom = make_chest_phantom(spec)
+    """Render a chest phantom and write it as a single-frame CT series into ``out_dir``
+    (default :data:`DEMO_SPEC`: the quickstart's chest with its 20 mm nodule)."""
+    phantom = make_chest_phantom(DEMO_SPEC if spec is None else spec)
     paths = write_datasets(slice_datasets(phantom.hu, phantom.affine, info), out_dir)
     return phantom, paths
