@@ -11,7 +11,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -124,6 +125,8 @@ def create_app(
         metrics = NodeMetrics(catalog)
     started_at = time.time()
     app = FastAPI(
+        # /docs is served below with Swagger UI vendored in static/swagger-ui: works offline.
+        docs_url=None,
         title="dicom-node",
         version="0.1.0",
         description="Operations API of a dicom-node: jobs, series, deliveries, queues and workers. "
@@ -135,6 +138,18 @@ def create_app(
     app.include_router(create_router(ctx))
     app.include_router(create_pages_router(ctx))
     app.mount("/static", StaticFiles(directory=WEB_DIR / "static"), name="static")
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_page() -> HTMLResponse:
+        # Swagger UI's script and style from this node (static/swagger-ui), never from a CDN:
+        # a hospital network often has no internet access.
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title="dicom-node API",
+            swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger-ui/swagger-ui.css",
+            swagger_favicon_url="/static/swagger-ui/favicon-32x32.png",
+        )
 
     @app.get("/healthz", tags=["operations"], summary="The process is up")
     def healthz() -> dict[str, object]:

@@ -270,3 +270,32 @@ def test_real_c_store_job_on_a_running_node(tmp_path: Path, browser_page: Any) -
         if archive is not None:
             archive.stop()
         node.stop()
+
+
+def test_api_page_works_offline(
+    tmp_path: Path, browser_page: Any, populated: tuple[Catalog, MemoryQueue, dict[str, int]]
+) -> None:
+    """/docs renders Swagger UI with every operation while the browser may reach nothing but the
+    node: its script and style come from the node (swagger-ui-bundle), not from a CDN."""
+    catalog, queue, _ = populated
+    server = WebServer(create_app(make_settings(tmp_path), catalog, queue), "127.0.0.1", 0)
+    server.start()
+    page = browser_page
+    outside: list[str] = []
+
+    def only_the_node(route: Any) -> None:
+        url = route.request.url
+        if url.startswith(server.url):
+            route.continue_()
+        else:
+            outside.append(url)
+            route.abort()
+
+    page.route("**/*", only_the_node)
+    try:
+        page.goto(server.url + "/docs")
+        page.locator(".swagger-ui .opblock-summary-path", has_text="/api/series/{series_instance_uid}/rerun").wait_for()
+        assert page.locator(".swagger-ui .opblock").count() >= 15
+        assert outside == []
+    finally:
+        server.stop()
