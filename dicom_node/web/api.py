@@ -59,6 +59,9 @@ class JobSummary(BaseModel):
     series_instance_uid: str
     study_instance_uid: str
     modality: str | None
+    series_description: str | None = Field(default=None, description="Of the series (no patient data).")
+    body_part_examined: str | None = None
+    calling_ae_title: str | None = Field(default=None, description="The AE title that sent the series.")
     rule: str
     model: str
     priority: str
@@ -231,6 +234,9 @@ def _summary(
         series_instance_uid=job.series_instance_uid,
         study_instance_uid=job.study_instance_uid,
         modality=job.modality,
+        series_description=series.series_description if series is not None else None,
+        body_part_examined=series.body_part_examined if series is not None else None,
+        calling_ae_title=series.calling_ae_title if series is not None else None,
         rule=job.rule,
         model=job.model,
         priority=job.priority,

@@ -121,6 +121,7 @@ def test_failed_job_is_listed_shown_and_retried(
     """The dashboard lists the failed job, its page shows timeline and error, Retry re-queues it."""
     catalog, queue, jobs = populated
     failed = jobs["failed"]
+    heartbeat.beat(catalog, "celery@gpu-01", 4243, queues=["inference", "dispatch"], device="cpu")
     receive_series(catalog, f"{ROOT}.9", f"{ROOT}.9.1", 5, start=time.time() - 50, modality="MR")
     catalog.mark_series_complete(f"{ROOT}.9.1", "idle", "no routing rule matched")
     server = WebServer(create_app(make_settings(tmp_path), catalog, queue), "127.0.0.1", 0)
@@ -132,7 +133,16 @@ def test_failed_job_is_listed_shown_and_retried(
         row.wait_for()
         assert row.get_attribute("data-state") == "failed"
         assert "lung-nodules" in row.inner_text() and f"{ROOT}.2.1" in row.inner_text()
+        assert "CT · from CT1 · gen 1" in row.inner_text()  # the series named, not only UID tails
+        reason = row.locator(".reason")
+        assert reason.inner_text() == CRASH  # the whole reason, wrapped, never cut
+        assert reason.evaluate(  # nothing overflows, and it takes more than one line
+            "e => e.scrollWidth <= e.clientWidth"
+            " && e.getBoundingClientRect().height > 1.8 * parseFloat(getComputedStyle(e).fontSize)") is True
         page.locator("#workers-table tbody tr", has_text="celery@gpu-01").wait_for()
+        # The worker's main process and its pool child are one worker: one row, both pids.
+        workers = page.locator('#workers-table tbody tr[data-hostname="celery@gpu-01"]')
+        assert workers.count() == 1 and "4242, 4243" in workers.inner_text()
         page.locator("#destinations-table tbody tr", has_text="failing").wait_for()
         # 22.3: the series no rule matched has its own panel, with the reason.
         unmatched = page.locator(f'#unmatched-table tbody tr[data-series-uid="{ROOT}.9.1"]')

@@ -121,7 +121,10 @@ const DicomNode = (() => {
       const jobs = await getJSON(`/api/jobs${q}`);
       fillBody(document.getElementById("jobs-table"), jobs.map(j => el("tr", {"data-job-id": j.id, "data-state": j.state},
         el("td", {}, el("a", {href: `/jobs/${j.id}`, text: `#${j.id}`})),
-        el("td", {class: "uids"}, uid(j.study_instance_uid), el("br"), uid(j.series_instance_uid)),
+        el("td", {class: "uids"},
+          el("div", {class: "study", text: j.series_description || "(no series description)"}),
+          el("div", {class: "study-sub", text: [j.modality, j.body_part_examined, j.calling_ae_title && `from ${j.calling_ae_title}`, `gen ${j.generation}`].filter(Boolean).join(" · ")}),
+          uid(j.study_instance_uid), el("br"), uid(j.series_instance_uid)),
         el("td", {text: j.modality || ""}),
         el("td", {text: j.rule}),
         el("td", {text: j.model}),
@@ -146,8 +149,20 @@ const DicomNode = (() => {
         b.addEventListener("click", () => { filter.value = state; filter.dispatchEvent(new Event("change")); });
         return b;
       }));
-      const rows = q.workers.map(w => el("tr", {class: w.alive ? "" : "stale"},
-        el("td", {text: w.hostname}), el("td", {class: "num", text: String(w.pid)}),
+      // One row per worker (Celery node name): its main process and pool children together.
+      const byHost = new Map();
+      for (const w of q.workers) {
+        const g = byHost.get(w.hostname);
+        if (!g) { byHost.set(w.hostname, {...w, pids: [w.pid]}); continue; }
+        g.pids.push(w.pid);
+        g.alive = g.alive || w.alive;
+        g.last_seen = Math.max(g.last_seen, w.last_seen);
+        g.queues = [...new Set([...g.queues, ...w.queues])];
+        g.device = (g.device && g.device !== "auto") ? g.device : w.device;
+        if (!g.current_job_id && w.current_job_id) Object.assign(g, {current_job_id: w.current_job_id, current_model: w.current_model, current_since: w.current_since});
+      }
+      const rows = [...byHost.values()].map(w => el("tr", {class: w.alive ? "" : "stale", "data-hostname": w.hostname},
+        el("td", {text: w.hostname}), el("td", {class: "num", text: w.pids.join(", ")}),
         el("td", {text: w.queues.join(", ")}), el("td", {text: w.device || ""}),
         el("td", {text: w.alive ? ago(w.last_seen) : `gone (${ago(w.last_seen)})`}),
         el("td", {}, w.current_job_id
