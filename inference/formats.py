@@ -17,6 +17,8 @@ from inference.errors import PermanentError
 from inference.identity import file_digest, weights_digest
 
 Fold = int | Literal["all"]
+#: Entry-point group of model plugins (see ``inference.user_models.entry_point_factories``).
+ENTRY_POINT_GROUP = "dicom_node.models"
 _CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 _DICOM_MODALITIES = {"CT": "CT", "MR": "MR", "MRI": "MR", "PT": "PT", "PET": "PT", "US": "US", "CR": "CR", "DX": "DX"}
 

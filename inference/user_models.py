@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from inference.errors import PermanentError, TransientError
+from inference.formats import ENTRY_POINT_GROUP
 from inference.identity import file_digest
 from inference.labels import LabelOverride
 from inference.model import Model
@@ -65,7 +66,6 @@ from inference.sliding_window import sliding_window_inference
 from inference.volume import Volume
 
 ModelFactory = Callable[[torch.device], Model]
-ENTRY_POINT_GROUP = "dicom_node.models"
 CARD_NAME = "model.toml"
 WEIGHTS_NAME = "model.pt"
 
