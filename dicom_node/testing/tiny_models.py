@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from dicom_node.testing.phantoms import Phantom
+
+if TYPE_CHECKING:  # torch loads only where a network is trained (dicom_node imports no torch)
+    import torch
 
 LABELS = {"background": 0, "lung": 1, "bone": 2}
 #: Intensity window of the bundle's ScaleIntensityRanged.
@@ -42,6 +44,8 @@ def _train(
     step trains on ``sample`` voxels drawn evenly from every intensity class (air, fat, soft
     tissue, lung, bone) and laid out as a small volume: seconds, not minutes, on a busy CPU.
     """
+    import torch
+
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     groups = [np.flatnonzero(labels.ravel() == k) for k in np.unique(labels)]
@@ -134,6 +138,8 @@ def bundle_network() -> torch.nn.Module:
 
 def make_bundle(root: Path, phantom: Phantom, *, steps: int = 200, torchscript: bool = True) -> Path:
     """Write a trained tiny bundle into ``root``: configs/, models/model.pt (and model.ts)."""
+    import torch
+
     (root / "configs").mkdir(parents=True, exist_ok=True)
     (root / "models").mkdir(parents=True, exist_ok=True)
     metadata, inference = bundle_configs()
@@ -193,6 +199,7 @@ def nnunet_plans(spacing: tuple[float, float, float], shape: tuple[int, int, int
 def make_nnunet(root: Path, phantom: Phantom, *, steps: int = 200, folds: tuple[int, ...] = (0,)) -> Path:
     """Write a trained tiny nnU-Net v2 result folder (``plans.json``, ``dataset.json``,
     ``fold_N/checkpoint_final.pth``) into ``root``; each fold trained with its own seed."""
+    import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
