@@ -225,3 +225,20 @@ def test_bundle_and_nnunet_end_to_end(
     assert listed["phantom-bundle"]["kind"] == "monai-bundle" and listed["phantom-nnunet"]["kind"] == "nnunet"
     assert listed["ct-tissue"]["kind"] == "builtin" and listed["ct-tissue"]["digest"] is None
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch.cuda.is_available() is false")
+def test_bundle_and_nnunet_run_on_the_device_the_worker_gives(folders: dict[str, Path], phantom: Phantom) -> None:
+    """On the worker's CUDA device both models put their networks there and give the CPU's masks."""
+    cuda = torch.device("cuda")
+    volume = Volume(phantom.hu, phantom.affine, "CT")
+    for build in (
+        lambda d: MonaiBundleModel(folders["bundle"], d, name="b"),
+        lambda d: NnUNetModel(folders["nnunet"], d, name="n", folds=[0], mirroring=False),
+    ):
+        on_gpu, on_cpu = build(cuda), build(CPU)
+        net = on_gpu.network if isinstance(on_gpu, MonaiBundleModel) else on_gpu.predictor.network
+        assert next(net.parameters()).device.type == "cuda"
+        for a, b in zip(on_gpu.predict(volume).segments, on_cpu.predict(volume).segments, strict=True):
+            assert dice(a.mask, b.mask) > 0.99
