@@ -3,7 +3,9 @@ the same network as a TorchScript card model: ``python -m benchmarks.models``.
 
 The tiny bundle and nnU-Net folder of ``dicom_node.testing.tiny_models`` are trained on the
 test phantom, then every model runs on one larger seeded chest phantom, each in its own child
-process (so ``ru_maxrss`` is that model's peak): ``--runs`` predictions, median wall time.
+process that loads the model and the (pre-rendered) volume, then predicts ``--runs`` times:
+median wall time, the process's RSS with model and volume loaded, and its peak RSS
+(``ru_maxrss``) after the predictions.
 
 The overhead pair runs the same weights twice: as the bundle (MONAI's Orientationd, Spacingd
 to 4 x 4 x 5 mm, ScaleIntensityRanged, SlidingWindowInferer 32^3 overlap 0.25 gaussian,
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dicom_node.testing.phantoms import ChestSpec, make_chest_phantom
@@ -66,9 +69,11 @@ class _Rescale(torch.nn.Module):
     def __init__(self, net: torch.nn.Module) -> None:
         super().__init__()
         self.net = net
+        self.scale = float(SCALED[1] - SCALED[0])
+        self.offset = float(SCALED[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.net(x * (SCALED[1] - SCALED[0]) + SCALED[0])
+        out: torch.Tensor = self.net(x * self.scale + self.offset)
         return out
 
 
@@ -85,7 +90,7 @@ def torchscript_folder(bundle: Path, out: Path) -> Path:
     return out
 
 
-def _child(kind: str, folder: str, spec: ChestSpec, runs: int, threads: int, queue: Any) -> None:
+def _child(kind: str, folder: str, data: str, runs: int, threads: int, queue: Any) -> None:
     torch.set_num_threads(threads)
     from inference import Volume
 
@@ -111,8 +116,10 @@ def _child(kind: str, folder: str, spec: ChestSpec, runs: int, threads: int, que
         from inference.nnunet import NnUNetModel
 
         model = NnUNetModel(Path(folder), cpu, name="phantom-nnunet", mirroring=kind == "nnunet-mirroring")
-    phantom = make_chest_phantom(spec)
-    volume = Volume(phantom.hu, phantom.affine, "CT")
+    # The phantom was rendered (2x2x2 supersampled, a big peak) by the parent: only loaded here.
+    arrays = np.load(data)
+    volume = Volume(arrays["hu"], arrays["affine"], "CT")
+    truths = {"lung": arrays["lungs"], "bone": arrays["bone"]}
     loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     dice = {}
@@ -121,17 +128,17 @@ def _child(kind: str, folder: str, spec: ChestSpec, runs: int, threads: int, que
         prediction = model.predict(volume)
         times.append(time.perf_counter() - t0)
     for seg in prediction.segments:
-        truth = phantom.masks.get({"lung": "lungs"}.get(seg.label.name, seg.label.name))
+        truth = truths.get({"lungs": "lung"}.get(seg.label.name, seg.label.name))
         if truth is not None:
             dice[seg.label.name] = float(2 * (seg.mask & truth).sum() / (seg.mask.sum() + truth.sum()))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     queue.put({"times": times, "peak_mib": peak / 1024, "loaded_mib": loaded_rss / 1024, "dice": dice})
 
 
-def measure(kind: str, folder: str, spec: ChestSpec, runs: int, threads: int) -> dict[str, Any]:
+def measure(kind: str, folder: str, data: Path, runs: int, threads: int) -> dict[str, Any]:
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(kind, folder, spec, runs, threads, queue))
+    proc = ctx.Process(target=_child, args=(kind, folder, str(data), runs, threads, queue))
     proc.start()
     result: dict[str, Any] = queue.get(timeout=3600)
     proc.join()
@@ -155,6 +162,10 @@ def main() -> None:
         bundle = make_bundle(root / "bundle", train_phantom)
         nnunet = make_nnunet(root / "Dataset999_Phantom" / "nnUNetTrainer__nnUNetPlans__3d_fullres", train_phantom)
         ts = torchscript_folder(bundle, root / "ts")
+        phantom = make_chest_phantom(spec)
+        data = root / "phantom.npz"
+        np.savez(data, hu=phantom.hu, affine=phantom.affine, lungs=phantom.masks["lungs"], bone=phantom.masks["bone"])
+        del phantom
         print(f"trained the tiny networks in {time.perf_counter() - t0:.0f} s")
         print(f"phantom {args.slices} x {args.size} x {args.size} = {args.slices * args.size**2 / 1e6:.1f} Mvoxels,"
               f" {args.runs} runs, {args.threads} threads")
@@ -169,7 +180,7 @@ def main() -> None:
         results = {}
         print(f"{'model':34} {'median s':>9} {'min s':>7} {'max s':>7} {'peak MiB':>9} {'loaded MiB':>11}  Dice")
         for title, kind, folder in cases:
-            r = measure(kind, folder, spec, args.runs, args.threads)
+            r = measure(kind, folder, data, args.runs, args.threads)
             results[kind] = r
             dice = " ".join(f"{k} {v:.3f}" for k, v in sorted(r["dice"].items()))
             print(f"{title:34} {statistics.median(r['times']):9.2f} {min(r['times']):7.2f} {max(r['times']):7.2f}"
