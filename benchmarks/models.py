@@ -1,7 +1,7 @@
 """Per-model inference time and peak memory on the CPU, and a MONAI bundle's overhead against
 the same network as a TorchScript card model: ``python -m benchmarks.models``.
 
-The tiny bundle and nnU-Net folder of ``dicom_node.testing.tiny_models`` are trained on the
+The tiny bundle and nnU-Net folder of ``tests.support.tiny_models`` are trained on the
 test phantom, then every model runs on one larger seeded chest phantom, each in its own child
 process that loads the model and the (pre-rendered) volume, then predicts ``--runs`` times:
 median wall time, the process's RSS with model and volume loaded, and its peak RSS during the
@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from dicom_node.testing.phantoms import ChestSpec, make_chest_phantom
-from dicom_node.testing.tiny_models import SCALED, WINDOW, make_bundle, make_nnunet
+from dicom_node.demo import ChestSpec, make_chest_phantom
+from tests.support.tiny_models import SCALED, WINDOW, make_bundle, make_nnunet
 
 CARD = """
 name = "phantom-ts"
@@ -78,7 +78,7 @@ class _Rescale(torch.nn.Module):
 
 def torchscript_folder(bundle: Path, out: Path) -> Path:
     """The bundle's network (same weights) as a TorchScript card model."""
-    from dicom_node.testing.tiny_models import bundle_network
+    from tests.support.tiny_models import bundle_network
 
     net = bundle_network()
     net.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))

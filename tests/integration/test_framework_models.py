@@ -15,10 +15,7 @@ import pydicom
 import pytest
 import torch
 
-from dicom_node.results.common import device_uid
-from dicom_node.testing import procs
-from dicom_node.testing.node import node_config, start_node, wait_until
-from dicom_node.testing.phantoms import (
+from dicom_node.demo import (
     ChestSpec,
     Phantom,
     SeriesInfo,
@@ -26,7 +23,7 @@ from dicom_node.testing.phantoms import (
     slice_datasets,
     write_datasets,
 )
-from dicom_node.testing.tiny_models import make_bundle, make_nnunet
+from dicom_node.results.common import device_uid
 from inference import PermanentError, Volume
 from inference.bundle import MonaiBundleModel
 from inference.identity import file_digest, weights_digest
@@ -36,6 +33,9 @@ from inference.nnunet import NnUNetModel
 from inference.prediction import Code, Prediction
 from tests.conftest import require_tool
 from tests.integration.test_end_to_end import SEG_CLASS, SR_CLASS, archived, storescu
+from tests.support import procs
+from tests.support.node import node_config, start_node, wait_until
+from tests.support.tiny_models import make_bundle, make_nnunet
 from tests.unit.test_results_seg import masks_by_slice
 
 pytestmark = [

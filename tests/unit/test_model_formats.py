@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dicom_node.demo import axial_affine
 from dicom_node.errors import ConfigError
 from dicom_node.results.common import ResultUIDs, device_uid
 from dicom_node.settings import load_settings
-from dicom_node.testing.phantoms import axial_affine
 from inference import PermanentError
 from inference.formats import checkpoint_paths, describe_bundle, describe_configured, describe_nnunet
 from inference.identity import file_digest, weights_digest
