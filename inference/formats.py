@@ -6,6 +6,7 @@ The workers' loaders (:mod:`inference.bundle`, :mod:`inference.nnunet`,
 
 from __future__ import annotations
 
+import ast
 import json
 import tomllib
 from collections.abc import Sequence
@@ -227,3 +228,30 @@ def describe_configured(kind: str, path: Path, *, version: str | None = None, **
         info["version"] = version
     return info
 
+
+def builtin_descriptions() -> dict[str, str]:
+    """Name -> version of the built-in models (``inference/models/*.py``), read from their source.
+
+    The model modules import torch; a web host answering ``/api/models`` may have none (and
+    should not load 300 MB for a list), so the classes' ``name`` / ``version`` constants are
+    read with :mod:`ast`.  ``tests/unit/test_model_formats.py`` checks the result equals the
+    registry's classes.
+    """
+    out: dict[str, str] = {}
+    for path in sorted(Path(__file__).with_name("models").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in tree.body:
+            if not isinstance(node, ast.ClassDef):
+                continue
+            consts: dict[str, object] = {}
+            for stmt in node.body:
+                if isinstance(stmt, ast.Assign) and isinstance(stmt.value, ast.Constant):
+                    consts.update({t.id: stmt.value.value for t in stmt.targets if isinstance(t, ast.Name)})
+                elif isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) \
+                        and isinstance(stmt.value, ast.Constant):
+                    consts[stmt.target.id] = stmt.value.value
+            has_predict = any(isinstance(s, ast.FunctionDef) and s.name == "predict" for s in node.body)
+            name, version = consts.get("name"), consts.get("version")
+            if has_predict and isinstance(name, str) and isinstance(version, str):
+                out[name] = version
+    return out

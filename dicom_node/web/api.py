@@ -549,7 +549,7 @@ def model_inventory(settings: Settings, catalog: Catalog) -> list[ModelInfo]:
     from importlib.metadata import entry_points
 
     from inference.errors import InferenceError
-    from inference.formats import ENTRY_POINT_GROUP, describe_configured
+    from inference.formats import ENTRY_POINT_GROUP, builtin_descriptions, describe_configured
 
     devices = sorted(
         {w.device or "unknown" for w in worker_statuses(catalog) if w.alive and "inference" in w.queues}
@@ -560,14 +560,8 @@ def model_inventory(settings: Settings, catalog: Catalog) -> list[ModelInfo]:
         rules = [r.name for r in settings.rules if name in r.models]
         found[name] = ModelInfo(name=name, kind=kind, devices=devices, rules=rules, **info)
 
-    try:
-        from inference.registry import builtin_factories
-    except ImportError:  # a web-only host without torch: the workers still have their built-ins
-        builtins = {}
-    else:
-        builtins = builtin_factories()
-    for name, factory in builtins.items():
-        add(name, "builtin", version=getattr(factory, "version", None), digest=None, source=None)
+    for name, builtin_version in builtin_descriptions().items():
+        add(name, "builtin", version=builtin_version, digest=None, source=None)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         version = ep.dist.version if ep.dist is not None else None
         add(ep.name, "plugin", version=version, digest=None, source=ep.value)

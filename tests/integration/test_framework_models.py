@@ -192,7 +192,7 @@ def test_bundle_and_nnunet_end_to_end(
             got = wait_until(ready, 240, what="two SEG + two SR in the archive")
         except TimeoutError:
             pytest.fail(f"results did not arrive; node logs:\n{node.logs()[-8000:]}")
-        with urllib.request.urlopen(f"http://{procs.LOOPBACK}:{web_port}/api/models", timeout=10) as reply:
+        with urllib.request.urlopen(f"http://{procs.LOOPBACK}:{web_port}/api/models", timeout=60) as reply:
             listed = {m["name"]: m for m in json.loads(reply.read())}
     finally:
         node.stop()

@@ -15,7 +15,13 @@ from dicom_node.errors import ConfigError
 from dicom_node.results.common import ResultUIDs, device_uid
 from dicom_node.settings import load_settings
 from inference import PermanentError
-from inference.formats import checkpoint_paths, describe_bundle, describe_configured, describe_nnunet
+from inference.formats import (
+    builtin_descriptions,
+    checkpoint_paths,
+    describe_bundle,
+    describe_configured,
+    describe_nnunet,
+)
 from inference.identity import file_digest, weights_digest
 from inference.labels import LOCAL_SCHEME, LabelOverride, build_labels, label_for_name
 from inference.nnunet import canonical_axes
@@ -200,3 +206,11 @@ def test_canonical_axes_turn_any_axial_layout_to_superior_anterior_right(flip: t
     assert np.all(np.diff(canon[..., 2], axis=0) > 0)  # superior: +z
     assert np.all(np.diff(canon[..., 1], axis=1) < 0)  # anterior: -y
     assert np.all(np.diff(canon[..., 0], axis=2) < 0)  # right: -x
+
+
+def test_builtin_descriptions_read_without_torch_match_the_registry() -> None:
+    """The name/version constants /api/models reads from the built-ins' source are the classes' own."""
+    from inference.registry import builtin_factories
+
+    expected = {name: getattr(cls, "version") for name, cls in builtin_factories().items()}  # noqa: B009
+    assert builtin_descriptions() == expected
