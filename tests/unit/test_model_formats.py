@@ -214,3 +214,30 @@ def test_builtin_descriptions_read_without_torch_match_the_registry() -> None:
 
     expected = {name: getattr(cls, "version") for name, cls in builtin_factories().items()}  # noqa: B009
     assert builtin_descriptions() == expected
+
+
+def test_config_check_knows_bundle_and_nnunet_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`config check` accepts rules naming bundle and nnU-Net models, checks their modalities from
+    metadata.json / dataset.json, and names a folder whose metadata is missing."""
+    from dicom_node.cli import main
+
+    bundle = _bundle_folder(tmp_path / "bundle")  # modality MRI -> MR
+    nnunet = tmp_path / "nn"
+    nnunet.mkdir()
+    (nnunet / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0}}))
+
+    def check(rules: str, models: str) -> int:
+        path = tmp_path / "node.toml"
+        path.write_text(models + rules)
+        return int(main(["config", "check", "--config", str(path)]))
+
+    models = f'[[models]]\nname = "b"\nbundle = "{bundle}"\n[[models]]\nname = "n"\nnnunet = "{nnunet}"\n'
+    ok = '[[rules]]\nname = "mr"\nmatch = { Modality = "MR" }\nmodels = ["b"]\n' \
+         '[[rules]]\nname = "ct"\nmatch = { Modality = "CT" }\nmodels = ["n"]\n'
+    assert check(ok, models) == 0
+    assert "configuration OK" in capsys.readouterr().out
+    assert check('[[rules]]\nname = "wrong"\nmatch = { Modality = "CT" }\nmodels = ["b"]\n', models) == 2
+    assert "rule 'wrong' sends Modality CT to 'b', which accepts only MR" in capsys.readouterr().err
+    gone = f'[[models]]\nname = "b"\nbundle = "{tmp_path / "nowhere"}"\n'
+    assert check('[[rules]]\nname = "mr"\nmatch = { Modality = "MR" }\nmodels = ["b"]\n', gone) == 2
+    assert "model b: MONAI bundle folder" in capsys.readouterr().err
