@@ -77,13 +77,13 @@ class Node:
     def __init__(self, settings: Settings, queue: JobQueue, *, config_path: Path | None = None,
                  broker_check: Callable[[], tuple[bool, str]] | None = None) -> None:
         from dicom_node.ingest.listener import Listener
-        from dicom_node.ingest.spool import Spool
+        from dicom_node.ingest.spool import FileAccess, Spool
         from dicom_node.metrics import NodeMetrics
 
         self.settings = settings
         self.queue = queue
         self.catalog = Catalog(settings.database.url)
-        self.spool = Spool(settings.storage.root)
+        self.spool = Spool(settings.storage.root, FileAccess.for_group(settings.storage.group))
         self.recorder = CatalogRecorder(self.catalog, late_policy=settings.completion.late_instances.value)
         self.metrics = NodeMetrics(self.catalog, free_mb=self.spool.free_mb,
                                    min_free_mb=settings.storage.min_free_mb)

@@ -7,6 +7,7 @@ background while the current job's model runs (``workers.prefetch``).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import structlog
 
 from dicom_node.catalog import Catalog, JobRow, JobState
 from dicom_node.errors import PermanentError
-from dicom_node.ingest.spool import write_durably
+from dicom_node.ingest.spool import FileAccess, write_durably
 from dicom_node.settings import Settings
 from inference.registry import ModelRegistry
 from inference.volume import Volume
@@ -141,14 +142,18 @@ def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
         ResultOptions(seg_series_number=opts.seg_series_number, sr_series_number=opts.sr_series_number,
                       manufacturer=opts.manufacturer),
     )
+    access = FileAccess.for_group(ctx.settings.storage.group)
     outdir = ctx.settings.outbox / f"job-{job.id}"
-    outdir.mkdir(parents=True, exist_ok=True)
+    ctx.settings.outbox.parent.mkdir(parents=True, exist_ok=True)
+    for folder in (ctx.settings.outbox, outdir):
+        with contextlib.suppress(FileExistsError):
+            access.make_dir(folder)
     results: dict[str, Any] = {"segments": len(prediction.segments), "files": []}
     for role, ds in (("seg", encoded.seg), ("sr", encoded.sr)):
         if ds is None:
             continue
         path = outdir / f"{role}-{ds.SOPInstanceUID}.dcm"
-        write_durably(path, [_dataset_bytes(ds)])
+        write_durably(path, [_dataset_bytes(ds)], access)
         results["files"].append(str(path))
         results[f"{role}_sop_instance_uid"] = str(ds.SOPInstanceUID)
         results[f"{role}_series_instance_uid"] = str(ds.SeriesInstanceUID)
