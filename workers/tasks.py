@@ -127,7 +127,12 @@ def dispatch_task(task: NodeTask, job_id: int) -> str:
         return "failed"
     except Exception as exc:  # process boundary
         log.exception("dispatch_crashed", job_id=job_id)
-        pending = [f"{type(exc).__name__}: {exc}"]
+        # Counted as an attempt of every destination still to do, so the limit holds.
+        error = f"delivery crashed ({type(exc).__name__}, traceback in the worker log)"
+        for d in ctx.catalog.deliveries(job_id):
+            if d.state != "done":
+                ctx.catalog.record_delivery(job_id, d.destination, ok=False, error=error)
+        pending = [error]
     if not pending:
         ctx.catalog.transition(job_id, JobState.DONE)
         log.info("job_done", job_id=job_id)
@@ -139,11 +144,16 @@ def dispatch_task(task: NodeTask, job_id: int) -> str:
         return "failed"
     countdown = backoff_seconds(attempts, delivery.backoff_seconds, delivery.backoff_max_seconds)
     log.info("delivery_retry_scheduled", job_id=job_id, attempt=attempts, countdown=round(countdown, 2))
-    raise task.retry(countdown=countdown, max_retries=None)
+    # The task is registered with max_retries=None (Celery's default is 3, which ended the
+    # retries silently before [delivery] max_attempts and left the job "delivering").
+    raise task.retry(countdown=countdown)
 
 
 def register_tasks(app: Celery) -> None:
     """Register both tasks on ``app`` under their fixed names."""
-    common: dict[str, Any] = {"bind": True, "base": NodeTask, "acks_late": True, "reject_on_worker_lost": True}
+    # max_retries=None: no Celery limit on retries; the attempt limits are ours, counted in the
+    # catalog ([worker] max_attempts, [delivery] max_attempts), which end a job as "failed".
+    common: dict[str, Any] = {"bind": True, "base": NodeTask, "acks_late": True, "reject_on_worker_lost": True,
+                              "max_retries": None}
     app.task(name=INFERENCE_TASK, **common)(inference_task)
     app.task(name=DISPATCH_TASK, **common)(dispatch_task)

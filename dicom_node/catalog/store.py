@@ -358,11 +358,13 @@ class Catalog:
         return ids
 
     def transition(self, job_id: int, state: JobState, *, reason: str | None = None,
-                   expect: Sequence[JobState] | None = None, count_attempt: bool = False) -> JobRow:
+                   expect: Sequence[JobState] | None = None, count_attempt: bool = False,
+                   reset_attempts: bool = False) -> JobRow:
         """Move a job to ``state`` (timestamped, with an event row).
 
         ``expect`` guards against races (e.g. a redelivered task for a job that was cancelled):
         if the current state is not in it, :class:`CatalogError` is raised and nothing changes.
+        ``reset_attempts`` sets the inference attempt count back to 0 (an operator's retry).
         """
         now = time.time()
         with self.session() as s:
@@ -380,6 +382,8 @@ class Catalog:
                 job.reason = reason
             elif state in (JobState.QUEUED, JobState.DONE):
                 job.reason = reason
+            if reset_attempts:
+                job.attempts = 0
             if count_attempt:
                 job.attempts += 1
             stamp = f"{state.value}_at"
@@ -452,7 +456,11 @@ class Catalog:
                 row.last_error = error
             return row
 
-    def reset_deliveries(self, job_id: int) -> None:
+    def reset_deliveries(self, job_id: int, *, reset_attempts: bool = False) -> None:
+        """Make every delivery of the job not yet done ``pending`` again; with
+        ``reset_attempts`` (an operator's retry) its attempt count starts again from 0."""
         with self.session() as s:
             for row in s.scalars(select(DeliveryRow).where(DeliveryRow.job_id == job_id, DeliveryRow.state != "done")):
                 row.state = "pending"
+                if reset_attempts:
+                    row.attempts = 0

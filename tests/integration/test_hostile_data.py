@@ -123,3 +123,118 @@ def test_in_process_worker_dies_with_a_killed_node(tmp_path: Path) -> None:
         print(f"{len(workers)} worker processes gone {gone_after:.2f} s after the node's SIGKILL")
     finally:
         node.stop()
+
+
+# -- items 10 and 11: delivery attempts, operator retry --------------------------------------------
+
+
+def _api(node_web: int, method: str, path: str, token: str | None = None) -> tuple[int, dict[str, object]]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"http://{procs.LOOPBACK}:{node_web}{path}", method=method,
+                                 headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 - loopback test server
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+TOKEN = "hostile-data-token"  # noqa: S105 - the test node's API token
+
+
+def test_delivery_attempts_are_the_configured_ones_then_failed_and_api_retry_resets(tmp_path: Path) -> None:
+    """``[delivery] max_attempts`` = 7 with short backoffs: an archive down for 5 attempts gets
+    the results at attempt 6 (Celery's default of 3 retries used to end it at 4, leaving the job
+    ``delivering``); one down for good fails the job after exactly 7 attempts with the reason;
+    a retry from the API starts the count again and delivers."""
+    from dicom_node.demo import SeriesInfo
+    from tests.integration.test_faults import archive_stores
+
+    port = procs.free_port()
+    web = procs.free_port()
+    workdir = tmp_path / "node"
+    config = node_config(workdir, idle_seconds=0.5, destinations=[destination(port)],
+                         rules=[rule("ct", "ct-tissue", ["archive"])],
+                         delivery={"max_attempts": 7, "backoff_seconds": 0.2, "backoff_max_seconds": 0.4},
+                         web={"enabled": True, "host": procs.LOOPBACK, "port": web, "api_token": TOKEN})
+    node = start_node(workdir, config)
+    archive: procs.Server | None = None
+    try:
+        catalog = catalog_of(node)
+        first = SeriesInfo(seed="late-archive").uid("series")
+        storescu(node.port, series_files(tmp_path, "late-archive"))
+        job = wait_job(node, catalog, first, ("delivering",))
+        wait_until(lambda: catalog.deliveries(job.id)[0].attempts >= 5, 60, interval=0.05, what="five attempts")
+        archive = start_archive(tmp_path / "archive", port=port)
+        job = wait_job(node, catalog, first, ("done", "failed"))
+        assert job.state == "done", job.reason
+        [delivery] = catalog.deliveries(job.id)
+        assert delivery.state == "done" and 6 <= delivery.attempts <= 7, delivery.attempts
+        assert len(archive_stores(archive)) == 2
+        archive.stop()
+        archive = None
+
+        second = SeriesInfo(seed="no-archive").uid("series")
+        storescu(node.port, series_files(tmp_path, "no-archive"))
+        t0 = time.monotonic()
+        job = wait_job(node, catalog, second, ("done", "failed"))
+        took = time.monotonic() - t0
+        assert job.state == "failed"
+        [delivery] = catalog.deliveries(job.id)
+        assert delivery.attempts == 7, delivery.attempts
+        assert "delivery failed after 7 attempts" in (job.reason or "")
+        assert f"ARCHIVE@127.0.0.1:{port}" in (job.reason or "")
+        print(f"7 delivery attempts, failed {took:.1f} s after the series was sent")
+
+        archive = start_archive(tmp_path / "archive2", port=port)
+        code, body = _api(web, "POST", f"/api/jobs/{job.id}/retry", TOKEN)
+        assert code == 200, body
+        job = wait_job(node, catalog, second, ("done", "failed"))
+        assert job.state == "done", job.reason
+        [delivery] = catalog.deliveries(job.id)
+        assert delivery.attempts == 1
+        assert len(archive_stores(archive)) == 2
+        catalog.close()
+    finally:
+        node.stop()
+        if archive is not None:
+            archive.stop()
+
+
+def test_operator_retry_after_the_attempt_limit_runs_the_job_again(tmp_path: Path) -> None:
+    """A job failed at ``[worker] max_attempts`` (here 1: a broken model file) and retried by
+    ``dicom-node retry`` once the model is fixed really runs (attempt 1 again), instead of
+    failing at once as a poison job."""
+    from dicom_node.demo import SeriesInfo
+    from tests.integration.test_faults import busy_model, cli
+
+    model = busy_model(tmp_path / "models" / "fixed", "fixed", [12, 96, 96], seconds_per_patch=0.01)
+    weights = Path(model["path"]) / "model.pt"
+    good = weights.read_bytes()
+    weights.write_bytes(b"not a TorchScript file")
+    workdir = tmp_path / "node"
+    config = node_config(workdir, idle_seconds=0.5, rules=[rule("ct", "fixed", [])], worker={"max_attempts": 1})
+    config["models"] = [model]
+    node = start_node(workdir, config)
+    try:
+        catalog = catalog_of(node)
+        series = SeriesInfo(seed="retry-me").uid("series")
+        storescu(node.port, series_files(tmp_path, "retry-me"))
+        job = wait_job(node, catalog, series, ("done", "failed"))
+        assert job.state == "failed" and job.attempts == 1
+        assert "not a TorchScript file" in (job.reason or "")
+        weights.write_bytes(good)
+        res = cli(node, "retry", str(job.id))
+        assert res.returncode == 0 and f"job {job.id} is now queued" in res.stdout, res.stdout + res.stderr
+        job = wait_job(node, catalog, series, ("done", "failed"))
+        assert job.state == "done", job.reason
+        assert job.attempts == 1
+        events = [(e.state, e.detail) for e in catalog.job_events(job.id)]
+        assert ("queued", "retried by operator") in events
+        assert not any("poison" in (d or "") for _, d in events), events
+        catalog.close()
+    finally:
+        node.stop()
