@@ -238,3 +238,71 @@ def test_operator_retry_after_the_attempt_limit_runs_the_job_again(tmp_path: Pat
         catalog.close()
     finally:
         node.stop()
+
+
+# -- item 5: no patient value in any output, even from a library's exception or warning -------
+
+#: Recognisable patient values; the first series' birth date is non-conformant (DA is YYYYMMDD).
+PHI_NAME = "Vexlethorpe"  # one component: highdicom warns, quoting it
+PHI_ID = "PID-61829374-XQ"
+PHI_BAD_BIRTH = "1933-11-22"
+PHI_BIRTH = "19331122"
+PHI = (PHI_NAME, PHI_ID, PHI_BAD_BIRTH, PHI_BIRTH, "61829374")
+
+
+def _get(port: int, path: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{procs.LOOPBACK}:{port}{path}", timeout=30) as resp:
+        return str(resp.read().decode("utf-8", errors="replace"))
+
+
+def test_no_patient_value_reaches_any_output(tmp_path: Path) -> None:
+    """A series with a non-conformant PatientBirthDate fails at its first attempt with a reason
+    naming the attribute, not its value; one whose single-component PatientName makes highdicom
+    warn is processed.  The name, ID and birth dates are in none of: the node's and the worker's
+    logs, /api/jobs, /api/series, /api/jobs/{id}, the dashboard pages, `dicom-node jobs` (text
+    and JSON), /metrics, the catalog database files."""
+    from dicom_node.demo import SeriesInfo
+    from tests.integration.test_faults import cli
+
+    web = procs.free_port()
+    workdir = tmp_path / "node"
+    config = node_config(workdir, idle_seconds=0.5, rules=[rule("ct", "ct-tissue", [])],
+                         web={"enabled": True, "host": procs.LOOPBACK, "port": web, "api_token": TOKEN})
+    node = start_node(workdir, config)
+    try:
+        bad = series_files(tmp_path, "phi-bad-date", patient_name=PHI_NAME, patient_id=PHI_ID,
+                           patient_birth_date=PHI_BAD_BIRTH)
+        good = series_files(tmp_path, "phi-one-name", patient_name=PHI_NAME, patient_id=PHI_ID,
+                            patient_birth_date=PHI_BIRTH)
+        storescu(node.port, bad)
+        storescu(node.port, good)
+        catalog = catalog_of(node)
+        failed = wait_job(node, catalog, SeriesInfo(seed="phi-bad-date").uid("series"), ("done", "failed"))
+        done = wait_job(node, catalog, SeriesInfo(seed="phi-one-name").uid("series"), ("done", "failed"))
+        assert failed.state == "failed" and failed.attempts == 1, (failed.state, failed.attempts, failed.reason)
+        assert "PatientBirthDate" in (failed.reason or "") and "model crashed" not in (failed.reason or "")
+        assert done.state == "done", done.reason
+        outputs = {
+            "api_jobs": _get(web, "/api/jobs"),
+            "api_job": _get(web, f"/api/jobs/{failed.id}"),
+            "api_series": _get(web, "/api/series"),
+            "dashboard": _get(web, "/"),
+            "job_page": _get(web, f"/jobs/{failed.id}"),
+            "metrics": _get(web, "/metrics"),
+            "cli_jobs": cli(node, "jobs").stdout,
+            "cli_jobs_json": cli(node, "jobs", "--json").stdout,
+            "cli_status": cli(node, "status").stdout,
+        }
+        assert "PatientBirthDate" in outputs["api_jobs"] and "PatientBirthDate" in outputs["cli_jobs"]
+        catalog.close()
+    finally:
+        node.stop()
+    outputs.update({p.name: p.read_text(errors="replace") for p in workdir.glob("*.log")})
+    logs = "\n".join(v for k, v in outputs.items() if k.endswith(".log"))
+    # The logs did capture the path: the job's failure and highdicom's person-name warning.
+    assert "job_failed" in logs and "single component" in logs, logs[-3000:]
+    outputs.update({p.name: p.read_bytes().decode("latin-1") for p in workdir.glob("node.db*")})
+    leaks = sorted({(where, value) for where, text in outputs.items() for value in PHI if value in text})
+    assert leaks == [], leaks
