@@ -306,3 +306,66 @@ def test_no_patient_value_reaches_any_output(tmp_path: Path) -> None:
     outputs.update({p.name: p.read_bytes().decode("latin-1") for p in workdir.glob("node.db*")})
     leaks = sorted({(where, value) for where, text in outputs.items() for value in PHI if value in text})
     assert leaks == [], leaks
+
+
+# -- item 9: one SOP Instance UID in two patients' series -------------------------------------
+
+
+def test_duplicate_sop_instance_uid_in_another_series_is_refused(tmp_path: Path) -> None:
+    """Patient B's series carries an instance whose SOP Instance UID is already stored in
+    patient A's series: that C-STORE is answered 0xA900 with a comment, logged with both
+    series, nothing is written; A's file and catalog row are untouched and both series are
+    processed from their own files (A: 12 instances, B: 11)."""
+    from pydicom.uid import CTImageStorage
+    from pynetdicom import AE
+
+    from dicom_node.demo import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
+
+    workdir = tmp_path / "node"
+    node = start_node(workdir, node_config(workdir, idle_seconds=0.5, rules=[rule("ct", "ct-tissue", [])]))
+    try:
+        phantom = make_chest_phantom(ChestSpec(slices=12))
+        a = slice_datasets(phantom.hu, phantom.affine, SeriesInfo(seed="dup-a", patient_id="PAT-A"))
+        b = slice_datasets(phantom.hu, phantom.affine, SeriesInfo(seed="dup-b", patient_id="PAT-B"))
+        stolen = str(a[5].SOPInstanceUID)
+        b[-1].SOPInstanceUID = stolen  # the last slice: the 11 others stay a regular stack
+        b[-1].file_meta.MediaStorageSOPInstanceUID = stolen
+        a_files = write_datasets(a, tmp_path / "a")
+        b_files = write_datasets(b, tmp_path / "b")
+        storescu(node.port, a_files)
+        a_uid, b_uid = str(a[0].SeriesInstanceUID), str(b[0].SeriesInstanceUID)
+        spooled = workdir / "spool" / str(a[0].StudyInstanceUID) / a_uid / f"{stolen}.dcm"
+        wait_until(spooled.exists, 30, what="A's instance spooled")
+        original = spooled.read_bytes()
+
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate(procs.LOOPBACK, node.port, ae_title="DICOM_NODE")
+        assert assoc.is_established
+        answers = {}
+        try:
+            for path in b_files:
+                rsp = assoc.send_c_store(path)
+                answers[path.stem] = (int(rsp.Status), str(rsp.get("ErrorComment", "")))
+        finally:
+            assoc.release()
+        refused = {uid: answer for uid, answer in answers.items() if answer[0] != 0}
+        assert refused == {stolen: (0xA900, "refused: duplicate sop instance")}, refused
+
+        catalog = catalog_of(node)
+        job_a = wait_job(node, catalog, a_uid, ("done", "failed"))
+        job_b = wait_job(node, catalog, b_uid, ("done", "failed"))
+        assert (job_a.state, job_b.state) == ("done", "done"), (job_a.reason, job_b.reason)
+        assert spooled.read_bytes() == original
+        assert not list((workdir / "spool").rglob(f"{b_uid}/{stolen}.dcm"))
+        assert catalog.owner_of_instance(stolen) == (str(a[0].StudyInstanceUID), a_uid)
+        paths_a, paths_b = catalog.series_paths(a_uid), catalog.series_paths(b_uid)
+        assert len(paths_a) == 12 and spooled in paths_a and len(paths_b) == 11
+        assert all(p.parent.name == b_uid for p in paths_b)
+        catalog.close()
+    finally:
+        node.stop()
+    logs = node.logs()
+    assert "store_refused_duplicate_sop_instance" in logs
+    line = next(x for x in logs.splitlines() if "store_refused_duplicate_sop_instance" in x)
+    assert b_uid in line and a_uid in line and stolen in line, line
