@@ -369,3 +369,53 @@ def test_duplicate_sop_instance_uid_in_another_series_is_refused(tmp_path: Path)
     assert "store_refused_duplicate_sop_instance" in logs
     line = next(x for x in logs.splitlines() if "store_refused_duplicate_sop_instance" in x)
     assert b_uid in line and a_uid in line and stolen in line, line
+
+
+# -- item 14: readiness reflects what the workers see ------------------------------------------
+
+
+def _readyz(web: int) -> dict[str, object]:
+    code, body = _api(web, "GET", "/readyz")
+    body["status"] = code
+    return body
+
+
+def test_readiness_fails_while_the_worker_cannot_open_the_broker(tmp_path: Path) -> None:
+    """A worker whose embedded broker file cannot be opened (its path is a folder here) does not
+    count as an inference worker: /readyz says 503 ``inference_worker`` while the node itself
+    reaches the broker; a worker that can open it makes the node ready.  A broker file the node
+    cannot open for writing fails ``broker`` (kombu opens SQLite lazily: a plain connection
+    check passed)."""
+    web = procs.free_port()
+    workdir = tmp_path / "node"
+    config = node_config(workdir, worker={"in_process": "no"},
+                         web={"enabled": True, "host": procs.LOOPBACK, "port": web})
+    node = start_node(workdir, config)
+    try:
+        unopenable = workdir / "not-a-file.db"
+        unopenable.mkdir()
+        node.start_worker("blind", extra_env={"DICOM_NODE_BROKER__URL": f"sqla+sqlite:///{unopenable}"})
+        log = workdir / "worker-blind.log"
+        wait_until(lambda: "worker_broker_unreachable" in log.read_text(errors="replace"), 60,
+                   what="the blind worker's probe")
+        time.sleep(6)  # more than a heartbeat interval
+        body = _readyz(web)
+        checks = body["checks"]
+        assert isinstance(checks, dict)
+        assert body["status"] == 503 and body["failing"] == ["inference_worker"], body
+        assert checks["broker"]["ok"] is True
+
+        node.start_worker("good")
+        body = wait_until(lambda: (b := _readyz(web))["status"] == 200 and b, 60, what="ready with a good worker")
+        assert body["failing"] == []
+
+        broker = workdir / "broker.db"
+        broker.rename(workdir / "broker.db.moved")
+        broker.mkdir()
+        body = _readyz(web)
+        checks = body["checks"]
+        assert isinstance(checks, dict)
+        assert body["status"] == 503 and "broker" in body["failing"], body  # type: ignore[operator]
+        assert "unable to open database file" in checks["broker"]["detail"]
+    finally:
+        node.stop()
