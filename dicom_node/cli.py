@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import dicom_node
 from dicom_node.errors import ConfigError, DicomNodeError, PermanentError
 from dicom_node.settings import DestinationSettings, Settings, load_settings
 
@@ -47,7 +48,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from dicom_node.logs import configure_logging
-    from workers.app import DISPATCH_QUEUE, INFERENCE_QUEUE, create_celery_app
+    from workers.app import create_celery_app
+    from workers.names import DISPATCH_QUEUE, INFERENCE_QUEUE
 
     settings = _settings(args)
     configure_logging(args.log_format)
@@ -250,7 +252,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_rules_test(args: argparse.Namespace) -> int:
-    from dicom_node.ingest.recorder import instance_from_file
+    from dicom_node.catalog.recorder import instance_from_file
     from dicom_node.scheduling.routing import evaluate
 
     settings = _settings(args)
@@ -282,7 +284,7 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__import__('dicom_node').__version__}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {dicom_node.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, func: Any, help_: str) -> argparse.ArgumentParser:

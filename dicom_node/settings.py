@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from dicom_node.errors import ConfigError
+from dicom_node.matching import validate_match
 
 ENV_PREFIX = "DICOM_NODE_"
 DEFAULT_CONFIG = Path("config/dicom-node.toml")
@@ -116,7 +117,6 @@ class WebSettings(_Section):
     port: int = Field(8080, ge=0, le=65535)
     #: Bearer token for mutating API calls; unset means mutating calls are refused.
     api_token: str | None = None
-    show_patient_id: bool = False
 
 
 class LateInstancePolicy(str, Enum):
@@ -243,10 +243,8 @@ class Settings(BaseSettings):
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise ValueError(f"destination names must be unique, repeated: {sorted(dupes)}")
-        from dicom_node.scheduling.routing import validate_rule
-
         for rule in self.rules:
-            validate_rule(rule)
+            validate_match(rule.name, rule.match)
             unknown = [d for d in rule.destinations if d not in names]
             if unknown:
                 raise ValueError(f"rule {rule.name!r} names unknown destinations {unknown}")

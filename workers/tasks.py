@@ -17,7 +17,7 @@ import inference
 from dicom_node import errors
 from dicom_node.catalog import Catalog, CatalogError, JobState
 from dicom_node.logs import scrub_known_phi
-from workers.app import DISPATCH_QUEUE, DISPATCH_TASK, INFERENCE_TASK, backoff_seconds
+from workers.names import DISPATCH_QUEUE, DISPATCH_TASK, INFERENCE_TASK, backoff_seconds
 from workers.pipeline import WorkerContext, build_context, deliver, run_inference
 
 log = structlog.get_logger(__name__)

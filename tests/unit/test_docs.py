@@ -183,7 +183,7 @@ def test_documented_subcommands_exist(path: Path) -> None:
     commands = _subcommands()
     unknown = []
     for code in _code_texts(path):
-        for m in re.finditer(r"(?<![\w/.-])dicom-node\s+([a-z][a-z-]*)(?:\s+([a-z][a-z-]*))?", code):
+        for m in re.finditer(r"(?<![\w/.-])dicom-node[ \t]+([a-z][a-z-]*)(?:[ \t]+([a-z][a-z-]*))?", code):
             first, second = m.group(1), m.group(2)
             if first not in commands:
                 unknown.append(m.group(0))
