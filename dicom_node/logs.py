@@ -21,7 +21,7 @@ import re
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableSequence
 from typing import Any
 
 import structlog
@@ -135,6 +135,25 @@ def remember_phi(values: Iterable[Any]) -> None:
         # A person name's components (family^given^middle^prefix^suffix, and = groups).
         texts += [part.strip() for part in re.split(r"[\^=]", text) if part.strip()]
     _PHI_VALUES.add(texts)
+
+
+#: Attributes holding patient identity: :func:`remember_patients` registers their values.
+PHI_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "PatientAddress",
+                "PatientMotherBirthName", "OtherPatientNames")
+
+
+def remember_patients(datasets: Iterable[Any]) -> None:
+    """:func:`remember_phi` for the patient attributes (:data:`PHI_KEYWORDS`) of pydicom datasets."""
+    values: set[str] = set()
+    for ds in datasets:
+        for keyword in PHI_KEYWORDS:
+            value = ds.get(keyword)
+            if value is None or value == "":
+                continue
+            # A multi-valued element (pydicom's MultiValue is a MutableSequence), else one value.
+            items = value if isinstance(value, MutableSequence | list | tuple) else [value]
+            values.update(str(v) for v in items)
+    remember_phi(values)
 
 
 def _drop_phi(_logger: object, _name: str, event_dict: structlog.types.EventDict) -> structlog.types.EventDict:

@@ -19,7 +19,7 @@ import structlog
 from dicom_node.catalog import Catalog, JobRow, JobState
 from dicom_node.errors import PermanentError
 from dicom_node.ingest.spool import FileAccess, write_durably
-from dicom_node.logs import remember_phi
+from dicom_node.logs import remember_patients
 from dicom_node.settings import Settings
 from inference.registry import ModelRegistry
 from inference.volume import Volume
@@ -80,65 +80,6 @@ def _dataset_bytes(ds: Any) -> bytes:
     return buf.getvalue()
 
 
-#: Attributes holding patient identity: remembered (never logged) for every series loaded.
-PHI_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "PatientAddress",
-                "PatientMotherBirthName", "OtherPatientNames")
-
-#: Date/time attributes of the Patient and General Study modules the encoders copy from the
-#: source images into the SEG and SR; a value their VR forbids makes the encoder raise.
-COPIED_DATE_TIMES = ("PatientBirthDate", "PatientBirthTime", "StudyDate", "StudyTime")
-
-
-def remember_patient(sources: list[Any]) -> None:
-    """Register the series' patient values with the log scrubber (:func:`dicom_node.logs.remember_phi`)."""
-    from pydicom.multival import MultiValue
-
-    values: set[str] = set()
-    for ds in sources:
-        for keyword in PHI_KEYWORDS:
-            value = ds.get(keyword)
-            if value is None or value == "":
-                continue
-            items = value if isinstance(value, MultiValue | list | tuple) else [value]
-            values.update(str(v) for v in items)
-    remember_phi(values)
-
-
-def check_copied_attributes(sources: list[Any]) -> None:
-    """Refuse a series whose Patient/Study dates or times the results cannot carry.
-
-    Raises ``PermanentError`` naming the attribute by keyword (never its value): the encoder
-    would raise with the value in its message, and retrying cannot help.
-    """
-    from pydicom.valuerep import DA, DT, TM
-
-    constructors: dict[str, Any] = {"DA": DA, "DT": DT, "TM": TM}
-    for ds in sources:
-        for keyword in COPIED_DATE_TIMES:
-            if keyword not in ds:
-                continue
-            element = ds[keyword]
-            make = constructors.get(element.VR)
-            if make is None or element.value is None or element.value == "":
-                continue
-            try:
-                make(str(element.value))
-            except (ValueError, TypeError):
-                raise PermanentError(
-                    f"the series' {keyword} is not a valid DICOM {element.VR} value, so the results "
-                    f"(which copy it) cannot be encoded; correct it at the source and re-send"
-                ) from None
-
-
-def _keyword_in(message: str) -> str | None:
-    """The first DICOM attribute keyword named in a library's message (keywords are not PHI)."""
-    import re
-
-    from pydicom.datadict import keyword_dict
-
-    return next((w for w in re.findall(r"[A-Z][A-Za-z0-9]{2,}", message) if w in keyword_dict), None)
-
-
 def load_job_series(ctx: WorkerContext, job: JobRow) -> tuple[LoadedSeries, dict[str, Any]]:
     """The job's series as a volume: the prefetched one when it is still exact, else loaded now.
 
@@ -175,6 +116,7 @@ def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
     cannot use, ``TransientError`` for conditions worth retrying.
     """
     from dicom_node.results import ResultOptions, encode_results
+    from dicom_node.results.inputs import attribute_keyword_in, check_copied_attributes
 
     bound = log.bind(job_id=job.id, model=job.model, series_instance_uid=job.series_instance_uid)
     ctx.timings.clear()
@@ -184,7 +126,7 @@ def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
         ctx.prefetcher.start(job.id)
     volume, sources, frame_refs, excluded = loaded.volume, loaded.sources, loaded.frame_refs, loaded.excluded
     del loaded
-    remember_patient(sources)
+    remember_patients(sources)
     check_copied_attributes(sources)
     t1 = time.perf_counter()
     model = ctx.registry.get(job.model)
@@ -211,7 +153,7 @@ def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
         # The encoders validate what they copy from the source images: bad input, not a crash.
         # The library's message may quote a patient value: the reason names a keyword only.
         bound.exception("encoding_failed")
-        keyword = _keyword_in(str(exc))
+        keyword = attribute_keyword_in(str(exc))
         about = f" (the library named {keyword})" if keyword else ""
         raise PermanentError(
             f"the results could not be encoded from this series' attributes{about}: "
