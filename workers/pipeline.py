@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,7 @@ from dicom_node.ingest.spool import FileAccess, write_durably
 from dicom_node.logs import remember_patients
 from dicom_node.settings import Settings
 from inference.registry import ModelRegistry
-from inference.volume import Volume
+from inference.stacks import StackedVolume, predict_stacked
 from workers.prefetch import Prefetcher
 
 if TYPE_CHECKING:
@@ -116,7 +116,8 @@ def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
     cannot use, ``TransientError`` for conditions worth retrying.
     """
     from dicom_node.results import ResultOptions, encode_results
-    from dicom_node.results.inputs import attribute_keyword_in, check_copied_attributes
+    from dicom_node.results.failures import ENCODING_INPUT_ERRORS, dicom_keywords, input_failure, raised_at
+    from dicom_node.results.inputs import check_copied_attributes
 
     bound = log.bind(job_id=job.id, model=job.model, series_instance_uid=job.series_instance_uid)
     ctx.timings.clear()
@@ -135,11 +136,15 @@ def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
             f"model {model.name} accepts {'/'.join(sorted(model.modalities))}, "
             f"but the series is {volume.modality or 'of unknown modality'}"
         )
-    prediction = model.predict(volume)
+    if isinstance(volume, StackedVolume):
+        # Stacks of different spacing: the model runs on each, results join slice for slice.
+        prediction = predict_stacked(model, volume)
+    else:
+        prediction = model.predict(volume)
     t2 = time.perf_counter()
-    # The encoders read only the geometry: free the voxels (4 bytes each) before encoding.
-    volume = Volume(array=np.broadcast_to(np.float32(0.0), volume.shape), affine=volume.affine,
-                    modality=volume.modality, metadata=volume.metadata)
+    # The encoders read only the geometry: free the voxels (4 bytes each) before encoding
+    # (``replace`` keeps a StackedVolume's per-stack geometry).
+    volume = replace(volume, array=np.broadcast_to(np.float32(0.0), volume.shape))
     opts = ctx.settings.results
     try:
         encoded = encode_results(
@@ -147,18 +152,12 @@ def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
             ResultOptions(seg_series_number=opts.seg_series_number, sr_series_number=opts.sr_series_number,
                           manufacturer=opts.manufacturer),
         )
-    except (PermanentError, MemoryError):
-        raise
-    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
-        # The encoders validate what they copy from the source images: bad input, not a crash.
-        # The library's message may quote a patient value: the reason names a keyword only.
-        bound.exception("encoding_failed")
-        keyword = attribute_keyword_in(str(exc))
-        about = f" (the library named {keyword})" if keyword else ""
-        raise PermanentError(
-            f"the results could not be encoded from this series' attributes{about}: "
-            f"{type(exc).__name__} in the encoder; the worker log has the traceback"
-        ) from None
+    except ENCODING_INPUT_ERRORS as exc:
+        # Deterministic: a retry fails the same way, so the job fails at once (permanent).
+        failure = input_failure(exc)
+        bound.error("encoding_failed", error_type=type(exc).__name__, keywords=dicom_keywords(exc),
+                    where=raised_at(exc))
+        raise failure from exc
     access = FileAccess.for_group(ctx.settings.storage.group)
     outdir = ctx.settings.outbox / f"job-{job.id}"
     ctx.settings.outbox.parent.mkdir(parents=True, exist_ok=True)

@@ -7,10 +7,8 @@ first lets the job fail with the attribute's keyword (never its value) as a perm
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
-from pydicom.datadict import keyword_dict
 from pydicom.dataset import Dataset
 from pydicom.valuerep import DA, DT, TM
 
@@ -45,8 +43,3 @@ def check_copied_attributes(sources: Sequence[Dataset]) -> None:
                     f"the series' {keyword} is not a valid DICOM {element.VR} value, so the results "
                     f"(which copy it) cannot be encoded; correct it at the source and re-send"
                 ) from None
-
-
-def attribute_keyword_in(message: str) -> str | None:
-    """The first DICOM attribute keyword named in a library's message (keywords are not PHI)."""
-    return next((w for w in re.findall(r"[A-Z][A-Za-z0-9]{2,}", message) if w in keyword_dict), None)
