@@ -77,4 +77,5 @@ def test_every_routing_key_is_read_kept_and_matched(tmp_path: Path, keyword: str
     verdict = evaluate(rule, routed)
     assert verdict.matched, verdict.reasons
     assert not evaluate(RuleSettings(name="r", models=["m"], match={keyword: "/no-such-value/"}), routed).matched
-    assert routed["CallingAETitle"] == "CT1" and routed["InstanceCount"] == 1 and routed["SOPClassUID"] == CTImageStorage
+    assert routed["CallingAETitle"] == "CT1" and routed["InstanceCount"] == 1
+    assert routed["SOPClassUID"] == CTImageStorage
