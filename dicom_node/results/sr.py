@@ -14,12 +14,12 @@ Per segment with voxels (same Tracking Identifier/UID as its SEG segment in ever
 
 Every group of the report thus has an image region: OHIF (v3) merges the groups of one
 tracking UID and needs image coordinates in each merged finding (it throws on one without).
-Findings the model looked for and did not find (a segment with an empty mask, or a prediction
-with no segment) are not measurement groups: they go, with the free-text notes, to the
-report-level "Qualitative Evaluations" container (TID 1500 row 12) as
-"<finding type> = Absent" (a prediction with no segment: "Presence of property = Absent" plus
-a note).  A lung nodule found in a CT carries its Finding Site: Lung, with the side (see
-:func:`lung_side`).
+A finding type the model looked for and did not find (a segment with an empty mask) is not a
+measurement group: it goes, with the free-text notes, to the report-level "Qualitative
+Evaluations" container (TID 1500 row 12) as "<finding type> = Absent".  A prediction with no
+segment gets one planar group "No finding" (Presence of property = Absent) framing the middle
+source image, "Presence of property = Absent" in the evaluations, and a note.  A lung nodule
+found in a CT carries its Finding Site: Lung, with the side (see :func:`lung_side`).
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def region_outline(mask: np.ndarray) -> tuple[int, np.ndarray]:
     return k, thin
 
 
-def _image_region(segment: Segment, k: int, rows_cols: np.ndarray, frames: SourceFrames) -> hd.sr.ImageRegion:
+def _image_region(k: int, rows_cols: np.ndarray, frames: SourceFrames) -> hd.sr.ImageRegion:
     """A closed SCOORD POLYLINE on slice ``k``'s source image from (row, column) indices."""
     # SCOORD (column, row) puts 0.0 at the top-left corner of the first pixel: centres are +0.5.
     xy = np.stack([rows_cols[:, 1] + 0.5, rows_cols[:, 0] + 0.5], axis=1)
@@ -187,7 +187,7 @@ def _outline_region(segment: Segment, volume: Volume, frames: SourceFrames) -> h
     """The lesion's own outline on its key slice, else the mask's outline (:func:`region_outline`)."""
     if segment.outline is None or segment.key_slice is None:
         k, rows_cols = region_outline(segment.mask)
-        return _image_region(segment, k, rows_cols, frames)
+        return _image_region(k, rows_cols, frames)
     k = int(segment.key_slice)
     if not 0 <= k < volume.shape[0]:
         raise ResultEncodingError(
@@ -200,7 +200,7 @@ def _outline_region(segment: Segment, volume: Volume, frames: SourceFrames) -> h
     off = float(np.abs(index[:, 0] - k).max())
     if off > 0.5:
         raise ResultEncodingError(f"outline of {segment.tracking_id!r} leaves key slice {k} by {off:.2f} slices")
-    return _image_region(segment, k, index[:, 1:], frames)
+    return _image_region(k, index[:, 1:], frames)
 
 
 #: Soft tissue and denser (HU): the patient's body on a CT slice, for the midline.
@@ -293,11 +293,25 @@ def _segment_groups(
     return groups
 
 
-def _placeholder_group(prediction: Prediction, uids: ResultUIDs) -> Group:
-    """Only to build highdicom's report when nothing was measured; never written."""
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=uids.no_finding_tracking, identifier="-"),
+def _no_finding_group(
+    prediction: Prediction, volume: Volume, frames: SourceFrames, uids: ResultUIDs
+) -> Group:
+    """Nothing found: a planar group "No finding", Presence of property = Absent, whose image
+    region frames the whole middle slice (the series was examined; OHIF needs image coordinates
+    in every finding and one finding at least to open a report)."""
+    k = volume.shape[0] // 2
+    rows, cols = volume.shape[1], volume.shape[2]
+    # Pixel-centre indices of the frame: the SCOORD then runs along the image's outer edges.
+    frame = np.array(
+        [[-0.5, -0.5], [-0.5, cols - 0.5], [rows - 0.5, cols - 0.5], [rows - 0.5, -0.5], [-0.5, -0.5]]
+    )
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=uids.no_finding_tracking, identifier="No finding"
+        ),
+        referenced_region=_image_region(k, frame, frames),
         algorithm_id=_algorithm_id(prediction),
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.PRESENCE, codes.ABSENT)],
     )
 
 
@@ -456,14 +470,9 @@ def measurement_report(
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=codes.procedure_reported(str(first.Modality), getattr(first, "BodyPartExamined", None)),
-        # highdicom insists on one group; with nothing measured its container is dropped below.
-        imaging_measurements=groups or [_placeholder_group(prediction, uids)],
+        imaging_measurements=groups or [_no_finding_group(prediction, volume, frames, uids)],
     )
     content = report[0].ContentSequence
-    if not groups:
-        # TID 1500 needs Imaging Measurements or Qualitative Evaluations (row 6 or 12), not both.
-        (position,) = [i for i, item in enumerate(content) if item.ConceptNameCodeSequence[0].CodeValue == "126010"]
-        del content[position]
     if absent or notes or not prediction.segments:
         content.append(_evaluations_container(absent, not prediction.segments, notes))
     return report
@@ -501,7 +510,12 @@ def encode_sr(
     # The library goes in after highdicom has copied and searched the (then small) tree;
     # TID 1500 puts it right after Procedure Reported (row 8), before Imaging Measurements.
     position = next(
-        i for i, item in enumerate(sr.ContentSequence) if item.ConceptNameCodeSequence[0].CodeValue == "126010"
+        (
+            i
+            for i, item in enumerate(sr.ContentSequence)
+            if item.ConceptNameCodeSequence[0].CodeValue in ("126010", "C0034375")
+        ),
+        len(sr.ContentSequence),
     )
     items = list(sr.ContentSequence)
     items.insert(position, image_library(frames.images))

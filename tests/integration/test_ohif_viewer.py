@@ -1,0 +1,329 @@
+"""The node's SEG and SR in the real OHIF Viewer (3.13.2, npm ``@ohif/app``), served against a real
+Orthanc with its DICOMweb plugin, in headless Chromium (WebGL through SwiftShader).
+
+One study: a chest phantom CT with three nodules and the results of the built-in models on it
+(ct-tissue, ct-lung-nodules, foreground), plus a second CT series of the same study without
+nodules, on which ct-lung-nodules finds nothing (its SR has no measurement group at all).
+Every SR is opened in the viewer; the test fails on OHIF's error boundary ("Something went
+wrong", which OHIF logs only at debug level), on any uncaught page error, on any console error
+of the SR extension, when a finding's measurements are not drawn on the image, or when the
+nodule SEG does not overlay the nodule's pixels.  Screenshots go to docs/images/.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from pydicom.dataset import Dataset
+
+from dicom_node.results import encode_results
+from dicom_node.testing.chest_nodules import chest_spec, make_nodule_phantom
+from dicom_node.testing.phantoms import Phantom, SeriesInfo, slice_datasets
+from inference.models.ct_tissue import CtTissueModel
+from inference.models.foreground import ForegroundModel
+from inference.models.lung_nodules import LungNoduleModel
+from inference.prediction import Prediction
+from inference.volume import Volume
+from tests.conftest import REQUIRE_TOOLS, require_tool
+from tests.support import ohif
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGES = REPO / "docs" / "images"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--use-gl=angle",
+    "--use-angle=swiftshader",
+    "--enable-unsafe-swiftshader",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+VIEWPORT = {"width": 1400, "height": 900}
+
+
+@dataclass
+class Study:
+    """The files uploaded to Orthanc and what the models found."""
+
+    uid: str
+    files: list[Path] = field(default_factory=list)
+    predictions: dict[str, Prediction] = field(default_factory=dict)
+    phantom: Phantom | None = None
+    sources: list[Dataset] = field(default_factory=list)
+    seg: dict[str, Dataset] = field(default_factory=dict)
+
+
+def _write(ds: Dataset, path: Path, study: Study) -> None:
+    ds.save_as(path, enforce_file_format=True)
+    study.files.append(path)
+
+
+def build_study(folder: Path) -> Study:
+    """Encode the real models' results on the phantom CT (two series of one study)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cpu = torch.device("cpu")
+    case = make_nodule_phantom(chest_spec(seed=1), [14, 20, 10], vessels=4, seed=1)
+    clean = make_nodule_phantom(chest_spec(seed=2), [], vessels=4, seed=2)
+    info = SeriesInfo(seed="ohif-viewer")
+    clean_info = SeriesInfo(
+        seed="ohif-viewer-clean",
+        study_uid=info.uid("study"),
+        series_number=3,
+        series_description="Chest phantom, no nodule",
+    )
+    study = Study(uid=info.uid("study"), phantom=case.phantom)
+    runs = [
+        (case.phantom, info, [CtTissueModel(cpu), LungNoduleModel(cpu), ForegroundModel(cpu)]),
+        (clean.phantom, clean_info, [LungNoduleModel(cpu)]),
+    ]
+    for n, (phantom, series, models) in enumerate(runs):
+        sources = slice_datasets(phantom.hu, phantom.affine, series)
+        if n == 0:
+            study.sources = sources
+        for k, ds in enumerate(sources):
+            _write(ds, folder / f"ct{n}_{k:03d}.dcm", study)
+        volume = Volume(phantom.hu, phantom.affine, "CT")
+        refs = [(k, 1) for k in range(len(sources))]
+        for model in models:
+            prediction = model.predict(volume)
+            key = prediction.model_name + ("" if n == 0 else " (no nodule)")
+            study.predictions[key] = prediction
+            result = encode_results(prediction, volume, sources, refs)
+            if result.seg is not None:
+                study.seg[key] = result.seg
+                _write(result.seg, folder / f"seg{n}_{prediction.model_name}.dcm", study)
+            _write(result.sr, folder / f"sr{n}_{prediction.model_name}.dcm", study)
+    return study
+
+
+def _playwright() -> Any:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        msg = "the Python package playwright is not installed (pip install playwright)"
+        if REQUIRE_TOOLS:
+            pytest.fail(msg + " (DICOM_NODE_REQUIRE_TOOLS=1)")
+        pytest.skip(msg)
+    return sync_playwright
+
+
+def _need_viewer() -> Path:
+    require_tool("chromium", "Orthanc", "npm")
+    if ohif.dicomweb_plugin() is None:
+        msg = "the orthanc-dicomweb plugin is not installed"
+        if REQUIRE_TOOLS:
+            pytest.fail(msg + " (DICOM_NODE_REQUIRE_TOOLS=1)")
+        pytest.skip(msg)
+    return ohif.fetch_ohif_dist()
+
+
+@dataclass
+class Viewer:
+    page: Any
+    console: list[str]
+    origin: str
+
+
+@pytest.fixture(scope="module")
+def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Viewer, Study]]:
+    dist = _need_viewer()
+    sync_playwright = _playwright()
+    tmp = tmp_path_factory.mktemp("ohif")
+    study = build_study(tmp / "data")
+    with ohif.start_orthanc(tmp / "orthanc") as orthanc:
+        for path in study.files:
+            ohif.orthanc_upload(orthanc.port, path.read_bytes())
+        with ohif.ViewerServer(dist, orthanc.port) as server, sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=shutil.which("chromium"), headless=True, args=CHROMIUM_FLAGS
+            )
+            try:
+                page = browser.new_page(viewport=VIEWPORT)
+                page.set_default_timeout(30_000)
+                console: list[str] = []
+                page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+                page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
+                # OHIF's first-visit tour (shepherd.js) would cover the viewport.
+                page.add_init_script(
+                    "localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']));"
+                )
+                page.goto(f"{server.origin}/viewer?StudyInstanceUIDs={study.uid}")
+                page.get_by_text("AI SR ct-lung-nodules 1.0.0").first.wait_for()
+                page.locator("[data-cy=viewport-pane] canvas").first.wait_for()
+                page.wait_for_timeout(1500)
+                yield Viewer(page, console, server.origin), study
+            finally:
+                browser.close()
+
+
+def _problems(console: list[str]) -> list[str]:
+    """Console lines that mean a broken viewer (error boundary, uncaught errors, SR failures)."""
+    bad = re.compile(
+        r"Error Boundary|Something went wrong|pageerror|ReferencedSOPSequence|"
+        r"Cannot (read|destructure)|not currently supported|Unable to generate tool state",
+        re.IGNORECASE,
+    )
+    return [line for line in console if bad.search(line) or line.startswith("error:")]
+
+
+def _open_series(viewer: Viewer, description: str) -> None:
+    viewer.page.get_by_text(description, exact=False).first.dblclick()
+    viewer.page.wait_for_timeout(2500)
+
+
+def _viewport_text(viewer: Viewer) -> str:
+    """All text of the viewport, SVG annotation labels included (also where they run past its
+    edge: OHIF puts a label right of its outline, outside the image for a body outline)."""
+    return str(viewer.page.locator("[data-cy=viewport-pane]").first.text_content())
+
+
+def _wait_for_measurement_text(viewer: Viewer) -> str:
+    """The viewport's text once OHIF has drawn a finding's measurement labels (or after 10 s)."""
+    for _ in range(40):
+        text = _viewport_text(viewer)
+        if "Volume:" in text:
+            return text
+        viewer.page.wait_for_timeout(250)
+    return text
+
+
+def _step_through_findings(viewer: Viewer, count: int) -> list[str]:
+    """The viewport's text for each of the SR's ``count`` findings (OHIF's < > arrows)."""
+    seen = []
+    for i in range(count):
+        if i:
+            viewer.page.locator("[data-cy=viewport-action-arrows-right]").first.click()
+            viewer.page.wait_for_timeout(800)
+        seen.append(_wait_for_measurement_text(viewer))
+    return seen
+
+
+def test_every_sr_loads_and_shows_its_findings_with_measurements(
+    viewer: tuple[Viewer, Study],
+) -> None:
+    """Each SR opens without an error and draws each finding with its measurements."""
+    view, study = viewer
+    nodules = study.predictions["ct-lung-nodules"]
+    assert [s.tracking_id for s in nodules.segments] == ["Nodule 1", "Nodule 2", "Nodule 3"]
+    for key, shot in (
+        ("foreground", None),
+        ("ct-tissue", "ohif-sr-ct-tissue.png"),
+        ("ct-lung-nodules", "ohif-sr-nodules.png"),
+    ):
+        prediction = study.predictions[key]
+        before = len(view.console)
+        _open_series(view, f"AI SR {key} 1.0.0")
+        texts = _step_through_findings(view, len(prediction.segments))
+        view.page.screenshot(path=str(IMAGES.parent.parent / "test-artifacts" / f"ohif-{key}.png"))
+        assert _problems(view.console[before:]) == [], key
+        assert "Something went wrong" not in view.page.inner_text("body")
+        for text in texts:
+            assert "Volume:" in text and " ml" in text, (key, text)
+        if key == "ct-lung-nodules":
+            for text in texts:
+                assert "Diameter:" in text and " mm" in text and "Certainty of Finding:" in text
+            # Distinct findings, each with its own values.
+            assert len({re.search(r"Volume: ([\d.]+)", t).group(1) for t in texts}) == 3  # type: ignore[union-attr]
+        if shot is not None:
+            # Back to Nodule 1 (ct-lung-nodules) or to the lungs (ct-tissue) for the picture.
+            back = len(texts) - 1 if key == "ct-lung-nodules" else len(texts) - 2
+            for _ in range(back):
+                view.page.locator("[data-cy=viewport-action-arrows-left]").first.click()
+                view.page.wait_for_timeout(600)
+            IMAGES.mkdir(parents=True, exist_ok=True)
+            view.page.screenshot(path=str(IMAGES / shot))
+
+
+def test_sr_with_no_finding_loads_without_error(viewer: tuple[Viewer, Study]) -> None:
+    """The nodule model's SR on the nodule-free series (no measurement group) breaks nothing."""
+    view, study = viewer
+    assert study.predictions["ct-lung-nodules (no nodule)"].segments == []
+    before = len(view.console)
+    # Both SRs of ct-lung-nodules share the description: the second thumbnail is this one.
+    view.page.get_by_text("AI SR ct-lung-nodules 1.0.0").nth(1).dblclick()
+    view.page.wait_for_timeout(3000)
+    assert _problems(view.console[before:]) == []
+    assert "Something went wrong" not in view.page.inner_text("body")
+    # The "No finding" frame is drawn on the image of the series without nodules.
+    assert f"I:{56 // 2 + 1} " in _viewport_text(view)
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    view.page.screenshot(path=str(IMAGES / "ohif-sr-no-finding.png"))
+
+
+def _canvas_pixels(view: Viewer) -> tuple[np.ndarray, dict[str, float]]:
+    canvas = view.page.locator("[data-cy=viewport-pane] canvas").first
+    box = canvas.bounding_box()
+    assert box is not None
+    png = view.page.screenshot(clip=box)
+    from io import BytesIO
+
+    from PIL import Image
+
+    return np.asarray(Image.open(BytesIO(png)).convert("RGB")).astype(np.int16), box
+
+
+def test_nodule_seg_overlays_the_nodule(viewer: tuple[Viewer, Study]) -> None:
+    """After loading the nodule SEG, segment-coloured pixels cover the nodule on the shown slice."""
+    view, study = viewer
+    before = len(view.console)
+    _open_series(view, "AI SEG ct-lung-nodules 1.0.0")
+    yes = view.page.get_by_role("button", name="Yes")
+    if yes.count():
+        yes.first.click()
+    view.page.wait_for_timeout(4000)
+    assert _problems(view.console[before:]) == []
+    text = _viewport_text(view)
+    match = re.search(r"I:\s*(\d+)\s*\((\d+)/(\d+)\)", view.page.inner_text("body"))
+    assert match, text
+    instance = int(match.group(1))
+    k = next(i for i, ds in enumerate(study.sources) if int(ds.InstanceNumber) == instance)
+    seg = study.seg["ct-lung-nodules"]
+    nodules = study.predictions["ct-lung-nodules"].segments
+    masks = np.zeros_like(nodules[0].mask[k])
+    for s in nodules:
+        masks |= s.mask[k]
+    assert masks.any(), f"OHIF shows slice {k} without a nodule voxel"
+    pixels, box = _canvas_pixels(view)
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    view.page.screenshot(path=str(IMAGES / "ohif-seg-nodules.png"))
+    # Segment pixels: the CT is grey (r == g == b) and OHIF's own overlays (scroll bar, icons)
+    # are blue; the nodule segments are orange, red and green.
+    spread = pixels.max(axis=2) - pixels.min(axis=2)
+    blue = pixels[..., 2] >= pixels[..., :2].max(axis=2)
+    coloured = (spread > 40) & ~blue
+    assert coloured.sum() > 30, "no segment colour in the viewport"
+    # Where the nodules are: fit the 128 x 160 slice into the canvas (OHIF scales to fit, centred).
+    rows, cols = masks.shape
+    h, w = pixels.shape[:2]
+    scale = min(h / rows, w / cols)
+    top, left = (h - rows * scale) / 2, (w - cols * scale) / 2
+    ys, xs = np.nonzero(coloured)
+    r = ((ys - top) / scale).astype(int)
+    c = ((xs - left) / scale).astype(int)
+    inside = (r >= 0) & (r < rows) & (c >= 0) & (c < cols)
+    near = np.zeros_like(masks)
+    grown = np.argwhere(masks)
+    for dr in (-2, -1, 0, 1, 2):
+        for dc in (-2, -1, 0, 1, 2):
+            rr = np.clip(grown[:, 0] + dr, 0, rows - 1)
+            cc = np.clip(grown[:, 1] + dc, 0, cols - 1)
+            near[rr, cc] = True
+    on_nodule = near[r[inside], c[inside]]
+    assert on_nodule.mean() > 0.9, f"{on_nodule.mean():.2f} of the coloured pixels lie on a nodule"
+    # ... and every nodule voxel of the slice is covered by colour.
+    covered = np.zeros_like(masks)
+    covered[r[inside], c[inside]] = True
+    assert covered[masks].mean() > 0.8
+    del seg
