@@ -15,25 +15,16 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
-from pydicom.dataset import Dataset
 
-from dicom_node.results import encode_results
-from dicom_node.testing.chest_nodules import chest_spec, make_nodule_phantom
-from dicom_node.testing.phantoms import Phantom, SeriesInfo, slice_datasets
-from inference.models.ct_tissue import CtTissueModel
-from inference.models.foreground import ForegroundModel
-from inference.models.lung_nodules import LungNoduleModel
-from inference.prediction import Prediction
-from inference.volume import Volume
 from tests.conftest import REQUIRE_TOOLS, require_tool
 from tests.support import ohif
+from tests.support.study import Study, build_study
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -51,61 +42,6 @@ CHROMIUM_FLAGS = [
     "--no-first-run",
 ]
 VIEWPORT = {"width": 1400, "height": 900}
-
-
-@dataclass
-class Study:
-    """The files uploaded to Orthanc and what the models found."""
-
-    uid: str
-    files: list[Path] = field(default_factory=list)
-    predictions: dict[str, Prediction] = field(default_factory=dict)
-    phantom: Phantom | None = None
-    sources: list[Dataset] = field(default_factory=list)
-    seg: dict[str, Dataset] = field(default_factory=dict)
-
-
-def _write(ds: Dataset, path: Path, study: Study) -> None:
-    ds.save_as(path, enforce_file_format=True)
-    study.files.append(path)
-
-
-def build_study(folder: Path) -> Study:
-    """Encode the real models' results on the phantom CT (two series of one study)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    cpu = torch.device("cpu")
-    case = make_nodule_phantom(chest_spec(seed=1), [14, 20, 10], vessels=4, seed=1)
-    clean = make_nodule_phantom(chest_spec(seed=2), [], vessels=4, seed=2)
-    info = SeriesInfo(seed="ohif-viewer")
-    clean_info = SeriesInfo(
-        seed="ohif-viewer-clean",
-        study_uid=info.uid("study"),
-        series_number=3,
-        series_description="Chest phantom, no nodule",
-    )
-    study = Study(uid=info.uid("study"), phantom=case.phantom)
-    runs = [
-        (case.phantom, info, [CtTissueModel(cpu), LungNoduleModel(cpu), ForegroundModel(cpu)]),
-        (clean.phantom, clean_info, [LungNoduleModel(cpu)]),
-    ]
-    for n, (phantom, series, models) in enumerate(runs):
-        sources = slice_datasets(phantom.hu, phantom.affine, series)
-        if n == 0:
-            study.sources = sources
-        for k, ds in enumerate(sources):
-            _write(ds, folder / f"ct{n}_{k:03d}.dcm", study)
-        volume = Volume(phantom.hu, phantom.affine, "CT")
-        refs = [(k, 1) for k in range(len(sources))]
-        for model in models:
-            prediction = model.predict(volume)
-            key = prediction.model_name + ("" if n == 0 else " (no nodule)")
-            study.predictions[key] = prediction
-            result = encode_results(prediction, volume, sources, refs)
-            if result.seg is not None:
-                study.seg[key] = result.seg
-                _write(result.seg, folder / f"seg{n}_{prediction.model_name}.dcm", study)
-            _write(result.sr, folder / f"sr{n}_{prediction.model_name}.dcm", study)
-    return study
 
 
 def _playwright() -> Any:
@@ -133,7 +69,14 @@ def _need_viewer() -> Path:
 class Viewer:
     page: Any
     console: list[str]
-    origin: str
+    url: str
+
+    def fresh(self) -> None:
+        """Load the study in a fresh viewer (OHIF keeps an opened SR's state across series)."""
+        self.page.goto(self.url)
+        self.page.get_by_text("AI SR ct-lung-nodules 1.0.0").first.wait_for()
+        self.page.locator("[data-cy=viewport-pane] canvas").first.wait_for()
+        self.page.wait_for_timeout(1000)
 
 
 @pytest.fixture(scope="module")
@@ -146,9 +89,7 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Viewer, S
         for path in study.files:
             ohif.orthanc_upload(orthanc.port, path.read_bytes())
         with ohif.ViewerServer(dist, orthanc.port) as server, sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=shutil.which("chromium"), headless=True, args=CHROMIUM_FLAGS
-            )
+            browser = p.chromium.launch(executable_path=shutil.which("chromium"), headless=True, args=CHROMIUM_FLAGS)
             try:
                 page = browser.new_page(viewport=VIEWPORT)
                 page.set_default_timeout(30_000)
@@ -156,14 +97,8 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Viewer, S
                 page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
                 page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
                 # OHIF's first-visit tour (shepherd.js) would cover the viewport.
-                page.add_init_script(
-                    "localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']));"
-                )
-                page.goto(f"{server.origin}/viewer?StudyInstanceUIDs={study.uid}")
-                page.get_by_text("AI SR ct-lung-nodules 1.0.0").first.wait_for()
-                page.locator("[data-cy=viewport-pane] canvas").first.wait_for()
-                page.wait_for_timeout(1500)
-                yield Viewer(page, console, server.origin), study
+                page.add_init_script("localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']));")
+                yield Viewer(page, console, f"{server.origin}/viewer?StudyInstanceUIDs={study.uid}"), study
             finally:
                 browser.close()
 
@@ -190,8 +125,8 @@ def _viewport_text(viewer: Viewer) -> str:
 
 
 def _wait_for_measurement_text(viewer: Viewer) -> str:
-    """The viewport's text once OHIF has drawn a finding's measurement labels (or after 10 s)."""
-    for _ in range(40):
+    """The viewport's text once OHIF has drawn a finding's measurement labels (or after 30 s)."""
+    for _ in range(120):
         text = _viewport_text(viewer)
         if "Volume:" in text:
             return text
@@ -223,10 +158,10 @@ def test_every_sr_loads_and_shows_its_findings_with_measurements(
         ("ct-lung-nodules", "ohif-sr-nodules.png"),
     ):
         prediction = study.predictions[key]
+        view.fresh()
         before = len(view.console)
         _open_series(view, f"AI SR {key} 1.0.0")
         texts = _step_through_findings(view, len(prediction.segments))
-        view.page.screenshot(path=str(IMAGES.parent.parent / "test-artifacts" / f"ohif-{key}.png"))
         assert _problems(view.console[before:]) == [], key
         assert "Something went wrong" not in view.page.inner_text("body")
         for text in texts:
@@ -250,6 +185,7 @@ def test_sr_with_no_finding_loads_without_error(viewer: tuple[Viewer, Study]) ->
     """The nodule model's SR on the nodule-free series (no measurement group) breaks nothing."""
     view, study = viewer
     assert study.predictions["ct-lung-nodules (no nodule)"].segments == []
+    view.fresh()
     before = len(view.console)
     # Both SRs of ct-lung-nodules share the description: the second thumbnail is this one.
     view.page.get_by_text("AI SR ct-lung-nodules 1.0.0").nth(1).dblclick()
@@ -277,6 +213,7 @@ def _canvas_pixels(view: Viewer) -> tuple[np.ndarray, dict[str, float]]:
 def test_nodule_seg_overlays_the_nodule(viewer: tuple[Viewer, Study]) -> None:
     """After loading the nodule SEG, segment-coloured pixels cover the nodule on the shown slice."""
     view, study = viewer
+    view.fresh()
     before = len(view.console)
     _open_series(view, "AI SEG ct-lung-nodules 1.0.0")
     yes = view.page.get_by_role("button", name="Yes")
@@ -295,7 +232,7 @@ def test_nodule_seg_overlays_the_nodule(viewer: tuple[Viewer, Study]) -> None:
     for s in nodules:
         masks |= s.mask[k]
     assert masks.any(), f"OHIF shows slice {k} without a nodule voxel"
-    pixels, box = _canvas_pixels(view)
+    pixels, _ = _canvas_pixels(view)
     IMAGES.mkdir(parents=True, exist_ok=True)
     view.page.screenshot(path=str(IMAGES / "ohif-seg-nodules.png"))
     # Segment pixels: the CT is grey (r == g == b) and OHIF's own overlays (scroll bar, icons)
