@@ -37,9 +37,7 @@ VIEWER_DIR = REPO / "tests" / "viewer"
 OHIF_PACKAGE = "@ohif/app"
 OHIF_VERSION = "3.13.2"
 #: ``dist.integrity`` of @ohif/app@3.13.2 on registry.npmjs.org.
-OHIF_INTEGRITY = (
-    "sha512-WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkycZM6C6Zk2F87BKxFfpq+jd5xXZB9E8EA=="
-)
+OHIF_INTEGRITY = "sha512-WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkycZM6C6Zk2F87BKxFfpq+jd5xXZB9E8EA=="
 OHIF_DIST = VIEWER_DIR / "ohif" / OHIF_VERSION / "dist"
 
 DICOMWEB_PLUGIN_CANDIDATES = (
@@ -133,7 +131,7 @@ def orthanc_upload(port: int, data: bytes) -> dict[str, str]:
         method="POST",
         headers={"Content-Type": "application/dicom"},
     )
-    with urllib.request.urlopen(request, timeout=30) as answer:
+    with urllib.request.urlopen(request, timeout=30) as answer:  # noqa: S310 (http to loopback)
         result: dict[str, str] = json.loads(answer.read())
     return result
 
@@ -183,7 +181,7 @@ def app_config(origin: str) -> str:
 class _Handler(BaseHTTPRequestHandler):
     server: _ViewerHTTPServer
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         return
 
     def _proxy(self) -> None:
@@ -191,9 +189,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else None
         conn = http.client.HTTPConnection("127.0.0.1", self.server.orthanc_port, timeout=60)
         headers = {
-            k: v
-            for k, v in self.headers.items()
-            if k.lower() in ("accept", "content-type", "range", "accept-encoding")
+            k: v for k, v in self.headers.items() if k.lower() in ("accept", "content-type", "range", "accept-encoding")
         }
         conn.request(self.command, self.path, body=body, headers=headers)
         answer = conn.getresponse()
@@ -230,13 +226,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         if self.path.startswith("/dicom-web/"):
             self._proxy()
         else:
             self._static()
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         if self.path.startswith("/dicom-web/"):
             self._proxy()
         else:

@@ -15,7 +15,6 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.results import ResultEncodingError, ResultOptions, encode_results
-from dicom_node.results.seg import PALETTE, display_colors
 from dicom_node.results.examples import (
     NODULE_LABEL,
     enhanced_sources,
@@ -24,6 +23,7 @@ from dicom_node.results.examples import (
     single_frame_sources,
     volume_of,
 )
+from dicom_node.results.seg import PALETTE, display_colors
 from dicom_node.testing import procs
 from dicom_node.testing.phantoms import ChestSpec, Phantom, Sphere, make_chest_phantom
 from inference.prediction import Prediction, Segment

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import highdicom as hd
@@ -13,7 +13,6 @@ import pytest
 from pydicom.dataset import Dataset
 
 from dicom_node.results import EncodedResults, ResultOptions, encode_results
-from dicom_node.results.sr import mask_volume_ml, outline_diameter_mm
 from dicom_node.results.examples import (
     enhanced_sources,
     example_series_info,
@@ -21,6 +20,7 @@ from dicom_node.results.examples import (
     single_frame_sources,
     volume_of,
 )
+from dicom_node.results.sr import mask_volume_ml, outline_diameter_mm
 from dicom_node.testing import procs
 from dicom_node.testing.phantoms import ChestSpec, Phantom, Sphere, make_chest_phantom
 from inference.prediction import Prediction
