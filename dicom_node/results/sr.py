@@ -300,10 +300,22 @@ def _no_finding_group(
     region frames the whole middle slice (the series was examined; OHIF needs image coordinates
     in every finding and one finding at least to open a report)."""
     k = volume.shape[0] // 2
-    rows, cols = volume.shape[1], volume.shape[2]
-    # Pixel-centre indices of the frame: the SCOORD then runs along the image's outer edges.
+    last_row, last_col = volume.shape[1] - 1, volume.shape[2] - 1
+    mid_row, mid_col = last_row / 2.0, last_col / 2.0
+    # Through the centres of the edge pixels (visible inside the image), with the edges' middle
+    # points: 8 vertices, so OHIF does not take it for one of its 4-corner rectangle tools.
     frame = np.array(
-        [[-0.5, -0.5], [-0.5, cols - 0.5], [rows - 0.5, cols - 0.5], [rows - 0.5, -0.5], [-0.5, -0.5]]
+        [
+            [0.0, 0.0],
+            [0.0, mid_col],
+            [0.0, last_col],
+            [mid_row, last_col],
+            [last_row, last_col],
+            [last_row, mid_col],
+            [last_row, 0.0],
+            [mid_row, 0.0],
+            [0.0, 0.0],
+        ]
     )
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(

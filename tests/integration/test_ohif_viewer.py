@@ -185,15 +185,18 @@ def test_sr_with_no_finding_loads_without_error(viewer: tuple[Viewer, Study]) ->
     """The nodule model's SR on the nodule-free series (no measurement group) breaks nothing."""
     view, study = viewer
     assert study.predictions["ct-lung-nodules (no nodule)"].segments == []
-    view.fresh()
     before = len(view.console)
     # Both SRs of ct-lung-nodules share the description: the second thumbnail is this one.
     view.page.get_by_text("AI SR ct-lung-nodules 1.0.0").nth(1).dblclick()
     view.page.wait_for_timeout(3000)
     assert _problems(view.console[before:]) == []
     assert "Something went wrong" not in view.page.inner_text("body")
-    # The "No finding" frame is drawn on the image of the series without nodules.
+    # The "No finding" frame is drawn on the middle image of the series without nodules.
     assert f"I:{56 // 2 + 1} " in _viewport_text(view)
+    pixels, _ = _canvas_pixels(view)
+    spread = pixels.max(axis=2) - pixels.min(axis=2)
+    blue = pixels[..., 2] >= pixels[..., :2].max(axis=2)
+    assert ((spread > 40) & ~blue).sum() > 500, "no annotation drawn"
     IMAGES.mkdir(parents=True, exist_ok=True)
     view.page.screenshot(path=str(IMAGES / "ohif-sr-no-finding.png"))
 

@@ -267,15 +267,16 @@ def test_empty_prediction_gives_sr_only_saying_nothing_was_found(
     assert group.tracking_identifier == "No finding"
     evaluations = {(e.name.value, e.value.value) for e in group.get_qualitative_evaluations()}
     assert ("121052", "121054") in evaluations
-    # Its image region: the outer edges of the middle source image.
+    # Its image region: a frame through the centres of the middle source image's edge pixels.
     middle = sources[len(sources) // 2]
     region = group.roi
     assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
         middle.SOPInstanceUID
     )
     xy = region.value
-    assert (xy[:, 0].min(), xy[:, 0].max()) == (0.0, float(middle.Columns))
-    assert (xy[:, 1].min(), xy[:, 1].max()) == (0.0, float(middle.Rows))
+    assert (xy[:, 0].min(), xy[:, 0].max()) == (0.5, middle.Columns - 0.5)
+    assert (xy[:, 1].min(), xy[:, 1].max()) == (0.5, middle.Rows - 0.5)
+    assert len(xy) == 9 and np.allclose(xy[0], xy[-1])
 
 
 def test_a_segment_with_an_empty_mask_is_reported_absent_not_as_a_group(
