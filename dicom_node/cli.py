@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import dicom_node
 from dicom_node.errors import ConfigError, DicomNodeError, PermanentError
 from dicom_node.settings import DestinationSettings, Settings, load_settings
 
@@ -47,7 +48,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from dicom_node.logs import configure_logging
-    from workers.app import DISPATCH_QUEUE, INFERENCE_QUEUE, create_celery_app
+    from workers.app import create_celery_app
+    from workers.names import DISPATCH_QUEUE, INFERENCE_QUEUE
 
     settings = _settings(args)
     configure_logging(args.log_format)
@@ -99,7 +101,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def _job_action(args: argparse.Namespace, action: str) -> int:
     from dicom_node.catalog import Catalog, CatalogError, JobState
-    from dicom_node.jobs import queue_job
+    from dicom_node.scheduling.jobs import queue_job
     from workers.app import CeleryJobQueue, create_celery_app
 
     settings = _settings(args)
@@ -147,9 +149,9 @@ def _own_listener(settings: Settings) -> DestinationSettings:
 def cmd_status(args: argparse.Namespace) -> int:
     """One screen for ops: listener, queue, workers, disk, recent failures."""
     from dicom_node.catalog import Catalog, JobState
-    from dicom_node.heartbeat import worker_statuses
-    from dicom_node.sender import echo
-    from dicom_node.spool import Spool
+    from dicom_node.catalog.heartbeats import worker_statuses
+    from dicom_node.delivery.dicom import echo
+    from dicom_node.ingest.spool import Spool
 
     settings = _settings(args)
     catalog = Catalog(settings.database.url)
@@ -192,8 +194,8 @@ def cmd_send(args: argparse.Namespace) -> int:
     """Send a folder of DICOM files to a destination (default: this node's own listener)."""
     from pydicom.misc import is_dicom
 
+    from dicom_node.delivery.dicom import send_instances
     from dicom_node.errors import TransientError
-    from dicom_node.sender import send_instances
 
     settings = _settings(args)
     if args.to:
@@ -234,7 +236,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from dicom_node.sender import echo
+    from dicom_node.delivery.dicom import echo
 
     settings = _settings(args)
     try:
@@ -249,8 +251,8 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_rules_test(args: argparse.Namespace) -> int:
-    from dicom_node.recorder import instance_from_file
-    from dicom_node.routing import evaluate
+    from dicom_node.catalog.recorder import instance_from_file
+    from dicom_node.scheduling.routing import evaluate
 
     settings = _settings(args)
     series: dict[str, dict[str, Any]] = {}
@@ -281,7 +283,7 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__import__('dicom_node').__version__}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {dicom_node.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, func: Any, help_: str) -> argparse.ArgumentParser:

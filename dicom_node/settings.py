@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from dicom_node.errors import ConfigError
+from dicom_node.matching import validate_match
 
 ENV_PREFIX = "DICOM_NODE_"
 DEFAULT_CONFIG = Path("config/dicom-node.toml")
@@ -75,10 +76,6 @@ class StorageSettings(_Section):
     root: Path = Path("var/spool")
     #: Below this much free space (MiB) C-STORE is answered 0xA700 (out of resources).
     min_free_mb: int = Field(512, ge=0)
-    #: Size (MiB) of the intake journal (``<root>/.journal/intake.wal``): each instance is made
-    #: durable there with one cheap write before C-STORE success, then written to its spool file
-    #: in the background.  0: fsync every spool file before answering instead (slower).
-    journal_mb: int = Field(512, ge=0)
     #: Delivered series are removed after this many days (``dicom-node gc``); 0 keeps them.
     retention_days: float = Field(0, ge=0)
     #: How often ``serve`` runs the retention clean-up (when ``retention_days`` > 0).
@@ -104,7 +101,6 @@ class WebSettings(_Section):
     port: int = Field(8080, ge=0, le=65535)
     #: Bearer token for mutating API calls; unset means mutating calls are refused.
     api_token: str | None = None
-    show_patient_id: bool = False
 
 
 class LateInstancePolicy(str, Enum):
@@ -231,10 +227,8 @@ class Settings(BaseSettings):
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise ValueError(f"destination names must be unique, repeated: {sorted(dupes)}")
-        from dicom_node.routing import validate_rule
-
         for rule in self.rules:
-            validate_rule(rule)
+            validate_match(rule.name, rule.match)
             unknown = [d for d in rule.destinations if d not in names]
             if unknown:
                 raise ValueError(f"rule {rule.name!r} names unknown destinations {unknown}")

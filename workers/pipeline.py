@@ -17,14 +17,14 @@ import structlog
 
 from dicom_node.catalog import Catalog, JobRow, JobState
 from dicom_node.errors import PermanentError
+from dicom_node.ingest.spool import write_durably
 from dicom_node.settings import Settings
-from dicom_node.spool import write_durably
 from inference.registry import ModelRegistry
 from inference.volume import Volume
 from workers.prefetch import Prefetcher
 
 if TYPE_CHECKING:
-    from dicom_node.loading import LoadedSeries
+    from dicom_node.imaging.loading import LoadedSeries
 
 log = structlog.get_logger(__name__)
 
@@ -68,7 +68,8 @@ def build_context(settings: Settings) -> WorkerContext:
 def _dataset_bytes(ds: Any) -> bytes:
     from io import BytesIO
 
-    from dicom_node.net import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+    from dicom_node.dimse import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
 
     buf = BytesIO()
     ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
@@ -85,7 +86,7 @@ def load_job_series(ctx: WorkerContext, job: JobRow) -> tuple[LoadedSeries, dict
     Raises ``SeriesError`` (permanent) for anything malformed; a prefetch that failed is loaded
     again here, so the job reports the real error.
     """
-    from dicom_node.loading import load_series
+    from dicom_node.imaging.loading import load_series
 
     t0 = time.perf_counter()
     paths = ctx.catalog.series_paths(job.series_instance_uid)
@@ -174,8 +175,8 @@ def deliver(ctx: WorkerContext, job: JobRow) -> list[str]:
 
 
 def _deliver(ctx: WorkerContext, job: JobRow) -> list[str]:
+    from dicom_node.delivery.dicom import send_instances
     from dicom_node.errors import TransientError
-    from dicom_node.sender import send_instances
 
     files = [Path(p) for p in job.results.get("files", [])]
     missing = [str(p) for p in files if not p.exists()]

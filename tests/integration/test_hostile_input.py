@@ -19,9 +19,9 @@ from pynetdicom import AE, _config
 from pynetdicom.presentation import build_context
 
 from dicom_node.catalog import Catalog
-from dicom_node.testing import procs
-from dicom_node.testing.node import node_config, start_node, wait_until
-from dicom_node.testing.phantoms import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
+from dicom_node.demo import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
+from tests.support import procs
+from tests.support.node import node_config, start_node, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -146,7 +146,7 @@ def test_hostile_corpus_gets_named_statuses_and_node_keeps_serving(tmp_path: Pat
         assert node.server.proc.poll() is None
         assert not (workdir.parent / "evil").exists() and not Path("/tmp/evil").exists()  # noqa: S108 - the target
         spool = workdir / "spool"
-        written = [p for p in spool.rglob("*") if p.is_file() and ".journal" not in p.parts]
+        written = [p for p in spool.rglob("*") if p.is_file()]
         assert written == [], "a refused instance was written"
 
         unusable = stored_but_unusable(tmp_path)

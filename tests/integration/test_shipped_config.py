@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.testing import procs
 from tests.conftest import require_tool
+from tests.support import procs
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

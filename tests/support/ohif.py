@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from dicom_node.testing import procs
+from tests.support import procs
 
 REPO = Path(__file__).resolve().parents[2]
 VIEWER_DIR = REPO / "tests" / "viewer"

@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 from pydicom.dataset import Dataset
 
+from dicom_node.demo import Phantom, SeriesInfo, slice_datasets
 from dicom_node.results import encode_results
-from dicom_node.testing.chest_nodules import chest_spec, make_nodule_phantom
-from dicom_node.testing.phantoms import Phantom, SeriesInfo, slice_datasets
 from inference.models.ct_tissue import CtTissueModel
 from inference.models.foreground import ForegroundModel
 from inference.models.lung_nodules import LungNoduleModel
 from inference.prediction import Prediction
 from inference.volume import Volume
+from tests.support.chest_nodules import chest_spec, make_nodule_phantom
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 
-from dicom_node.acceptor import (
+from dicom_node.ingest.acceptor import (
     Acceptor,
     AcceptorConfig,
     Association,
@@ -130,8 +130,6 @@ class _Recorder:
     def __init__(self) -> None:
         self.events: list[tuple[str, str]] = []
         self.stored: list[StoreRequest] = []
-        #: SOP Instance UIDs whose response was sent, in order (ScpHandler.store_answered).
-        self.answered: list[str] = []
         self.done = threading.Event()
 
     def check(self, request: AssociationRequest, active: int) -> None:
@@ -150,9 +148,6 @@ class _Recorder:
     def store(self, assoc: Association, request: StoreRequest) -> tuple[int, str | None]:
         self.stored.append(request)
         return 0, None
-
-    def store_answered(self, assoc: Association) -> None:
-        self.answered.append(self.stored[-1].affected_sop_instance_uid)
 
     def ended(self, assoc: Association, released: bool, reason: str) -> None:
         self.events.append(("ended", reason))
@@ -303,50 +298,6 @@ def test_pynetdicom_scu_stores_through_small_pdus() -> None:
     stored = handler.stored[0]
     assert stored.affected_sop_instance_uid == ds.SOPInstanceUID
     assert len(stored.dataset) > 10000 and b"Test^Fragments" in stored.dataset
-    assert handler.answered == [ds.SOPInstanceUID]
-
-
-class _AfterAnswer(_Recorder):
-    """Its ``store_answered`` waits until the test has seen the C-STORE response."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        #: Set by the test when it has the response of the first, the second... instance.
-        self.response_seen = [threading.Event() for _ in range(2)]
-        self.waited: list[bool] = []
-
-    def store_answered(self, assoc: Association) -> None:
-        self.waited.append(self.response_seen[len(self.answered)].wait(10))
-        super().store_answered(assoc)
-
-
-def test_store_answered_runs_once_the_sender_has_its_response() -> None:
-    """The handler's after-answer work (the listener writes the spool file there) does not hold
-    up the response: the sender gets its status while ``store_answered`` is still waiting."""
-    handler = _AfterAnswer()
-    acceptor = Acceptor(("127.0.0.1", 0), AcceptorConfig(contexts={CT: (ExplicitVRLittleEndian,)}),
-                        handler)
-    ae = AE(ae_title="AFTER")
-    ae.add_requested_context(CT, ExplicitVRLittleEndian)
-    try:
-        assoc = ae.associate("127.0.0.1", acceptor.port, ae_title="ANY")
-        assert assoc.is_established
-        uids = []
-        for seen in handler.response_seen:
-            ds = Dataset()
-            ds.SOPClassUID = CT
-            ds.SOPInstanceUID = generate_uid()
-            ds.file_meta = FileMetaDataset()
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            status = assoc.send_c_store(ds)
-            assert status.Status == 0
-            seen.set()
-            uids.append(ds.SOPInstanceUID)
-        assoc.release()
-    finally:
-        acceptor.shutdown()
-    assert handler.waited == [True, True]
-    assert handler.answered == uids
 
 
 def test_a_repeated_request_is_negotiated_from_the_cache_with_its_own_titles(

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from dicom_node.cli import main
-from dicom_node.testing.node import write_config
-from dicom_node.testing.phantoms import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
+from dicom_node.demo import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
+from tests.support.node import write_config
 
 
 @pytest.fixture

@@ -52,9 +52,9 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from dicom_node.settings import Settings, load_settings
-from dicom_node.testing import procs
-from dicom_node.testing.node import NodeProcess, start_node, write_config
 from tests.conftest import require_tool
+from tests.support import procs
+from tests.support.node import NodeProcess, start_node, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = sorted([ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "docker" / "README.md"])
@@ -183,7 +183,7 @@ def test_documented_subcommands_exist(path: Path) -> None:
     commands = _subcommands()
     unknown = []
     for code in _code_texts(path):
-        for m in re.finditer(r"(?<![\w/.-])dicom-node\s+([a-z][a-z-]*)(?:\s+([a-z][a-z-]*))?", code):
+        for m in re.finditer(r"(?<![\w/.-])dicom-node[ \t]+([a-z][a-z-]*)(?:[ \t]+([a-z][a-z-]*))?", code):
             first, second = m.group(1), m.group(2)
             if first not in commands:
                 unknown.append(m.group(0))
@@ -468,7 +468,7 @@ def test_conformance_transfer_syntaxes_match_the_listener() -> None:
     """The storage transfer syntaxes are the listener's, in its order of preference; Verification the first three."""
     from pydicom.uid import UID
 
-    from dicom_node.listener import TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS
+    from dicom_node.ingest.listener import TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS
 
     text = CONFORMANCE.read_text(encoding="utf-8")
     table = _section(text, "| Transfer Syntax (storage) | UID |", "\n\n")
@@ -493,8 +493,9 @@ def test_conformance_scu_contexts_match_the_sender() -> None:
 
 def test_conformance_implementation_identifiers_match_the_code() -> None:
     """The Implementation Class UID and Version Name sent on the network, and those of spooled files, are the code's."""
-    from dicom_node.listener import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-    from dicom_node.net import TunedAE
+    from dicom_node.delivery.association import TunedAE
+    from dicom_node.ingest.listener import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
 
     text = CONFORMANCE.read_text(encoding="utf-8")
     ae = TunedAE(ae_title="DICOM_NODE")
@@ -505,10 +506,10 @@ def test_conformance_implementation_identifiers_match_the_code() -> None:
 
 
 def test_conformance_scp_status_codes_are_those_the_listener_returns() -> None:
-    """The C-STORE SCP status table lists exactly the status constants `dicom_node.listener` answers with."""
+    """The C-STORE SCP status table lists exactly the status constants `dicom_node.ingest.listener` answers with."""
     from dicom_node import statuses
 
-    source = (ROOT / "dicom_node" / "listener.py").read_text(encoding="utf-8")
+    source = (ROOT / "dicom_node" / "ingest" / "listener.py").read_text(encoding="utf-8")
     used = {getattr(statuses, name) for name in re.findall(r"statuses\.([A-Z_]+)\b", source)}
     text = CONFORMANCE.read_text(encoding="utf-8")
     table = _section(text, '<a id="c-store-scp-status-codes"></a>', "No warning statuses")

@@ -29,10 +29,10 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from dicom_node.demo import Phantom, axial_affine, write_datasets
 from dicom_node.errors import PermanentError
-from dicom_node.loading import LoadedSeries, SeriesError, load_series
-from dicom_node.testing import procs, quirks
-from dicom_node.testing.phantoms import Phantom, axial_affine, write_datasets
+from dicom_node.imaging.loading import LoadedSeries, SeriesError, load_series
+from tests.support import procs, quirks
 
 ATOL_MM = 1e-3  # DS values carry 6 significant digits
 
@@ -627,6 +627,6 @@ def test_modality_hint(phantom: Phantom, tmp_path: Path) -> None:
 
 
 def test_import_does_not_load_torch() -> None:
-    """Importing dicom_node.loading pulls in no torch (the listener host has none)."""
-    code = "import sys, dicom_node.loading; assert 'torch' not in sys.modules"
+    """Importing dicom_node.imaging.loading pulls in no torch (the listener host has none)."""
+    code = "import sys, dicom_node.imaging.loading; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
