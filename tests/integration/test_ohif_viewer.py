@@ -30,6 +30,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGES = REPO / "docs" / "images"
+ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -76,7 +77,13 @@ class Viewer:
         self.page.goto(self.url)
         self.page.get_by_text("AI SR ct-lung-nodules 1.0.0").first.wait_for()
         self.page.locator("[data-cy=viewport-pane] canvas").first.wait_for()
-        self.page.wait_for_timeout(1000)
+        # The CT is on screen when its overlay (window, orientation markers) is.
+        for _ in range(240):
+            text = str(self.page.locator("[data-cy=viewport-pane]").first.text_content())
+            if "W:" in text and "AR" in text.replace("\n", ""):
+                break
+            self.page.wait_for_timeout(250)
+        self.page.wait_for_timeout(1500)
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +131,10 @@ def _viewport_text(viewer: Viewer) -> str:
     return str(viewer.page.locator("[data-cy=viewport-pane]").first.text_content())
 
 
-def _wait_for_measurement_text(viewer: Viewer) -> str:
-    """The viewport's text once OHIF has drawn a finding's measurement labels (or after 30 s)."""
-    for _ in range(120):
+def _wait_for_measurement_text(viewer: Viewer, seconds: float = 30.0) -> str:
+    """The viewport's text once OHIF has drawn a finding's measurement labels (or at timeout)."""
+    text = ""
+    for _ in range(int(seconds * 4)):
         text = _viewport_text(viewer)
         if "Volume:" in text:
             return text
@@ -134,14 +142,22 @@ def _wait_for_measurement_text(viewer: Viewer) -> str:
     return text
 
 
-def _step_through_findings(viewer: Viewer, count: int) -> list[str]:
+def _step_through_findings(viewer: Viewer, description: str, count: int) -> list[str]:
     """The viewport's text for each of the SR's ``count`` findings (OHIF's < > arrows)."""
     seen = []
     for i in range(count):
         if i:
             viewer.page.locator("[data-cy=viewport-action-arrows-right]").first.click()
             viewer.page.wait_for_timeout(800)
-        seen.append(_wait_for_measurement_text(viewer))
+        text = _wait_for_measurement_text(viewer)
+        if i == 0 and "Volume:" not in text:
+            # On a CPU-starved machine OHIF 3.13 sometimes shows the SR's first image before
+            # its annotation layer is ready and never draws it; opening the series again (what a
+            # user would do) draws it.  Logged so that a run shows when it happened.
+            viewer.console.append(f"test: reopened {description}: first finding not drawn")
+            _open_series(viewer, description)
+            text = _wait_for_measurement_text(viewer)
+        seen.append(text)
     return seen
 
 
@@ -161,9 +177,13 @@ def test_every_sr_loads_and_shows_its_findings_with_measurements(
         view.fresh()
         before = len(view.console)
         _open_series(view, f"AI SR {key} 1.0.0")
-        texts = _step_through_findings(view, len(prediction.segments))
+        texts = _step_through_findings(view, f"AI SR {key} 1.0.0", len(prediction.segments))
         assert _problems(view.console[before:]) == [], key
         assert "Something went wrong" not in view.page.inner_text("body")
+        if not all("Volume:" in text for text in texts):
+            ARTIFACTS.mkdir(exist_ok=True)
+            view.page.screenshot(path=str(ARTIFACTS / f"ohif-{key}.png"))
+            (ARTIFACTS / f"ohif-{key}-console.txt").write_text("\n".join(view.console[before:]))
         for text in texts:
             assert "Volume:" in text and " ml" in text, (key, text)
         if key == "ct-lung-nodules":
