@@ -81,6 +81,11 @@ def _is(code: Code | hd.sr.CodedConcept, other: Code | hd.sr.CodedConcept) -> bo
     return (code.value, code.scheme_designator) == (other.value, other.scheme_designator)
 
 
+def _has_own_outline(segment: Segment) -> bool:
+    """The model outlined the segment on a key slice (else the encoder outlines its mask)."""
+    return segment.outline is not None and segment.key_slice is not None
+
+
 def mask_volume_ml(segment: Segment, volume: Volume) -> float:
     """The segment's volume as the SEG holds it: voxel count times the voxel volume (ml)."""
     return round(float(np.count_nonzero(segment.mask)) * volume.voxel_volume_ml, 4)
@@ -97,10 +102,16 @@ def _volumetric_measurements(segment: Segment, volume: Volume) -> list[hd.sr.Mea
     """Whole-segment measurements; Volume (when reported) counted from the SEG mask."""
     out = []
     for m in segment.measurements:
-        if _is(m.name, DIAMETER) and segment.outline is not None:
+        if _is(m.name, DIAMETER) and _has_own_outline(segment):
             continue  # a planar measurement: it goes with the outline it was measured on
-        value = mask_volume_ml(segment, volume) if _is(m.name, VOLUME) else float(m.value)
-        out.append(hd.sr.Measurement(name=codes.coded(m.name), value=value, unit=codes.coded(m.unit)))
+        if _is(m.name, VOLUME):
+            out.append(
+                hd.sr.Measurement(
+                    name=codes.coded(VOLUME), value=mask_volume_ml(segment, volume), unit=codes.coded(ML)
+                )
+            )
+            continue
+        out.append(hd.sr.Measurement(name=codes.coded(m.name), value=float(m.value), unit=codes.coded(m.unit)))
     if segment.label.kind == SegmentKind.LESION and not any(_is(m.name, VOLUME) for m in segment.measurements):
         out.insert(
             0,
@@ -119,8 +130,9 @@ def _volumetric_measurements(segment: Segment, volume: Volume) -> list[hd.sr.Mea
 
 def _planar_measurements(segment: Segment) -> list[hd.sr.Measurement]:
     """The diameter of a lesion with an outline: the outline's longest chord, in mm."""
-    if segment.outline is None or not any(_is(m.name, DIAMETER) for m in segment.measurements):
+    if not _has_own_outline(segment) or not any(_is(m.name, DIAMETER) for m in segment.measurements):
         return []
+    assert segment.outline is not None
     return [
         hd.sr.Measurement(
             name=codes.coded(DIAMETER),
@@ -185,9 +197,10 @@ def _image_region(k: int, rows_cols: np.ndarray, frames: SourceFrames) -> hd.sr.
 
 def _outline_region(segment: Segment, volume: Volume, frames: SourceFrames) -> hd.sr.ImageRegion:
     """The lesion's own outline on its key slice, else the mask's outline (:func:`region_outline`)."""
-    if segment.outline is None or segment.key_slice is None:
+    if not _has_own_outline(segment):
         k, rows_cols = region_outline(segment.mask)
         return _image_region(k, rows_cols, frames)
+    assert segment.key_slice is not None
     k = int(segment.key_slice)
     if not 0 <= k < volume.shape[0]:
         raise ResultEncodingError(

@@ -155,6 +155,7 @@ def _step_through_findings(viewer: Viewer, description: str, count: int) -> list
             # its annotation layer is ready and never draws it; opening the series again (what a
             # user would do) draws it.  Logged so that a run shows when it happened.
             viewer.console.append(f"test: reopened {description}: first finding not drawn")
+            print(f"reopened {description}: its first finding was not drawn")
             _open_series(viewer, description)
             text = _wait_for_measurement_text(viewer)
         seen.append(text)
