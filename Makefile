@@ -1,5 +1,6 @@
-# dicom-node: two commands.  `make run` starts a node on the embedded defaults,
-# `make test` runs the whole suite.  Both create/update .venv first.
+# dicom-node: two commands.  `make run` installs only what the node needs (torch's CPU wheel
+# included) and starts it on the embedded defaults; `make test` adds the test toolchain and runs
+# the whole suite.  Both create/update .venv first.
 PYTHON ?= python3
 VENV   ?= .venv
 CONFIG ?= config/dicom-node.toml
@@ -9,17 +10,25 @@ PIP     = $(PY) -m pip --disable-pip-version-check
 CONSTRAINTS = -c constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: run test install viewer lint typecheck bench clean
+.PHONY: run test install install-test viewer lint typecheck bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-$(VENV)/.installed: $(VENV)/bin/python pyproject.toml constraints.txt
+# What the node runs with: its dependencies and the worker extra (torch).
+$(VENV)/.installed-run: $(VENV)/bin/python pyproject.toml constraints.txt
+	$(PIP) install -q $(CONSTRAINTS) -e '.[worker]'
+	touch $@
+
+# Plus the test toolchain (pytest, playwright, dcmqi, mypy, ruff, ...).
+$(VENV)/.installed-test: $(VENV)/.installed-run
 	$(PIP) install -q $(CONSTRAINTS) -e '.[test]'
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed-run
+
+install-test: $(VENV)/.installed-test
 
 # Real viewer-side consumers for the tests: dcmjs + @cornerstonejs/adapters (npm ci, locked) and
 # the built OHIF Viewer (npm pack @ohif/app, sha512 pinned in tests/support/ohif.py).  Without
@@ -28,7 +37,7 @@ VIEWER_DIR = tests/viewer
 $(VIEWER_DIR)/node_modules/.package-lock.json: $(VIEWER_DIR)/package.json $(VIEWER_DIR)/package-lock.json
 	cd $(VIEWER_DIR) && npm ci --ignore-scripts --no-audit --no-fund
 
-viewer: $(VENV)/.installed
+viewer: $(VENV)/.installed-test
 	@if command -v npm >/dev/null; then \
 		$(MAKE) --no-print-directory $(VIEWER_DIR)/node_modules/.package-lock.json && \
 		PYTHONPATH=. $(PY) -m tests.support.ohif >/dev/null; \
@@ -37,13 +46,13 @@ viewer: $(VENV)/.installed
 run: install
 	$(VENV)/bin/dicom-node serve --config $(CONFIG)
 
-test: install viewer
+test: install-test viewer
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: install
+lint: install-test
 	$(VENV)/bin/ruff check dicom_node inference workers tests benchmarks
 
-typecheck: install
+typecheck: install-test
 	$(VENV)/bin/mypy
 
 clean:
