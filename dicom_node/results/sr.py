@@ -56,6 +56,7 @@ from dicom_node.results.common import (
     source_series_uid,
 )
 from inference.prediction import DIAMETER, ML, MM, VOLUME, Code, Prediction, Segment, SegmentKind
+from inference.stacks import StackedVolume
 from inference.volume import Volume
 
 Group = (
@@ -87,8 +88,16 @@ def _has_own_outline(segment: Segment) -> bool:
 
 
 def mask_volume_ml(segment: Segment, volume: Volume) -> float:
-    """The segment's volume as the SEG holds it: voxel count times the voxel volume (ml)."""
-    return round(float(np.count_nonzero(segment.mask)) * volume.voxel_volume_ml, 4)
+    """The segment's volume as the SEG holds it: voxel count times the voxel volume (ml), summed
+    over the stacks of a volume of several regular stacks."""
+    if isinstance(volume, StackedVolume):
+        total = sum(
+            float(np.count_nonzero(segment.mask[start:stop])) * part.voxel_volume_ml
+            for (start, stop), part in zip(volume.stacks, volume.stack_volumes(), strict=True)
+        )
+    else:
+        total = float(np.count_nonzero(segment.mask)) * volume.voxel_volume_ml
+    return round(total, 4)
 
 
 def outline_diameter_mm(outline: np.ndarray) -> float:
