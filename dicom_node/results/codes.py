@@ -40,8 +40,9 @@ FINDING_SITE_LUNG = CodedConcept("39607008", "SCT", "Lung")
 LEFT = CodedConcept("7771000", "SCT", "Left")
 RIGHT = CodedConcept("24028007", "SCT", "Right")
 
-#: Finding type of a lung nodule (CID 6102 "Nodule").
+#: Finding types of a lung nodule or mass (CID 6102 "Nodule", "Mass").
 NODULE = CodedConcept("27925004", "SCT", "Nodule")
+MASS = CodedConcept("4147007", "SCT", "Mass")
 
 #: Fallback Procedure Reported (CID 100).
 IMAGING_PROCEDURE = CodedConcept("363679005", "SCT", "Imaging procedure")

@@ -43,7 +43,7 @@ from pydicom.sr.codedict import codes as dcm_codes
 from skimage import measure
 
 from dicom_node.results import codes
-from dicom_node.results.codes import NODULE
+from dicom_node.results.codes import MASS, NODULE
 from dicom_node.results.common import (
     ResultEncodingError,
     ResultOptions,
@@ -230,14 +230,16 @@ _BODY_HU = -500.0
 
 
 def lung_side(segment: Segment, volume: Volume) -> hd.sr.CodedConcept | None:
-    """Left or Right for a nodule in a CT: which side of the body's midline its centre lies.
+    """Left or Right for a nodule or mass in a CT: which side of the body's midline its centre lies.
 
     The midline is the middle, along the patient's x axis (LPS: +x is the patient's left), of
     the voxels of at least -500 HU on the slice through the centre; the side is where the
     centre's x falls.  Neither lobe nor a nodule exactly on the midline can be told this way
     (within 1 mm of it: no side).  None for other findings or modalities.
     """
-    if not _is(segment.label.type, NODULE) or volume.modality.upper() != "CT":
+    if not (_is(segment.label.type, NODULE) or _is(segment.label.type, MASS)):
+        return None
+    if volume.modality.upper() != "CT":
         return None
     centre = _centre(segment, volume)
     k = int(np.clip(np.rint(volume.patient_to_index(centre.reshape(1, 3))[0, 0]), 0, volume.shape[0] - 1))
