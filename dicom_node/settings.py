@@ -165,7 +165,8 @@ class WorkerSettings(_Section):
 
 
 class DeliverySettings(_Section):
-    max_attempts: int = Field(5, ge=1)
+    #: 10 attempts, 2 s doubling to 300 s, ride out an archive that is down about 7-13 minutes.
+    max_attempts: int = Field(10, ge=1)
     backoff_seconds: float = Field(2.0, ge=0)
     backoff_max_seconds: float = Field(300.0, ge=0)
     #: How often ``serve`` checks that each destination answers (shown by ``/readyz``, never a
