@@ -37,7 +37,6 @@ from __future__ import annotations
 import math
 import tomllib
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -62,10 +61,10 @@ from inference.prediction import (
     Segment,
     SegmentKind,
 )
+from inference.registry import ModelFactory
 from inference.sliding_window import sliding_window_inference
 from inference.volume import Volume
 
-ModelFactory = Callable[[torch.device], Model]
 CARD_NAME = "model.toml"
 WEIGHTS_NAME = "model.pt"
 
