@@ -70,17 +70,19 @@ def retry_job(catalog: Catalog, queue: JobQueue, job_id: int, *, reason: str) ->
         catalog.reopen_deliveries(job_id, None, reason=f"{reason}: results sent again")
         queue.enqueue_dispatch(job_id)
         return f"job {job_id}: stored results sent again to {', '.join(job.destinations) or 'no destination'}"
+    # An operator's retry starts the attempt counts again (never the automatic sweeps): a job
+    # failed at [worker] or [delivery] max_attempts really runs again.
     if state in (JobState.ENCODED, JobState.DELIVERING):
         catalog.transition(job_id, JobState.ENCODED, reason=reason)
-        catalog.reset_deliveries(job_id)
+        catalog.reset_deliveries(job_id, reset_attempts=True)
         queue.enqueue_dispatch(job_id)
         return f"job {job_id} sent to the dispatch queue again"
     if state == JobState.FAILED and job.results and job.encoded_at:
-        queue_job(catalog, queue, job_id, reason=reason)  # deliveries not yet done, again
+        queue_job(catalog, queue, job_id, reason=reason, reset_attempts=True)  # deliveries not done
         return f"job {job_id}: delivery retried"
     # failed in inference, cancelled, done without results on disk, received, queued: run it.
-    catalog.reset_deliveries(job_id, include_done=state in (JobState.DONE, JobState.CANCELLED))
-    catalog.transition(job_id, JobState.QUEUED, reason=reason)
+    catalog.reset_deliveries(job_id, include_done=state in (JobState.DONE, JobState.CANCELLED), reset_attempts=True)
+    catalog.transition(job_id, JobState.QUEUED, reason=reason, reset_attempts=True)
     queue.enqueue_inference(job_id, job.priority)
     return f"job {job_id} sent to the inference queue"
 
