@@ -13,15 +13,16 @@ from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 
-from dicom_node.catalog import JobState
+from dicom_node.catalog import JobState, queries
 from dicom_node.metrics import STAGE_DEFINITIONS, STAGES
+from dicom_node.scheduling.routing import deciding_reasons
 from dicom_node.web.api import ApiContext
 
 TEMPLATES = Jinja2Templates(directory=Path(__file__).resolve().parent / "templates")
 
 
 def create_pages_router(ctx: ApiContext) -> APIRouter:
-    """HTML routes: ``/`` (dashboard) and ``/jobs/{id}`` (one job)."""
+    """HTML routes: ``/`` (dashboard), ``/jobs/{id}`` (one job), ``/series/{uid}`` (one series)."""
     router = APIRouter(include_in_schema=False)
     common = {
         "ae_title": ctx.settings.listener.ae_title,
@@ -44,5 +45,17 @@ def create_pages_router(ctx: ApiContext) -> APIRouter:
         if job is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
         return TEMPLATES.TemplateResponse(request, "job.html", {**common, "job": job})
+
+    @router.get("/series/{series_instance_uid}", response_class=HTMLResponse)
+    def series_page(request: Request, series_instance_uid: str) -> HTMLResponse:
+        series = ctx.catalog.get_series(series_instance_uid)
+        if series is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"series {series_instance_uid} not found")
+        jobs = queries.jobs_of_series(ctx.catalog, series_instance_uid)
+        unmatched = series.state == "complete" and not any(j.generation == series.generation for j in jobs)
+        routing = deciding_reasons(ctx.settings.rules, series.routing_attributes()) if unmatched else []
+        return TEMPLATES.TemplateResponse(
+            request, "series.html", {**common, "series": series, "jobs": list(reversed(jobs)), "routing": routing}
+        )
 
     return router

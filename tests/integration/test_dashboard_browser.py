@@ -309,3 +309,40 @@ def test_api_page_works_offline(
         assert outside == []
     finally:
         server.stop()
+
+
+def test_series_page_shows_the_series_and_reruns_it(
+    tmp_path: Path, browser_page: Any, populated: tuple[Catalog, MemoryQueue, dict[str, int]]
+) -> None:
+    """A job row's series name opens the series page (facts, no patient data, its jobs); its
+    Re-run button starts a new generation through the API, audited; an unmatched series' page
+    says why no rule matched."""
+    catalog, queue, jobs = populated
+    catalog.mark_series_complete(f"{ROOT}.1.1", "association")
+    receive_series(catalog, f"{ROOT}.9", f"{ROOT}.9.1", 5, start=time.time() - 50, modality="MR")
+    catalog.mark_series_complete(f"{ROOT}.9.1", "idle", "no routing rule matched")
+    server = WebServer(create_app(make_settings(tmp_path), catalog, queue), "127.0.0.1", 0)
+    server.start()
+    page = browser_page
+    try:
+        page.goto(server.url + "/")
+        row = page.locator(f'#jobs-table tbody tr[data-job-id="{jobs["done"]}"]')
+        row.locator(".study a").click()
+        page.wait_for_url(f"**/series/{ROOT}.1.1")
+        facts = page.locator("#series .facts").inner_text()
+        assert f"{ROOT}.1.1" in facts and "CT1" in facts and "association" in facts
+        assert page.locator(f'#series-jobs-table tbody tr[data-job-id="{jobs["done"]}"]').count() == 1
+        page.on("dialog", lambda dialog: dialog.accept(TOKEN))
+        page.locator("#series-rerun-button").click()
+        page.locator("#action-message .new-job").wait_for()
+        new_id = int(page.locator("#action-message .new-job").inner_text().split()[-1])
+        new = catalog.get_job(new_id)
+        assert new is not None and new.generation == 2 and new.model == "ct-tissue" and new.state == "queued"
+        assert "rerun by operator (web API)" in (catalog.job_events(new_id)[0].detail or "")
+        assert (new_id, "normal") in queue.inference
+
+        page.goto(server.url + f"/series/{ROOT}.9.1")
+        assert "no routing rule is configured" in page.locator("#series-routing").inner_text()
+        assert page.locator("#series-jobs-table tbody").inner_text().strip() == "no job"
+    finally:
+        server.stop()

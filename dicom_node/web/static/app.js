@@ -122,7 +122,7 @@ const DicomNode = (() => {
       fillBody(document.getElementById("jobs-table"), jobs.map(j => el("tr", {"data-job-id": j.id, "data-state": j.state},
         el("td", {}, el("a", {href: `/jobs/${j.id}`, text: `#${j.id}`})),
         el("td", {class: "uids"},
-          el("div", {class: "study", text: j.series_description || "(no series description)"}),
+          el("div", {class: "study"}, el("a", {href: `/series/${encodeURIComponent(j.series_instance_uid)}`, text: j.series_description || "(no series description)"})),
           el("div", {class: "study-sub", text: [j.modality, j.body_part_examined, j.calling_ae_title && `from ${j.calling_ae_title}`, `gen ${j.generation}`].filter(Boolean).join(" · ")}),
           uid(j.study_instance_uid), el("br"), uid(j.series_instance_uid)),
         el("td", {text: j.modality || ""}),
@@ -203,7 +203,7 @@ const DicomNode = (() => {
       const u = await getJSON("/api/unmatched-series?limit=50");
       document.getElementById("unmatched-count").textContent = `(${u.total})`;
       const rows = u.series.map(r => el("tr", {"data-series-uid": r.series_instance_uid},
-        el("td", {class: "uids"}, uid(r.series_instance_uid)),
+        el("td", {class: "uids"}, el("a", {href: `/series/${encodeURIComponent(r.series_instance_uid)}`}, uid(r.series_instance_uid))),
         el("td", {text: r.modality || ""}), el("td", {text: r.series_description || ""}),
         el("td", {text: r.calling_ae_title || ""}), el("td", {class: "num", text: String(r.instance_count)}),
         el("td", {text: ago(r.completed_at)}),
@@ -302,5 +302,25 @@ const DicomNode = (() => {
     every(refresh);
   }
 
-  return {dashboard, jobPage, duration};
+  // -- one series ------------------------------------------------------------------------------
+  function seriesPage(seriesUid) {
+    initTokenButton();
+    const message = document.getElementById("action-message");
+    for (const [id, action] of [["series-rerun-button", "rerun"], ["series-reprocess-button", "reprocess"]]) {
+      const button = document.getElementById(id);
+      button.addEventListener("click", async () => {
+        button.disabled = true;
+        const r = await mutate(`/api/series/${encodeURIComponent(seriesUid)}/${action}`);
+        message.hidden = false;
+        message.textContent = r.message;
+        message.className = r.ok ? "message ok" : "message error";
+        for (const jobId of (r.ok && r.body.job_ids) || []) {
+          message.append(" ", el("a", {href: `/jobs/${jobId}`, class: "new-job", text: `job ${jobId}`}));
+        }
+        button.disabled = false;
+      });
+    }
+  }
+
+  return {dashboard, jobPage, seriesPage, duration};
 })();
