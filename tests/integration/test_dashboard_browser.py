@@ -314,7 +314,7 @@ def test_api_page_works_offline(
 def test_series_page_shows_the_series_and_reruns_it(
     tmp_path: Path, browser_page: Any, populated: tuple[Catalog, MemoryQueue, dict[str, int]]
 ) -> None:
-    """A job row's series name opens the series page (facts, no patient data, its jobs); its
+    """The job page's series UID opens the series page (facts, no patient data, its jobs); its
     Re-run button starts a new generation through the API, audited; an unmatched series' page
     says why no rule matched."""
     catalog, queue, jobs = populated
@@ -325,9 +325,8 @@ def test_series_page_shows_the_series_and_reruns_it(
     server.start()
     page = browser_page
     try:
-        page.goto(server.url + "/")
-        row = page.locator(f'#jobs-table tbody tr[data-job-id="{jobs["done"]}"]')
-        row.locator(".study a").click()
+        page.goto(server.url + f"/jobs/{jobs['done']}")
+        page.locator(f'#job a[href="/series/{ROOT}.1.1"]').click()
         page.wait_for_url(f"**/series/{ROOT}.1.1")
         facts = page.locator("#series .facts").inner_text()
         assert f"{ROOT}.1.1" in facts and "CT1" in facts and "association" in facts

@@ -122,7 +122,7 @@ const DicomNode = (() => {
       fillBody(document.getElementById("jobs-table"), jobs.map(j => el("tr", {"data-job-id": j.id, "data-state": j.state},
         el("td", {}, el("a", {href: `/jobs/${j.id}`, text: `#${j.id}`})),
         el("td", {class: "uids"},
-          el("div", {class: "study"}, el("a", {href: `/series/${encodeURIComponent(j.series_instance_uid)}`, text: j.series_description || "(no series description)"})),
+          el("div", {class: "study", text: j.series_description || "(no series description)"}),
           el("div", {class: "study-sub", text: [j.modality, j.body_part_examined, j.calling_ae_title && `from ${j.calling_ae_title}`, `gen ${j.generation}`].filter(Boolean).join(" · ")}),
           uid(j.study_instance_uid), el("br"), uid(j.series_instance_uid)),
         el("td", {text: j.modality || ""}),
