@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--pixels", type=int, default=512)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--rev", default=HAND_WRITTEN_REV)
+    parser.add_argument("--only", default="", help="run only the operations whose name has this")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
@@ -179,6 +180,8 @@ def main() -> None:
     print(f"{'operation':50s} {'hand-written':>12s} {'library':>9s} {'ratio':>6s} "
           f"{'MiB hand':>9s} {'MiB lib':>8s}  agree")
     for name, before, after in cases:
+        if args.only not in name:
+            continue
         t_old, m_old, r_old = measure(before, args.repeat)
         t_new, m_new, r_new = measure(after, args.repeat)
         if isinstance(r_old, float):

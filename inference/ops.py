@@ -99,7 +99,10 @@ def remove_small_components(
         raise ValueError(f"min_fraction must be between 0 and 1, got {min_fraction}")
     # int32 labels (4 bytes a voxel) live only inside this call.
     labels, n = ndi.label(_host(mask), structure=structure)
-    sizes = np.bincount(labels.reshape(-1), minlength=n + 1)
+    sizes = np.zeros(n + 1, dtype=np.int64)
+    step = max(1, _SLAB_VOXELS // max(1, labels[0].size))
+    for z in range(0, labels.shape[0], step):  # bincount copies its input to int64: slab by slab
+        sizes += np.bincount(labels[z : z + step].reshape(-1), minlength=n + 1)
     sizes[0] = 0
     threshold = min_voxels
     if min_fraction > 0.0 and n > 0:
