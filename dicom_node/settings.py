@@ -64,9 +64,20 @@ class ListenerSettings(_Section):
     max_associations: int = Field(16, ge=1)
     #: Largest PDU we accept (0 = unlimited; DCMTK then sends 128 KiB PDUs).
     maximum_pdu_size: int = Field(0, ge=0)
+    #: Whole A-ASSOCIATE-RQ (and TLS handshake) within this many seconds of the connection.
     acse_timeout: float = Field(30.0, gt=0)
+    #: Whole DIMSE message (command and data set) within this many seconds of its first PDU.
     dimse_timeout: float = Field(60.0, gt=0)
+    #: Next PDU within this many seconds while no DIMSE message is under way.
     network_timeout: float = Field(60.0, gt=0)
+    #: Largest data set received (MiB): a bigger one aborts the association; a deflated one
+    #: that inflates to more is answered 0xA700.
+    max_instance_mb: int = Field(2048, ge=1)
+    #: TCP connections not associated yet (A-ASSOCIATE-RQ not complete) served at once; one
+    #: more sheds the oldest of them.
+    max_pending_connections: int = Field(64, ge=1)
+    #: Largest A-ASSOCIATE-RQ PDU accepted (KiB; 128 contexts x 13 syntaxes is 46 KiB).
+    max_associate_request_kb: int = Field(64, ge=16)
     tls: TlsSettings | None = None
 
     _v_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
@@ -151,13 +162,49 @@ class ResultsSettings(_Section):
 
 class DestinationSettings(_Section):
     name: str
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    #: How results reach it: ``dicom`` (C-STORE to ae_title@host:port) or ``dicomweb`` (STOW-RS to
+    #: ``url``); each is a target type of :mod:`dicom_node.delivery`.
+    type: Literal["dicom", "dicomweb"] = "dicom"
+    ae_title: str = ""
+    host: str = ""
+    port: int | None = Field(None, ge=1, le=65535)
     #: Our calling AE title towards this destination (defaults to ``listener.ae_title``).
     calling_ae_title: str | None = None
+    #: dicomweb: the service root (``https://pacs.example/dicom-web``).
+    url: str | None = None
+    #: dicomweb: ``basic`` (``username`` + the password from ``password_env`` or ``password_file``)
+    #: or ``bearer`` (the token from ``token_env`` or ``token_file``); never a secret in this file.
+    auth: Literal["none", "basic", "bearer"] = "none"
+    username: str | None = None
+    password_env: str | None = None
+    password_file: Path | None = None
+    token_env: str | None = None
+    token_file: Path | None = None
+    #: dicomweb: verify the server's TLS certificate (against ``ca_bundle`` when given).
+    verify_tls: bool = True
+    ca_bundle: Path | None = None
+    #: dicomweb: seconds to wait for the server's answer to one request.
+    timeout_seconds: float = Field(60.0, gt=0)
 
-    _v_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+    _v_ae = field_validator("ae_title")(classmethod(lambda cls, v: v if v == "" else _check_ae_title(v)))
+
+    @model_validator(mode="after")
+    def _check_type(self) -> DestinationSettings:
+        if self.type == "dicom":
+            if not (self.ae_title and self.host and self.port):
+                raise ValueError(f"destination {self.name!r} (type dicom) needs ae_title, host and port")
+        elif not self.url or not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"destination {self.name!r} (type dicomweb) needs url = \"https://...\"")
+        if self.auth == "basic" and not (self.username and (self.password_env or self.password_file)):
+            raise ValueError(f"destination {self.name!r}: auth basic needs username and password_env or password_file")
+        if self.auth == "bearer" and not (self.token_env or self.token_file):
+            raise ValueError(f"destination {self.name!r}: auth bearer needs token_env or token_file")
+        return self
+
+    @property
+    def address(self) -> str:
+        """Where it is, for messages: ``AE@host:port`` or the DICOMweb URL."""
+        return f"{self.ae_title}@{self.host}:{self.port}" if self.type == "dicom" else str(self.url)
 
 
 class Priority(str, Enum):
@@ -288,8 +335,12 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     return data
 
 
-def _env_overrides() -> dict[str, Any]:
-    """Environment overrides as a nested dict, so they pass through path resolution too."""
+def _env_overrides(sources: dict[str, str] | None = None) -> dict[str, Any]:
+    """Environment overrides as a nested dict, so they pass through path resolution too.
+
+    ``sources`` (when given) receives, for each overridden key (``listener.port``), the name of
+    the variable that set it, so an error can name the variable instead of the file.
+    """
     out: dict[str, Any] = {}
     for key, raw in os.environ.items():
         if not key.startswith(ENV_PREFIX) or key.startswith(ENV_PREFIX + "TEST_"):
@@ -305,20 +356,64 @@ def _env_overrides() -> dict[str, Any]:
             out.setdefault(section, {})[name] = value
         elif section in ("destinations", "rules", "models"):
             out[section] = value
+        else:
+            continue
+        if sources is not None:
+            sources[f"{section}.{name}" if name else section] = key
     return out
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    """One readable line per problem, naming the key (``listener.port: ...``)."""
+def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed where ``loc`` points (``("listener", "prot")`` -> ListenerSettings' fields)."""
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field_info = model.model_fields.get(str(part))
+        if field_info is None:
+            return []
+        inner = _model_in(field_info.annotation)
+        if inner is None:
+            return []
+        model = inner
+    return list(model.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The settings model inside an annotation (``X``, ``list[X]``, ``X | None``), if any."""
+    import typing
+
+    candidates = [annotation, *typing.get_args(annotation)]
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+        for inner in typing.get_args(candidate):
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                return inner
+    return None
+
+
+def format_validation_error(exc: ValidationError, env_sources: dict[str, str] | None = None) -> str:
+    """One readable line per problem, naming the key (``listener.port: ...``), or the environment
+    variable that set it; an unknown key gets the nearest known one ("did you mean ...?")."""
+    import difflib
+
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if p not in ("function-after[_check_references(), Settings]",))
+        parts = tuple(p for p in err["loc"] if p not in ("function-after[_check_references(), Settings]",))
+        loc = ".".join(str(p) for p in parts)
         msg = err["msg"]
+        # pydantic prefixes the text of a ValueError raised by a validator; the node's own words suffice.
+        msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+            close = difflib.get_close_matches(str(parts[-1]), _known_keys(Settings, parts), n=1) if parts else []
+            if close:
+                msg += f" (did you mean {close[0]}?)"
         if "input" in err and err["type"] not in ("extra_forbidden", "missing") and not isinstance(err["input"], dict):
             msg += f" (got {err['input']!r})"
-        lines.append(f"{loc}: {msg}" if loc else msg)
+        variable = (env_sources or {}).get(loc) or (env_sources or {}).get(str(parts[0]) if parts else "")
+        where = f"{variable} (environment, {loc})" if variable else loc
+        lines.append(f"{where}: {msg}" if where else msg)
     return "; ".join(lines)
 
 
@@ -344,7 +439,8 @@ def load_settings(path: Path | str | None = None, *, overrides: dict[str, Any] |
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         base = path.resolve().parent
-    for layer in (_env_overrides(), overrides or {}):
+    env_sources: dict[str, str] = {}
+    for layer in (_env_overrides(env_sources), overrides or {}):
         for section, values in layer.items():
             if isinstance(values, dict) and isinstance(data.get(section), dict):
                 data[section].update(values)
@@ -357,5 +453,6 @@ def load_settings(path: Path | str | None = None, *, overrides: dict[str, Any] |
         # env source from reading them a second time.
         return Settings(_env_prefix="DICOM_NODE_IGNORED_", **data)
     except ValidationError as exc:
-        where = f"{path}: " if path else ""
-        raise ConfigError(f"{where}{format_validation_error(exc)}") from None
+        text = format_validation_error(exc, env_sources)
+        where = f"{path}: " if path and "(environment, " not in text else ""
+        raise ConfigError(f"{where}{text}") from None

@@ -187,7 +187,7 @@ def deliver(ctx: WorkerContext, job: JobRow) -> list[str]:
 
 
 def _deliver(ctx: WorkerContext, job: JobRow) -> list[str]:
-    from dicom_node.delivery.dicom import send_instances
+    from dicom_node.delivery import send_files
     from dicom_node.errors import TransientError
 
     files = [Path(p) for p in job.results.get("files", [])]
@@ -205,7 +205,7 @@ def _deliver(ctx: WorkerContext, job: JobRow) -> list[str]:
             raise PermanentError(f"destination {name!r} is not configured any more") from None
         calling = dest.calling_ae_title or ctx.settings.listener.ae_title
         try:
-            send_instances(dest, files, calling_ae_title=calling)
+            send_files(dest, files, calling_ae_title=calling)
         except TransientError as exc:
             ctx.catalog.record_delivery(job.id, name, ok=False, error=str(exc))
             log.warning("delivery_failed", job_id=job.id, destination=name, error=str(exc), transient=True)

@@ -24,14 +24,19 @@ import structlog
 from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import _config
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node import statuses
-from dicom_node.delivery.association import TunedAE, TunedAssociationSocket
+from dicom_node._compat.pynetdicom import (
+    TunedAE,
+    TunedAssociationSocket,
+    queued_associate_reply,
+    send_files_as_stored_bytes,
+)
+from dicom_node.delivery.report import InstanceResult, SendReport
 from dicom_node.errors import PermanentError, TransientError
 from dicom_node.settings import DestinationSettings
 
@@ -42,35 +47,6 @@ _REJECT_RESULTS = frozenset({0x01, 0x02})
 _UNCOMPRESSED = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian})
 
 _log = structlog.get_logger("dicom_node.delivery.dicom")
-
-
-@dataclass(frozen=True)
-class InstanceResult:
-    """The outcome of one C-STORE."""
-
-    path: Path
-    sop_instance_uid: str
-    status: int
-    #: Set for warning statuses (0x0001, 0xBxxx): what the archive said.
-    warning: str | None = None
-
-
-@dataclass(frozen=True)
-class SendReport:
-    """What :func:`send_instances` delivered (every file succeeded, possibly with a warning)."""
-
-    destination: str
-    results: tuple[InstanceResult, ...]
-
-    @property
-    def sent(self) -> int:
-        """Number of instances the destination accepted."""
-        return len(self.results)
-
-    @property
-    def warnings(self) -> list[InstanceResult]:
-        """Instances accepted with a warning status."""
-        return [r for r in self.results if r.warning is not None]
 
 
 @dataclass(frozen=True)
@@ -149,7 +125,7 @@ def _rejection(assoc: Association) -> tuple[bool, A_ASSOCIATE | None]:
     """
     if assoc.is_rejected:
         return True, assoc.acceptor.primitive
-    pending = assoc.dul.peek_next_pdu()
+    pending = queued_associate_reply(assoc)
     if isinstance(pending, A_ASSOCIATE) and pending.result in _REJECT_RESULTS:
         return True, pending
     return False, None
@@ -159,6 +135,7 @@ def _associate(
     ae: TunedAE, dest: DestinationSettings, contexts: list[PresentationContext]
 ) -> Association:
     """Open an association or raise :class:`TransientError` saying why it failed."""
+    assert dest.port is not None  # the settings require host and port for a dicom destination
     assoc = ae.associate(dest.host, dest.port, contexts=contexts, ae_title=dest.ae_title, max_pdu=0)
     if assoc.is_established:
         return assoc
@@ -268,9 +245,7 @@ def send_instances(
     files = [_read_meta(Path(p)) for p in paths]
     if not files:
         return SendReport(dest.name, ())
-    # Send files by path as their raw dataset bytes, never decoded and re-encoded (a documented
-    # pynetdicom setting; it only changes how path-based C-STORE requests are sent).
-    _config.STORE_SEND_CHUNKED_DATASET = True
+    send_files_as_stored_bytes()
     log = _log.bind(destination=dest.name, called_ae_title=dest.ae_title)
     results: list[InstanceResult] = []
     ae = _make_ae(dest.calling_ae_title or calling_ae_title, timeout)
@@ -305,3 +280,14 @@ def echo(dest: DestinationSettings, *, calling_ae_title: str = "DICOM_NODE",
         return rsp is not None and int(rsp.get("Status", -1)) == statuses.SUCCESS
     finally:
         assoc.release()
+
+
+def send(dest: DestinationSettings, paths: Sequence[Path], *, calling_ae_title: str) -> SendReport:
+    """The ``dicom`` target of :mod:`dicom_node.delivery`: :func:`send_instances`."""
+    return send_instances(dest, paths, calling_ae_title=calling_ae_title)
+
+
+def reachable(dest: DestinationSettings, *, calling_ae_title: str, timeout: float) -> tuple[bool, str]:
+    """The ``dicom`` target's check: a C-ECHO."""
+    ok = echo(dest, calling_ae_title=calling_ae_title, timeout=timeout)
+    return ok, "answers C-ECHO" if ok else "does not answer C-ECHO"

@@ -499,7 +499,7 @@ def test_conformance_scu_contexts_match_the_sender() -> None:
 
 def test_conformance_implementation_identifiers_match_the_code() -> None:
     """The Implementation Class UID and Version Name sent on the network, and those of spooled files, are the code's."""
-    from dicom_node.delivery.association import TunedAE
+    from dicom_node._compat.pynetdicom import TunedAE
     from dicom_node.ingest.listener import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 
