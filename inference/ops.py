@@ -4,8 +4,8 @@ MONAI has no call for.
 The models call MONAI (largest connected component) and scikit-image (Otsu's threshold)
 directly.  Here:
 
-- **component filters** (by size, by seed), **per-slice hole filling** and
-  :func:`connected_components`: ``scipy.ndimage.label`` plus a few numpy lines.  scipy works
+- **component filters** (by size, by seed) and **per-slice hole filling**:
+  ``scipy.ndimage.label`` plus a few numpy lines.  scipy works
   on numpy arrays, so **these run on the CPU**: a CUDA tensor is copied to the host and the
   result back to its device.
 - **morphology by an ellipsoid** with a per-axis radius in voxels: hand-written torch, on the
@@ -73,20 +73,6 @@ def _lookup(table: np.ndarray, labels: np.ndarray) -> np.ndarray:
     for z in range(0, labels.shape[0], step):
         out[z : z + step] = table[labels[z : z + step]]
     return out
-
-
-def connected_components(mask: torch.Tensor, connectivity: int = 26) -> tuple[torch.Tensor, int]:
-    """``scipy.ndimage.label`` of a 3D mask: int64 labels on the mask's device (0 background,
-    1..n in raster order of each component's first voxel) and the number ``n`` of components.
-    """
-    labels, n = ndi.label(_host(mask), structure=_structure(connectivity))
-    return _back(labels.astype(np.int64, copy=False), mask), int(n)
-
-
-def component_sizes(labels: torch.Tensor, n: int) -> torch.Tensor:
-    """Voxel count of each label 1..n as an int64 tensor of length ``n``."""
-    counts = torch.bincount(labels.reshape(-1).to(torch.int64), minlength=n + 1)
-    return counts[1 : n + 1]
 
 
 def remove_small_components(

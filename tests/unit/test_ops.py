@@ -31,51 +31,45 @@ def _random_mask(seed: int, shape: tuple[int, int, int], density: float) -> np.n
     return np.random.default_rng(seed).random(shape) < density
 
 
-def test_connected_components_hand_made() -> None:
+def test_connectivity_hand_made() -> None:
     """Diagonal neighbours join at 26-connectivity (corner), 18 (edge) or neither (6)."""
     mask = np.zeros((3, 4, 5), dtype=bool)
     mask[0, 0, 0] = True
     mask[1, 1, 1] = True  # corner neighbour of (0, 0, 0)
     mask[0, 3, 4] = True
     mask[1, 3, 3] = True  # edge neighbour of (0, 3, 4)
-    mask[2, 3, 0:2] = True  # a run, two columns away from (1, 3, 3)
-    labels26, n26 = ops.connected_components(_t(mask), 26)
-    labels18, n18 = ops.connected_components(_t(mask), 18)
-    _, n6 = ops.connected_components(_t(mask), 6)
-    assert (n26, n18, n6) == (3, 4, 5)
-    assert labels26.dtype == torch.int64
-    # Raster order of each component's first voxel.
-    assert labels26[0, 0, 0] == 1 and labels26[1, 1, 1] == 1
-    assert labels26[0, 3, 4] == 2 and labels26[1, 3, 3] == 2
-    assert set(labels26[2, 3, 0:2].tolist()) == {3}
-    assert labels18[0, 3, 4] == labels18[1, 3, 3] != labels18[0, 0, 0]
-    assert int(labels26[~_t(mask)].abs().sum()) == 0
+    seeds = np.zeros_like(mask)
+    seeds[0, 0, 0] = seeds[0, 3, 4] = True
+    touched = {c: ops.components_touching(_t(mask), _t(seeds), c).numpy() for c in (6, 18, 26)}
+    assert touched[26][1, 1, 1] and touched[26][1, 3, 3]
+    assert not touched[18][1, 1, 1] and touched[18][1, 3, 3]
+    assert not touched[6][1, 1, 1] and not touched[6][1, 3, 3]
+    assert touched[6][0, 0, 0] and touched[6][0, 3, 4]
+    # Sizes follow the same neighbourhoods: at 26 both pairs have 2 voxels, at 6 none has.
+    assert int(ops.remove_small_components(_t(mask), 2, 26).sum()) == 4
+    assert int(ops.remove_small_components(_t(mask), 2, 18).sum()) == 2
+    assert int(ops.remove_small_components(_t(mask), 2, 6).sum()) == 0
 
 
-def test_connected_components_empty_and_full() -> None:
-    """An empty mask has no component; a full one has exactly one."""
-    labels, n = ops.connected_components(torch.zeros((3, 4, 5), dtype=torch.bool))
-    assert n == 0 and int(labels.abs().sum()) == 0
-    labels, n = ops.connected_components(torch.ones((3, 4, 5), dtype=torch.bool))
-    assert n == 1 and bool((labels == 1).all())
+def test_filters_on_empty_and_full_masks() -> None:
+    """An empty mask stays empty; a full one is one component, kept whole."""
+    empty = torch.zeros((3, 4, 5), dtype=torch.bool)
+    full = torch.ones((3, 4, 5), dtype=torch.bool)
+    assert not ops.remove_small_components(empty, 1).any()
+    assert not ops.components_touching(full, empty).any()
+    assert bool(ops.remove_small_components(full, 60).all())
+    assert not ops.remove_small_components(full, 61).any()
+    seed = empty.clone()
+    seed[2, 3, 4] = True
+    assert bool(ops.components_touching(full, seed).all())
 
 
-def test_connected_components_rejects_bad_arguments() -> None:
+def test_filters_reject_bad_arguments() -> None:
     """A 2D mask or an unknown connectivity is refused with the value in the message."""
     with pytest.raises(ValueError, match=r"must be 3D .* got shape \(4, 5\)"):
-        ops.connected_components(torch.zeros((4, 5), dtype=torch.bool))
+        ops.remove_small_components(torch.zeros((4, 5), dtype=torch.bool), 1)
     with pytest.raises(ValueError, match="connectivity must be 6, 18 or 26, got 8"):
-        ops.connected_components(torch.zeros((2, 4, 5), dtype=torch.bool), 8)
-
-
-def test_component_sizes() -> None:
-    """Sizes count voxels per label."""
-    mask = _random_mask(7, (12, 20, 20), 0.35)
-    labels, n = ops.connected_components(_t(mask), 6)
-    sizes = ops.component_sizes(labels, n)
-    expected_labels, _ = ndi.label(mask)
-    expected = np.bincount(expected_labels.ravel())[1:]
-    np.testing.assert_array_equal(sizes.numpy(), expected)
+        ops.components_touching(torch.zeros((2, 4, 5), dtype=torch.bool), torch.zeros((2, 4, 5), dtype=torch.bool), 8)
 
 
 def test_remove_small_components_and_components_touching() -> None:
@@ -166,8 +160,9 @@ def test_ops_accept_non_bool_masks() -> None:
     """A uint8 mask is read as non-zero = foreground."""
     mask = np.zeros((2, 5, 5), dtype=np.uint8)
     mask[0, 1:3, 1:3] = 7
-    labels, n = ops.connected_components(_t(mask))
-    assert n == 1 and int((labels == 1).sum()) == 4
+    kept = ops.remove_small_components(_t(mask), 4).numpy()
+    assert kept.dtype == np.bool_ and int(kept.sum()) == 4
+    assert int(ops.binary_dilation(_t(mask), (0, 1, 1)).sum()) == 12
 
 
 @pytest.mark.parametrize("slab_voxels", [1, 37, 600])
