@@ -5,18 +5,17 @@ The models call MONAI (largest connected component) and scikit-image (Otsu's thr
 directly.  Here:
 
 - **component filters** (by size, by seed) and **per-slice hole filling**:
-  ``scipy.ndimage.label`` plus a few numpy lines.  scipy works
-  on numpy arrays, so **these run on the CPU**: a CUDA tensor is copied to the host and the
-  result back to its device.
+  ``scipy.ndimage.label`` plus a few numpy lines.  scipy works on numpy arrays, so **these run
+  on the CPU**: a CUDA tensor is copied to the host and the result back to its device.
 - **morphology by an ellipsoid** with a per-axis radius in voxels: hand-written torch, on the
-  mask's device (GPU included), because ``ndi.binary_dilation``/``binary_erosion`` with the same
-  footprint were 1.6-4x slower on a 300 x 512 x 512 CT (``benchmarks/ops.py``, figures in
-  docs/performance.md).  A centred box is inside the ellipsoid when its corner is, so the
-  ellipsoid is the union of the boxes spanned by its maximal corners; dilation by a union is
-  the union of the dilations, and dilation by a box is three 1D dilations, each done in ``2r``
-  shifted in-place ORs (or, for a radius over 8, in ``log2(2r + 1)`` ORs of doubling windows).
-  Dilation treats the outside of the volume as background, erosion as foreground (scipy's
-  ``border_value=1``), so closing never eats a structure that leaves the field of view.
+  mask's device (GPU included), because scipy's dilation and closing with the same footprint
+  were 2-3.5x slower on a 300 x 512 x 512 CT (``benchmarks/ops.py``, docs/performance.md).
+  A centred box is inside the ellipsoid when its corner is, so the ellipsoid is the union of
+  the boxes spanned by its maximal corners; dilation by a union is the union of the dilations,
+  and dilation by a box is three 1D dilations, each done in ``2r`` shifted in-place ORs (or,
+  for a radius over 8, in ``log2(2r + 1)`` ORs of doubling windows).  Dilation treats the
+  outside of the volume as background, erosion as foreground (scipy's ``border_value=1``), so
+  closing never eats a structure that leaves the field of view.
 - :func:`masked_mean`: torch, slab by slab, to bound its temporaries.
 """
 
