@@ -23,10 +23,11 @@ from pathlib import Path
 import structlog
 from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node import statuses
 from dicom_node._compat.pynetdicom import (
@@ -41,10 +42,9 @@ from dicom_node.settings import DestinationSettings
 
 #: pynetdicom accepts at most 128 presentation contexts per association.
 MAX_CONTEXTS = 128
-VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 #: A-ASSOCIATE-RJ results: rejected-permanent (1) and rejected-transient (2), PS3.8 9.3.4.
 _REJECT_RESULTS = frozenset({0x01, 0x02})
-_UNCOMPRESSED = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian, "1.2.840.10008.1.2.2"})
+_UNCOMPRESSED = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian})
 
 _log = structlog.get_logger("dicom_node.delivery.dicom")
 
@@ -271,7 +271,7 @@ def echo(dest: DestinationSettings, *, calling_ae_title: str = "DICOM_NODE",
     """C-ECHO ``dest``; ``True`` when it answers success, ``False`` on any failure."""
     ae = _make_ae(dest.calling_ae_title or calling_ae_title, timeout)
     try:
-        assoc = _associate(ae, dest, [build_context(VERIFICATION_SOP_CLASS)])
+        assoc = _associate(ae, dest, [build_context(Verification)])
     except TransientError as exc:
         _log.info("echo_failed", destination=dest.name, reason=str(exc))
         return False
