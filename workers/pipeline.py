@@ -205,7 +205,7 @@ def _deliver(ctx: WorkerContext, job: JobRow) -> list[str]:
             raise PermanentError(f"destination {name!r} is not configured any more") from None
         calling = dest.calling_ae_title or ctx.settings.listener.ae_title
         try:
-            send_files(dest, files, calling_ae_title=calling)
+            report = send_files(dest, files, calling_ae_title=calling)
         except TransientError as exc:
             ctx.catalog.record_delivery(job.id, name, ok=False, error=str(exc))
             log.warning("delivery_failed", job_id=job.id, destination=name, error=str(exc), transient=True)
@@ -214,8 +214,10 @@ def _deliver(ctx: WorkerContext, job: JobRow) -> list[str]:
         except PermanentError as exc:
             ctx.catalog.record_delivery(job.id, name, ok=False, error=str(exc))
             raise PermanentError(f"destination {name} refused the results: {exc}") from exc
-        ctx.catalog.record_delivery(job.id, name, ok=True)
-        log.info("results_sent", job_id=job.id, destination=name, files=len(files))
+        # A class the destination refused at negotiation is recorded per object, not a failure.
+        ctx.catalog.record_delivery(job.id, name, ok=True, objects=report.records())
+        log.info("results_sent", job_id=job.id, destination=name, files=report.sent,
+                 refused=[r.refused for r in report.refused])
     return pending
 
 
