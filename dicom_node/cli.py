@@ -153,7 +153,8 @@ def _job_dict(job: Any, deliveries: Sequence[Any] = ()) -> dict[str, Any]:
         "destinations": job.destinations, "results": job.results,
         "deliveries": [
             {"destination": d.destination, "state": d.state, "attempts": d.attempts,
-             "last_error": d.last_error, "done_at": d.done_at, "objects": d.objects}
+             "last_error": d.last_error, "done_at": d.done_at, "confirmation": d.confirmation,
+             "objects": d.objects}
             for d in deliveries
         ],
     }
@@ -165,7 +166,7 @@ def _delivery_line(d: Any) -> str:
     for o in d.objects:
         counts[o["outcome"]] = counts.get(o["outcome"], 0) + 1
     details = sorted({o["detail"] for o in d.objects if o["outcome"] in ("refused", "unconfirmed") and o["detail"]})
-    text = f"{d.destination}: {d.state}"
+    text = f"{d.destination}: {d.state}" + (f" ({d.confirmation})" if d.confirmation else "")
     if counts:
         text += ", " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     if details:

@@ -197,6 +197,14 @@ class DeliveryRow(Base):
         """The per-object outcomes (empty for deliveries recorded before revision 0005)."""
         return list(json.loads(self.objects_json)) if self.objects_json else []
 
+    @property
+    def confirmation(self) -> str | None:
+        """``confirmed`` / ``unconfirmed`` when a C-FIND verified the delivery, else ``None``."""
+        outcomes = {o.get("outcome") for o in self.objects}
+        if "unconfirmed" in outcomes:
+            return "unconfirmed"
+        return "confirmed" if "confirmed" in outcomes else None
+
 
 class WorkerHeartbeatRow(Base):
     __tablename__ = "worker_heartbeats"

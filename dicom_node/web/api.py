@@ -106,6 +106,9 @@ class Delivery(BaseModel):
     done_at: float | None
     objects: list[DeliveredObject] = Field(
         default_factory=list, description="Per-object outcome of the last attempt.")
+    confirmation: str | None = Field(
+        None, description='commitment = "find": confirmed (every sent object found by C-FIND) or '
+                          "unconfirmed; null when not verified.")
 
 
 class JobDetail(JobSummary):
@@ -376,6 +379,7 @@ def create_router(ctx: ApiContext) -> APIRouter:
                     last_attempt_at=d.last_attempt_at,
                     done_at=d.done_at,
                     objects=[DeliveredObject.model_validate(o) for o in d.objects],
+                    confirmation=d.confirmation,
                 )
                 for d in deliveries
             ],

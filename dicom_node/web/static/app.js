@@ -245,7 +245,7 @@ const DicomNode = (() => {
       }));
 
       const rows = j.deliveries.map(d => el("tr", {},
-        el("td", {text: d.destination}), el("td", {}, stateBadge(d.state)),
+        el("td", {text: d.destination}), el("td", {}, stateBadge(d.state), d.confirmation ? el("span", {class: "muted", text: ` ${d.confirmation}`}) : ""),
         el("td", {class: "num", text: String(d.attempts)}), el("td", {text: clock(d.last_attempt_at)}),
         el("td", {text: clock(d.done_at)}), el("td", {text: (d.objects || []).map(o =>
           `${o.sop_class || o.sop_instance_uid}: ${o.outcome}${o.detail && o.outcome !== "sent" ? ` (${o.detail})` : ""}`).join("; ")}),
