@@ -47,9 +47,10 @@ def _model_problems(settings: Settings) -> tuple[list[str], list[str]]:
         from inference.user_models import CardError
     except ImportError:
         return [], ["models not checked: torch is not installed on this host (the workers check them)"]
-    paths = {spec.name: Path(spec.path) for spec in settings.models if getattr(spec, "path", None) is not None}
+    paths = {spec.name: spec.path for spec in settings.models if spec.path is not None}
+    framework = {spec.name: (spec.kind, spec.source) for spec in settings.models if spec.path is None}
     try:
-        modalities = accepted_modalities(paths)
+        modalities = accepted_modalities(paths, framework)
     except CardError as exc:
         return [f"a model card: {exc}"], []
     errors, warnings = [], []
@@ -201,7 +202,8 @@ def _job_action(args: argparse.Namespace, action: str) -> int:
     catalog = Catalog(settings.database.url)
     try:
         if action == "retry":
-            queue_job(catalog, CeleryJobQueue(create_celery_app(settings)), args.job, reason="retried by operator")
+            queue_job(catalog, CeleryJobQueue(create_celery_app(settings)), args.job, reason="retried by operator",
+                      reset_attempts=True)
         else:
             catalog.transition(args.job, JobState.CANCELLED, reason="cancelled by operator")
     except CatalogError as exc:
