@@ -205,8 +205,20 @@ class DestinationSettings(_Section):
     ca_bundle: Path | None = None
     #: dicomweb: seconds to wait for the server's answer to one request.
     timeout_seconds: float = Field(60.0, gt=0)
+    #: dicom: how delivery is proven. ``none`` (a C-STORE success is the evidence) or ``find``
+    #: (after the C-STORE, an IMAGE-level C-FIND per delivered object: present = confirmed).
+    commitment: Literal["none", "find"] = "none"
+    #: find: seconds to wait after the C-STORE before the C-FIND (archives index asynchronously).
+    find_delay_seconds: float = Field(2.0, ge=0)
+    #: find: the archive's query SCP when it differs from the storage SCP (default: ae_title,
+    #: host, port of this destination).
+    find_ae_title: str | None = None
+    find_host: str | None = None
+    find_port: int | None = Field(None, ge=1, le=65535)
 
     _v_ae = field_validator("ae_title")(classmethod(lambda cls, v: v if v == "" else _check_ae_title(v)))
+    _v_find_ae = field_validator("find_ae_title")(
+        classmethod(lambda cls, v: v if v is None else _check_ae_title(v)))
 
     @model_validator(mode="after")
     def _check_type(self) -> DestinationSettings:
@@ -219,7 +231,18 @@ class DestinationSettings(_Section):
             raise ValueError(f"destination {self.name!r}: auth basic needs username and password_env or password_file")
         if self.auth == "bearer" and not (self.token_env or self.token_file):
             raise ValueError(f"destination {self.name!r}: auth bearer needs token_env or token_file")
+        if self.commitment == "find" and self.type != "dicom":
+            raise ValueError(f"destination {self.name!r}: commitment \"find\" needs type dicom (C-FIND)")
         return self
+
+    @property
+    def query_scp(self) -> DestinationSettings:
+        """The C-FIND peer of ``commitment = "find"``: ``find_*`` over this destination's own."""
+        return self.model_copy(update={
+            "ae_title": self.find_ae_title or self.ae_title,
+            "host": self.find_host or self.host,
+            "port": self.find_port or self.port,
+        })
 
     @property
     def address(self) -> str:

@@ -132,7 +132,7 @@ class InstanceRow(Base):
 class JobRow(Base):
     __tablename__ = "jobs"
     # sqlite_autoincrement: a job id is never given twice, even after gc removed every job
-    # (revision 0005); PostgreSQL's sequence never goes back anyway.
+    # (revision 0006); PostgreSQL's sequence never goes back anyway.
     __table_args__ = (UniqueConstraint("series_instance_uid", "model", "generation", name="uq_job_series_model_gen"),
                       {"sqlite_autoincrement": True})
 
@@ -192,6 +192,22 @@ class DeliveryRow(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     last_attempt_at: Mapped[float | None] = mapped_column(Float)
     done_at: Mapped[float | None] = mapped_column(Float)
+    #: Per-object outcomes of the last attempt as a JSON list (``InstanceResult.record``): SOP
+    #: instance UID, class name, ``sent``/``refused``/``confirmed``/``unconfirmed``, detail.
+    objects_json: Mapped[str | None] = mapped_column(Text)
+
+    @property
+    def objects(self) -> list[dict[str, Any]]:
+        """The per-object outcomes (empty for deliveries recorded before revision 0005)."""
+        return list(json.loads(self.objects_json)) if self.objects_json else []
+
+    @property
+    def confirmation(self) -> str | None:
+        """``confirmed`` / ``unconfirmed`` when a C-FIND verified the delivery, else ``None``."""
+        outcomes = {o.get("outcome") for o in self.objects}
+        if "unconfirmed" in outcomes:
+            return "unconfirmed"
+        return "confirmed" if "confirmed" in outcomes else None
 
 
 class WorkerHeartbeatRow(Base):

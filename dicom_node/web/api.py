@@ -93,6 +93,16 @@ class JobEvent(BaseModel):
     detail: str | None
 
 
+class DeliveredObject(BaseModel):
+    sop_instance_uid: str
+    sop_class: str | None = Field(description="SOP class name, e.g. Segmentation Storage.")
+    outcome: str = Field(description="sent, refused (class not accepted at negotiation), "
+                                     "confirmed or unconfirmed (C-FIND verification).")
+    status: int | None = Field(description="C-STORE status (or STOW-RS outcome) when sent.")
+    detail: str | None = Field(description='Why refused/unconfirmed, or the warning: '
+                                           '"refused: Segmentation Storage not accepted".')
+
+
 class Delivery(BaseModel):
     destination: str
     state: str
@@ -100,6 +110,11 @@ class Delivery(BaseModel):
     last_error: str | None
     last_attempt_at: float | None
     done_at: float | None
+    objects: list[DeliveredObject] = Field(
+        default_factory=list, description="Per-object outcome of the last attempt.")
+    confirmation: str | None = Field(
+        None, description='commitment = "find": confirmed (every sent object found by C-FIND) or '
+                          "unconfirmed; null when not verified.")
 
 
 class JobDetail(JobSummary):
@@ -410,6 +425,8 @@ def create_router(ctx: ApiContext) -> APIRouter:
                     last_error=d.last_error,
                     last_attempt_at=d.last_attempt_at,
                     done_at=d.done_at,
+                    objects=[DeliveredObject.model_validate(o) for o in d.objects],
+                    confirmation=d.confirmation,
                 )
                 for d in deliveries
             ],

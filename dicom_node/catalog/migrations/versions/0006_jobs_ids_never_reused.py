@@ -1,7 +1,7 @@
 """job ids never reused (SQLite AUTOINCREMENT)
 
-Revision ID: 0005
-Revises: 0004
+Revision ID: 0006
+Revises: 0005
 Create Date: 2026-12-06 19:30:00
 
 Without ``AUTOINCREMENT`` SQLite gives a new row ``max(id) + 1``: once ``gc`` removed every job,
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from alembic import op
 
-revision = '0005'
-down_revision = '0004'
+revision = '0006'
+down_revision = '0005'
 branch_labels = None
 depends_on = None
 
