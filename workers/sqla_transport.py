@@ -102,6 +102,11 @@ class WakeSocket:
                 while self.sock.recv(64):
                     pass
 
+    def poke(self) -> None:
+        """Wake this consumer up (from any thread of its process)."""
+        with contextlib.suppress(OSError):
+            self.sock.sendto(b"!", str(self.path))
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
@@ -123,6 +128,22 @@ class Channel(kombu_sqla.Channel):
         folder = wake_dir(self.connection.client.hostname)
         if folder is not None:
             wake_consumers(folder)
+
+    # A consumer that holds its prefetch limit (``worker_prefetch_multiplier = 1``: the task
+    # running) does not fetch; the ack of that task frees it, so the ack wakes it up too, else
+    # the next message (the dispatch task sent by that very task) waited for the fallback poll.
+    def basic_ack(self, delivery_tag: Any, multiple: bool = False) -> None:
+        super().basic_ack(delivery_tag, multiple)  # type: ignore[no-untyped-call]
+        self._poke()
+
+    def basic_reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        super().basic_reject(delivery_tag, requeue)  # type: ignore[no-untyped-call]
+        self._poke()
+
+    def _poke(self) -> None:
+        wake = getattr(self.connection, "_wake", None)
+        if isinstance(wake, WakeSocket) and getattr(self.connection, "_wake_pid", None) == os.getpid():
+            wake.poke()
 
 
 class Transport(kombu_sqla.Transport):

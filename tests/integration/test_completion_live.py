@@ -134,8 +134,11 @@ def test_learned_sender_gets_results_within_model_time_plus_2_s(
         model_s = float(job.results["timings"]["inference_s"])
         assert job.done_at is not None
         end_to_end = job.done_at - last
-        print(f"learned sender: last instance -> delivered {end_to_end:.3f} s, model {model_s:.3f} s, "
-              f"completion {row.completed_at - last:.3f} s, storescu run {time.time() - sent:.1f} s")  # type: ignore[operator]
+        assert row.completed_at is not None and job.queued_at and job.running_at and job.encoded_at
+        print(f"learned sender: last instance -> delivered {end_to_end:.3f} s, model {model_s:.3f} s; "
+              f"complete +{row.completed_at - last:.3f}, queued +{job.queued_at - last:.3f}, "
+              f"running +{job.running_at - last:.3f}, encoded +{job.encoded_at - last:.3f}, "
+              f"timings {job.results['timings']}; storescu run {time.time() - sent:.1f} s")
         assert end_to_end <= model_s + 2.0, node.logs()[-4000:]
         got = archived(archive)
         assert any(ds.ReferencedSeriesSequence[0].SeriesInstanceUID == uid for ds in got.get(SEG_CLASS, []))
