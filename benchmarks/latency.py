@@ -191,8 +191,7 @@ def run_broker(broker: str, workdir: Path, cases: Sequence[Case], model: str,
                 batch = [corpus.series(case.slices, case.counted) for _ in range(case.concurrency)]
                 timings += measure(batch, 120 + case.slices * case.concurrency)
             results[case] = timings
-            print(f"  {broker}: {case.label}: {len(timings)} series, end to end p50 "
-                  f"{np.percentile([t.end_to_end for t in timings], 50):.2f} s", flush=True)
+            print_report(broker, case, timings)  # as it comes: a long run stopped early keeps them
         catalog.close()
         return results
     except Exception:
@@ -228,6 +227,7 @@ def print_report(broker: str, case: Case, timings: list[SeriesTiming]) -> None:
     for name, values in stage_values(timings):
         p50, p95 = np.percentile(values, [50, 95])
         print(f"| {name} | {p50 * 1000:.0f} | {p95 * 1000:.0f} |")
+    print("", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -251,10 +251,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                    for broker in args.brokers}
         spec = ChestSpec()
         print(f"\nLatency, {spec.rows}x{spec.columns} CT phantoms, model {args.model}, "
-              f"idle_seconds 15, learned sender")
+              f"idle_seconds 15, learned sender: end to end p50 / p95 s")
         for broker, per_case in results.items():
             for case, timings in per_case.items():
-                print_report(broker, case, timings)
+                p50, p95 = np.percentile([t.end_to_end for t in timings], [50, 95])
+                m50, m95 = np.percentile([t.end_to_end - t.model_seconds for t in timings], [50, 95])
+                print(f"| {broker} | {case.label} | {len(timings)} | {p50:.2f} / {p95:.2f} "
+                      f"| {m50:.2f} / {m95:.2f} |")
     return 0
 
 
