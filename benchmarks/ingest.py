@@ -3,7 +3,7 @@
 Run by hand: ``python -m benchmarks.ingest [--instances 200] [--runs 3] [--orthanc]``.
 
 The fair protocol comparison: ``TCP_NODELAY=1`` in the environment of every DCMTK tool (sender
-and storescp), see ``BENCHMARKING.md``.  1 and 4 parallel associations (4 storescu processes,
+and storescp), see docs/performance.md.  1 and 4 parallel associations (4 storescu processes,
 each sending a quarter of the corpus).  dicom-node runs in child processes: one listener, and
 ``--processes N`` listeners sharing the port with ``SO_REUSEPORT`` (one Python process is held
 to one core by the GIL).  Each listener runs as in ``dicom-node serve``: the real catalog
@@ -98,8 +98,8 @@ def _listener_main(
     import structlog
 
     from dicom_node.catalog import Catalog
+    from dicom_node.catalog.recorder import CatalogRecorder
     from dicom_node.ingest.listener import Listener
-    from dicom_node.ingest.recorder import CatalogRecorder
     from dicom_node.ingest.spool import Spool
     from dicom_node.settings import ListenerSettings, StorageSettings
 

@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 
 from dicom_node.catalog import Catalog, JobSpec, JobState
+from dicom_node.catalog.recorder import instance_from_file
 from dicom_node.demo import ChestSpec, axial_affine, make_chest_phantom, write_datasets
 from dicom_node.ingest.events import StoredInstance
-from dicom_node.ingest.recorder import instance_from_file
 from dicom_node.logs import configure_logging
 from dicom_node.scheduling.jobs import queue_job
 from dicom_node.settings import (

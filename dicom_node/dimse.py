@@ -5,7 +5,7 @@ environment, and write each C-STORE message as two small writes, so every messag
 delayed ACK (~40 ms per instance; see docs/performance.md).  Each end defends itself by setting
 ``TCP_NODELAY`` on its socket and re-arming ``TCP_QUICKACK`` before each ``recv`` (Linux clears
 it after use), and by sending each PDU in one call.  The SCP side is
-:mod:`dicom_node.ingest.acceptor`, the SCU side :mod:`dicom_node.delivery.association`.
+:mod:`dicom_node.ingest.acceptor`, the SCU side :mod:`dicom_node._compat.pynetdicom`.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from dicom_node.catalog import Catalog
-from dicom_node.ingest.recorder import CatalogRecorder, reconcile_spool
+from dicom_node.catalog.recorder import CatalogRecorder, reconcile_spool
 from dicom_node.retention import RetentionLoop
 from dicom_node.scheduling.completion import CompletionLoop
 from dicom_node.scheduling.jobs import JobQueue, reconcile_jobs

@@ -8,7 +8,7 @@ background while the current job's model runs (``workers.prefetch``).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +20,7 @@ from dicom_node.errors import PermanentError
 from dicom_node.ingest.spool import write_durably
 from dicom_node.settings import Settings
 from inference.registry import ModelRegistry
-from inference.volume import Volume
+from inference.stacks import StackedVolume, predict_stacked
 from workers.prefetch import Prefetcher
 
 if TYPE_CHECKING:
@@ -114,6 +114,7 @@ def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
     cannot use, ``TransientError`` for conditions worth retrying.
     """
     from dicom_node.results import ResultOptions, encode_results
+    from dicom_node.results.failures import ENCODING_INPUT_ERRORS, dicom_keywords, input_failure, raised_at
 
     bound = log.bind(job_id=job.id, model=job.model, series_instance_uid=job.series_instance_uid)
     ctx.timings.clear()
@@ -130,17 +131,28 @@ def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
             f"model {model.name} accepts {'/'.join(sorted(model.modalities))}, "
             f"but the series is {volume.modality or 'of unknown modality'}"
         )
-    prediction = model.predict(volume)
+    if isinstance(volume, StackedVolume):
+        # Stacks of different spacing: the model runs on each, results join slice for slice.
+        prediction = predict_stacked(model, volume)
+    else:
+        prediction = model.predict(volume)
     t2 = time.perf_counter()
-    # The encoders read only the geometry: free the voxels (4 bytes each) before encoding.
-    volume = Volume(array=np.broadcast_to(np.float32(0.0), volume.shape), affine=volume.affine,
-                    modality=volume.modality, metadata=volume.metadata)
+    # The encoders read only the geometry: free the voxels (4 bytes each) before encoding
+    # (``replace`` keeps a StackedVolume's per-stack geometry).
+    volume = replace(volume, array=np.broadcast_to(np.float32(0.0), volume.shape))
     opts = ctx.settings.results
-    encoded = encode_results(
-        prediction, volume, sources, frame_refs,
-        ResultOptions(seg_series_number=opts.seg_series_number, sr_series_number=opts.sr_series_number,
-                      manufacturer=opts.manufacturer),
-    )
+    try:
+        encoded = encode_results(
+            prediction, volume, sources, frame_refs,
+            ResultOptions(seg_series_number=opts.seg_series_number, sr_series_number=opts.sr_series_number,
+                          manufacturer=opts.manufacturer),
+        )
+    except ENCODING_INPUT_ERRORS as exc:
+        # Deterministic: a retry fails the same way, so the job fails at once (permanent).
+        failure = input_failure(exc)
+        bound.error("encoding_failed", error_type=type(exc).__name__, keywords=dicom_keywords(exc),
+                    where=raised_at(exc))
+        raise failure from exc
     outdir = ctx.settings.outbox / f"job-{job.id}"
     outdir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"segments": len(prediction.segments), "files": []}

@@ -26,13 +26,10 @@ from pathlib import Path
 
 import structlog
 
-from dicom_node.catalog import Catalog, JobRow, JobState
+from dicom_node.catalog import Catalog, JobRow
 from dicom_node.imaging.loading import LoadedSeries, load_series
 
 log = structlog.get_logger(__name__)
-
-#: Queued jobs looked at to find the next one (the catalog lists the newest first).
-SCAN_LIMIT = 1000
 
 Loader = Callable[[Sequence[Path]], LoadedSeries]
 
@@ -86,13 +83,7 @@ def next_queued_job(catalog: Catalog, models: Collection[str], *, exclude: Colle
     Urgent before normal, then the oldest ``queued_at`` (the broker's order); jobs in
     ``exclude`` (the one running here) are skipped.
     """
-    candidates = [
-        job for job in catalog.list_jobs(state=JobState.QUEUED.value, limit=SCAN_LIMIT)
-        if job.model in models and job.id not in exclude
-    ]
-    if not candidates:
-        return None
-    return min(candidates, key=lambda j: (j.priority != "urgent", j.queued_at or j.updated_at, j.id))
+    return catalog.next_queued_job(models, exclude)
 
 
 class Prefetcher:

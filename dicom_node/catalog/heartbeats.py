@@ -101,16 +101,6 @@ def remove(catalog: Catalog, hostname: str, pid: int | None = None) -> None:
         s.execute(stmt)
 
 
-def prune(catalog: Catalog, older_than_s: float = 3600.0, *, now: float | None = None) -> int:
-    """Delete rows not refreshed for ``older_than_s`` (processes killed without a goodbye)."""
-    now = time.time() if now is None else now
-    with catalog.session() as s:
-        result = s.execute(
-            delete(WorkerHeartbeatRow).where(WorkerHeartbeatRow.last_seen < now - older_than_s)
-        )
-        return int(getattr(result, "rowcount", 0) or 0)
-
-
 def worker_statuses(
     catalog: Catalog,
     *,

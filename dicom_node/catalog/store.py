@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 from sqlalchemy import (
+    case,
     create_engine,
     event,
     func,
@@ -455,6 +456,26 @@ class Catalog:
             if state:
                 q = q.where(JobRow.state == state)
             return list(s.scalars(q))
+
+    def next_queued_job(self, models: Collection[str], exclude: Collection[int] = ()) -> JobRow | None:
+        """The queued job for one of ``models`` a worker gets next in the broker's order (urgent
+        first, then the oldest ``queued_at``, then the lowest id), skipping ``exclude``."""
+        if not models:
+            return None
+        with self.session() as s:
+            q = (
+                select(JobRow)
+                .where(JobRow.state == JobState.QUEUED.value, JobRow.model.in_(list(models)))
+                .order_by(
+                    case((JobRow.priority == "urgent", 0), else_=1),
+                    func.coalesce(JobRow.queued_at, JobRow.updated_at),
+                    JobRow.id,
+                )
+                .limit(1)
+            )
+            if exclude:
+                q = q.where(JobRow.id.not_in(list(exclude)))
+            return s.scalars(q).first()
 
     def job_events(self, job_id: int) -> list[JobEventRow]:
         with self.session() as s:

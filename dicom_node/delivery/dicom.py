@@ -24,13 +24,17 @@ import structlog
 from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import _config
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext, build_context
 
 from dicom_node import statuses
-from dicom_node.delivery.association import TunedAE, TunedAssociationSocket
+from dicom_node._compat.pynetdicom import (
+    TunedAE,
+    TunedAssociationSocket,
+    queued_associate_reply,
+    send_files_as_stored_bytes,
+)
 from dicom_node.errors import PermanentError, TransientError
 from dicom_node.settings import DestinationSettings
 
@@ -149,7 +153,7 @@ def _rejection(assoc: Association) -> tuple[bool, A_ASSOCIATE | None]:
     """
     if assoc.is_rejected:
         return True, assoc.acceptor.primitive
-    pending = assoc.dul.peek_next_pdu()
+    pending = queued_associate_reply(assoc)
     if isinstance(pending, A_ASSOCIATE) and pending.result in _REJECT_RESULTS:
         return True, pending
     return False, None
@@ -268,9 +272,7 @@ def send_instances(
     files = [_read_meta(Path(p)) for p in paths]
     if not files:
         return SendReport(dest.name, ())
-    # Send files by path as their raw dataset bytes, never decoded and re-encoded (a documented
-    # pynetdicom setting; it only changes how path-based C-STORE requests are sent).
-    _config.STORE_SEND_CHUNKED_DATASET = True
+    send_files_as_stored_bytes()
     log = _log.bind(destination=dest.name, called_ae_title=dest.ae_title)
     results: list[InstanceResult] = []
     ae = _make_ae(dest.calling_ae_title or calling_ae_title, timeout)

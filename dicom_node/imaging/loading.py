@@ -16,7 +16,11 @@ Rules, in the order they are applied:
    EchoNumbers, AcquisitionNumber, TemporalPositionIdentifier (or their enhanced multi-frame
    equivalents) keeping the fullest stack, and refused when nothing tells them apart;
 6. consecutive positions must lie on a regular grid (gantry tilt is a sheared but regular grid,
-   kept exactly in the affine); otherwise the spacing is refused, never averaged away;
+   kept exactly in the affine), or on consecutive regular grids of different spacing (a head
+   CT's 4 mm then 7 mm stacks), each of at least 3 slices (:mod:`dicom_node.imaging.stacking`):
+   the volume is then an :class:`inference.stacks.StackedVolume`, each stack with its exact
+   affine.  Anything else is refused naming the cause (slices missing between two positions, a
+   gap between stacks, steps that form no regular stack), never averaged or resampled away;
 7. pixel data are decoded straight into the volume in a thread pool (compressed lossless frames
    by imagecodecs, which releases the GIL), the bits above BitsStored are ignored, MONOCHROME1
    is inverted within the stored bit range, and the per-image rescale slope/intercept is applied.
@@ -45,13 +49,15 @@ from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels.utils import pixel_array
 from pydicom.uid import UID
 
-from dicom_node.errors import PermanentError
+from dicom_node.imaging.errors import SeriesError as SeriesError  # re-exported: the loader's error
+from dicom_node.imaging.stacking import (
+    POSITION_TOLERANCE_MM,
+    RELATIVE_SPACING_TOLERANCE,
+    regular_stacks,
+)
+from inference.stacks import StackedVolume, describe_stacks
 from inference.volume import Volume
 
-#: Two positions closer than this (mm, along the slice normal) are "the same position".
-POSITION_TOLERANCE_MM = 0.01
-#: Slice positions may deviate from the regular grid by max(this fraction of a step, 0.01 mm).
-RELATIVE_SPACING_TOLERANCE = 0.01
 #: Two ImageOrientationPatient values are "the same orientation" if no cosine differs more.
 ORIENTATION_TOLERANCE = 1e-4
 #: A slice step further than this from the normal is reported as gantry tilt (degrees).
@@ -89,10 +95,6 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 #: Threads filling the volume; the decoders used for the common syntaxes and NumPy release the
 #: GIL, so frames decode and rescale in parallel.
 DECODE_THREADS = min(8, os.cpu_count() or 1)
-
-
-class SeriesError(PermanentError):
-    """The series cannot be turned into one volume; the message says why."""
 
 
 @dataclass
@@ -185,8 +187,12 @@ def _load(paths: Sequence[Path], modality_hint: str | None) -> LoadedSeries:
     planes = _main_orientation(planes, excluded)
     _check_matrix(planes)
     planes = _sorted_unique_positions(planes, excluded)
-    affine, metadata = _geometry(planes)
-    metadata.update(_hints(datasets[planes[0].source]))
+    stacks = regular_stacks(np.asarray([p.position for p in planes], dtype=np.float64),
+                            _normal(planes[0].orientation))
+    geometries = [_geometry(planes[start:stop]) for start, stop in stacks]
+    hints = _hints(datasets[planes[0].source])
+    affine, metadata = geometries[0] if len(stacks) == 1 else (geometries[0][0], {})
+    metadata.update(hints)
 
     used = list(dict.fromkeys(p.source for p in planes))
     slices_of: dict[int, list[tuple[int, _Plane]]] = {}
@@ -207,7 +213,14 @@ def _load(paths: Sequence[Path], modality_hint: str | None) -> LoadedSeries:
             if keyword in ds:
                 delattr(ds, keyword)
     frame_refs = [(source_index[p.source], p.frame) for p in planes]
-    volume = Volume(array=array, affine=affine, modality=modality, metadata=metadata)
+    volume: Volume
+    if len(stacks) == 1:
+        volume = Volume(array=array, affine=affine, modality=modality, metadata=metadata)
+    else:
+        volume = StackedVolume(array=array, affine=affine, modality=modality, metadata=metadata,
+                               stacks=tuple(stacks), stack_affines=tuple(a for a, _ in geometries),
+                               stack_metadata=tuple(m for _, m in geometries))
+        volume.metadata["stacks"] = describe_stacks(volume).removeprefix("processed as ")
     return LoadedSeries(volume=volume, sources=sources, frame_refs=frame_refs, excluded=excluded)
 
 

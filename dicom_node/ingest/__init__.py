@@ -1,2 +1,2 @@
-"""Receiving: the DICOM upper layer (acceptor), the Storage SCP (listener), the header reader,
-the durable spool, and the recorder that hands stored instances to the catalog."""
+"""Receiving: the DICOM upper layer (acceptor), the Storage SCP (listener), the header reader
+and the durable spool; what ingest reports (``events``) is consumed by the catalog's recorder."""

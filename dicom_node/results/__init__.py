@@ -66,7 +66,7 @@ def encode_results(
     """
     options = options or ResultOptions()
     frames = source_frames(sources, frame_refs)
-    check_geometry(frames, volume.shape, volume.affine)
+    check_geometry(frames, volume)
     check_prediction(prediction, volume.shape)
     uids = ResultUIDs(source_series_uid(frames), prediction.model_name, prediction.model_version)
     in_seg = [s for s in prediction.segments if s.mask.any()]

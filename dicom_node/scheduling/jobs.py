@@ -10,9 +10,8 @@ import time
 from typing import Protocol
 
 import structlog
-from sqlalchemy.exc import SQLAlchemyError
 
-from dicom_node.catalog import Catalog, CatalogError, JobState
+from dicom_node.catalog import Catalog, CatalogError, DatabaseError, JobState
 
 log = structlog.get_logger(__name__)
 
@@ -68,7 +67,7 @@ def _busy_job_ids(catalog: Catalog, now: float) -> set[int] | None:
     try:
         return {w.current_job_id for w in heartbeat.alive_workers(catalog, now=now)
                 if w.current_job_id is not None}
-    except SQLAlchemyError as exc:  # e.g. no heartbeat table yet: judge by job age alone
+    except DatabaseError as exc:  # e.g. no heartbeat table yet: judge by job age alone
         log.warning("heartbeats_unreadable", error=str(exc)[:200])
         return None
 

@@ -406,7 +406,7 @@ def test_tls_listener_echoes_and_refuses_plain_tcp(
     """With TLS set, a TLS client gets C-ECHO success; a plain-TCP echoscu fails, node unharmed."""
     import ssl
 
-    from dicom_node.delivery.association import TunedAE
+    from dicom_node._compat.pynetdicom import TunedAE
     from dicom_node.settings import TlsSettings
 
     cert, key = tls_files

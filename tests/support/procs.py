@@ -60,7 +60,7 @@ def tool_path(name: str) -> str | None:
 
 
 def dcmtk_env(nodelay: bool) -> dict[str, str]:
-    """Environment for DCMTK tools; ``TCP_NODELAY=1`` turns Nagle off (see BENCHMARKING.md)."""
+    """Environment for DCMTK tools; ``TCP_NODELAY=1`` turns Nagle off (see docs/performance.md)."""
     env = dict(os.environ)
     env.pop("TCP_NODELAY", None)
     if nodelay:

@@ -150,6 +150,21 @@ def irregular_positions(affine: np.ndarray, steps_mm: Sequence[float]) -> np.nda
     return np.asarray(affine[:3, 3] + offsets[:, None] * axis)
 
 
+def stacked_positions(affine: np.ndarray, counts: Sequence[int], spacings: Sequence[float],
+                      boundaries: Sequence[float] | None = None) -> np.ndarray:
+    """Positions of consecutive regular stacks along the affine's slice axis (one series of
+    several spacings, as a head CT's posterior fossa and cerebrum stacks): ``counts[i]``
+    slices ``spacings[i]`` apart, each stack ``boundaries[i]`` mm after the last slice of the
+    one before (default: the mean of the two spacings, i.e. contiguous slabs)."""
+    steps: list[float] = []
+    for i, (count, spacing) in enumerate(zip(counts, spacings, strict=True)):
+        if i > 0:
+            steps.append(boundaries[i - 1] if boundaries is not None
+                         else (spacings[i - 1] + spacing) / 2.0)
+        steps.extend([spacing] * (count - 1))
+    return irregular_positions(affine, steps)
+
+
 def drop(datasets: Sequence[Dataset], *indices: int) -> list[Dataset]:
     """The datasets without those at ``indices`` (a missing slice)."""
     gone = set(indices)
@@ -321,6 +336,36 @@ def enhanced(datasets: Sequence[Dataset], seed: str, *, shuffle_seed: int | None
     return cls(legacy, series_instance_uid=str(legacy[0].SeriesInstanceUID), series_number=3,
                sop_instance_uid=uid(seed, "enhanced"), instance_number=1,
                include_dimension_index=shuffle_seed is None)
+
+
+#: Where :func:`functional_group_layout` puts (Pixel Measures, Plane Orientation): "shared",
+#: "per-frame" (both in every frame's item, as Siemens XA enhanced MR) or "mixed".
+GROUP_LAYOUTS: dict[str, tuple[bool, bool]] = {
+    "shared": (False, False),
+    "per-frame": (True, True),
+    "mixed": (True, False),
+}
+
+
+def functional_group_layout(ds: Dataset, layout: str) -> Dataset:
+    """Move the Pixel Measures and Plane Orientation functional groups of an enhanced image
+    between the shared item and every per-frame item, as ``GROUP_LAYOUTS[layout]`` says (the
+    standard allows either place; a group is in exactly one of them)."""
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    per_frame = ds.PerFrameFunctionalGroupsSequence
+    for keyword, to_frames in zip(("PixelMeasuresSequence", "PlaneOrientationSequence"),
+                                  GROUP_LAYOUTS[layout], strict=True):
+        item = shared[keyword].value[0] if keyword in shared else per_frame[0][keyword].value[0]
+        for frame in per_frame:
+            if keyword in frame:
+                delattr(frame, keyword)
+            if to_frames:
+                setattr(frame, keyword, [copy.deepcopy(item)])
+        if keyword in shared:
+            delattr(shared, keyword)
+        if not to_frames:
+            setattr(shared, keyword, [item])
+    return ds
 
 
 # --- missing attributes and damaged files ------------------------------------------------

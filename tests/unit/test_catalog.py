@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from dicom_node.catalog import Catalog, CatalogError, JobSpec, JobState, expected_instances
+from dicom_node.catalog.recorder import CatalogRecorder
 from dicom_node.ingest.events import AssociationSummary, StoredInstance
-from dicom_node.ingest.recorder import CatalogRecorder
 from dicom_node.scheduling.completion import CompletionLoop
 from dicom_node.scheduling.jobs import reconcile_jobs
 from dicom_node.settings import load_settings
@@ -203,7 +203,7 @@ def test_recorder_retries_a_write_the_database_refused(catalog: Catalog, monkeyp
 
     from sqlalchemy.exc import OperationalError
 
-    import dicom_node.ingest.recorder as recorder_module
+    import dicom_node.catalog.recorder as recorder_module
 
     monkeypatch.setattr(recorder_module, "RETRY_DELAYS_S", (0.01, 0.01, 0.01))
     real = catalog.record_instances

@@ -12,10 +12,10 @@ import pytest
 from sqlalchemy import select
 
 from dicom_node.catalog import Catalog, JobRow
+from dicom_node.catalog.recorder import CatalogRecorder
 from dicom_node.catalog.senders import sender_stats
 from dicom_node.catalog.tables import SenderHistoryRow
 from dicom_node.ingest.events import AssociationSummary, StoredInstance
-from dicom_node.ingest.recorder import CatalogRecorder
 from dicom_node.scheduling.completion import CompletionLoop
 from dicom_node.settings import load_settings
 from tests.support.queues import MemoryQueue

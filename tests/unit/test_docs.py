@@ -183,7 +183,7 @@ def test_documented_subcommands_exist(path: Path) -> None:
     commands = _subcommands()
     unknown = []
     for code in _code_texts(path):
-        for m in re.finditer(r"(?<![\w/.-])dicom-node\s+([a-z][a-z-]*)(?:\s+([a-z][a-z-]*))?", code):
+        for m in re.finditer(r"(?<![\w/.-])dicom-node[ \t]+([a-z][a-z-]*)(?:[ \t]+([a-z][a-z-]*))?", code):
             first, second = m.group(1), m.group(2)
             if first not in commands:
                 unknown.append(m.group(0))
@@ -302,7 +302,12 @@ class Workspace:
         for dest in config.get("destinations", []):
             if dest["port"] == 4242:
                 dest["port"] = self.ports[4242]
-        config.setdefault("storage", {})["min_free_mb"] = 0
+        # The shipped paths are under ~: here the workspace is HOME (see env()), spelled out for
+        # the node this test starts itself.
+        data = self.root / ".local" / "share" / "dicom-node"
+        config.setdefault("storage", {}).update({"min_free_mb": 0, "root": str(data / "spool")})
+        config["database"]["url"] = f"sqlite:///{data / 'dicom-node.db'}"
+        config["broker"]["url"] = f"sqla+sqlite:///{data / 'broker.db'}"
         config["completion"].update({"idle_seconds": 1, "poll_seconds": 0.1})
         config["delivery"] = {"max_attempts": 3, "backoff_seconds": 0.5}
         return config
@@ -310,6 +315,7 @@ class Workspace:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE_")}
         env["PATH"] = f"{self.root / '.shim'}{os.pathsep}{env.get('PATH', '')}"
+        env["HOME"] = str(self.root)  # the documents' ~/dicom-node-demo lands in the workspace
         return env
 
     def prepare(self) -> None:
@@ -437,7 +443,7 @@ def test_document_blocks_run(path: Path, workspace: Workspace) -> None:
         import pydicom
 
         classes = sorted(str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID)
-                         for p in (workspace.root / "received").iterdir())
+                         for p in (workspace.root / "dicom-node-demo" / "received").iterdir())
         assert classes == ["1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34"], classes
 
 
@@ -493,7 +499,7 @@ def test_conformance_scu_contexts_match_the_sender() -> None:
 
 def test_conformance_implementation_identifiers_match_the_code() -> None:
     """The Implementation Class UID and Version Name sent on the network, and those of spooled files, are the code's."""
-    from dicom_node.delivery.association import TunedAE
+    from dicom_node._compat.pynetdicom import TunedAE
     from dicom_node.ingest.listener import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 

@@ -20,8 +20,8 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 from pynetdicom.transport import AddressInformation, AssociationSocket
 
+from dicom_node._compat.pynetdicom import TunedAE, TunedAssociationSocket
 from dicom_node.delivery import dicom as sender
-from dicom_node.delivery.association import TunedAE, TunedAssociationSocket
 from dicom_node.demo import (
     ChestSpec,
     SeriesInfo,

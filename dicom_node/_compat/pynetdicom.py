@@ -1,4 +1,6 @@
-"""The SCU transport: pynetdicom tuned through its extension points (no library file is edited).
+"""pynetdicom, tuned and patched: every private name of pynetdicom the node relies on is here.
+
+The SCU transport (no library file is edited; the subclasses override private methods):
 
 * :class:`TunedAssociationSocket`: socket options on connect (:func:`dicom_node.dimse.tune_socket`),
   ``TCP_QUICKACK`` before every ``recv``, reads straight into one buffer per PDU (pynetdicom reads
@@ -7,6 +9,14 @@
 * :class:`TunedDUL`: the DICOM upper layer with a loop delay of 0 - it no longer sleeps 1 ms
   per message, it waits in ``poll`` and is woken when the service user queues a PDU to send.
 * :class:`TunedAE`: ``ae.associate`` uses the tuned socket and DUL.
+
+And two helpers for the C-STORE SCU: :func:`send_files_as_stored_bytes` (the process-global
+``pynetdicom._config`` flag) and :func:`queued_associate_reply` (``DULServiceProvider.peek_next_pdu``).
+
+The private names used, checked by ``tests/unit/test_compat.py``: ``DULServiceProvider._run_loop_delay``,
+``._kill_thread``, ``.peek_next_pdu``; ``AssociationSocket._create_socket``, ``._is_connected``,
+``.event_queue``, ``.tls_args``; ``ApplicationEntity._create_socket``;
+``pynetdicom._config.STORE_SEND_CHUNKED_DATASET``.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Final
 
-from pynetdicom import evt
+from pynetdicom import _config, evt
 from pynetdicom.ae import ApplicationEntity
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
@@ -222,3 +232,15 @@ class TunedAE(ApplicationEntity):
         sock = self.socket_type(assoc, address=address)
         sock.tls_args = tls_args
         return sock
+
+
+def send_files_as_stored_bytes() -> None:
+    """Send datasets given by path as their raw bytes, never decoded and re-encoded (a documented
+    pynetdicom setting, process-global; it only changes how path-based C-STORE requests are sent)."""
+    _config.STORE_SEND_CHUNKED_DATASET = True
+
+
+def queued_associate_reply(assoc: Association) -> Any:
+    """The PDU primitive waiting at the head of the DUL's queue to the user, without taking it
+    (an A-ASSOCIATE reply pynetdicom missed, see ``dicom_node.delivery.dicom``), or None."""
+    return assoc.dul.peek_next_pdu()
