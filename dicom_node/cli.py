@@ -89,7 +89,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     configure_logging(args.log_format)
+    from dicom_node.ingest.listener import raise_fd_limit
     from workers.heartbeat import broker_check
+
+    raise_fd_limit(settings.listener)  # before anything opens descriptors
 
     app = create_celery_app(settings)
     node = Node(settings, CeleryJobQueue(app), config_path=Path(args.config) if args.config else None,

@@ -64,9 +64,20 @@ class ListenerSettings(_Section):
     max_associations: int = Field(16, ge=1)
     #: Largest PDU we accept (0 = unlimited; DCMTK then sends 128 KiB PDUs).
     maximum_pdu_size: int = Field(0, ge=0)
+    #: Whole A-ASSOCIATE-RQ (and TLS handshake) within this many seconds of the connection.
     acse_timeout: float = Field(30.0, gt=0)
+    #: Whole DIMSE message (command and data set) within this many seconds of its first PDU.
     dimse_timeout: float = Field(60.0, gt=0)
+    #: Next PDU within this many seconds while no DIMSE message is under way.
     network_timeout: float = Field(60.0, gt=0)
+    #: Largest data set received (MiB): a bigger one aborts the association; a deflated one
+    #: that inflates to more is answered 0xA700.
+    max_instance_mb: int = Field(2048, ge=1)
+    #: TCP connections not associated yet (A-ASSOCIATE-RQ not complete) served at once; one
+    #: more sheds the oldest of them.
+    max_pending_connections: int = Field(64, ge=1)
+    #: Largest A-ASSOCIATE-RQ PDU accepted (KiB; 128 contexts x 13 syntaxes is 46 KiB).
+    max_associate_request_kb: int = Field(64, ge=16)
     tls: TlsSettings | None = None
 
     _v_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
@@ -395,7 +406,7 @@ def format_validation_error(exc: ValidationError, env_sources: dict[str, str] | 
         if "input" in err and err["type"] not in ("extra_forbidden", "missing") and not isinstance(err["input"], dict):
             msg += f" (got {err['input']!r})"
         variable = (env_sources or {}).get(loc) or (env_sources or {}).get(str(parts[0]) if parts else "")
-        where = f"{variable} (environment)" if variable else loc
+        where = f"{variable} (environment, {loc})" if variable else loc
         lines.append(f"{where}: {msg}" if where else msg)
     return "; ".join(lines)
 
@@ -437,5 +448,5 @@ def load_settings(path: Path | str | None = None, *, overrides: dict[str, Any] |
         return Settings(_env_prefix="DICOM_NODE_IGNORED_", **data)
     except ValidationError as exc:
         text = format_validation_error(exc, env_sources)
-        where = f"{path}: " if path and "(environment)" not in text else ""
+        where = f"{path}: " if path and "(environment, " not in text else ""
         raise ConfigError(f"{where}{text}") from None

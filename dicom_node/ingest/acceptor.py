@@ -28,15 +28,18 @@ Protocol (PS3.8 §9, the acceptor's path through the state machine of Table 9-10
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import ssl
 import struct
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Final, Protocol, cast
 
+import structlog
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
@@ -52,6 +55,21 @@ from pynetdicom.utils import decode_bytes, set_ae
 from dicom_node.dimse import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, arm_quickack, tune_socket
 
 APPLICATION_CONTEXT_NAME: Final = "1.2.840.10008.3.1.1.1"
+
+_log = structlog.get_logger("dicom_node.ingest.acceptor")
+
+#: ``accept()`` errors that mean "out of file descriptors or kernel memory": survived by
+#: shedding connections not associated yet and backing off, never by ending the accept loop.
+_RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: ``accept()`` errors about one connection only (it went away before it was accepted).
+_TRANSIENT_ERRNOS: Final = frozenset({
+    errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR, errno.ETIMEDOUT, errno.EHOSTUNREACH,
+    errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTDOWN, errno.ENOPROTOOPT, errno.EOPNOTSUPP,
+})
+#: Back-off after a failed ``accept()``: from the first figure, doubling to the second.
+_ACCEPT_BACKOFF: Final = (0.05, 1.0)
+#: Readiness stays failed this long after the last failed ``accept()``.
+_UNREADY_AFTER_FAILURE_S: Final = 5.0
 
 # PDU types (PS3.8 §9.3.1).
 A_ASSOCIATE_RQ_PDU: Final = 0x01
@@ -77,12 +95,23 @@ NO_DATA_SET: Final = 0x0101
 #: Status for a DIMSE operation the SCP does not provide (PS3.7 §C.5).
 UNRECOGNIZED_OPERATION: Final = 0x0211
 
-#: Largest A-ASSOCIATE-RQ accepted (170 storage contexts x 13 syntaxes is ~60 KiB).
-_MAX_REQUEST_PDU: Final = 1 << 20
+#: Largest A-ASSOCIATE-RQ accepted by default (128 contexts x 13 syntaxes is 46 KiB).
+_MAX_REQUEST_PDU: Final = 64 << 10
 #: Cap on a P-DATA-TF PDU when our maximum PDU length is "unlimited" (0).
 _MAX_DATA_PDU: Final = 64 << 20
-#: Size of the read-ahead buffer; larger PDU bodies are read straight into their own buffer.
+#: Size of the read-ahead buffer once associated; larger PDU bodies are read into their own
+#: buffer, which grows with what has arrived (a declared length commits no memory).
 _BUFFER: Final = 256 << 10
+#: The read-ahead buffer of a connection not associated yet (it holds an A-ASSOCIATE-RQ).
+_SMALL_BUFFER: Final = 16 << 10
+#: A PDU body read into its own buffer starts at this size and doubles as bytes arrive.
+_BODY_STEP: Final = 1 << 20
+#: Largest DIMSE command set (a C-STORE-RQ's is ~200 bytes).
+_MAX_COMMAND: Final = 64 << 10
+#: A deadline is met within this much: the kernel's receive timeout is set again only when
+#: it would run this much past the deadline (not before every receive).
+_DEADLINE_SLACK: Final = 0.05
+_DIMSE_PHASE: Final = "DIMSE message not complete within dimse_timeout"
 _HEADER = struct.Struct(">BxI")
 _PDV_HEADER = struct.Struct(">IBB")
 _ELEMENT_HEADER = struct.Struct("<HHI")
@@ -220,8 +249,19 @@ class AcceptorConfig:
     contexts: dict[str, tuple[str, ...]]
     #: Our Maximum Length Received (0 = unlimited).
     maximum_pdu_size: int = 0
+    #: The whole A-ASSOCIATE-RQ must arrive within this many seconds of the connection.
     acse_timeout: float = 30.0
+    #: The next PDU must arrive within this many seconds while no DIMSE message is under way.
     network_timeout: float | None = 60.0
+    #: A DIMSE message must be complete within this many seconds of its first PDU's header
+    #: (None: ``network_timeout`` per receive only).
+    dimse_timeout: float | None = None
+    #: Largest data set of one DIMSE message, bytes (0 = unlimited): more aborts.
+    max_message_bytes: int = 0
+    #: Connections not associated yet served at once; one more sheds the oldest.
+    max_pending: int = 64
+    #: Largest A-ASSOCIATE-RQ PDU (bytes of its body).
+    max_request_pdu: int = _MAX_REQUEST_PDU
 
 
 # -- encoding ----------------------------------------------------------------------------------
@@ -339,18 +379,46 @@ def _us(value: bytes | None) -> int | None:
 
 
 # -- the association ---------------------------------------------------------------------------
+class DeadlineExceeded(TimeoutError):
+    """A phase of the association (negotiation, a DIMSE message, idle) ran past its deadline."""
+
+
 class _Connection:
-    """Reads whole PDUs from a socket with few system calls."""
+    """Reads whole PDUs from a socket with few system calls, each phase within its deadline.
+
+    Memory follows what has arrived: the read-ahead buffer is small until the association is
+    accepted (:meth:`associated`), and a PDU body larger than it is read into a buffer that
+    grows (doubling) with the bytes received, never to the length the header declares.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self._buf = bytearray(_BUFFER)
+        self._buf = bytearray(_SMALL_BUFFER)
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
+        self._deadline = float("inf")
+        self._phase = ""
+        #: The receive timeout set in the kernel (seconds; inf: none).
+        self._rcv = float("inf")
+        #: Whether any byte has arrived yet.
+        self.anything = False
+        #: Seconds: when the next byte arrives, the deadline becomes then + this (a DIMSE
+        #: message's deadline starts with its first byte).
+        self._arm: float | None = None
+
+    def associated(self) -> None:
+        """Use the full read-ahead buffer from now on."""
+        if len(self._buf) < _BUFFER:
+            buf = bytearray(_BUFFER)
+            size = self._end - self._start
+            buf[:size] = self._view[self._start:self._end]
+            self._view.release()
+            self._buf, self._view, self._start, self._end = buf, memoryview(buf), 0, size
 
     def set_timeout(self, seconds: float | None) -> None:
-        """Make each blocking receive and send give up after ``seconds`` (``TimeoutError``).
+        """Make each blocking send give up after ``seconds`` (``TimeoutError``), and receives
+        too until a deadline is set (:meth:`set_deadline`).
 
         A plain TCP socket stays in blocking mode and gets the timeout from the kernel
         (``SO_RCVTIMEO``/``SO_SNDTIMEO``): with Python's own timeout every ``recv`` and ``send``
@@ -359,24 +427,58 @@ class _Connection:
         """
         if seconds is not None and seconds <= 0:
             seconds = None  # no timeout
+        self._rcv = float("inf") if seconds is None else seconds
         if seconds is None or isinstance(self.sock, ssl.SSLSocket):
             self.sock.settimeout(seconds)
             return
         self.sock.settimeout(None)
-        whole = int(seconds)
-        timeval = struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
+        timeval = self._timeval(seconds)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
+    @staticmethod
+    def _timeval(seconds: float) -> bytes:
+        seconds = max(seconds, 0.001)
+        whole = int(seconds)
+        return struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
+
+    def _set_receive_timeout(self, seconds: float) -> None:
+        self._rcv = seconds
+        if isinstance(self.sock, ssl.SSLSocket):
+            self.sock.settimeout(None if seconds == float("inf") else seconds)
+        elif seconds == float("inf"):
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", 0, 0))
+        else:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._timeval(seconds))
+
+    def set_deadline(self, deadline: float | None, phase: str) -> None:
+        """Every receive from now on must end by ``deadline`` (``time.monotonic()``; None:
+        none), else :class:`DeadlineExceeded` naming ``phase``: a peer trickling one byte at a
+        time no longer restarts a timeout with each byte."""
+        self._deadline = float("inf") if deadline is None else deadline
+        self._phase = phase
+
     def _recv_into(self, view: memoryview) -> int:
         arm_quickack(self.sock)
-        try:
-            n = self.sock.recv_into(view)
-        except BlockingIOError:  # SO_RCVTIMEO ran out
-            raise TimeoutError("receive timed out") from None
-        if not n:
-            raise _Closed
-        return n
+        expired = False
+        while True:
+            remaining = self._deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded(self._phase)
+            if expired or self._rcv > remaining + _DEADLINE_SLACK:
+                self._set_receive_timeout(remaining)
+            try:
+                n = self.sock.recv_into(view)
+            except (BlockingIOError, TimeoutError):  # the receive timeout ran out
+                expired = True
+                continue
+            if not n:
+                raise _Closed
+            self.anything = True
+            if self._arm is not None:
+                self.set_deadline(time.monotonic() + self._arm, _DIMSE_PHASE)
+                self._arm = None
+            return n
 
     def _fill(self, need: int) -> None:
         while self._end - self._start < need:
@@ -388,9 +490,21 @@ class _Connection:
                 self._start, self._end = 0, size
             self._end += self._recv_into(self._view[self._end:])
 
-    def read_pdu(self, limit: int) -> tuple[int, bytes | bytearray]:
-        """The next PDU's type and body; PDUs longer than ``limit`` abort the association."""
-        self._fill(6)
+    def read_pdu(self, limit: int, within: float | None = None) -> tuple[int, bytes | bytearray]:
+        """The next PDU's type and body; PDUs longer than ``limit`` abort the association.
+
+        ``within``: from its first byte, this PDU - and the DIMSE message it may begin - must
+        arrive within this many seconds (until then the deadline set before applies).
+        """
+        if within is not None:
+            if self._end > self._start:  # its first byte is here already
+                self.set_deadline(time.monotonic() + within, _DIMSE_PHASE)
+            else:
+                self._arm = within
+        try:
+            self._fill(6)
+        finally:
+            self._arm = None
         pdu_type, length = _HEADER.unpack_from(self._buf, self._start)
         self._start += 6
         if length > limit:
@@ -400,14 +514,17 @@ class _Connection:
             body = bytes(self._view[self._start:self._start + length])
             self._start += length
             return pdu_type, body
-        # Larger than what is buffered: read the rest straight into the body's own buffer.
-        big = bytearray(length)
+        # Larger than what is buffered: read the rest into the body's own buffer, which grows
+        # with what arrives (a header declaring 64 MiB commits nothing before the bytes come).
+        big = bytearray(max(buffered, min(length, _BODY_STEP)))
         big[:buffered] = self._view[self._start:self._end]
         self._start = self._end = 0
-        view = memoryview(big)
         got = buffered
         while got < length:
-            got += self._recv_into(view[got:])
+            if got == len(big):
+                big.extend(bytes(min(len(big), length - got)))
+            with memoryview(big) as view:
+                got += self._recv_into(view[got:])
         return pdu_type, big
 
     def send(self, data: bytes) -> None:
@@ -420,10 +537,12 @@ class _Connection:
 class _Message:
     """A DIMSE message being assembled from PDVs."""
 
-    __slots__ = ("command", "context_id", "dataset", "fields")
+    __slots__ = ("command", "context_id", "dataset", "fields", "size")
 
     def __init__(self, context_id: int) -> None:
         self.context_id = context_id
+        #: Bytes of the command set, then of the data set, received so far.
+        self.size = 0
         self.command: list[bytes | memoryview] = []
         self.dataset: list[bytes | memoryview] | None = None
         self.fields: dict[int, bytes] = {}
@@ -464,8 +583,18 @@ class Acceptor:
         self._lock = threading.Lock()
         self._negotiated: OrderedDict[bytes, _Negotiated] = OrderedDict()
         self._active: dict[int, socket.socket] = {}
+        #: Connections not associated yet, oldest first: id -> socket (see :meth:`_shed`).
+        self._pending: OrderedDict[int, socket.socket] = OrderedDict()
+        self._shed_ids: set[int] = set()
+        self._shed_logged_at, self._shed_unlogged = -1e9, 0
+        self._next_id = 0
         self._established = 0
         self._closing = False
+        self._stopped = threading.Event()
+        #: monotonic time of the last successful and of the last failed ``accept()``.
+        self._last_accept = time.monotonic()
+        self._last_failure = -1e9
+        self._failure = ""
         sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port and hasattr(socket, "SO_REUSEPORT"):
@@ -513,6 +642,7 @@ class Acceptor:
         with self._lock:
             self._closing = True
             running = list(self._active.items())
+        self._stopped.set()
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
@@ -527,45 +657,149 @@ class Acceptor:
                 thread.join(timeout)
 
     # -- accept ----------------------------------------------------------------------------------
+    def accepting(self) -> tuple[bool, str]:
+        """Whether new connections are being accepted, and why not (for readiness probes).
+
+        Not while the accept thread is gone, nor while ``accept()`` fails (out of file
+        descriptors: EMFILE/ENFILE, out of kernel memory: ENOBUFS/ENOMEM) and for
+        ``_UNREADY_AFTER_FAILURE_S`` after its last failure.
+        """
+        if self._closing:
+            return False, "the listener is stopping"
+        if not self._thread.is_alive():
+            return False, "the accept thread has ended"
+        since_failure = time.monotonic() - self._last_failure
+        if self._last_failure > self._last_accept or since_failure < _UNREADY_AFTER_FAILURE_S:
+            return False, f"accept() failed {since_failure:.1f} s ago: {self._failure}"
+        with self._lock:
+            pending, established = len(self._pending), self._established
+        return True, f"accepting ({established} associations, {pending} connections negotiating)"
+
     def _accept_loop(self) -> None:
-        while True:
+        backoff = 0.0
+        while not self._closing:
             try:
                 conn, addr = self._sock.accept()
-            except OSError:
-                return  # closed by shutdown()
-            with self._lock:
-                if self._closing:
+            except OSError as exc:
+                if self._closing or self._sock.fileno() < 0:
+                    return  # closed by shutdown()
+                if exc.errno in _TRANSIENT_ERRNOS:
+                    continue
+                backoff = min(max(backoff * 2, _ACCEPT_BACKOFF[0]), _ACCEPT_BACKOFF[1])
+                self._accept_failed(exc, backoff)
+                self._stopped.wait(backoff)
+                continue
+            except Exception as exc:  # never let the accept thread die silently
+                backoff = min(max(backoff * 2, _ACCEPT_BACKOFF[0]), _ACCEPT_BACKOFF[1])
+                self._accept_failed(exc, backoff)
+                self._stopped.wait(backoff)
+                continue
+            if self._last_failure > self._last_accept:
+                _log.warning("listener_accepting_again", after_s=round(time.monotonic() - self._last_failure, 2))
+            self._last_accept = time.monotonic()
+            backoff = 0.0
+            try:
+                self._start_connection(conn, addr)
+            except Exception as exc:  # a thread that cannot start: drop this connection only
+                with contextlib.suppress(OSError):
                     conn.close()
-                    return
-            tune_socket(conn)
-            thread = threading.Thread(
-                target=self._serve, args=(conn, addr), name=f"dicom-assoc-{addr[1]}", daemon=True
-            )
-            thread.acceptor = self  # type: ignore[attr-defined]
-            thread.start()
+                backoff = _ACCEPT_BACKOFF[0]
+                self._accept_failed(exc, backoff)
+                self._stopped.wait(backoff)
 
-    def _serve(self, conn: socket.socket, addr: tuple[str, int]) -> None:
-        address = f"{addr[0]}:{addr[1]}"
-        key = threading.get_ident()
+    def _accept_failed(self, exc: BaseException, backoff: float) -> None:
+        """Log, shed half of the connections not associated yet (they hold the descriptors a
+        sender needs), and remember the failure for :meth:`accepting`."""
+        name = errno.errorcode.get(exc.errno, "") if isinstance(exc, OSError) and exc.errno else ""
+        self._failure = f"{name or type(exc).__name__}: {exc}"[:200]
+        first = self._last_failure <= self._last_accept
+        self._last_failure = time.monotonic()
         with self._lock:
-            self._active[key] = conn
+            shed = self._shed(max(1, len(self._pending) // 2))
+        (_log.error if first else _log.warning)(
+            "listener_accept_failed", error=self._failure, errno=name or None,
+            shed_connections=shed, retry_in_s=backoff,
+        )
+
+    def _shed(self, n: int) -> int:
+        """Close the ``n`` oldest connections not associated yet (hold ``self._lock``)."""
+        shed = 0
+        for key in list(self._pending)[:n]:
+            sock = self._pending.pop(key)
+            self._shed_ids.add(key)
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            shed += 1
+        return shed
+
+    def _start_connection(self, conn: socket.socket, addr: tuple[str, int]) -> None:
+        with self._lock:
+            if self._closing:
+                conn.close()
+                return
+            key = self._next_id
+            self._next_id += 1
+            self._pending[key] = conn
+            shed = self._shed(len(self._pending) - self.config.max_pending) if (
+                len(self._pending) > self.config.max_pending
+            ) else 0
+        if shed:
+            self._shed_unlogged += shed
+            now = time.monotonic()
+            if now - self._shed_logged_at >= 1.0:  # one line a second under a flood
+                _log.warning("connection_shed", reason="max_pending_connections reached",
+                             max_pending_connections=self.config.max_pending,
+                             shed_connections=self._shed_unlogged)
+                self._shed_logged_at, self._shed_unlogged = now, 0
+        tune_socket(conn)
+        thread = threading.Thread(
+            target=self._serve, args=(conn, addr, key), name=f"dicom-assoc-{addr[1]}", daemon=True
+        )
+        thread.acceptor = self  # type: ignore[attr-defined]
+        try:
+            thread.start()
+        except BaseException:
+            with self._lock:
+                self._pending.pop(key, None)
+            raise
+
+    def _associated(self, key: int) -> bool:
+        """The connection ``key`` became an association: no longer pending, counted."""
+        with self._lock:
+            if key in self._shed_ids:
+                return False
+            self._pending.pop(key, None)
+            self._established += 1
+            return True
+
+    def _serve(self, conn: socket.socket, addr: tuple[str, int], key: int) -> None:
+        address = f"{addr[0]}:{addr[1]}"
+        ident = threading.get_ident()
+        with self._lock:
+            self._active[ident] = conn
+        accepted_at = time.monotonic()
         try:
             sock = conn
             if self.ssl_context is not None:
+                # CPython's TLS handshake takes the socket timeout as a deadline for the whole
+                # handshake (not per receive); the A-ASSOCIATE-RQ gets what is left of it.
                 conn.settimeout(self.config.acse_timeout)
                 try:
                     sock = self.ssl_context.wrap_socket(conn, server_side=True)
                 except (OSError, ssl.SSLError) as exc:
-                    self.handler.tls_failed(address, str(exc))
+                    if key not in self._shed_ids:
+                        self.handler.tls_failed(address, str(exc))
                     return
                 with self._lock:
-                    self._active[key] = sock
-            _AssociationRun(self, sock, addr).run()
+                    self._active[ident] = sock
+            _AssociationRun(self, sock, addr, key, accepted_at).run()
         except Exception as exc:  # never let a thread die silently
             self.handler.connection_failed(address, f"{type(exc).__name__}: {exc}")
         finally:
             with self._lock:
-                self._active.pop(key, None)
+                self._active.pop(ident, None)
+                self._pending.pop(key, None)
+                self._shed_ids.discard(key)
             with contextlib.suppress(OSError):
                 conn.close()
 
@@ -583,8 +817,12 @@ class Acceptor:
 class _AssociationRun:
     """One association from A-ASSOCIATE-RQ to release or abort."""
 
-    def __init__(self, acceptor: Acceptor, sock: socket.socket, addr: tuple[str, int]) -> None:
+    def __init__(
+        self, acceptor: Acceptor, sock: socket.socket, addr: tuple[str, int], key: int,
+        accepted_at: float,
+    ) -> None:
         self.acceptor = acceptor
+        self.key = key
         self.config = acceptor.config
         self.handler = acceptor.handler
         self.sock = sock
@@ -593,21 +831,35 @@ class _AssociationRun:
         self.limit = (
             self.config.maximum_pdu_size + 6 if self.config.maximum_pdu_size else _MAX_DATA_PDU
         )
+        #: When the connection was accepted (``time.monotonic()``).
+        self.started = accepted_at
 
     def run(self) -> None:
         address = f"{self.addr[0]}:{self.addr[1]}"
-        self.conn.set_timeout(self.config.acse_timeout)
+        config = self.config
+        self.conn.set_timeout(config.acse_timeout)
+        self.conn.set_deadline(
+            self.started + config.acse_timeout, "A-ASSOCIATE-RQ not complete within acse_timeout"
+        )
         try:
-            pdu_type, body = self.conn.read_pdu(_MAX_REQUEST_PDU)
+            pdu_type, body = self.conn.read_pdu(config.max_request_pdu)
         except (_Closed, ConnectionError):
             return  # a port probe or a health check: nothing to say
         except TimeoutError:
-            self.handler.connection_failed(address, "no A-ASSOCIATE-RQ within acse_timeout")
+            self.handler.connection_failed(
+                address,
+                f"A-ASSOCIATE-RQ not complete within acse_timeout ({config.acse_timeout:g} s)"
+                if self.conn.anything else "no A-ASSOCIATE-RQ within acse_timeout",
+            )
             self._send_quietly(abort_pdu(ABORT_NOT_SPECIFIED))
             return
         except _Abort as exc:
             self.handler.connection_failed(address, str(exc))
             self._send_quietly(abort_pdu(exc.reason))
+            return
+        except OSError as exc:
+            if not self.acceptor.closing and self.key not in self.acceptor._shed_ids:
+                self.handler.connection_failed(address, f"connection failed: {exc}")
             return
         if pdu_type != A_ASSOCIATE_RQ_PDU:
             known = A_ASSOCIATE_RQ_PDU <= pdu_type <= A_ABORT_PDU
@@ -618,7 +870,10 @@ class _AssociationRun:
         assoc = self._negotiate(address, body)
         if assoc is None:
             return
-        self.acceptor._count(+1)
+        del body
+        if not self.acceptor._associated(self.key):
+            return  # shed while negotiating: its socket is shut down
+        self.conn.associated()
         released, reason = False, "aborted"
         try:
             self.handler.accepted(assoc)
@@ -741,11 +996,22 @@ class _AssociationRun:
     # -- data transfer ---------------------------------------------------------------------------
     def _serve(self, assoc: Association) -> tuple[bool, str]:
         """Serve messages until release or abort; return (released, why it ended)."""
-        self.conn.set_timeout(self.config.network_timeout)
+        config = self.config
+        self.conn.set_timeout(config.network_timeout)
         message: _Message | None = None
         try:
             while True:
-                pdu_type, body = self.conn.read_pdu(self.limit)
+                if message is None:
+                    # Idle: the next PDU's first byte within network_timeout; from it, the
+                    # whole DIMSE message it begins within dimse_timeout.
+                    self.conn.set_deadline(
+                        None if config.network_timeout is None
+                        else time.monotonic() + config.network_timeout,
+                        "no data for network_timeout",
+                    )
+                    pdu_type, body = self.conn.read_pdu(self.limit, config.dimse_timeout)
+                else:
+                    pdu_type, body = self.conn.read_pdu(self.limit)
                 if pdu_type == P_DATA_TF_PDU:
                     message = self._p_data(assoc, message, body)
                 elif pdu_type == A_RELEASE_RQ_PDU:
@@ -762,9 +1028,13 @@ class _AssociationRun:
         except _Abort as exc:
             self._send_quietly(abort_pdu(exc.reason))
             return False, f"aborted: {exc}"
+        except DeadlineExceeded as exc:
+            self._send_quietly(abort_pdu(ABORT_NOT_SPECIFIED))
+            limit = config.network_timeout if str(exc).startswith("no data") else config.dimse_timeout
+            return False, f"aborted: {exc} ({limit or 0:g} s)"
         except TimeoutError:
             self._send_quietly(abort_pdu(ABORT_NOT_SPECIFIED))
-            return False, f"aborted: no data for network_timeout ({self.config.network_timeout:g} s)"
+            return False, f"aborted: a send timed out ({config.network_timeout or 0:g} s)"
         except (_Closed, ConnectionError):
             if self.acceptor.closing:
                 return False, "aborted: the listener is stopping"
@@ -800,6 +1070,9 @@ class _AssociationRun:
                 if message.dataset is not None:
                     raise _Abort(ABORT_UNEXPECTED_PDU, "command fragment inside a data set")
                 message.command.append(fragment)
+                message.size += len(fragment)
+                if message.size > _MAX_COMMAND:
+                    raise _Abort(ABORT_INVALID_PDU_PARAMETER, f"command set over {_MAX_COMMAND} bytes")
                 if control & 0x02:
                     try:
                         message.fields = decode_command(b"".join(message.command))
@@ -810,12 +1083,21 @@ class _AssociationRun:
                         message = None
                     else:
                         message.dataset = []
+                        message.size = 0
             else:
                 if message.dataset is None:
                     raise _Abort(ABORT_UNEXPECTED_PDU, "data set fragment before its command")
                 message.dataset.append(fragment)
+                message.size += len(fragment)
+                if self.config.max_message_bytes and message.size > self.config.max_message_bytes:
+                    raise _Abort(
+                        ABORT_NOT_SPECIFIED,
+                        f"data set over max_instance_mb ({self.config.max_message_bytes >> 20} MiB)",
+                    )
                 if control & 0x02:
-                    self._dispatch(assoc, message, b"".join(message.dataset))
+                    dataset = b"".join(message.dataset)
+                    message.dataset = None  # the PDU bodies go: one copy while it is stored
+                    self._dispatch(assoc, message, dataset)
                     message = None
         return message
 

@@ -29,6 +29,7 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
 
@@ -69,94 +70,168 @@ _LONG_LENGTH = struct.Struct("<L")
 
 
 class _Unusual(Exception):
-    """The fast scanner met something it leaves to pydicom's reader."""
+    """The fast scanner met something it leaves to pydicom's reader (elements out of order)."""
 
 
-def _element_header(data: memoryview, pos: int, explicit: bool) -> tuple[bytes | None, int, int]:
-    """The VR (None when implicit), value length and value offset of the element at ``pos``."""
-    if not explicit:
-        return None, _TAG_LENGTH.unpack_from(data, pos)[2], pos + 8
-    vr, length = _EXPLICIT.unpack_from(data, pos)[2:]
-    if vr in _SHORT_VRS:
-        return vr, length, pos + 8
-    if vr in _LONG_VRS:
-        if pos + 12 > len(data):
-            raise _Unusual("element header truncated")
-        return vr, _LONG_LENGTH.unpack_from(data, pos + 8)[0], pos + 12
-    raise _Unusual(f"not a VR: {vr!r}")
+class _Malformed(_Unusual):
+    """The bytes are not a data set in the negotiated encoding: no reader could make sense of
+    them (a value or item past the end, a VR that is none, an undelimited sequence)."""
 
 
-def _skip_sequence(data: memoryview, pos: int, explicit: bool) -> int:
-    """The offset just past the undefined-length sequence whose items start at ``pos``."""
-    end = len(data)
-    while True:
-        if pos + 8 > end:
-            raise _Unusual("sequence not delimited")
-        group, element, length = _TAG_LENGTH.unpack_from(data, pos)
-        pos += 8
-        if group != 0xFFFE:
-            raise _Unusual("not an item")
-        if element == 0xE0DD:  # sequence delimitation
-            return pos
-        if element != 0xE000:
-            raise _Unusual("not an item")
-        if length != _UNDEFINED:
-            pos += length
-            continue
-        while True:  # an undefined-length item: its elements up to the item delimitation
-            if pos + 8 > end:
-                raise _Unusual("item not delimited")
-            group, element = _TAG.unpack_from(data, pos)
-            if group == 0xFFFE:
-                if element != 0xE00D:
-                    raise _Unusual("not an item delimitation")
-                pos += 8
-                break
-            vr, length, pos = _element_header(data, pos, explicit)
+#: Sequences nested deeper than this are refused (a stack-exhaustion attack, not an image).
+MAX_SEQUENCE_DEPTH: Final = 32
+
+
+class _Walk:
+    """One walk over a data set: its byte order, VR encoding and what was found."""
+
+    __slots__ = ("data", "explicit", "found", "long_length", "short", "tag", "tag_length", "unordered")
+
+    def __init__(self, data: memoryview, explicit: bool, little: bool) -> None:
+        order = "<" if little else ">"
+        self.data = data
+        self.explicit = explicit
+        self.tag = _TAG if little else struct.Struct(">HH")
+        self.tag_length = _TAG_LENGTH if little else struct.Struct(">HHL")
+        self.short = _EXPLICIT if little else struct.Struct(">HH2sH")
+        self.long_length = _LONG_LENGTH if little else struct.Struct(order + "L")
+        self.found: dict[int, RawValue] = {}
+        self.unordered = False
+
+    def header(self, pos: int, explicit: bool) -> tuple[bytes | None, int, int]:
+        """The VR (None when implicit), value length and value offset of the element at ``pos``."""
+        if not explicit:
+            return None, self.tag_length.unpack_from(self.data, pos)[2], pos + 8
+        vr, length = self.short.unpack_from(self.data, pos)[2:]
+        if vr in _SHORT_VRS:
+            return vr, length, pos + 8
+        if vr in _LONG_VRS:
+            if pos + 12 > len(self.data):
+                raise _Malformed("element header truncated")
+            return vr, self.long_length.unpack_from(self.data, pos + 8)[0], pos + 12
+        raise _Malformed(f"not a VR: {vr!r}")
+
+    def sequence(self, pos: int, end: int, explicit: bool, walk: bool, depth: int) -> int:
+        """Walk a sequence's items from ``pos`` up to its sequence delimitation (``end`` < 0:
+        undefined length) or exactly to ``end``; return the offset just past it.
+
+        ``walk``: the items hold data sets, walked element by element (encapsulated pixel data
+        holds fragments, only skipped).
+        """
+        data = self.data
+        limit = len(data) if end < 0 else end
+        if depth > MAX_SEQUENCE_DEPTH:
+            raise _Malformed("sequences nested too deep")
+        while True:
+            if end >= 0 and pos == end:
+                return pos
+            if pos + 8 > limit:
+                raise _Malformed("sequence not delimited" if end < 0 else "item past its sequence")
+            group, element, length = self.tag_length.unpack_from(data, pos)
+            pos += 8
+            if group != 0xFFFE:
+                raise _Malformed("not an item")
+            if element == 0xE0DD and end < 0:  # sequence delimitation
+                return pos
+            if element != 0xE000:
+                raise _Malformed("not an item")
             if length == _UNDEFINED:
-                # UN of undefined length holds implicit VR little endian (PS3.5 6.2.2).
-                pos = _skip_sequence(data, pos, explicit and vr != b"UN")
-            else:
-                pos += length
+                if not walk:
+                    raise _Malformed("fragment of undefined length")
+                pos = self.elements(pos, -1, explicit, depth + 1)
+                continue
+            if pos + length > limit:
+                raise _Malformed("item past the end")
+            if walk:
+                self.elements(pos, pos + length, explicit, depth + 1)
+            pos += length
+
+    def elements(self, pos: int, end: int, explicit: bool, depth: int) -> int:
+        """Walk the elements from ``pos`` exactly to ``end`` (a data set, an item of defined
+        length) or up to an item delimitation (``end`` < 0); return the offset past them.
+        The :data:`WANTED_TAGS` of the top level (``depth`` 0) are kept in :attr:`found`."""
+        data = self.data
+        limit = len(data) if end < 0 else end
+        last = -1
+        while True:
+            if pos == end:
+                return pos
+            if pos + 8 > limit:
+                raise _Malformed("element header truncated" if end >= 0 else "item not delimited")
+            group, element = self.tag.unpack_from(data, pos)
+            if group == 0xFFFE:
+                if end < 0 and element == 0xE00D:  # item delimitation
+                    return pos + 8
+                if depth == 0 and element == 0xE0DD and not self.tag_length.unpack_from(data, pos)[2]:
+                    # A stray sequence delimitation after encapsulated pixel data: pydicom
+                    # writes one more after a value that already ends with its own.
+                    pos += 8
+                    continue
+                raise _Malformed("item tag among elements")
+            tag = group << 16 | element
+            if tag <= last:
+                self.unordered = True
+            last = tag
+            vr, length, pos = self.header(pos, explicit)
+            if pos > limit:
+                raise _Malformed("element header truncated")
+            if length == _UNDEFINED:
+                pixels = tag in _PIXEL_TAGS
+                if vr is not None and vr not in (b"SQ", b"UN") and not (
+                    pixels and vr in (b"OB", b"OW")
+                ):
+                    raise _Malformed("undefined length outside a sequence")
+                # UN of undefined length holds implicit VR little endian (PS3.5 6.2.2); pixel
+                # data of undefined length is encapsulated: fragments, not data sets.
+                pos = self.sequence(
+                    pos, -1, explicit and vr != b"UN", vr == b"SQ" or not pixels, depth
+                )
+                continue
+            if pos + length > limit:
+                raise _Malformed("value past the end")
+            if vr == b"SQ" and length:
+                self.sequence(pos, pos + length, explicit, True, depth)
+            elif depth == 0 and tag in WANTED_TAGS:
+                self.found[tag] = (
+                    None if vr is None else vr.decode("ascii"), bytes(data[pos:pos + length])
+                )
+            pos += length
 
 
-def scan_elements(data: bytes | bytearray | memoryview, explicit: bool) -> dict[int, RawValue]:
-    """The :data:`WANTED_TAGS` elements of a little endian data set, as ``tag: (VR, bytes)``.
+def walk(data: bytes | bytearray | memoryview, explicit: bool, little: bool = True) -> _Walk:
+    """Walk a whole data set to its last byte, reading only tags and lengths.
 
-    Walks the top-level elements up to the pixel data (or the end), reading only tags and
-    lengths; sequences of undefined length are skipped item by item.
+    Every element, every item of every sequence (defined or undefined length, nested) and every
+    fragment of encapsulated pixel data must fit exactly, with a valid VR when ``explicit``.
+    Values (pixel data too) are jumped over, never read.  Sequences of defined length are walked
+    in explicit VR; in implicit VR a value's length is all there is to check.
 
     Raises
     ------
-    _Unusual
-        For anything a well-formed data set does not hold (the caller asks pydicom instead).
+    _Malformed
+        When the bytes are not a data set in this encoding (the caller refuses them).
     """
     view = memoryview(data).cast("B")
-    end = len(view)
-    found: dict[int, RawValue] = {}
-    pos, last = 0, -1
-    while pos < end:
-        if pos + 8 > end:
-            raise _Unusual("element header truncated")
-        group, element = _TAG.unpack_from(view, pos)
-        tag = group << 16 | element
-        if tag <= last:
-            raise _Unusual("elements out of order")
-        if tag in _PIXEL_TAGS:
-            break
-        last = tag
-        vr, length, pos = _element_header(view, pos, explicit)
-        if length == _UNDEFINED:
-            if vr is not None and vr not in (b"SQ", b"UN"):
-                raise _Unusual("undefined length outside a sequence")
-            pos = _skip_sequence(view, pos, explicit and vr != b"UN")
-            continue
-        if pos + length > end:
-            raise _Unusual("value past the end")
-        if tag in WANTED_TAGS:
-            found[tag] = (None if vr is None else vr.decode("ascii"), bytes(view[pos:pos + length]))
-        pos += length
+    found = _Walk(view, explicit, little)
+    found.elements(0, len(view), explicit, 0)
     return found
+
+
+def scan_elements(data: bytes | bytearray | memoryview, explicit: bool) -> dict[int, RawValue]:
+    """The :data:`WANTED_TAGS` elements of a little endian data set, as ``tag: (VR, bytes)``,
+    once :func:`walk` found the whole data set well formed.
+
+    Raises
+    ------
+    _Malformed
+        When the bytes are not a data set in this encoding (the caller refuses them).
+    _Unusual
+        For elements out of order (the caller asks pydicom for the values instead).
+    """
+    walked = walk(data, explicit)
+    if walked.unordered:
+        raise _Unusual("elements out of order")
+    return walked.found
 
 
 # -- pydicom's reader: everything else ---------------------------------------------------------
@@ -164,21 +239,64 @@ def _at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
     return tag in _PIXEL_TAGS
 
 
-def read_header(stream: BinaryIO, transfer_syntax: str) -> Dataset:
+class DataSetTooLargeError(PermanentError):
+    """A data set larger than the listener's ``max_instance_mb`` (inflated, for deflate)."""
+
+
+#: Inflated in steps of this size (and each step dropped) while measuring a deflated data set.
+_INFLATE_STEP: Final = 1 << 20
+
+
+def inflate(data: bytes | bytearray | memoryview, limit: int) -> bytes:
+    """A Deflated Explicit VR Little Endian data set's bytes inflated, at most ``limit`` bytes.
+
+    The inflated size is measured first in 1 MiB steps that are dropped at once, so a
+    "decompression bomb" (a few MB that inflate to GBs) is refused having used 1 MiB of memory;
+    only a data set within ``limit`` is then inflated in full.
+
+    Raises
+    ------
+    DataSetTooLargeError
+        When it inflates to more than ``limit`` bytes.
+    ValueError
+        When the deflate stream is not one (zlib.error), is truncated or has bytes after its end.
+    """
+    measure = zlib.decompressobj(-zlib.MAX_WBITS)
+    size = len(measure.decompress(data, _INFLATE_STEP))
+    while measure.unconsumed_tail and size <= limit:
+        size += len(measure.decompress(measure.unconsumed_tail, _INFLATE_STEP))
+    if size <= limit and not measure.eof:
+        size += len(measure.flush())
+    if size > limit:
+        raise DataSetTooLargeError(
+            f"the deflated data set inflates to more than {limit >> 20} MiB (max_instance_mb)"
+        )
+    if not measure.eof:
+        raise ValueError("the deflate stream is truncated")
+    if measure.unused_data:
+        raise ValueError("bytes after the end of the deflate stream")
+    return zlib.decompress(data, -zlib.MAX_WBITS)
+
+
+def read_header(stream: BinaryIO, transfer_syntax: str, limit: int | None = None) -> Dataset:
     """Parse only the elements the listener needs (UIDs, catalog attributes) with pydicom.
 
     ``stream`` holds the data set as received (no file meta) in ``transfer_syntax``; reading
-    stops before the pixel data, so pixel bytes are never touched.
+    stops before the pixel data, so pixel bytes are never touched.  A deflated data set is
+    inflated up to ``limit`` bytes (:func:`inflate`).
     """
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
         stream.seek(0)
-        stream = BytesIO(zlib.decompress(stream.read(), -zlib.MAX_WBITS))
+        stream = BytesIO(inflate(stream.read(), _NO_LIMIT if limit is None else limit))
     implicit = transfer_syntax == ImplicitVRLittleEndian
     little = transfer_syntax != ExplicitVRBigEndian
     stream.seek(0)
     return read_dataset(
         stream, implicit, little, stop_when=_at_pixel_data, specific_tags=_HEADER_TAGS
     )
+
+
+_NO_LIMIT: Final = 1 << 62
 
 
 def _raw_values(header: Dataset) -> dict[int, RawValue]:
@@ -241,26 +359,38 @@ def header_values(
 
 
 def parse_header(
-    data: bytes | bytearray | memoryview, transfer_syntax: str
+    data: bytes | bytearray | memoryview, transfer_syntax: str, *, max_inflated: int | None = None,
 ) -> tuple[dict[str, str | None], dict[str, str | int | float]]:
-    """The UIDs and catalog attributes of a data set received in ``transfer_syntax``.
+    """The UIDs and catalog attributes of a data set received in ``transfer_syntax``, once the
+    whole data set is known to parse in that syntax.
+
+    Every data set (a deflated one once inflated, within ``max_inflated`` bytes) is walked to its
+    last byte by :func:`walk` in the negotiated byte order and VR encoding; the values come from
+    that walk, or from pydicom's reader for big endian and for elements out of order.
 
     Raises
     ------
+    DataSetTooLargeError
+        When a deflated data set inflates beyond ``max_inflated`` bytes.
     UndecodableDatasetError
         When the bytes are not a data set in ``transfer_syntax`` (truncated, garbage, absurd
-        lengths...), naming the transfer syntax and what went wrong.
+        lengths, the other VR encoding...), naming the transfer syntax and what went wrong.
     """
     try:
-        if transfer_syntax not in (ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian):
-            # Every other syntax, encapsulated (compressed) ones included, is little endian.
-            try:
-                return header_values(
-                    scan_elements(data, transfer_syntax != ImplicitVRLittleEndian)
-                )
-            except _Unusual:
-                pass
-        return header_values(_raw_values(read_header(BytesIO(data), transfer_syntax)))
+        if transfer_syntax == DeflatedExplicitVRLittleEndian:
+            data = inflate(data, _NO_LIMIT if max_inflated is None else max_inflated)
+            transfer_syntax_read: str = ExplicitVRLittleEndian
+        else:
+            transfer_syntax_read = transfer_syntax
+        implicit = transfer_syntax_read == ImplicitVRLittleEndian
+        # Every other syntax than big endian, encapsulated (compressed) ones too, is little endian.
+        walked = walk(data, not implicit, transfer_syntax_read != ExplicitVRBigEndian)
+        if transfer_syntax_read == ExplicitVRBigEndian or walked.unordered:
+            # Well formed, but its values are pydicom's to read (byte order, duplicates).
+            return header_values(_raw_values(read_header(BytesIO(data), transfer_syntax_read)))
+        return header_values(walked.found)
+    except DataSetTooLargeError:
+        raise
     except Exception as exc:  # untrusted bytes: pydicom/zlib/struct raise a dozen types here
         raise UndecodableDatasetError(
             f"the data set cannot be decoded as {transfer_syntax}: {type(exc).__name__}: {exc}"[:300]

@@ -14,6 +14,7 @@ unmodified DCMTK senders do not stall 40 ms per instance on delayed ACKs.
 
 from __future__ import annotations
 
+import resource
 import socket
 import ssl
 import struct
@@ -36,7 +37,7 @@ from dicom_node.ingest.acceptor import (
     StoreRequest,
 )
 from dicom_node.ingest.events import AssociationSummary, IngestSink, StoredInstance
-from dicom_node.ingest.header import UndecodableDatasetError, parse_header
+from dicom_node.ingest.header import DataSetTooLargeError, UndecodableDatasetError, parse_header
 from dicom_node.ingest.spool import Spool, SpoolWriteError
 from dicom_node.settings import ListenerSettings, StorageSettings, TlsSettings
 
@@ -88,6 +89,36 @@ def file_meta_bytes(
     ))
     group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
     return b"\x00" * 128 + b"DICM" + group_length + body
+
+
+def fd_limit_needed(settings: ListenerSettings) -> int:
+    """File descriptors the listener may hold at once, plus room for the rest of the node
+    (catalog, broker, web, logs, spool folders: 256)."""
+    return settings.max_associations + settings.max_pending_connections + 256
+
+
+def raise_fd_limit(settings: ListenerSettings) -> tuple[int, int]:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard one (an unprivileged process may) and
+    return ``(soft, hard)``; log a warning when it stays below :func:`fd_limit_needed`.
+
+    Distribution defaults are a soft limit of 1024 (or 512 under some service managers)
+    under a hard one of 4096 to 1M; out of descriptors, ``accept()`` fails (EMFILE) and the
+    listener can serve no sender until connections close.
+    """
+    log = structlog.get_logger("dicom_node.ingest.listener")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("fd_limit_not_raised", soft=soft, hard=hard, error=str(exc))
+    needed = fd_limit_needed(settings)
+    if soft < needed:
+        log.warning("fd_limit_low", soft=soft, hard=hard, needed=needed,
+                    hint="raise LimitNOFILE (systemd) or ulimit -n; see docs/reliability.md")
+    return soft, hard
 
 
 def server_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
@@ -211,6 +242,10 @@ class Listener:
             maximum_pdu_size=s.maximum_pdu_size,
             acse_timeout=s.acse_timeout,
             network_timeout=s.network_timeout,
+            dimse_timeout=s.dimse_timeout,
+            max_message_bytes=s.max_instance_mb << 20,
+            max_pending=s.max_pending_connections,
+            max_request_pdu=s.max_associate_request_kb << 10,
         )
         context = server_ssl_context(s.tls) if s.tls is not None else None
         self._acceptor = Acceptor(
@@ -218,7 +253,9 @@ class Listener:
         )
         self._log.info(
             "listener_started", host=s.host, port=self.port, tls=s.tls is not None,
-            max_associations=s.max_associations,
+            max_associations=s.max_associations, max_pending_connections=s.max_pending_connections,
+            max_instance_mb=s.max_instance_mb, acse_timeout=s.acse_timeout,
+            dimse_timeout=s.dimse_timeout, network_timeout=s.network_timeout,
         )
 
     def stop(self) -> None:
@@ -235,6 +272,14 @@ class Listener:
         if self._acceptor is None:
             raise RuntimeError("the listener is not running")
         return self._acceptor.port
+
+    def readiness(self) -> tuple[bool, str]:
+        """``(ok, detail)`` for ``/readyz``: false while the listener is not accepting
+        connections (stopped, its accept thread gone, or ``accept()`` failing: out of file
+        descriptors or kernel memory)."""
+        if self._acceptor is None:
+            return False, "the listener is not running"
+        return self._acceptor.accepting()
 
     def flush(self, timeout: float = 30.0) -> bool:
         """True: the sink hears of every instance on the association's thread before its answer."""
@@ -339,11 +384,14 @@ class Listener:
           fdatasync'd, linked under its name and its folder fsync'd - and the sink has heard of
           it.
         - ``0xA700`` Refused, out of resources: free space below ``storage.min_free_mb``
-          (nothing written) or the write failed.
+          (nothing written), a deflated data set that inflates beyond ``max_instance_mb``
+          ("refused: too large"), or the write failed.
         - ``0xA900`` Error, dataset does not match SOP class: the dataset's SOP Class/Instance
           UID differs from the request's, or a UID is missing, invalid, > 64 characters or
           holds ``../`` (it would become a path part).
-        - ``0xC210`` Error, cannot understand: the dataset could not be decoded.
+        - ``0xC210`` Error, cannot understand: the whole data set does not parse in the
+          negotiated transfer syntax (a length past the end, the other VR encoding, a VR that
+          is none, an undelimited sequence, bytes after the end: :func:`~dicom_node.ingest.header.walk`).
         - ``0xC211`` Error, processing failure: anything unexpected (traceback logged).
         """
         received_at = time.time()
@@ -388,7 +436,15 @@ class Listener:
         transfer_syntax = req.context.transfer_syntax
         abstract_syntax = req.context.abstract_syntax
         try:
-            found, attributes = parse_header(req.dataset, transfer_syntax)
+            found, attributes = parse_header(
+                req.dataset, transfer_syntax, max_inflated=self.settings.max_instance_mb << 20
+            )
+        except DataSetTooLargeError:
+            # Out of resources: a limit of this node, not a fault of the data set's encoding.
+            raise _Refused(
+                statuses.OUT_OF_RESOURCES, "store_refused_too_large",
+                transfer_syntax_uid=transfer_syntax, max_instance_mb=self.settings.max_instance_mb,
+            ) from None
         except UndecodableDatasetError as exc:
             raise _Refused(
                 statuses.CANNOT_UNDERSTAND, "store_refused_undecodable",

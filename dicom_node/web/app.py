@@ -72,8 +72,10 @@ def readiness_checks(
     broker: Callable[[], Check] | None = None,
     free_mb: Callable[[], float] | None = None,
     min_free_mb: float = 0.0,
+    listener: Callable[[], Check] | None = None,
 ) -> Readiness:
-    """Combine the checks that need objects the web app does not have (broker, spool)."""
+    """Combine the checks that need objects the web app does not have (broker, spool, the
+    DICOM listener accepting connections)."""
 
     def checks() -> dict[str, Check]:
         out: dict[str, Check] = {}
@@ -84,6 +86,8 @@ def readiness_checks(
                 out["broker"] = (False, f"broker check raised {type(exc).__name__}: {exc}")
         if free_mb is not None:
             out["disk"] = disk_check(free_mb, min_free_mb)
+        if listener is not None:
+            out["dicom_listener"] = listener()
         return out
 
     return checks

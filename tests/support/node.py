@@ -106,14 +106,21 @@ class NodeProcess:
         self.server.stop()
 
 
-def start_node(workdir: Path, config: dict[str, Any], *, extra_env: dict[str, str] | None = None) -> NodeProcess:
-    """Write ``config`` and start ``dicom-node serve`` on it; return once it listens."""
+def start_node(
+    workdir: Path, config: dict[str, Any], *, extra_env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], object] | None = None,
+) -> NodeProcess:
+    """Write ``config`` and start ``dicom-node serve`` on it; return once it listens.
+
+    ``preexec_fn`` runs in the child before ``serve`` starts (e.g. to lower its fd limit).
+    """
     config_path = write_config(workdir / "dicom-node.toml", config)
     log = workdir / "node.log"
     with log.open("wb") as fh:
         proc = subprocess.Popen(
             [sys.executable, "-m", "dicom_node", "serve", "--config", str(config_path), "--log-format", "json"],
             stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(extra_env or {})}, cwd=workdir,
+            preexec_fn=preexec_fn,
         )
     port = int(config["listener"]["port"])
     try:

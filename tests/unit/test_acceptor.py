@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import ssl
 import struct
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -29,6 +33,8 @@ from dicom_node.ingest.acceptor import (
     encode_response,
     p_data_pdus,
 )
+from tests.conftest import require_tool
+from tests.support import procs
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 VERIFICATION = "1.2.840.10008.1.1"
@@ -372,3 +378,43 @@ def test_silent_peers_are_dropped_after_the_acse_and_network_timeouts() -> None:
         acceptor.shutdown()
     assert ("failed", "no A-ASSOCIATE-RQ within acse_timeout") in handler.events
     assert ("ended", "aborted: no data for network_timeout (0.5 s)") in handler.events
+
+
+def test_tls_handshake_trickled_byte_by_byte_ends_at_the_acse_deadline(tmp_path: Path) -> None:
+    """A TLS ClientHello sent one byte every 0.2 s (each receive well inside acse_timeout):
+    the handshake and the A-ASSOCIATE-RQ share one deadline, so the connection is closed
+    acse_timeout after it was accepted, not after a timeout per byte."""
+    require_tool("openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    procs.run_tool(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "1", "-subj", "/CN=localhost"], check=True)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(str(cert), str(key))
+    # The ClientHello a real client sends, taken from an in-memory TLS client.
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client.wrap_bio(incoming, outgoing)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    hello = outgoing.read()
+    assert len(hello) > 100
+    handler = _Recorder()
+    acceptor = Acceptor(("127.0.0.1", 0), AcceptorConfig(contexts={CT: (ExplicitVRLittleEndian,)},
+                                                         acse_timeout=1.0, network_timeout=1.0),
+                        handler, ssl_context=server)
+    try:
+        with socket.create_connection(("127.0.0.1", acceptor.port)) as sock:
+            started = time.monotonic()
+            closed_after = None
+            for i in range(len(hello)):
+                try:
+                    sock.sendall(hello[i:i + 1])
+                except OSError:
+                    closed_after = time.monotonic() - started
+                    break
+                time.sleep(0.2)
+        assert closed_after is not None and closed_after < 1.0 + 1.0, closed_after
+        assert any(kind == "tls" and "timed out" in text for kind, text in handler.events), handler.events
+    finally:
+        acceptor.shutdown()

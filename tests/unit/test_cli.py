@@ -138,7 +138,7 @@ def test_settings_errors_name_the_variable_and_suggest_the_key(
     fine.write_text("")
     assert main(["config", "check", "--config", str(fine)]) == 2
     err = capsys.readouterr().err
-    assert "DICOM_NODE_LISTENER__PORT (environment): Input should be less than or equal to 65535" in err
+    assert "DICOM_NODE_LISTENER__PORT (environment, listener.port): Input should be less than or equal to 65535" in err
     assert str(fine) not in err
     monkeypatch.delenv("DICOM_NODE_LISTENER__PORT")
     dup = tmp_path / "dup.toml"
