@@ -8,7 +8,8 @@ options away from it.
 kombu's virtual transports poll: an empty poll of each queue is a ``BEGIN IMMEDIATE``
 transaction on the SQLite broker, and a short interval (fast pick-up of a new job) made an idle
 worker poll 20 times a second.  Here the consumer sleeps between polls on a Unix datagram socket
-in a folder next to the broker database (``broker.db.wake/``) instead of ``time.sleep``, and
+in a folder named after the broker database (``$TMPDIR/dicom-node-wake-<hash>/``) instead of
+``time.sleep``, and
 every publish (``serve`` queueing a job, a worker sending the dispatch task) sends one byte to
 each socket there: a new message is picked up at once, and the polling interval can be long
 (:data:`WAKE_POLLING_SECONDS`, a fallback for a lost wake-up) without a dead wait.  Brokers that
@@ -22,19 +23,24 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import hashlib
 import os
 import select
 import socket
+import tempfile
 import uuid
 from pathlib import Path
 from queue import Empty
 from time import monotonic
 from typing import Any
 
+import structlog
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import sqlalchemy as kombu_sqla
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
+
+log = structlog.get_logger(__name__)
 
 #: Transport options that are not ``create_engine`` arguments (kombu's list plus ours).
 _NOT_ENGINE_OPTIONS = (
@@ -47,15 +53,19 @@ WAKE_POLLING_SECONDS = 2.0
 
 
 def wake_dir(url: str) -> Path | None:
-    """The folder of wake-up sockets for a SQLite broker URL (None for other databases)."""
+    """The folder of wake-up sockets for a SQLite broker URL (None for other databases).
+
+    In the temporary folder, named by a hash of the database's real path, not next to the
+    database: a Unix socket path has at most 107 bytes, which a deep data folder exceeds.
+    """
     try:
         parsed = make_url(url)
     except Exception:  # an unparsable URL fails later, in create_engine, with its own message
         return None
     if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
         return None
-    db = Path(parsed.database)
-    return db.with_name(db.name + ".wake")
+    key = hashlib.sha256(os.path.realpath(parsed.database).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"dicom-node-wake-{key}"
 
 
 def wake_consumers(folder: Path) -> int:
@@ -87,7 +97,7 @@ class WakeSocket:
     """The consumer's end: a bound datagram socket to sleep on between polls."""
 
     def __init__(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = folder / f"{os.getpid()}-{uuid.uuid4().hex[:8]}.sock"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(self.path))
@@ -154,11 +164,15 @@ class Transport(kombu_sqla.Transport):
     _wake_pid: int | None = None
 
     def _wake_socket(self) -> WakeSocket | None:
-        if self._wake is None or self._wake_pid != os.getpid():  # bound before the first poll
+        if self._wake_pid != os.getpid():  # once per process, bound before the first poll
             folder = wake_dir(self.client.hostname) if self.client is not None else None
             if folder is None:
                 return None
-            self._wake = WakeSocket(folder)
+            try:
+                self._wake = WakeSocket(folder)
+            except OSError as exc:  # e.g. the folder belongs to another user: poll instead
+                log.warning("broker_wake_socket_unavailable", folder=str(folder), error=str(exc))
+                self._wake = None
             self._wake_pid = os.getpid()
         return self._wake
 
