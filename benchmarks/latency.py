@@ -165,6 +165,8 @@ def run_broker(broker: str, workdir: Path, cases: Sequence[Case], model: str,
         **extra,
     )
     config["completion"]["learn_min_series"] = learn_series
+    # A delivery the archive did not answer is retried (as in production), not a failed run.
+    config["delivery"] = {"max_attempts": 5, "backoff_seconds": 0.5}
     node: NodeProcess | None = None
     corpus = Corpus(workdir / "corpus")
     try:
