@@ -91,6 +91,22 @@ class StorageSettings(_Section):
     retention_days: float = Field(0, ge=0)
     #: How often ``serve`` runs the retention clean-up (when ``retention_days`` > 0).
     gc_interval_seconds: float = Field(3600.0, gt=0)
+    #: Group (name or number) given to spool and outbox files (0640) and folders (0750), e.g.
+    #: for a backup user; unset: the group of the node's process.
+    group: str | None = None
+
+    @field_validator("group")
+    @classmethod
+    def _group_exists(cls, value: str | None) -> str | None:
+        import grp
+
+        if value is None or value.isdigit():
+            return value
+        try:
+            grp.getgrnam(value)
+        except KeyError:
+            raise ValueError(f"no group named {value!r} on this machine") from None
+        return value
 
 
 class DatabaseSettings(_Section):
@@ -171,9 +187,13 @@ class WorkerSettings(_Section):
 
 
 class DeliverySettings(_Section):
-    max_attempts: int = Field(5, ge=1)
+    #: 10 attempts, 2 s doubling to 300 s, ride out an archive that is down about 7-13 minutes.
+    max_attempts: int = Field(10, ge=1)
     backoff_seconds: float = Field(2.0, ge=0)
     backoff_max_seconds: float = Field(300.0, ge=0)
+    #: How often ``serve`` checks that each destination answers (shown by ``/readyz``, never a
+    #: reason to be unready, and by the metric ``dicom_node_destination_reachable``).
+    probe_interval_seconds: float = Field(60.0, gt=0)
 
 
 class ResultsSettings(_Section):
@@ -184,13 +204,49 @@ class ResultsSettings(_Section):
 
 class DestinationSettings(_Section):
     name: str
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    #: How results reach it: ``dicom`` (C-STORE to ae_title@host:port) or ``dicomweb`` (STOW-RS to
+    #: ``url``); each is a target type of :mod:`dicom_node.delivery`.
+    type: Literal["dicom", "dicomweb"] = "dicom"
+    ae_title: str = ""
+    host: str = ""
+    port: int | None = Field(None, ge=1, le=65535)
     #: Our calling AE title towards this destination (defaults to ``listener.ae_title``).
     calling_ae_title: str | None = None
+    #: dicomweb: the service root (``https://pacs.example/dicom-web``).
+    url: str | None = None
+    #: dicomweb: ``basic`` (``username`` + the password from ``password_env`` or ``password_file``)
+    #: or ``bearer`` (the token from ``token_env`` or ``token_file``); never a secret in this file.
+    auth: Literal["none", "basic", "bearer"] = "none"
+    username: str | None = None
+    password_env: str | None = None
+    password_file: Path | None = None
+    token_env: str | None = None
+    token_file: Path | None = None
+    #: dicomweb: verify the server's TLS certificate (against ``ca_bundle`` when given).
+    verify_tls: bool = True
+    ca_bundle: Path | None = None
+    #: dicomweb: seconds to wait for the server's answer to one request.
+    timeout_seconds: float = Field(60.0, gt=0)
 
-    _v_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+    _v_ae = field_validator("ae_title")(classmethod(lambda cls, v: v if v == "" else _check_ae_title(v)))
+
+    @model_validator(mode="after")
+    def _check_type(self) -> DestinationSettings:
+        if self.type == "dicom":
+            if not (self.ae_title and self.host and self.port):
+                raise ValueError(f"destination {self.name!r} (type dicom) needs ae_title, host and port")
+        elif not self.url or not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"destination {self.name!r} (type dicomweb) needs url = \"https://...\"")
+        if self.auth == "basic" and not (self.username and (self.password_env or self.password_file)):
+            raise ValueError(f"destination {self.name!r}: auth basic needs username and password_env or password_file")
+        if self.auth == "bearer" and not (self.token_env or self.token_file):
+            raise ValueError(f"destination {self.name!r}: auth bearer needs token_env or token_file")
+        return self
+
+    @property
+    def address(self) -> str:
+        """Where it is, for messages: ``AE@host:port`` or the DICOMweb URL."""
+        return f"{self.ae_title}@{self.host}:{self.port}" if self.type == "dicom" else str(self.url)
 
 
 class Priority(str, Enum):

@@ -7,6 +7,7 @@ background while the current job's model runs (``workers.prefetch``).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,7 +18,8 @@ import structlog
 
 from dicom_node.catalog import Catalog, JobRow, JobState
 from dicom_node.errors import PermanentError
-from dicom_node.ingest.spool import write_durably
+from dicom_node.ingest.spool import FileAccess, write_durably
+from dicom_node.logs import remember_patients
 from dicom_node.settings import Settings
 from inference.registry import ModelRegistry
 from inference.stacks import StackedVolume, predict_stacked
@@ -115,6 +117,7 @@ def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
     """
     from dicom_node.results import ResultOptions, encode_results
     from dicom_node.results.failures import ENCODING_INPUT_ERRORS, dicom_keywords, input_failure, raised_at
+    from dicom_node.results.inputs import check_copied_attributes
 
     bound = log.bind(job_id=job.id, model=job.model, series_instance_uid=job.series_instance_uid)
     ctx.timings.clear()
@@ -124,6 +127,8 @@ def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
         ctx.prefetcher.start(job.id)
     volume, sources, frame_refs, excluded = loaded.volume, loaded.sources, loaded.frame_refs, loaded.excluded
     del loaded
+    remember_patients(sources)
+    check_copied_attributes(sources)
     t1 = time.perf_counter()
     model = ctx.registry.get(job.model)
     if model.modalities and volume.modality not in model.modalities:
@@ -153,14 +158,18 @@ def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
         bound.error("encoding_failed", error_type=type(exc).__name__, keywords=dicom_keywords(exc),
                     where=raised_at(exc))
         raise failure from exc
+    access = FileAccess.for_group(ctx.settings.storage.group)
     outdir = ctx.settings.outbox / f"job-{job.id}"
-    outdir.mkdir(parents=True, exist_ok=True)
+    ctx.settings.outbox.parent.mkdir(parents=True, exist_ok=True)
+    for folder in (ctx.settings.outbox, outdir):
+        with contextlib.suppress(FileExistsError):
+            access.make_dir(folder)
     results: dict[str, Any] = {"segments": len(prediction.segments), "files": []}
     for role, ds in (("seg", encoded.seg), ("sr", encoded.sr)):
         if ds is None:
             continue
         path = outdir / f"{role}-{ds.SOPInstanceUID}.dcm"
-        write_durably(path, [_dataset_bytes(ds)])
+        write_durably(path, [_dataset_bytes(ds)], access)
         results["files"].append(str(path))
         results[f"{role}_sop_instance_uid"] = str(ds.SOPInstanceUID)
         results[f"{role}_series_instance_uid"] = str(ds.SeriesInstanceUID)
@@ -187,7 +196,7 @@ def deliver(ctx: WorkerContext, job: JobRow) -> list[str]:
 
 
 def _deliver(ctx: WorkerContext, job: JobRow) -> list[str]:
-    from dicom_node.delivery.dicom import send_instances
+    from dicom_node.delivery import send_files
     from dicom_node.errors import TransientError
 
     files = [Path(p) for p in job.results.get("files", [])]
@@ -205,7 +214,7 @@ def _deliver(ctx: WorkerContext, job: JobRow) -> list[str]:
             raise PermanentError(f"destination {name!r} is not configured any more") from None
         calling = dest.calling_ae_title or ctx.settings.listener.ae_title
         try:
-            send_instances(dest, files, calling_ae_title=calling)
+            send_files(dest, files, calling_ae_title=calling)
         except TransientError as exc:
             ctx.catalog.record_delivery(job.id, name, ok=False, error=str(exc))
             log.warning("delivery_failed", job_id=job.id, destination=name, error=str(exc), transient=True)

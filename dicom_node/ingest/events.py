@@ -11,22 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from dicom_node.attributes import HEADER_KEYWORDS
+
 #: Non-identifying attributes copied from each instance into the catalog (routing, completion,
-#: dashboard).  No patient name, ID or birth date: those never leave the file.
-CATALOG_ATTRIBUTES: tuple[str, ...] = (
-    "Modality",
-    "BodyPartExamined",
-    "SeriesDescription",
-    "ProtocolName",
-    "SliceThickness",
-    "SeriesNumber",
-    "InstanceNumber",
-    "ImagesInAcquisition",
-    "NumberOfFrames",
-    "NumberOfTemporalPositions",
-    "Manufacturer",
-    "ImageType",
-)
+#: dashboard), declared in :mod:`dicom_node.attributes`.  No patient name, ID or birth date.
+CATALOG_ATTRIBUTES: tuple[str, ...] = HEADER_KEYWORDS
 
 
 @dataclass(frozen=True)
@@ -64,3 +53,14 @@ class IngestSink(Protocol):
     def instance_stored(self, instance: StoredInstance) -> None: ...
 
     def association_ended(self, summary: AssociationSummary) -> None: ...
+
+
+class InstanceClaims(Protocol):
+    """Optional side of a sink: who already holds a SOP Instance UID (duplicate check)."""
+
+    def claim(self, study_instance_uid: str, series_instance_uid: str,
+              sop_instance_uid: str) -> tuple[str, str] | None:
+        """Register the instance as about to be stored in (study, series) and return None; or,
+        when the UID is already stored (or being stored) in *another* study or series, leave
+        everything as it is and return that (study, series)."""
+        ...
