@@ -47,9 +47,10 @@ def _model_problems(settings: Settings) -> tuple[list[str], list[str]]:
         from inference.user_models import CardError
     except ImportError:
         return [], ["models not checked: torch is not installed on this host (the workers check them)"]
-    paths = {spec.name: Path(spec.path) for spec in settings.models if getattr(spec, "path", None) is not None}
+    paths = {spec.name: spec.path for spec in settings.models if spec.path is not None}
+    framework = {spec.name: (spec.kind, spec.source) for spec in settings.models if spec.path is None}
     try:
-        modalities = accepted_modalities(paths)
+        modalities = accepted_modalities(paths, framework)
     except CardError as exc:
         return [f"a model card: {exc}"], []
     errors, warnings = [], []

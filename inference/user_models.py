@@ -37,7 +37,6 @@ from __future__ import annotations
 import math
 import tomllib
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -48,6 +47,9 @@ import torch
 import torch.nn.functional as F
 
 from inference.errors import PermanentError, TransientError
+from inference.formats import ENTRY_POINT_GROUP
+from inference.identity import file_digest
+from inference.labels import LabelOverride
 from inference.model import Model
 from inference.prediction import (
     ML,
@@ -59,11 +61,10 @@ from inference.prediction import (
     Segment,
     SegmentKind,
 )
+from inference.registry import ModelFactory
 from inference.sliding_window import sliding_window_inference
 from inference.volume import Volume
 
-ModelFactory = Callable[[torch.device], Model]
-ENTRY_POINT_GROUP = "dicom_node.models"
 CARD_NAME = "model.toml"
 WEIGHTS_NAME = "model.pt"
 
@@ -312,8 +313,10 @@ def _lps_flips(affine: np.ndarray) -> tuple[int, ...]:
 class TorchScriptModel:
     """A :class:`~inference.model.Model` running a TorchScript network described by a card."""
 
+    kind = "torchscript"
+
     def __init__(
-        self, card: ModelCard, network: torch.jit.ScriptModule, device: torch.device
+        self, card: ModelCard, network: torch.jit.ScriptModule, device: torch.device, digest: str = ""
     ) -> None:
         self.card = card
         self.network = network
@@ -322,6 +325,7 @@ class TorchScriptModel:
         self.version = card.version
         self.modalities = card.modalities
         self.labels = card.labels
+        self.digest = digest
 
     def _run(self, batch: torch.Tensor) -> torch.Tensor:
         result = self.network(batch)
@@ -397,7 +401,9 @@ class TorchScriptModel:
                     measurements=[Measurement(VOLUME, round(volume_ml, 3), ML)],
                 )
             )
-        return Prediction(model_name=self.name, model_version=self.version, segments=segments)
+        return Prediction(
+            model_name=self.name, model_version=self.version, segments=segments, model_digest=self.digest
+        )
 
 
 def load_user_model(path: Path, device: torch.device) -> TorchScriptModel:
@@ -420,13 +426,43 @@ def load_user_model(path: Path, device: torch.device) -> TorchScriptModel:
             f"model {card.name}: {weights} is not a TorchScript file: {exc}"
         ) from None
     network.eval()
-    return TorchScriptModel(card, network, device)
+    return TorchScriptModel(card, network, device, file_digest(weights))
 
 
 def user_model_factory(path: Path) -> ModelFactory:
     """A registry factory that loads the model directory ``path`` on the worker's device."""
 
     def factory(device: torch.device) -> Model:
+        return load_user_model(path, device)
+
+    return factory
+
+
+#: How a ``[[models]]`` entry gives its model: a TorchScript folder, a MONAI bundle, nnU-Net.
+KINDS = ("torchscript", "monai-bundle", "nnunet")
+
+
+def configured_model_factory(
+    kind: str, path: Path, *, name: str, version: str | None = None,
+    labels: tuple[LabelOverride, ...] = (), **options: Any,
+) -> ModelFactory:
+    """The factory of one ``[[models]]`` entry; MONAI and nnU-Net load only when it is called.
+
+    ``options`` are the kind's own keys: ``weights`` for a bundle; ``folds``, ``checkpoint``,
+    ``orientation``, ``mirroring``, ``tile_step_size`` for nnU-Net.
+    """
+    if kind not in KINDS:
+        raise PermanentError(f"unknown model kind {kind!r}; known: {', '.join(KINDS)}")
+
+    def factory(device: torch.device) -> Model:
+        if kind == "monai-bundle":
+            from inference.bundle import MonaiBundleModel
+
+            return MonaiBundleModel(path, device, name=name, version=version, labels=labels, **options)
+        if kind == "nnunet":
+            from inference.nnunet import NnUNetModel
+
+            return NnUNetModel(path, device, name=name, version=version, labels=labels, **options)
         return load_user_model(path, device)
 
     return factory

@@ -49,14 +49,14 @@ class WorkerContext:
 def build_context(settings: Settings) -> WorkerContext:
     """Create the catalog connection and the model registry on the configured device."""
     from inference.registry import select_device
-    from inference.user_models import entry_point_factories, user_model_factory
+    from inference.user_models import entry_point_factories
 
     device = select_device(settings.worker.device)
     registry = ModelRegistry(device)
     for name, factory in entry_point_factories().items():
         registry.register(name, factory)
     for spec in settings.models:
-        registry.register(spec.name, user_model_factory(spec.path))
+        registry.register(spec.name, spec.factory())
     catalog = Catalog(settings.database.url)
     prefetch = settings.worker.prefetch
     if prefetch == "auto":

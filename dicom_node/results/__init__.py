@@ -68,7 +68,9 @@ def encode_results(
     frames = source_frames(sources, frame_refs)
     check_geometry(frames, volume)
     check_prediction(prediction, volume.shape)
-    uids = ResultUIDs(source_series_uid(frames), prediction.model_name, prediction.model_version)
+    uids = ResultUIDs(
+        source_series_uid(frames), prediction.model_name, prediction.model_version, prediction.model_digest
+    )
     in_seg = [s for s in prediction.segments if s.mask.any()]
     seg = encode_seg(prediction, in_seg, frames, uids, options) if in_seg else None
     numbers = {s.tracking_id: n for n, s in enumerate(in_seg, start=1)}
