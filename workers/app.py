@@ -12,12 +12,12 @@ from typing import Any
 from celery import Celery
 from kombu import Queue  # type: ignore[attr-defined]  # kombu has no type hints
 
+from dicom_node._compat import kombu as sqla_transport
 from dicom_node.settings import Settings, load_settings
-from workers import sqla_transport
 from workers.names import DISPATCH_QUEUE, DISPATCH_TASK, INFERENCE_QUEUE, INFERENCE_TASK, PRIORITIES
 
 #: How often a worker on a SQLAlchemy broker that is not a SQLite file (no wake-up socket, see
-#: :mod:`workers.sqla_transport`) looks for a new message.  With the SQLite broker the worker
+#: :mod:`dicom_node._compat.kombu`) looks for a new message.  With the SQLite broker the worker
 #: sleeps on its wake-up socket, up to ``sqla_transport.WAKE_POLLING_SECONDS``, between polls.
 SQLA_POLLING_SECONDS = 0.1
 

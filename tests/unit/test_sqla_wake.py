@@ -7,7 +7,7 @@ import select
 import time
 from pathlib import Path
 
-from workers.sqla_transport import WakeSocket, wake_consumers, wake_dir
+from dicom_node._compat.kombu import WakeSocket, wake_consumers, wake_dir
 
 
 def test_wake_dir_is_short_whatever_the_broker_path(tmp_path: Path) -> None:

@@ -16,6 +16,11 @@ each socket there: a new message is picked up at once, and the polling interval 
 are not SQLite files (PostgreSQL through ``sqla+postgresql``) keep plain polling.
 
 :func:`register` points the ``sqla`` alias at this transport.
+
+The private names of kombu used here, checked by ``tests/unit/test_compat.py``:
+``sqlalchemy.Channel._engine_from_config`` and ``._put``, ``virtual.Channel.basic_ack`` /
+``basic_reject``, ``virtual.Transport.drain_events`` with its ``cycle.get``, ``_deliver`` and
+``polling_interval``, and ``kombu.transport.TRANSPORT_ALIASES``.
 """
 
 from __future__ import annotations
