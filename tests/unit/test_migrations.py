@@ -249,10 +249,10 @@ def test_unreachable_database_is_a_transient_error() -> None:
 
 
 def test_job_ids_are_never_reused_after_every_job_is_removed(url: str) -> None:
-    """A catalog at revision 0005 with jobs, their events and deliveries is upgraded (0006 rebuilds
+    """A catalog at revision 0006 with jobs, their events and deliveries is upgraded (0007 rebuilds
     the jobs table with AUTOINCREMENT, rows and references kept); after every job is deleted
     (as gc does), the next job's id is above every id used before."""
-    upgrade_schema(url, revision="0005")
+    upgrade_schema(url, revision="0006")
     engine = create_engine(url)
     try:
         with engine.begin() as conn:

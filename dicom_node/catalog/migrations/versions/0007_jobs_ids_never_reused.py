@@ -1,7 +1,7 @@
 """job ids never reused (SQLite AUTOINCREMENT)
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-06 19:30:00
 
 Without ``AUTOINCREMENT`` SQLite gives a new row ``max(id) + 1``: once ``gc`` removed every job,
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from alembic import op
 
-revision = '0006'
-down_revision = '0005'
+revision = '0007'
+down_revision = '0006'
 branch_labels = None
 depends_on = None
 
