@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +70,15 @@ class ResultOptions:
     #: Explicit VR Little Endian by default; JPEG 2000 Lossless / JPEG-LS Lossless as options.
     seg_transfer_syntax: str = ExplicitVRLittleEndian
     software_version: str = dicom_node.__version__
+
+    def resolved(self) -> ResultOptions:
+        """These options with ``seg_series_number`` / ``sr_series_number`` taken from
+        ``series_numbers`` (the SEG and SR encoders read those two fields)."""
+        return dataclasses.replace(
+            self,
+            seg_series_number=self.series_number("seg"),
+            sr_series_number=self.series_number("sr"),
+        )
 
     def series_number(self, kind: str) -> int:
         """Series Number of the results of ``kind`` (``"seg"``, ``"gsps"``, ``"notice-sr"``...)."""

@@ -81,7 +81,7 @@ def encode_outputs(
     KeyError
         For an unknown output type.
     """
-    options = options or ResultOptions()
+    options = (options or ResultOptions()).resolved()
     names = closure(outputs)
     frames = source_frames(sources, frame_refs)
     check_geometry(frames, volume.shape, volume.affine)
