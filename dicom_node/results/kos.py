@@ -73,5 +73,7 @@ def encode(ctx: EncodeContext) -> list[Dataset]:
         contributing_equipment=[contributing_equipment(prediction, ctx.options, ctx.uids.device)],
         series_description=series_description("KOS", prediction),
     )
+    # All of the (cleaned) patient and study modules, as the other results have them.
+    kos.copy_patient_and_study_information(ctx.frames.images[0])
     fill_type2(kos)
     return [kos]

@@ -162,6 +162,7 @@ def notice_sc(notice: Notice, sources: Sequence[Dataset], options: ResultOptions
         transfer_syntax_uid=hd.UID("1.2.840.10008.1.2.1"),
         series_description=lo(f"AI NOT APPLIED {notice.model_name}"),
     )
+    sc.copy_patient_and_study_information(source)
     # A text image has no orientation: Patient Orientation (Type 2) is present and empty.
     setattr(sc, "PatientOrientation", None)  # noqa: B010  (typed as list[str] by pydicom)
     sc.BurnedInAnnotation = "YES"

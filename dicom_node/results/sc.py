@@ -227,9 +227,12 @@ def encode(ctx: EncodeContext) -> list[Dataset]:
 
 
 def _describe(
-    sc: Dataset, source: Dataset, frame: int | None, prediction: Prediction, device: str,
+    sc: hd.sc.SCImage, source: Dataset, frame: int | None, prediction: Prediction, device: str,
     software_version: str,
 ) -> None:
+    # All of the (cleaned) patient and study modules, as the other results have them
+    # (from_ref_dataset copies only names, IDs, dates and sex).
+    sc.copy_patient_and_study_information(source)
     sc.BurnedInAnnotation = "YES"
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.ManufacturerModelName = lo(prediction.model_name)
