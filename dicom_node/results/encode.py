@@ -118,7 +118,7 @@ def rendered_slices(prediction: Prediction, outputs: Iterable[str]) -> list[int]
     from dicom_node.results.sc import slices_to_render
 
     names = closure(outputs)
-    return slices_to_render(prediction) if "sc" in names else []
+    return slices_to_render(prediction) if ("sc" in names or "gsps" in names) else []
 
 
 def encode_results(

@@ -16,6 +16,7 @@ from collections import defaultdict
 
 import highdicom as hd
 import numpy as np
+import structlog
 from pydicom.dataset import Dataset
 
 from dicom_node.results import drawing
@@ -29,6 +30,8 @@ from dicom_node.results.common import (
 )
 from dicom_node.results.registry import EncodeContext
 from inference.prediction import Segment
+
+log = structlog.get_logger(__name__)
 
 #: Display colour of the layer (yellow, as CIELab), for viewers that colour graphics by layer.
 _LAYER_COLOR = (255, 255, 0)
@@ -128,8 +131,20 @@ def _graphics(ctx: EncodeContext) -> dict[int, tuple[list[hd.pr.GraphicObject], 
     return dict(drawn)
 
 
+def _rescale(image: Dataset) -> tuple[str, str, str]:
+    return tuple(  # type: ignore[return-value]
+        str(image.get(k, "")) for k in ("RescaleSlope", "RescaleIntercept", "RescaleType")
+    )
+
+
 def encode(ctx: EncodeContext) -> list[Dataset]:
-    """The ``gsps`` output: one presentation state over the whole source series."""
+    """The ``gsps`` output: one presentation state over the whole source series.
+
+    A presentation state has one Modality LUT: a series whose images differ in rescale slope
+    or intercept gets one state per rescale group (the group of the first image keeps the
+    plain instance UID), each drawing on its own images.  A multi-frame source with per-frame
+    rescale gets none (logged).
+    """
     prediction, frames = ctx.prediction, ctx.frames
     layer = hd.pr.GraphicLayer(
         layer_name=layer_name(prediction.model_name),
@@ -137,52 +152,77 @@ def encode(ctx: EncodeContext) -> list[Dataset]:
         description=lo(f"AI result {prediction.model_name} {prediction.model_version}"),
         display_color=hd.color.CIELabColor.from_rgb(*_LAYER_COLOR),
     )
-    annotations = []
-    for k, (graphics, texts) in sorted(_graphics(ctx).items()):
-        image, frame = frames.image_of_slice(k)
-        annotations.append(
-            hd.pr.GraphicAnnotation(
-                referenced_images=[image],
-                graphic_layer=layer,
-                referenced_frame_number=frame,
-                graphic_objects=graphics or None,
-                text_objects=texts or None,
+    graphics = _graphics(ctx)
+    drawn = [k for k in sorted(graphics) if k in ctx.pixels][:8]
+    window = drawing.window_for(prediction, ctx.volume.modality, frames.images[0], ctx.pixels, drawn)
+    groups: dict[tuple[str, str, str], list[int]] = {}
+    for index, image in enumerate(frames.images):
+        groups.setdefault(_rescale(image), []).append(index)
+    out: list[Dataset] = []
+    for number, members in enumerate(groups.values(), start=1):
+        images = [frames.images[i] for i in members]
+        uids = {str(im.SOPInstanceUID) for im in images}
+        annotations = []
+        for k, (objects, texts) in sorted(graphics.items()):
+            image, frame = frames.image_of_slice(k)
+            if str(image.SOPInstanceUID) not in uids:
+                continue
+            annotations.append(
+                hd.pr.GraphicAnnotation(
+                    referenced_images=[image],
+                    graphic_layer=layer,
+                    referenced_frame_number=frame,
+                    graphic_objects=objects or None,
+                    text_objects=texts or None,
+                )
             )
-        )
-    drawn_slices = sorted({k for k in range(ctx.volume.shape[0]) if k in ctx.pixels})
-    window = drawing.window_for(
-        prediction, ctx.volume.modality, frames.images[0], ctx.pixels, drawn_slices[:8]
-    )
+        try:
+            gsps = _state(ctx, images, annotations, layer, window, number)
+        except ValueError as exc:
+            if frames.multiframe:
+                log.warning("gsps_skipped", reason=str(exc)[:200])
+                return []
+            raise ResultEncodingError(f"GSPS: {exc}") from exc
+        out.append(gsps)
+    return out
+
+
+def _state(
+    ctx: EncodeContext,
+    images: list[Dataset],
+    annotations: list[hd.pr.GraphicAnnotation],
+    layer: hd.pr.GraphicLayer,
+    window: drawing.Window,
+    number: int,
+) -> Dataset:
+    prediction = ctx.prediction
     voi = hd.pr.SoftcopyVOILUTTransformation(
         window_center=window.center,
         window_width=window.width,
         window_explanation=window.explanation,
     )
-    try:
-        gsps = hd.pr.GrayscaleSoftcopyPresentationState(
-            referenced_images=frames.images,
-            series_instance_uid=ctx.uids.series("gsps"),
-            series_number=ctx.options.series_number("gsps"),
-            sop_instance_uid=ctx.uids.instance("gsps"),
-            instance_number=1,
-            manufacturer=lo(ctx.options.manufacturer),
-            manufacturer_model_name=lo(prediction.model_name),
-            software_versions=lo(ctx.options.software_version),
-            device_serial_number=ctx.uids.device,
-            content_label="AI_RESULT",
-            content_description=lo(f"{prediction.model_name} {prediction.model_version}"),
-            graphic_annotations=annotations,
-            graphic_layers=[layer],
-            voi_lut_transformations=[voi],
-            contributing_equipment=[contributing_equipment(prediction, ctx.options, ctx.uids.device)],
-            series_description=series_description("GSPS", prediction),
-        )
-    except ValueError as exc:
-        # e.g. source images with different rescale slopes (one Modality LUT per state).
-        raise ResultEncodingError(f"GSPS: {exc}") from exc
+    parts = () if number == 1 else (str(number),)
+    gsps = hd.pr.GrayscaleSoftcopyPresentationState(
+        referenced_images=images,
+        series_instance_uid=ctx.uids.series("gsps"),
+        series_number=ctx.options.series_number("gsps"),
+        sop_instance_uid=ctx.uids.instance("gsps", *parts),
+        instance_number=number,
+        manufacturer=lo(ctx.options.manufacturer),
+        manufacturer_model_name=lo(prediction.model_name),
+        software_versions=lo(ctx.options.software_version),
+        device_serial_number=ctx.uids.device,
+        content_label="AI_RESULT",
+        content_description=lo(f"{prediction.model_name} {prediction.model_version}"),
+        graphic_annotations=annotations or None,
+        graphic_layers=[layer] if annotations else None,
+        voi_lut_transformations=[voi],
+        contributing_equipment=[contributing_equipment(prediction, ctx.options, ctx.uids.device)],
+        series_description=series_description("GSPS", prediction),
+    )
     # highdicom 0.28 stores a one-window explanation as a list of its characters ("L\\U\\N\\G").
     gsps.SoftcopyVOILUTSequence[0].WindowCenterWidthExplanation = window.explanation
     gsps.DeviceUID = ctx.uids.device
-    copy_body_part(gsps, frames.images[0])
+    copy_body_part(gsps, images[0])
     fill_type2(gsps)
-    return [gsps]
+    return gsps

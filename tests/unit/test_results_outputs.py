@@ -294,3 +294,28 @@ def test_an_empty_prediction_still_gives_one_of_each_saying_no_finding(
     assert text == "ct-lung-nodules 1.0.0: no finding"
     for name in ("gsps", "kos", "sc"):
         dciodvfy_clean(save(results[name][0], tmp_path / f"{name}.dcm"))
+
+
+def test_a_series_with_per_slice_rescale_gets_one_gsps_per_rescale(
+    phantom: Phantom, tmp_path: Path, dciodvfy_clean: Callable[[Path], list[str]]
+) -> None:
+    """One Modality LUT per presentation state: images with different rescale slopes are split
+    over several states of one series, together covering every image, each finding drawn once."""
+    from dicom_node.testing.quirks import RESCALES, per_slice_rescale
+
+    sources, refs = single_frame_sources(phantom)
+    sources = per_slice_rescale(sources)
+    results = encode_outputs(phantom_prediction(phantom), volume_of(phantom), sources, refs, ("gsps",))
+    states = results["gsps"]
+    assert len(states) == len(set(RESCALES)) > 1
+    assert len({s.SeriesInstanceUID for s in states}) == 1
+    assert len({s.SOPInstanceUID for s in states}) == len(states)
+    covered = [r.ReferencedSOPInstanceUID for s in states
+               for series in s.ReferencedSeriesSequence for r in series.ReferencedImageSequence]
+    assert sorted(covered) == sorted(s.SOPInstanceUID for s in sources)
+    texts = [t.UnformattedTextValue for s in states for a in s.get("GraphicAnnotationSequence", [])
+             for t in a.get("TextObjectSequence", [])]
+    assert sum(t.startswith("Nodule 1:") for t in texts) == 1
+    for i, state in enumerate(states):
+        assert {float(state.RescaleSlope)} <= {float(r[0]) for r in RESCALES}
+        dciodvfy_clean(save(state, tmp_path / f"gsps{i}.dcm"))
