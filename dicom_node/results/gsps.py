@@ -180,7 +180,8 @@ def encode(ctx: EncodeContext) -> list[Dataset]:
             gsps = _state(ctx, images, annotations, layer, window, number)
         except ValueError as exc:
             if frames.multiframe:
-                log.warning("gsps_skipped", reason=str(exc)[:200])
+                # A library's text is not logged (house rule); the cause is the per-frame rescale.
+                log.warning("gsps_skipped", reason="per-frame rescale in a multi-frame source")
                 return []
             raise ResultEncodingError(f"GSPS: {exc}") from exc
         out.append(gsps)
