@@ -125,7 +125,9 @@ def start_archive(workdir: Path, port: int | None = None) -> procs.Server:
 
 
 def destination(port: int, name: str = "archive", ae_title: str = "ARCHIVE") -> dict[str, Any]:
-    return {"name": name, "ae_title": ae_title, "host": procs.LOOPBACK, "port": port}
+    # SEG + SR only and no not-applied notice: these tests count the C-STOREs of those two.
+    return {"name": name, "ae_title": ae_title, "host": procs.LOOPBACK, "port": port,
+            "outputs": ["seg", "sr"], "notify_not_applied": False}
 
 
 def rule(name: str, model: str, destinations: list[str], **match: Any) -> dict[str, Any]:
