@@ -109,9 +109,9 @@ def load_job_series(ctx: WorkerContext, job: JobRow) -> tuple[LoadedSeries, dict
 
 
 def job_outputs(settings: Settings, job: JobRow) -> list[str]:
-    """The output types the job encodes: the union of its destinations' ``outputs`` (every
-    type when it has none, so its results wait in the outbox complete)."""
-    from dicom_node.results.registry import DEFAULT_OUTPUTS, output_names
+    """The output types the job encodes: the union of its destinations' ``outputs`` (SEG + SR,
+    the canonical results, for a job with no destination: nothing is sent)."""
+    from dicom_node.results.registry import output_names
 
     wanted: set[str] = set()
     for name in job.destinations:
@@ -120,7 +120,7 @@ def job_outputs(settings: Settings, job: JobRow) -> list[str]:
         except KeyError:
             continue  # reported at delivery ("not configured any more")
     if not wanted:
-        wanted.update(DEFAULT_OUTPUTS)
+        wanted.update(("seg", "sr"))
     return [n for n in output_names() if n in wanted]
 
 

@@ -27,17 +27,20 @@ SC = "1.2.840.10008.5.1.4.1.1.7"
 ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"
 
 
+Archives = tuple[procs.Server, procs.Server, procs.Server]
+
+
 @pytest.fixture
-def archives(tmp_path: Path, tool: Callable[..., None]) -> Iterator[tuple[procs.Server, procs.Server]]:
-    """A PACS with the default outputs and a second archive taking only SR and GSPS."""
+def archives(tmp_path: Path, tool: Callable[..., None]) -> Iterator[Archives]:
+    """A PACS with the default outputs, a second archive taking only SR and GSPS, a third
+    taking only secondary captures and no notice."""
     tool("storescp", "storescu")
-    pacs = procs.start_storescp(tmp_path / "pacs", ae_title="PACS")
-    second = procs.start_storescp(tmp_path / "second", ae_title="SECOND")
+    servers = [procs.start_storescp(tmp_path / name, ae_title=name.upper()) for name in ("pacs", "second", "quiet")]
     try:
-        yield pacs, second
+        yield servers[0], servers[1], servers[2]
     finally:
-        pacs.stop()
-        second.stop()
+        for server in servers:
+            server.stop()
 
 
 def by_series(got: dict[str, list[pydicom.Dataset]], study_uid: str) -> dict[str, list[pydicom.Dataset]]:
@@ -46,13 +49,14 @@ def by_series(got: dict[str, list[pydicom.Dataset]], study_uid: str) -> dict[str
 
 @pytest.mark.slow
 def test_each_destination_gets_its_outputs_and_a_refused_series_a_notice(
-    tmp_path: Path, archives: tuple[procs.Server, procs.Server], dciodvfy_clean: Callable[[Path], list[str]]
+    tmp_path: Path, archives: Archives, dciodvfy_clean: Callable[[Path], list[str]]
 ) -> None:
     """The PACS (default outputs) receives SEG, SR, GSPS, KOS and SC of the CT series in the
     model's own Series Numbers, and for the MR series the model refuses a notice SR + SC; the
     second archive (outputs sr, gsps) receives only the SR and GSPS, and the notice SR without
-    its SC; everything received passes dciodvfy."""
-    pacs, second = archives
+    its SC; the third (outputs sc, notify_not_applied false) only the SCs; everything received
+    passes dciodvfy."""
+    pacs, second, quiet = archives
     phantom = make_chest_phantom(ChestSpec())
     ct_info = SeriesInfo(seed="outputs-ct")
     mr_info = SeriesInfo(seed="outputs-mr", modality="MR", study_uid=ct_info.uid("study") + "9")
@@ -62,8 +66,10 @@ def test_each_destination_gets_its_outputs_and_a_refused_series_a_notice(
         {"name": "pacs", "ae_title": "PACS", "host": procs.LOOPBACK, "port": pacs.port},
         {"name": "second", "ae_title": "SECOND", "host": procs.LOOPBACK, "port": second.port,
          "outputs": ["sr", "gsps"]},
+        {"name": "quiet", "ae_title": "QUIET", "host": procs.LOOPBACK, "port": quiet.port,
+         "outputs": ["sc"], "notify_not_applied": False},
     ]
-    rules = [{"name": "all", "match": {}, "models": ["ct-tissue"], "destinations": ["pacs", "second"]}]
+    rules = [{"name": "all", "match": {}, "models": ["ct-tissue"], "destinations": ["pacs", "second", "quiet"]}]
     node = start_node(tmp_path / "node", node_config(tmp_path / "node", destinations=destinations, rules=rules))
     try:
         storescu(node.port, ct_files)
@@ -92,11 +98,15 @@ def test_each_destination_gets_its_outputs_and_a_refused_series_a_notice(
         second_mr = wait_until(lambda: notices_in(second), 30, what="notice at the second archive")
         pacs_ct = by_series(archived(pacs), ct_info.uid("study"))
         second_ct = by_series(archived(second), ct_info.uid("study"))
+        quiet_all = archived(quiet)
     finally:
         node.stop()
 
     assert {c: len(d) for c, d in pacs_ct.items() if d} == {SEG: 1, SR: 1, GSPS: 1, KOS: 1, SC: n_sc}
     assert {c: len(d) for c, d in second_ct.items() if d} == {SR: 1, GSPS: 1}
+    # Only its SCs, all of the CT study: no notice for the refused MR series.
+    assert {c: len(d) for c, d in quiet_all.items() if d} == {SC: n_sc}
+    assert {d.StudyInstanceUID for d in quiet_all[SC]} == {ct_info.uid("study")}
     block = 9000 + 10 * series_slot("ct-tissue")
     numbers = {c: int(d[0].SeriesNumber) for c, d in pacs_ct.items() if d}
     assert numbers == {SEG: block + 1, SR: block + 2, GSPS: block + 3, KOS: block + 4, SC: block + 5}

@@ -74,14 +74,14 @@ def test_the_shipped_config_documents_outputs() -> None:
 
 
 def test_a_job_encodes_the_union_of_its_destinations_outputs(tmp_path: Path) -> None:
-    """The union, in encoding order; everything for a job without destinations."""
+    """The union, in encoding order; SEG + SR for a job without destinations."""
     s = settings(tmp_path, destinations=[
         {"name": "a", "ae_title": "A", "host": "h", "port": 1, "outputs": ["sr"]},
         {"name": "b", "ae_title": "B", "host": "h", "port": 2, "outputs": ["kos", "sc"]},
     ])
     assert job_outputs(s, FakeJob(["a", "b"])) == ["sr", "sc", "kos"]  # type: ignore[arg-type]
     assert job_outputs(s, FakeJob(["a"])) == ["sr"]  # type: ignore[arg-type]
-    assert job_outputs(s, FakeJob([])) == ["seg", "sr", "gsps", "sc", "kos"]  # type: ignore[arg-type]
+    assert job_outputs(s, FakeJob([])) == ["seg", "sr"]  # type: ignore[arg-type]
 
 
 def test_series_slots_collide_only_when_configured_so(tmp_path: Path) -> None:
