@@ -23,17 +23,17 @@ from typing import Any
 
 import numpy as np
 
+from dicom_node.demo import axial_affine, slice_datasets
 from dicom_node.results import encode_results
-from dicom_node.results.examples import (
+from inference.prediction import DIAMETER, ML, MM, VOLUME, Measurement, Prediction, Segment
+from inference.volume import Volume
+from tests.support.result_examples import (
     BODY_LABEL,
     LUNG_LABEL,
     NODULE_LABEL,
     circle_outline,
     example_series_info,
 )
-from dicom_node.testing.phantoms import axial_affine, slice_datasets
-from inference.prediction import DIAMETER, ML, MM, VOLUME, Measurement, Prediction, Segment
-from inference.volume import Volume
 
 SHAPE = (500, 512, 512)
 SPACING = 0.7

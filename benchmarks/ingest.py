@@ -3,15 +3,13 @@
 Run by hand: ``python -m benchmarks.ingest [--instances 200] [--runs 3] [--orthanc]``.
 
 The fair protocol comparison: ``TCP_NODELAY=1`` in the environment of every DCMTK tool (sender
-and storescp), see ``BENCHMARKING.md``.  1 and 4 parallel associations (4 storescu processes,
+and storescp), see docs/performance.md.  1 and 4 parallel associations (4 storescu processes,
 each sending a quarter of the corpus).  dicom-node runs in child processes: one listener, and
 ``--processes N`` listeners sharing the port with ``SO_REUSEPORT`` (one Python process is held
 to one core by the GIL).  Each listener runs as in ``dicom-node serve``: the real catalog
-recorder (SQLite) behind it, every instance on disk before success - in the intake journal
-(``storage.journal_mb``, the default; fsync'd straight into the spool from 3 associations at
-once), or with the journal off, by fsyncing each file and its folder.  The journals are kept
-from run to run (zero-filled once, as a node's are).  storescp and Orthanc (as configured here)
-do not fsync at all.  Each row also gives
+recorder (SQLite) behind it, every instance on disk before success (an unnamed file
+fdatasync'd, linked under its name, its folder fsync'd).  storescp and Orthanc (as configured
+here) do not fsync at all.  Each row also gives
 the receiver's own CPU time per instance (all its processes and threads, senders excluded).
 
 Also used by :mod:`benchmarks.stock_sender` (same corpus, same helpers).
@@ -38,7 +36,7 @@ from typing import Any
 
 from pydicom.uid import UID
 
-from dicom_node.testing import procs
+from tests.support import procs
 
 CORPUS_STUDY = "1.2.826.0.1.3680043.8.498.4242"
 CORPUS_SERIES = "1.2.826.0.1.3680043.8.498.4242.1"
@@ -46,7 +44,7 @@ CORPUS_SERIES = "1.2.826.0.1.3680043.8.498.4242.1"
 
 def make_corpus(out: Path, n: int = 200, size: int = 512) -> list[Path]:
     """``n`` single-frame CT instances (``size``x``size`` int16, ~0.5 MB), seeded and reused."""
-    from dicom_node.testing.phantoms import (
+    from dicom_node.demo import (
         ChestSpec,
         SeriesInfo,
         make_chest_phantom,
@@ -95,35 +93,30 @@ def cpu_seconds(pids: Sequence[int]) -> float:
 
 
 def _listener_main(
-    port: int, root: str, index: int, processes: int, journal_mb: int, journal_dir: str | None,
-    ready: Any, stop: Any,
+    port: int, root: str, processes: int, ready: Any, stop: Any,
 ) -> None:
     import structlog
 
     from dicom_node.catalog import Catalog
-    from dicom_node.listener import Listener
-    from dicom_node.recorder import CatalogRecorder
+    from dicom_node.catalog.recorder import CatalogRecorder
+    from dicom_node.ingest.listener import Listener
+    from dicom_node.ingest.spool import Spool
     from dicom_node.settings import ListenerSettings, StorageSettings
-    from dicom_node.spool import Spool
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     # As in ``dicom-node serve``: the real catalog recorder (SQLite) behind the listener.
     catalog = Catalog(f"sqlite:///{Path(root).parent / 'catalog.db'}")
     recorder = CatalogRecorder(catalog)
     recorder.start()
-    storage = StorageSettings(root=Path(root), min_free_mb=0, journal_mb=journal_mb)
+    storage = StorageSettings(root=Path(root), min_free_mb=0)
     listener = Listener(
         ListenerSettings(port=port, max_associations=64),
         Spool(storage.root),
         recorder,
         storage,
         reuse_port=processes > 1,
-        journal_path=Path(journal_dir or Path(root) / ".journal") / f"intake-{index}.wal",
     )
     listener.start()
-    deadline = time.monotonic() + 120
-    while journal_mb and not listener.journal_ready and time.monotonic() < deadline:
-        time.sleep(0.05)  # the steady state: a journal is zero-filled once, when first created
     ready.set()
     stop.wait()
     listener.stop()
@@ -132,27 +125,17 @@ def _listener_main(
 
 
 @contextmanager
-def dicom_node_listeners(
-    root: Path, processes: int = 1, journal_mb: int = 512, journal_dir: Path | None = None
-) -> Iterator[int]:
-    """Run ``processes`` listener processes on one port (SO_REUSEPORT when > 1); yield the port.
-
-    ``journal_dir``: where the intake journals are, kept from run to run as a node keeps its
-    own (zero-filled once, when first created).  Measuring straight after a fresh 512 MiB fill
-    is not the steady state: for some seconds afterwards every fsync is slower (4 associations
-    writing straight into the spool took 261-362/s just after the fill, 460-505/s 10 s later).
-    Default: a fresh journal in the spool folder.
-    """
+def dicom_node_listeners(root: Path, processes: int = 1) -> Iterator[int]:
+    """Run ``processes`` listener processes on one port (SO_REUSEPORT when > 1); yield the port."""
     ctx = mp.get_context("spawn")
     port = procs.free_port()
     stop = ctx.Event()
     children = []
-    for index in range(processes):
+    for _ in range(processes):
         ready = ctx.Event()
         p = ctx.Process(
             target=_listener_main,
-            args=(port, str(root), index, processes, journal_mb,
-                  None if journal_dir is None else str(journal_dir), ready, stop),
+            args=(port, str(root), processes, ready, stop),
         )
         p.start()
         if not ready.wait(150):
@@ -278,7 +261,7 @@ def orthanc(workdir: Path, nodelay: bool) -> Iterator[int]:
 
 def disk_flush_ms(folder: Path, size: int = 512 << 10, n: int = 50) -> float:
     """Median ms of ``pwrite`` + ``fdatasync`` of ``size`` bytes over blocks already on disk (what
-    one journal record costs): the floor of one durable C-STORE on one association."""
+    one durable overwrite costs): a floor under one durable C-STORE on one association."""
     path = folder / "flush-probe.bin"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -446,19 +429,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             Target(
                 "dicom-node (default)",
                 "DICOM_NODE",
-                lambda w: dicom_node_listeners(w / "spool", 1, journal_dir=w.parent / "journal-1"),
-            ),
-            Target(
-                "dicom-node, journal off (fsync)",
-                "DICOM_NODE",
-                lambda w: dicom_node_listeners(w / "spool", 1, journal_mb=0),
+                lambda w: dicom_node_listeners(w / "spool", 1),
             ),
             Target(
                 f"dicom-node, {args.processes} proc",
                 "DICOM_NODE",
-                lambda w: dicom_node_listeners(
-                    w / "spool", args.processes, journal_dir=w.parent / f"journal-{args.processes}"
-                ),
+                lambda w: dicom_node_listeners(w / "spool", args.processes),
             ),
         ]
         if args.orthanc and procs.tool_path("Orthanc"):

@@ -2,7 +2,7 @@
 
 Run by hand: ``python -m benchmarks.latency [--series 5] [--model ct-tissue] [--brokers embedded redis]``.
 
-A real ``dicom-node serve`` (``dicom_node.testing.node.start_node``) receives small chest
+A real ``dicom-node serve`` (``tests.support.node.start_node``) receives small chest
 phantoms from DCMTK ``storescu`` and sends its SEG + SR to a DCMTK ``storescp`` archive.  The
 phantom sets ImagesInAcquisition, so the series is complete as soon as its association is
 released (the idle timeout is set to 60 s here: a series completed by it would show).  The
@@ -29,15 +29,15 @@ from typing import Any
 from sqlalchemy import func, select
 
 from dicom_node.catalog import Catalog, InstanceRow, JobRow, SeriesRow
-from dicom_node.testing import procs
-from dicom_node.testing.node import NodeProcess, node_config, start_node, wait_until
-from dicom_node.testing.phantoms import (
+from dicom_node.demo import (
     ChestSpec,
     SeriesInfo,
     make_chest_phantom,
     slice_datasets,
     write_datasets,
 )
+from tests.support import procs
+from tests.support.node import NodeProcess, node_config, start_node, wait_until
 
 STAGES = (
     ("received -> complete", "last_received", "completed"),

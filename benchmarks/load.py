@@ -1,4 +1,4 @@
-"""Benchmark ``dicom_node.loading.load_series`` on a 500-slice 512x512 CT series.
+"""Benchmark ``dicom_node.imaging.loading.load_series`` on a 500-slice 512x512 CT series.
 
 ``python -m benchmarks.load`` writes the series once under ``--workdir``: native, then
 compressed copies (``--codecs``: JPEG-LS, JPEG lossless SV1 and RLE through DCMTK when
@@ -23,9 +23,9 @@ import numpy as np
 import pydicom
 from pydicom.uid import JPEG2000Lossless
 
-from dicom_node.loading import load_series
-from dicom_node.testing import procs, quirks
-from dicom_node.testing.phantoms import ChestSpec, axial_affine, make_chest_phantom, write_datasets
+from dicom_node.demo import ChestSpec, axial_affine, make_chest_phantom, write_datasets
+from dicom_node.imaging.loading import load_series
+from tests.support import procs, quirks
 
 
 def write_series(out: Path, slices: int, size: int) -> list[Path]:

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dicom_node.testing.chest_nodules import Placement, chest_spec, make_nodule_phantom, match_findings
 from inference.models.lung_nodules import LungNoduleModel
 from inference.prediction import DIAMETER, VOLUME
 from inference.volume import Volume
+from tests.support.chest_nodules import Placement, chest_spec, make_nodule_phantom, match_findings
 
 SLICES_MM = (1.25, 1.5, 2.0, 2.5)
 DIAMETERS = (4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 30.0, 7.0, 10.0, 14.0, 18.0, 24.0)

@@ -30,9 +30,9 @@ from sqlalchemy import select
 
 from benchmarks.latency import storescu
 from dicom_node.catalog import Catalog, JobRow
-from dicom_node.testing import procs
-from dicom_node.testing.node import node_config, start_node, wait_until
-from dicom_node.testing.phantoms import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
+from dicom_node.demo import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
+from tests.support import procs
+from tests.support.node import node_config, start_node, wait_until
 
 
 def _jobs(catalog: Catalog, series: Sequence[str]) -> list[JobRow] | None:

@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         Target(
             "dicom-node, 1 process (durable)",
             "DICOM_NODE",
-            lambda w: dicom_node_listeners(w / "spool", 1, journal_dir=w.parent / "journal-1"),
+            lambda w: dicom_node_listeners(w / "spool", 1),
         ),
     ]
     with tempfile.TemporaryDirectory(prefix="dn-bench-") as tmp:

@@ -34,10 +34,11 @@ from typing import Any
 import numpy as np
 
 from dicom_node.catalog import Catalog, JobSpec, JobState
-from dicom_node.ingest import StoredInstance
-from dicom_node.jobs import queue_job
+from dicom_node.catalog.recorder import instance_from_file
+from dicom_node.demo import ChestSpec, axial_affine, make_chest_phantom, write_datasets
+from dicom_node.ingest.events import StoredInstance
 from dicom_node.logs import configure_logging
-from dicom_node.recorder import instance_from_file
+from dicom_node.scheduling.jobs import queue_job
 from dicom_node.settings import (
     DatabaseSettings,
     DestinationSettings,
@@ -45,12 +46,11 @@ from dicom_node.settings import (
     StorageSettings,
     WorkerSettings,
 )
-from dicom_node.testing import procs, quirks
-from dicom_node.testing.phantoms import ChestSpec, axial_affine, make_chest_phantom, write_datasets
-from dicom_node.testing.queues import MemoryQueue
 from inference.models.ct_tissue import BODY_LABEL
 from inference.prediction import ML, VOLUME, Label, Measurement, Prediction, Segment
 from inference.volume import Volume
+from tests.support import procs, quirks
+from tests.support.queues import MemoryQueue
 
 MODEL = "ct-tissue"
 STAGES = ("load_wait", "load", "predict", "encode", "deliver")

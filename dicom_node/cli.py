@@ -1,7 +1,11 @@
-"""The ``dicom-node`` command line.
+"""dicom-node: a DICOM-native AI inference node.
 
-Settings are loaded once here and passed down.  A configuration error prints one line naming
-the key and exits with status 2.
+PACS and modalities send studies to it over DICOM C-STORE; it runs the models that the routing
+rules pick and sends the results (DICOM SEG and SR) to the archive.
+
+Every command reads one configuration file (--config, default config/dicom-node.toml).
+Exit status: 0 success, 1 the operation failed (a peer did not answer, a job could not be
+retried), 2 a usage or configuration error (printed in one line naming the key or variable).
 """
 
 from __future__ import annotations
@@ -14,12 +18,61 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import dicom_node
 from dicom_node.errors import ConfigError, DicomNodeError, PermanentError
 from dicom_node.settings import DestinationSettings, Settings, load_settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config)
+
+
+class UsageError(DicomNodeError):
+    """A wrong argument (an unknown destination, a missing folder): exit status 2."""
+
+
+def _destination(settings: Settings, name: str) -> DestinationSettings:
+    try:
+        return settings.destination(name)
+    except KeyError:
+        known = ", ".join(d.name for d in settings.destinations) or "none"
+        raise UsageError(f"no destination named {name!r}; configured destinations: {known}") from None
+
+
+def _model_problems(settings: Settings) -> tuple[list[str], list[str]]:
+    """Errors (a rule naming an unknown model, or sending only modalities its model refuses) and
+    warnings (a rule that may send a modality its model refuses) of the rules' models."""
+    try:
+        from inference.introspect import accepted_modalities
+        from inference.user_models import CardError
+    except ImportError:
+        return [], ["models not checked: torch is not installed on this host (the workers check them)"]
+    paths = {spec.name: Path(spec.path) for spec in settings.models if getattr(spec, "path", None) is not None}
+    try:
+        modalities = accepted_modalities(paths)
+    except CardError as exc:
+        return [f"a model card: {exc}"], []
+    errors, warnings = [], []
+    for rule in settings.rules:
+        wanted = rule.match.get("Modality")
+        sent = ({str(w).strip().upper() for w in wanted} if isinstance(wanted, list)
+                else {str(wanted).strip().upper()} if isinstance(wanted, str) and not wanted.startswith("/") else None)
+        for model in rule.models:
+            if model not in modalities:
+                errors.append(f"rule {rule.name!r} names unknown model {model!r}; known models: "
+                              f"{', '.join(sorted(modalities))}")
+                continue
+            accepted = modalities[model]
+            if not accepted:
+                continue
+            if sent is not None and not sent & accepted:
+                errors.append(f"rule {rule.name!r} sends Modality {', '.join(sorted(sent))} to {model!r}, "
+                              f"which accepts only {', '.join(sorted(accepted))}")
+            elif sent is None or sent - accepted:
+                others = "any modality" if sent is None else ", ".join(sorted(sent - accepted))
+                warnings.append(f"rule {rule.name!r} may send {others} to {model!r}, which accepts only "
+                                f"{', '.join(sorted(accepted))}: such series are refused")
+    return errors, warnings
 
 
 def _print(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -36,7 +89,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     configure_logging(args.log_format)
+    from dicom_node.ingest.listener import raise_fd_limit
     from workers.heartbeat import broker_check
+
+    raise_fd_limit(settings.listener)  # before anything opens descriptors
 
     app = create_celery_app(settings)
     node = Node(settings, CeleryJobQueue(app), config_path=Path(args.config) if args.config else None,
@@ -47,7 +103,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from dicom_node.logs import configure_logging
-    from workers.app import DISPATCH_QUEUE, INFERENCE_QUEUE, create_celery_app
+    from workers.app import create_celery_app
+    from workers.names import DISPATCH_QUEUE, INFERENCE_QUEUE
 
     settings = _settings(args)
     configure_logging(args.log_format)
@@ -64,10 +121,26 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_config_check(args: argparse.Namespace) -> int:
     settings = _settings(args)
     data = settings.model_dump(mode="json")
+    errors, warnings = _model_problems(settings)
+    unreachable: list[str] = []
+    if args.probe:
+        from dicom_node.delivery.dicom import echo
+
+        for dest in settings.destinations:
+            if not echo(dest, calling_ae_title=dest.calling_ae_title or settings.listener.ae_title, timeout=10):
+                unreachable.append(f"destination {dest.name!r} ({dest.ae_title}@{dest.host}:{dest.port}) "
+                                   "does not answer C-ECHO")
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    if errors or unreachable:
+        for line in errors + unreachable:
+            print(f"error: {line}", file=sys.stderr)
+        return 2 if errors else 1
     summary = (f"configuration OK: AE {settings.listener.ae_title} on {settings.listener.host}:"
                f"{settings.listener.port}, {len(settings.rules)} rule(s), "
-               f"{len(settings.destinations)} destination(s), broker {settings.broker.url.split('://')[0]}")
-    _print(args, data, summary)
+               f"{len(settings.destinations)} destination(s), broker {settings.broker.url.split('://')[0]}"
+               + (", every destination answers C-ECHO" if args.probe else ""))
+    _print(args, {**data, "warnings": warnings}, summary)
     return 0
 
 
@@ -99,7 +172,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def _job_action(args: argparse.Namespace, action: str) -> int:
     from dicom_node.catalog import Catalog, CatalogError, JobState
-    from dicom_node.jobs import queue_job
+    from dicom_node.scheduling.jobs import queue_job
     from workers.app import CeleryJobQueue, create_celery_app
 
     settings = _settings(args)
@@ -147,9 +220,9 @@ def _own_listener(settings: Settings) -> DestinationSettings:
 def cmd_status(args: argparse.Namespace) -> int:
     """One screen for ops: listener, queue, workers, disk, recent failures."""
     from dicom_node.catalog import Catalog, JobState
-    from dicom_node.heartbeat import worker_statuses
-    from dicom_node.sender import echo
-    from dicom_node.spool import Spool
+    from dicom_node.catalog.heartbeats import worker_statuses
+    from dicom_node.delivery.dicom import echo
+    from dicom_node.ingest.spool import Spool
 
     settings = _settings(args)
     catalog = Catalog(settings.database.url)
@@ -192,16 +265,12 @@ def cmd_send(args: argparse.Namespace) -> int:
     """Send a folder of DICOM files to a destination (default: this node's own listener)."""
     from pydicom.misc import is_dicom
 
+    from dicom_node.delivery.dicom import send_instances
     from dicom_node.errors import TransientError
-    from dicom_node.sender import send_instances
 
     settings = _settings(args)
     if args.to:
-        try:
-            dest = settings.destination(args.to)
-        except KeyError:
-            print(f"error: no destination named {args.to!r}", file=sys.stderr)
-            return 1
+        dest = _destination(settings, args.to)
     else:
         dest = _own_listener(settings)
     root = Path(args.directory)
@@ -234,14 +303,10 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from dicom_node.sender import echo
+    from dicom_node.delivery.dicom import echo
 
     settings = _settings(args)
-    try:
-        dest = settings.destination(args.destination)
-    except KeyError:
-        print(f"error: no destination named {args.destination!r}", file=sys.stderr)
-        return 1
+    dest = _destination(settings, args.destination)
     ok = echo(dest, calling_ae_title=dest.calling_ae_title or settings.listener.ae_title)
     _print(args, {"destination": dest.name, "ok": ok},
            f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): {'OK' if ok else 'FAILED'}")
@@ -249,10 +314,12 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_rules_test(args: argparse.Namespace) -> int:
-    from dicom_node.recorder import instance_from_file
-    from dicom_node.routing import evaluate
+    from dicom_node.catalog.recorder import instance_from_file
+    from dicom_node.scheduling.routing import evaluate
 
     settings = _settings(args)
+    if not Path(args.directory).exists():
+        raise UsageError(f"no such file or folder: {args.directory}")
     series: dict[str, dict[str, Any]] = {}
     for path in sorted(Path(args.directory).rglob("*")):
         if not path.is_file():
@@ -280,8 +347,13 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__import__('dicom_node').__version__}")
+    from dicom_node.catalog import JobState
+
+    parser = argparse.ArgumentParser(
+        prog="dicom-node", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="first steps: dicom-node config check, then dicom-node serve; see docs/quickstart.md "
+               "and docs/admin-guide.md. 'dicom-node COMMAND --help' describes each command.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {dicom_node.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, func: Any, help_: str) -> argparse.ArgumentParser:
@@ -291,22 +363,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    log_help = "log lines as JSON (for a log collector), as coloured text, or auto: text on a terminal, else JSON"
     p = add("serve", cmd_serve, "run the node: listener, completion, jobs (and a worker for the embedded broker)")
-    p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto", help=log_help)
     p = add("worker", cmd_worker, "run a Celery worker (inference and dispatch queues)")
-    p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto", help=log_help)
     p.add_argument("--queues", "-Q", default=None, help="comma-separated queues (default inference,dispatch)")
-    p.add_argument("--concurrency", type=int, default=None)
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="worker processes (default [worker] concurrency of the configuration)")
     p.add_argument("--hostname", default=None, help="worker node name (default celery@host)")
     cfg = sub.add_parser("config", help="configuration commands")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
-    p = cfg_sub.add_parser("check", help="validate the configuration and summarise it")
-    p.add_argument("--config", "-c", default=None)
-    p.add_argument("--json", action="store_true")
+    p = cfg_sub.add_parser("check", help="validate the configuration, the rules' models and modalities")
+    p.add_argument("--config", "-c", default=None, help="TOML file (default config/dicom-node.toml)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--probe", action="store_true", help="also C-ECHO every destination (exit 1 if one does not answer)")
     p.set_defaults(func=cmd_config_check)
-    p = add("jobs", cmd_jobs, "list jobs")
-    p.add_argument("--state", default=None)
-    p.add_argument("--limit", type=int, default=50)
+    p = add("jobs", cmd_jobs, "list jobs, newest first")
+    p.add_argument("--state", default=None, choices=[s.value for s in JobState], help="only jobs in this state")
+    p.add_argument("--limit", type=int, default=50, help="at most this many jobs (default 50)")
     p = add("retry", lambda a: _job_action(a, "retry"), "queue a job again")
     p.add_argument("job", type=int)
     p = add("cancel", lambda a: _job_action(a, "cancel"), "cancel a job")
@@ -318,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("send", cmd_send, "send a folder of DICOM files to this node (or --to DEST), with a progress bar")
     p.add_argument("directory")
     p.add_argument("--to", default=None, help="a configured destination name (default: this node's listener)")
-    p.add_argument("--calling-ae-title", default=None)
+    p.add_argument("--calling-ae-title", default=None,
+                   help="our AE title towards the peer (default the destination's, else the listener's)")
     p.add_argument("--batch", type=int, default=50, help="files per association")
     p.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
     p = add("echo", cmd_echo, "C-ECHO a configured destination")
@@ -326,9 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     rules = sub.add_parser("rules", help="routing rule commands")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)
     p = rules_sub.add_parser("test", help="show which rules match the series in a folder, and why")
-    p.add_argument("directory")
-    p.add_argument("--config", "-c", default=None)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("directory", help="a folder (searched recursively) or one DICOM file")
+    p.add_argument("--config", "-c", default=None, help="TOML file (default config/dicom-node.toml)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_rules_test)
     return parser
 
@@ -337,17 +413,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command not in ("serve", "worker"):
         # Short commands print results on stdout; their log lines (warnings only) go to stderr.
+        # pynetdicom's own lines ("Association Aborted") are not mixed in: the command says
+        # what happened in its own words.
+        import logging
+
         from dicom_node.logs import configure_logging
 
         configure_logging("console", level="WARNING")
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     try:
         return int(args.func(args))
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except DicomNodeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # Piped into `head`: the reader left.  Point stdout at /dev/null so the interpreter's
+        # final flush does not raise again, and end quietly.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

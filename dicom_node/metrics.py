@@ -23,20 +23,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import case, func, select
-from sqlalchemy.orm import Session
 
-from dicom_node.catalog import (
-    Catalog,
-    DeliveryRow,
-    InstanceRow,
-    JobEventRow,
-    JobRow,
-    JobState,
-    SeriesRow,
-    WorkerHeartbeatRow,
-)
-from dicom_node.heartbeat import ALIVE_WITHIN_S
+from dicom_node.catalog import Catalog, JobRow, JobState, SeriesRow, queries
+from dicom_node.catalog.heartbeats import ALIVE_WITHIN_S
 
 #: The stages of a job, in order, as the dashboard columns and the ``stage`` label name them.
 STAGES: tuple[str, ...] = (
@@ -98,16 +87,6 @@ def stage_durations(job: JobRow, series: SeriesRow | None) -> dict[str, float | 
     }
 
 
-def last_instance_before(session: Session, job: JobRow) -> float | None:
-    """When the last instance of the job's series arrived before the job was created."""
-    return session.scalar(
-        select(func.max(InstanceRow.received_at)).where(
-            InstanceRow.series_instance_uid == job.series_instance_uid,
-            InstanceRow.received_at <= job.created_at,
-        )
-    )
-
-
 def end_to_end_seconds(job: JobRow, last_received_at: float | None) -> float | None:
     """Last instance received to results delivered (``None`` until the job is done)."""
     if job.state != JobState.DONE.value:
@@ -158,44 +137,32 @@ class _CatalogCollector(Collector):
         for state in JobState:
             by_state.add_metric([state.value], counts.get(state.value, 0))
         waiting = self.catalog.queue_depth()
-        with self.catalog.session() as s:
-            oldest_at: dict[str, float] = {}
-            seen: set[tuple[str, str]] = set()
-            for (queue, priority), (n, first) in waiting.items():
-                depth.add_metric([queue, priority], n)
-                seen.add((queue, priority))
-                oldest_at[queue] = min(first, oldest_at.get(queue, first))
-            for queue, priority in (
-                ("inference", "normal"),
-                ("inference", "urgent"),
-                ("dispatch", "normal"),
-            ):
-                if (queue, priority) not in seen:
-                    depth.add_metric([queue, priority], 0)
-            for queue in ("inference", "dispatch"):
-                oldest.add_metric(
-                    [queue], max(0.0, now - oldest_at[queue]) if queue in oldest_at else 0.0
-                )
-            # Every attempt that did not end in success was a failure.
-            failed_attempts = s.execute(
-                select(
-                    DeliveryRow.destination,
-                    func.sum(DeliveryRow.attempts)
-                    - func.sum(case((DeliveryRow.state == "done", 1), else_=0)),
-                ).group_by(DeliveryRow.destination)
+        oldest_at: dict[str, float] = {}
+        seen: set[tuple[str, str]] = set()
+        for (queue, priority), (n, first) in waiting.items():
+            depth.add_metric([queue, priority], n)
+            seen.add((queue, priority))
+            oldest_at[queue] = min(first, oldest_at.get(queue, first))
+        for queue, priority in (
+            ("inference", "normal"),
+            ("inference", "urgent"),
+            ("dispatch", "normal"),
+        ):
+            if (queue, priority) not in seen:
+                depth.add_metric([queue, priority], 0)
+        for queue in ("inference", "dispatch"):
+            oldest.add_metric(
+                [queue], max(0.0, now - oldest_at[queue]) if queue in oldest_at else 0.0
             )
-            for destination, n in failed_attempts:
-                failures.add_metric([destination], float(n or 0))
-            alive: dict[str, int] = {"inference": 0, "dispatch": 0}
-            for queues in s.scalars(
-                select(WorkerHeartbeatRow.queues).where(
-                    WorkerHeartbeatRow.last_seen >= now - ALIVE_WITHIN_S
-                )
-            ):
-                for queue in filter(None, queues.split(",")):
-                    alive[queue] = alive.get(queue, 0) + 1
-            for queue, n in sorted(alive.items()):
-                workers.add_metric([queue], n)
+        # Every attempt that did not end in success was a failure.
+        for destination, n in queries.failed_delivery_attempts(self.catalog).items():
+            failures.add_metric([destination], float(n))
+        alive: dict[str, int] = {"inference": 0, "dispatch": 0}
+        for queues in queries.queues_of_live_workers(self.catalog, now - ALIVE_WITHIN_S):
+            for queue in filter(None, queues.split(",")):
+                alive[queue] = alive.get(queue, 0) + 1
+        for queue, n in sorted(alive.items()):
+            workers.add_metric([queue], n)
         yield from (by_state, depth, oldest, failures, workers)
         if self.free_mb is not None:
             yield GaugeMetricFamily(
@@ -311,10 +278,9 @@ class NodeMetrics:
     def skip_history(self, catalog: Catalog) -> None:
         """Start observing after the newest existing job event (call once at node start-up, so
         a restart does not replay every job ever done into the histograms)."""
-        with catalog.session() as s:
-            newest = s.scalar(select(func.max(JobEventRow.id)))
+        newest = queries.newest_job_event_id(catalog)
         with self._observe_lock:
-            self._last_event_id = max(self._last_event_id, int(newest or 0))
+            self._last_event_id = max(self._last_event_id, newest)
 
     def observe_finished_jobs(self, catalog: Catalog | None = None) -> int:
         """Observe the histograms for jobs that reached ``done`` since the last call.
@@ -326,45 +292,23 @@ class NodeMetrics:
         if catalog is None:
             raise ValueError("observe_finished_jobs needs a catalog: none given and none attached")
         observed = 0
-        with self._observe_lock, catalog.session() as s:
-            while True:
-                events = list(
-                    s.scalars(
-                        select(JobEventRow)
-                        .where(
-                            JobEventRow.id > self._last_event_id,
-                            JobEventRow.state == JobState.DONE.value,
-                        )
-                        .order_by(JobEventRow.id)
-                        .limit(_BATCH)
-                    )
-                )
-                for ev in events:
-                    earlier = s.scalar(
-                        select(func.count()).where(
-                            JobEventRow.job_id == ev.job_id,
-                            JobEventRow.state == JobState.DONE.value,
-                            JobEventRow.id < ev.id,
-                        )
-                    )
-                    job = s.get(JobRow, ev.job_id)
-                    if not earlier and job is not None:
-                        self._observe_job(s, job)
-                        observed += 1
-                    self._last_event_id = ev.id
-                if len(events) < _BATCH:
-                    break
+        with self._observe_lock:
+            for event_id, finished in queries.first_done_events(catalog, self._last_event_id, _BATCH):
+                if finished is not None:
+                    self._observe_job(finished)
+                    observed += 1
+                self._last_event_id = event_id
         return observed
 
-    def _observe_job(self, session: Session, job: JobRow) -> None:
-        series = session.get(SeriesRow, job.series_instance_uid)
+    def _observe_job(self, finished: queries.FinishedJob) -> None:
+        job, series = finished.job, finished.series
         for stage, seconds in stage_durations(job, series).items():
             if seconds is not None:
                 self.stage_seconds.labels(stage).observe(seconds)
         inference = stage_durations(job, None)["inference"]
         if inference is not None:
             self.inference_seconds.labels(job.model).observe(inference)
-        e2e = _interval(last_instance_before(session, job), job.done_at)
+        e2e = _interval(finished.last_instance_at, job.done_at)
         if e2e is not None:
             self.end_to_end_seconds.observe(e2e)
 

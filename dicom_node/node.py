@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 import structlog
 
 from dicom_node.catalog import Catalog
-from dicom_node.completion import CompletionLoop
-from dicom_node.jobs import JobQueue, reconcile_jobs
-from dicom_node.recorder import CatalogRecorder, reconcile_spool
+from dicom_node.catalog.recorder import CatalogRecorder, reconcile_spool
 from dicom_node.retention import RetentionLoop
+from dicom_node.scheduling.completion import CompletionLoop
+from dicom_node.scheduling.jobs import JobQueue, reconcile_jobs
 from dicom_node.settings import Settings
 
 if TYPE_CHECKING:
@@ -76,9 +76,9 @@ class Node:
 
     def __init__(self, settings: Settings, queue: JobQueue, *, config_path: Path | None = None,
                  broker_check: Callable[[], tuple[bool, str]] | None = None) -> None:
-        from dicom_node.listener import Listener
+        from dicom_node.ingest.listener import Listener
+        from dicom_node.ingest.spool import Spool
         from dicom_node.metrics import NodeMetrics
-        from dicom_node.spool import Spool
 
         self.settings = settings
         self.queue = queue
@@ -100,7 +100,8 @@ class Node:
 
             app = create_app(settings, self.catalog, queue, metrics=self.metrics,
                              readiness=readiness_checks(broker=broker_check, free_mb=self.spool.free_mb,
-                                                        min_free_mb=settings.storage.min_free_mb))
+                                                        min_free_mb=settings.storage.min_free_mb,
+                                                        listener=self.listener.readiness))
             self.web = WebServer(app, settings.web.host, settings.web.port)
 
     def start(self) -> None:

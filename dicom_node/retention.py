@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
-from sqlalchemy import select
 
-from dicom_node.catalog import Catalog, InstanceRow, JobRow, JobState, SeriesRow, SeriesState
+from dicom_node.catalog import Catalog, JobState, SeriesState, queries
 from dicom_node.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -47,18 +46,7 @@ class GcReport:
 
 def collectable_series(catalog: Catalog, cutoff: float) -> list[str]:
     """Series complete, untouched and with every job finished since before ``cutoff`` (epoch s)."""
-    out: list[str] = []
-    with catalog.session() as s:
-        rows = s.scalars(select(SeriesRow).where(
-            SeriesRow.state == SeriesState.COMPLETE.value,
-            SeriesRow.last_received_at < cutoff,
-            SeriesRow.completed_at < cutoff,
-        )).all()
-        for row in rows:
-            jobs = s.scalars(select(JobRow).where(JobRow.series_instance_uid == row.series_instance_uid)).all()
-            if all(j.state in FINISHED and j.updated_at < cutoff for j in jobs):
-                out.append(row.series_instance_uid)
-    return out
+    return queries.collectable_series(catalog, cutoff, FINISHED)
 
 
 def _remove_file(path: Path, report: GcReport) -> None:
@@ -106,9 +94,8 @@ def collect_garbage(settings: Settings, catalog: Catalog, *, older_than_days: fl
     cutoff = now - days * _DAY
     root = settings.storage.root
     for uid in collectable_series(catalog, cutoff):
-        with catalog.session() as s:
-            paths = [Path(p) for p in s.scalars(select(InstanceRow.path).where(InstanceRow.series_instance_uid == uid))]
-            job_ids = list(s.scalars(select(JobRow.id).where(JobRow.series_instance_uid == uid)))
+        files, job_ids = queries.series_files_and_jobs(catalog, uid)
+        paths = [Path(p) for p in files]
         report.series.append(uid)
         report.jobs += len(job_ids)
         if dry_run:

@@ -2,8 +2,8 @@
 
 Built once in ``main()`` and passed down.  Unknown keys and wrong types stop the program with
 one readable line naming the key (:func:`load_settings` raises :class:`ConfigError`).
-Relative paths (storage root, ``sqlite:`` database and broker files, model paths) resolve
-against the folder of the configuration file.
+Paths (storage root, ``sqlite:`` database and broker files, model paths) may start with ``~``
+(the user's home); relative ones resolve against the folder of the configuration file.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from dicom_node.errors import ConfigError
+from dicom_node.matching import validate_match
 
 ENV_PREFIX = "DICOM_NODE_"
 DEFAULT_CONFIG = Path("config/dicom-node.toml")
@@ -63,9 +64,20 @@ class ListenerSettings(_Section):
     max_associations: int = Field(16, ge=1)
     #: Largest PDU we accept (0 = unlimited; DCMTK then sends 128 KiB PDUs).
     maximum_pdu_size: int = Field(0, ge=0)
+    #: Whole A-ASSOCIATE-RQ (and TLS handshake) within this many seconds of the connection.
     acse_timeout: float = Field(30.0, gt=0)
+    #: Whole DIMSE message (command and data set) within this many seconds of its first PDU.
     dimse_timeout: float = Field(60.0, gt=0)
+    #: Next PDU within this many seconds while no DIMSE message is under way.
     network_timeout: float = Field(60.0, gt=0)
+    #: Largest data set received (MiB): a bigger one aborts the association; a deflated one
+    #: that inflates to more is answered 0xA700.
+    max_instance_mb: int = Field(2048, ge=1)
+    #: TCP connections not associated yet (A-ASSOCIATE-RQ not complete) served at once; one
+    #: more sheds the oldest of them.
+    max_pending_connections: int = Field(64, ge=1)
+    #: Largest A-ASSOCIATE-RQ PDU accepted (KiB; 128 contexts x 13 syntaxes is 46 KiB).
+    max_associate_request_kb: int = Field(64, ge=16)
     tls: TlsSettings | None = None
 
     _v_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
@@ -75,10 +87,6 @@ class StorageSettings(_Section):
     root: Path = Path("var/spool")
     #: Below this much free space (MiB) C-STORE is answered 0xA700 (out of resources).
     min_free_mb: int = Field(512, ge=0)
-    #: Size (MiB) of the intake journal (``<root>/.journal/intake.wal``): each instance is made
-    #: durable there with one cheap write before C-STORE success, then written to its spool file
-    #: in the background.  0: fsync every spool file before answering instead (slower).
-    journal_mb: int = Field(512, ge=0)
     #: Delivered series are removed after this many days (``dicom-node gc``); 0 keeps them.
     retention_days: float = Field(0, ge=0)
     #: How often ``serve`` runs the retention clean-up (when ``retention_days`` > 0).
@@ -104,7 +112,6 @@ class WebSettings(_Section):
     port: int = Field(8080, ge=0, le=65535)
     #: Bearer token for mutating API calls; unset means mutating calls are refused.
     api_token: str | None = None
-    show_patient_id: bool = False
 
 
 class LateInstancePolicy(str, Enum):
@@ -272,10 +279,8 @@ class Settings(BaseSettings):
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise ValueError(f"destination names must be unique, repeated: {sorted(dupes)}")
-        from dicom_node.routing import validate_rule
-
         for rule in self.rules:
-            validate_rule(rule)
+            validate_match(rule.name, rule.match)
             unknown = [d for d in rule.destinations if d not in names]
             if unknown:
                 raise ValueError(f"rule {rule.name!r} names unknown destinations {unknown}")
@@ -307,7 +312,7 @@ def _resolve_url(url: str, base: Path) -> str:
     m = _SQLITE_URL.match(url)
     if not m or not m.group("path") or m.group("path") == ":memory:":
         return url
-    path = Path(m.group("path"))
+    path = Path(m.group("path")).expanduser()
     if not path.is_absolute():
         path = (base / path).resolve()
     return f"{m.group('scheme')}{path}{m.group('query') or ''}"
@@ -316,7 +321,7 @@ def _resolve_url(url: str, base: Path) -> str:
 def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     storage = data.get("storage")
     if isinstance(storage, dict) and isinstance(storage.get("root"), str):
-        root = Path(storage["root"])
+        root = Path(storage["root"]).expanduser()
         storage["root"] = str(root if root.is_absolute() else (base / root).resolve())
     for section in ("database", "broker"):
         sec = data.get(section)
@@ -335,8 +340,12 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     return data
 
 
-def _env_overrides() -> dict[str, Any]:
-    """Environment overrides as a nested dict, so they pass through path resolution too."""
+def _env_overrides(sources: dict[str, str] | None = None) -> dict[str, Any]:
+    """Environment overrides as a nested dict, so they pass through path resolution too.
+
+    ``sources`` (when given) receives, for each overridden key (``listener.port``), the name of
+    the variable that set it, so an error can name the variable instead of the file.
+    """
     out: dict[str, Any] = {}
     for key, raw in os.environ.items():
         if not key.startswith(ENV_PREFIX) or key.startswith(ENV_PREFIX + "TEST_"):
@@ -352,20 +361,64 @@ def _env_overrides() -> dict[str, Any]:
             out.setdefault(section, {})[name] = value
         elif section in ("destinations", "rules", "models"):
             out[section] = value
+        else:
+            continue
+        if sources is not None:
+            sources[f"{section}.{name}" if name else section] = key
     return out
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    """One readable line per problem, naming the key (``listener.port: ...``)."""
+def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed where ``loc`` points (``("listener", "prot")`` -> ListenerSettings' fields)."""
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field_info = model.model_fields.get(str(part))
+        if field_info is None:
+            return []
+        inner = _model_in(field_info.annotation)
+        if inner is None:
+            return []
+        model = inner
+    return list(model.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The settings model inside an annotation (``X``, ``list[X]``, ``X | None``), if any."""
+    import typing
+
+    candidates = [annotation, *typing.get_args(annotation)]
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+        for inner in typing.get_args(candidate):
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                return inner
+    return None
+
+
+def format_validation_error(exc: ValidationError, env_sources: dict[str, str] | None = None) -> str:
+    """One readable line per problem, naming the key (``listener.port: ...``), or the environment
+    variable that set it; an unknown key gets the nearest known one ("did you mean ...?")."""
+    import difflib
+
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if p not in ("function-after[_check_references(), Settings]",))
+        parts = tuple(p for p in err["loc"] if p not in ("function-after[_check_references(), Settings]",))
+        loc = ".".join(str(p) for p in parts)
         msg = err["msg"]
+        # pydantic prefixes the text of a ValueError raised by a validator; the node's own words suffice.
+        msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+            close = difflib.get_close_matches(str(parts[-1]), _known_keys(Settings, parts), n=1) if parts else []
+            if close:
+                msg += f" (did you mean {close[0]}?)"
         if "input" in err and err["type"] not in ("extra_forbidden", "missing") and not isinstance(err["input"], dict):
             msg += f" (got {err['input']!r})"
-        lines.append(f"{loc}: {msg}" if loc else msg)
+        variable = (env_sources or {}).get(loc) or (env_sources or {}).get(str(parts[0]) if parts else "")
+        where = f"{variable} (environment, {loc})" if variable else loc
+        lines.append(f"{where}: {msg}" if where else msg)
     return "; ".join(lines)
 
 
@@ -391,7 +444,8 @@ def load_settings(path: Path | str | None = None, *, overrides: dict[str, Any] |
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         base = path.resolve().parent
-    for layer in (_env_overrides(), overrides or {}):
+    env_sources: dict[str, str] = {}
+    for layer in (_env_overrides(env_sources), overrides or {}):
         for section, values in layer.items():
             if isinstance(values, dict) and isinstance(data.get(section), dict):
                 data[section].update(values)
@@ -404,5 +458,6 @@ def load_settings(path: Path | str | None = None, *, overrides: dict[str, Any] |
         # env source from reading them a second time.
         return Settings(_env_prefix="DICOM_NODE_IGNORED_", **data)
     except ValidationError as exc:
-        where = f"{path}: " if path else ""
-        raise ConfigError(f"{where}{format_validation_error(exc)}") from None
+        text = format_validation_error(exc, env_sources)
+        where = f"{path}: " if path and "(environment, " not in text else ""
+        raise ConfigError(f"{where}{text}") from None

@@ -8,14 +8,15 @@ import uuid
 from dicom_node.errors import InvalidUIDError
 
 # PS3.5 9.1: components of digits separated by '.', no leading zero in a multi-digit
-# component, at most 64 characters.
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
+# component, at most 64 characters.  Checked with ``fullmatch``: ``$`` would also match before a
+# trailing newline ("1.2.3\n" is not a UID, and would become a folder name with a newline).
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
 MAX_UID_LENGTH = 64
 
 
 def is_valid_uid(value: object) -> bool:
     """True when ``value`` is a syntactically valid DICOM UID."""
-    return isinstance(value, str) and len(value) <= MAX_UID_LENGTH and bool(_UID_RE.match(value))
+    return isinstance(value, str) and len(value) <= MAX_UID_LENGTH and _UID_RE.fullmatch(value) is not None
 
 
 def validate_uid(value: object, name: str) -> str:

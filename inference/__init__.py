@@ -1,6 +1,6 @@
 """Models and the image volume they run on: numpy + torch only, no DICOM.
 
-See ``../shared/DESIGN.md``: this package must not import pydicom, pynetdicom, celery or
+See ``docs/architecture.md``: this package must not import pydicom, pynetdicom, celery or
 anything in ``dicom_node``.
 """
 

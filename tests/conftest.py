@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.testing import procs
+from tests.support import procs
 
 REQUIRE_TOOLS = os.environ.get("DICOM_NODE_REQUIRE_TOOLS") == "1"
 

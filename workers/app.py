@@ -7,7 +7,6 @@ app built from ``$DICOM_NODE_CONFIG`` (or ``config/dicom-node.toml``) on first a
 from __future__ import annotations
 
 import os
-import random
 from typing import Any
 
 from celery import Celery
@@ -15,15 +14,10 @@ from kombu import Queue  # type: ignore[attr-defined]  # kombu has no type hints
 
 from dicom_node.settings import Settings, load_settings
 from workers import sqla_transport
+from workers.names import DISPATCH_QUEUE, DISPATCH_TASK, INFERENCE_QUEUE, INFERENCE_TASK, PRIORITIES
 
-INFERENCE_QUEUE = "inference"
-DISPATCH_QUEUE = "dispatch"
-INFERENCE_TASK = "dicom_node.inference"
-DISPATCH_TASK = "dicom_node.dispatch"
 #: How often a worker on the embedded (SQLAlchemy) broker looks for a new message.
 SQLA_POLLING_SECONDS = 0.1
-#: Redis priorities: lower runs first.
-PRIORITIES = {"urgent": 0, "normal": 5}
 
 
 def create_celery_app(settings: Settings, *, with_tasks: bool = False) -> Celery:
@@ -79,7 +73,7 @@ def create_celery_app(settings: Settings, *, with_tasks: bool = False) -> Celery
 
 
 class CeleryJobQueue:
-    """:class:`dicom_node.jobs.JobQueue` over Celery (sends by task name: no task import)."""
+    """:class:`dicom_node.scheduling.jobs.JobQueue` over Celery (sends by task name: no task import)."""
 
     def __init__(self, app: Celery) -> None:
         self.app = app
@@ -90,11 +84,6 @@ class CeleryJobQueue:
 
     def enqueue_dispatch(self, job_id: int) -> None:
         self.app.send_task(DISPATCH_TASK, args=[job_id], queue=DISPATCH_QUEUE)
-
-
-def backoff_seconds(attempt: int, base: float, ceiling: float) -> float:
-    """Exponential backoff with full jitter: ``uniform(0.5, 1) * min(ceiling, base * 2**attempt)``."""
-    return float(min(ceiling, base * (2 ** max(0, attempt - 1))) * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not security
 
 
 _default: Celery | None = None

@@ -1,4 +1,4 @@
-"""Worker heartbeats from Celery signals into the catalog (``dicom_node.heartbeat`` table).
+"""Worker heartbeats from Celery signals into the catalog (``dicom_node.catalog.heartbeats`` table).
 
 ``install_heartbeat(app, catalog_url)`` connects the handlers; ``workers.app`` calls it for the
 worker side.  Every worker process keeps its own row fresh from a daemon thread:
@@ -23,8 +23,8 @@ from typing import Any
 import structlog
 from celery import Celery, signals
 
-from dicom_node import heartbeat
 from dicom_node.catalog import Catalog
+from dicom_node.catalog import heartbeats as heartbeat
 
 log = structlog.get_logger(__name__)
 

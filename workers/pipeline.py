@@ -8,7 +8,7 @@ background while the current job's model runs (``workers.prefetch``).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,14 +17,14 @@ import structlog
 
 from dicom_node.catalog import Catalog, JobRow, JobState
 from dicom_node.errors import PermanentError
+from dicom_node.ingest.spool import write_durably
 from dicom_node.settings import Settings
-from dicom_node.spool import write_durably
 from inference.registry import ModelRegistry
-from inference.volume import Volume
+from inference.stacks import StackedVolume, predict_stacked
 from workers.prefetch import Prefetcher
 
 if TYPE_CHECKING:
-    from dicom_node.loading import LoadedSeries
+    from dicom_node.imaging.loading import LoadedSeries
     from dicom_node.results.common import ResultOptions
 
 log = structlog.get_logger(__name__)
@@ -70,7 +70,8 @@ def build_context(settings: Settings) -> WorkerContext:
 def _dataset_bytes(ds: Any) -> bytes:
     from io import BytesIO
 
-    from dicom_node.net import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+    from dicom_node.dimse import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
 
     buf = BytesIO()
     ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
@@ -87,7 +88,7 @@ def load_job_series(ctx: WorkerContext, job: JobRow) -> tuple[LoadedSeries, dict
     Raises ``SeriesError`` (permanent) for anything malformed; a prefetch that failed is loaded
     again here, so the job reports the real error.
     """
-    from dicom_node.loading import load_series
+    from dicom_node.imaging.loading import load_series
 
     t0 = time.perf_counter()
     paths = ctx.catalog.series_paths(job.series_instance_uid)
@@ -212,6 +213,7 @@ def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
 
 def _run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
     from dicom_node.results import encode_outputs, rendered_slices
+    from dicom_node.results.failures import ENCODING_INPUT_ERRORS, dicom_keywords, input_failure, raised_at
 
     bound = log.bind(job_id=job.id, model=job.model, series_instance_uid=job.series_instance_uid)
     ctx.timings.clear()
@@ -228,16 +230,27 @@ def _run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
             f"model {model.name} accepts {'/'.join(sorted(model.modalities))}, "
             f"but the series is {volume.modality or 'of unknown modality'}"
         )
-    prediction = model.predict(volume)
+    if isinstance(volume, StackedVolume):
+        # Stacks of different spacing: the model runs on each, results join slice for slice.
+        prediction = predict_stacked(model, volume)
+    else:
+        prediction = model.predict(volume)
     t2 = time.perf_counter()
     outputs = job_outputs(ctx.settings, job)
     # The encoders read only the geometry and the slices the images draw: keep those and free
-    # the other voxels (4 bytes each) before encoding.
+    # the other voxels (4 bytes each) before encoding (``replace`` keeps a StackedVolume's
+    # per-stack geometry).
     pixels = {k: np.array(volume.array[k]) for k in rendered_slices(prediction, outputs)}
-    volume = Volume(array=np.broadcast_to(np.float32(0.0), volume.shape), affine=volume.affine,
-                    modality=volume.modality, metadata=volume.metadata)
-    encoded = encode_outputs(prediction, volume, sources, frame_refs, outputs,
-                             result_options(ctx.settings, prediction.model_name), pixels=pixels)
+    volume = replace(volume, array=np.broadcast_to(np.float32(0.0), volume.shape))
+    try:
+        encoded = encode_outputs(prediction, volume, sources, frame_refs, outputs,
+                                 result_options(ctx.settings, prediction.model_name), pixels=pixels)
+    except ENCODING_INPUT_ERRORS as exc:
+        # Deterministic: a retry fails the same way, so the job fails at once (permanent).
+        failure = input_failure(exc)
+        bound.error("encoding_failed", error_type=type(exc).__name__, keywords=dicom_keywords(exc),
+                    where=raised_at(exc))
+        raise failure from exc
     outdir = ctx.settings.outbox / f"job-{job.id}"
     manifest = write_outputs(outdir, encoded)
     results: dict[str, Any] = {"segments": len(prediction.segments),
@@ -257,32 +270,15 @@ def _run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
     return results
 
 
-def _source_headers(ctx: WorkerContext, job: JobRow, limit: int = 512) -> list[Any]:
-    """Headers (no pixel data) of the job's readable stored instances of one SOP class."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    headers = []
-    for path in ctx.catalog.series_paths(job.series_instance_uid)[:limit]:
-        try:
-            headers.append(pydicom.dcmread(path, stop_before_pixels=True))
-        except (OSError, InvalidDicomError, ValueError, EOFError):
-            continue
-    if headers:
-        sop_class = headers[0].get("SOPClassUID")
-        headers = [h for h in headers if h.get("SOPClassUID") == sop_class and "SOPInstanceUID" in h]
-    return headers
-
-
 def notify_not_applied(ctx: WorkerContext, job: JobRow, reason: str) -> list[str]:
     """Encode "<model> was not applied: <reason>" and send it to the job's destinations that
     ask for it (``notify_not_applied``); best effort, once: a failure is logged, not retried.
 
     Returns the destinations that received it.
     """
+    from dicom_node.delivery.dicom import send_instances
     from dicom_node.errors import DicomNodeError
-    from dicom_node.results.notice import Notice, encode_notice
-    from dicom_node.sender import send_instances
+    from dicom_node.results.notice import Notice, encode_notice, source_headers
 
     bound = log.bind(job_id=job.id, model=job.model, series_instance_uid=job.series_instance_uid)
     targets = []
@@ -296,7 +292,7 @@ def notify_not_applied(ctx: WorkerContext, job: JobRow, reason: str) -> list[str
     if not targets:
         return []
     try:
-        headers = _source_headers(ctx, job)
+        headers = source_headers(ctx.catalog.series_paths(job.series_instance_uid))
         if not headers:
             bound.warning("notice_skipped", why="no readable source header")
             return []
@@ -343,8 +339,8 @@ def deliver(ctx: WorkerContext, job: JobRow) -> list[str]:
 
 
 def _deliver(ctx: WorkerContext, job: JobRow) -> list[str]:
+    from dicom_node.delivery.dicom import send_instances
     from dicom_node.errors import TransientError
-    from dicom_node.sender import send_instances
 
     files = [Path(p) for p in job.results.get("files", [])]
     missing = [str(p) for p in files if not p.exists()]

@@ -12,7 +12,7 @@ else is discarded and the job loads its series itself, so a stale volume is neve
 Memory stays bounded: the prefetcher holds one volume at most (loaded or being loaded), and
 drops it before loading another, so a worker process holds the current job's volume and one
 more.  A failed prefetch is never an error of the job: the job's own load reports it.  Loading
-is CPU work (``dicom_node.loading``); the model picks its device, so this is the same for CPU
+is CPU work (``dicom_node.imaging.loading``); the model picks its device, so this is the same for CPU
 and CUDA workers.
 """
 
@@ -26,13 +26,10 @@ from pathlib import Path
 
 import structlog
 
-from dicom_node.catalog import Catalog, JobRow, JobState
-from dicom_node.loading import LoadedSeries, load_series
+from dicom_node.catalog import Catalog, JobRow
+from dicom_node.imaging.loading import LoadedSeries, load_series
 
 log = structlog.get_logger(__name__)
-
-#: Queued jobs looked at to find the next one (the catalog lists the newest first).
-SCAN_LIMIT = 1000
 
 Loader = Callable[[Sequence[Path]], LoadedSeries]
 
@@ -86,13 +83,7 @@ def next_queued_job(catalog: Catalog, models: Collection[str], *, exclude: Colle
     Urgent before normal, then the oldest ``queued_at`` (the broker's order); jobs in
     ``exclude`` (the one running here) are skipped.
     """
-    candidates = [
-        job for job in catalog.list_jobs(state=JobState.QUEUED.value, limit=SCAN_LIMIT)
-        if job.model in models and job.id not in exclude
-    ]
-    if not candidates:
-        return None
-    return min(candidates, key=lambda j: (j.priority != "urgent", j.queued_at or j.updated_at, j.id))
+    return catalog.next_queued_job(models, exclude)
 
 
 class Prefetcher:
@@ -105,7 +96,7 @@ class Prefetcher:
     models:
         The models this worker can run; jobs for other models are never prefetched.
     load:
-        The loader (:func:`dicom_node.loading.load_series`; tests pass a wrapper).
+        The loader (:func:`dicom_node.imaging.loading.load_series`; tests pass a wrapper).
     """
 
     def __init__(self, catalog: Catalog, models: Collection[str], *, load: Loader = load_series) -> None:

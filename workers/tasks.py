@@ -16,7 +16,7 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 import inference
 from dicom_node import errors
 from dicom_node.catalog import Catalog, CatalogError, JobState
-from workers.app import DISPATCH_QUEUE, DISPATCH_TASK, INFERENCE_TASK, backoff_seconds
+from workers.names import DISPATCH_QUEUE, DISPATCH_TASK, INFERENCE_TASK, backoff_seconds
 from workers.pipeline import WorkerContext, build_context, deliver, run_inference
 
 log = structlog.get_logger(__name__)

@@ -12,7 +12,6 @@ without highdicom.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -34,18 +33,18 @@ __all__ = [
     "rendered_slices",
 ]
 
-_HOME = {
-    "EncodedResults": "dicom_node.results.encode",
-    "encode_outputs": "dicom_node.results.encode",
-    "encode_results": "dicom_node.results.encode",
-    "rendered_slices": "dicom_node.results.encode",
-    "ResultEncodingError": "dicom_node.results.common",
-    "ResultOptions": "dicom_node.results.common",
-    "ResultUIDs": "dicom_node.results.common",
-}
+_ENCODE = {"EncodedResults", "encode_outputs", "encode_results", "rendered_slices"}
+_COMMON = {"ResultEncodingError", "ResultOptions", "ResultUIDs"}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _HOME:
-        return getattr(importlib.import_module(_HOME[name]), name)
+    # Imported on first use (PEP 562), by plain import statements the import contracts see.
+    if name in _ENCODE:
+        from dicom_node.results import encode
+
+        return getattr(encode, name)
+    if name in _COMMON:
+        from dicom_node.results import common
+
+        return getattr(common, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,6 +19,7 @@ from dicom_node.results import codes
 from dicom_node.results.headers import clean_source, shallow_copy
 from dicom_node.uids import derived_uid, validate_uid
 from inference.prediction import Prediction
+from inference.volume import Volume
 
 #: Longest value of a LO attribute (SeriesDescription, labels).
 _LO_MAX = 64
@@ -214,8 +215,13 @@ def _frame_position(frames: SourceFrames, k: int) -> np.ndarray:
     return np.asarray(item.PlanePositionSequence[0].ImagePositionPatient, dtype=np.float64)
 
 
-def check_geometry(frames: SourceFrames, shape: tuple[int, int, int], affine: np.ndarray) -> None:
-    """Raise unless the volume's slices lie on the source frames they are said to come from."""
+def check_geometry(frames: SourceFrames, volume: Volume) -> None:
+    """Raise unless the volume's slices lie on the source frames they are said to come from.
+
+    Slices are placed by ``volume.index_to_patient``, so a volume of several stacks
+    (``inference.stacks.StackedVolume``) is checked where each of its stacks puts them.
+    """
+    shape, affine = volume.shape, volume.affine
     first = frames.images[0]
     rows, cols = int(first.Rows), int(first.Columns)
     if len(frames.frame_of_slice) != shape[0] or (rows, cols) != shape[1:]:
@@ -227,7 +233,7 @@ def check_geometry(frames: SourceFrames, shape: tuple[int, int, int], affine: np
     # DS values carry ~6 significant digits; a real mismatch is at least a sizeable voxel fraction.
     tolerance = max(0.01, 0.05 * spacing)
     for k in (0, shape[0] // 2, shape[0] - 1):
-        expected = affine[:3, 3] + k * affine[:3, 0]
+        expected = volume.index_to_patient(np.array([k, 0.0, 0.0]))
         seen = _frame_position(frames, k)
         if float(np.abs(seen - expected).max()) > tolerance:
             raise ResultEncodingError(

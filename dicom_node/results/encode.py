@@ -84,14 +84,14 @@ def encode_outputs(
     options = (options or ResultOptions()).resolved()
     names = closure(outputs)
     frames = source_frames(sources, frame_refs)
-    check_geometry(frames, volume.shape, volume.affine)
+    check_geometry(frames, volume)
     check_prediction(prediction, volume.shape)
     uids = ResultUIDs(source_series_uid(frames), prediction.model_name, prediction.model_version)
     if pixels is None:
         pixels = _LazySlices(volume)
     ctx = EncodeContext(prediction, volume, frames, uids, options, pixels)
     for name in names:
-        ctx.results[name] = output_type(name).encoder()(ctx)
+        ctx.results[name] = output_type(name).encoder(ctx)
     return ctx.results
 
 

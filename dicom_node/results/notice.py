@@ -19,13 +19,16 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import highdicom as hd
 import numpy as np
+import pydicom
 from highdicom.sr import CodedConcept, ContainerContentItem, RelationshipTypeValues, TextContentItem
 from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.sr.codedict import codes as dcm_codes
 
 from dicom_node.results.common import (
@@ -172,6 +175,21 @@ def notice_sc(notice: Notice, sources: Sequence[Dataset], options: ResultOptions
     copy_body_part(sc, source)
     fill_type2(sc)
     return sc
+
+
+def source_headers(paths: Sequence[str | Path], limit: int = 512) -> list[Dataset]:
+    """Headers (no pixel data) of the readable files among ``paths`` that share the first one's
+    SOP class: what a notice needs of a series the loader refused."""
+    headers: list[Dataset] = []
+    for path in list(paths)[:limit]:
+        try:
+            headers.append(pydicom.dcmread(path, stop_before_pixels=True))
+        except (OSError, InvalidDicomError, ValueError, EOFError):
+            continue
+    if headers:
+        sop_class = headers[0].get("SOPClassUID")
+        headers = [h for h in headers if h.get("SOPClassUID") == sop_class and "SOPInstanceUID" in h]
+    return headers
 
 
 def encode_notice(

@@ -2,19 +2,19 @@
 
 An encoder takes an :class:`EncodeContext` (the prediction, the volume's geometry, the source
 headers, the derived UIDs and the objects encoded so far) and returns its datasets (maybe none:
-no SEG for a prediction without a voxel).  Encoders are imported on first use, so reading the
-names (settings validation) does not load highdicom's encoders.
+no SEG for a prediction without a voxel).  Encoders are imported on first use (each
+registration names a small function that imports its module), so reading the names (settings
+validation) does not load highdicom.
 
-Adding an output type: write ``dicom_node/results/<name>.py`` with an ``encode(ctx)`` function
-and add one :func:`register` line below.
+Adding an output type: write ``dicom_node/results/<name>.py`` with an ``encode(ctx)`` function,
+and below, its two-line loader and one :func:`register` line.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import numpy as np
@@ -64,19 +64,14 @@ class OutputType:
     """One kind of result object."""
 
     name: str
-    #: ``"module:function"`` of the encoder (imported on first use).
-    encoder_path: str
+    #: The encoder (a loader that imports its module on first use).
+    encoder: Encoder
     #: SOP Class UIDs of its objects (delivery negotiates them).
     sop_class_uids: tuple[str, ...]
     #: What a viewer shows of it (docs, ``config check``).
     description: str
     #: Output types encoded (not necessarily delivered) whenever this one is: objects it refers to.
     needs: tuple[str, ...] = ()
-
-    def encoder(self) -> Encoder:
-        """The encoding function."""
-        module, _, function = self.encoder_path.partition(":")
-        return cast(Encoder, getattr(importlib.import_module(module), function))
 
 
 _TYPES: dict[str, OutputType] = {}
@@ -123,15 +118,45 @@ GSPS = "1.2.840.10008.5.1.4.1.1.11.1"
 KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
-register(OutputType("seg", "dicom_node.results.encode:encode_seg_output", (SEGMENTATION,),
+def _seg(ctx: EncodeContext) -> list[Dataset]:
+    from dicom_node.results.encode import encode_seg_output
+
+    return encode_seg_output(ctx)
+
+
+def _sr(ctx: EncodeContext) -> list[Dataset]:
+    from dicom_node.results.encode import encode_sr_output
+
+    return encode_sr_output(ctx)
+
+
+def _gsps(ctx: EncodeContext) -> list[Dataset]:
+    from dicom_node.results import gsps
+
+    return gsps.encode(ctx)
+
+
+def _sc(ctx: EncodeContext) -> list[Dataset]:
+    from dicom_node.results import sc
+
+    return sc.encode(ctx)
+
+
+def _kos(ctx: EncodeContext) -> list[Dataset]:
+    from dicom_node.results import kos
+
+    return kos.encode(ctx)
+
+
+register(OutputType("seg", _seg, (SEGMENTATION,),
                     "Segmentation: the masks, overlaid by OHIF, 3D Slicer, Cornerstone viewers"))
-register(OutputType("sr", "dicom_node.results.encode:encode_sr_output", (COMPREHENSIVE_3D_SR,),
+register(OutputType("sr", _sr, (COMPREHENSIVE_3D_SR,),
                     "TID 1500 Measurement Report referencing the SEG segments", needs=("seg",)))
-register(OutputType("gsps", "dicom_node.results.gsps:encode", (GSPS,),
+register(OutputType("gsps", _gsps, (GSPS,),
                     "Presentation state: outlines, centres and measurements drawn on the images"))
-register(OutputType("sc", "dicom_node.results.sc:encode", (SECONDARY_CAPTURE,),
+register(OutputType("sc", _sc, (SECONDARY_CAPTURE,),
                     "Secondary capture: key slices with contours, legend and an AI banner"))
-register(OutputType("kos", "dicom_node.results.kos:encode", (KEY_OBJECT_SELECTION,),
+register(OutputType("kos", _kos, (KEY_OBJECT_SELECTION,),
                     "Key Object Selection: the key images, referencing the other results"))
 
 #: What a destination receives when its ``outputs`` are not configured: every type, so every

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
+from pydicom.dataset import Dataset
 
 from dicom_node.results import codes
 from dicom_node.results.common import (
@@ -119,6 +120,166 @@ def _pixel_array(segments: Sequence[Segment], frames: SourceFrames, labelmap: bo
     return np.moveaxis(stack, 0, -1)
 
 
+# --- geometry -----------------------------------------------------------------------------
+# highdicom (0.28) reads the source's geometry at fixed places whatever is passed to it:
+# PixelMeasuresSequence and PlaneOrientationSequence in the *shared* functional groups of a
+# multi-frame source (the standard also allows them per frame, as Siemens XA enhanced MR has
+# them), SliceThickness at the top level of a single-frame one.  The source handed to it is a
+# shallow copy holding them there; the same values go in explicitly, and the volume's slice
+# spacing is written into the SEG for readers that build a volume from it (dcmqi).
+
+_GEOMETRY_GROUPS = ("PixelMeasuresSequence", "PlaneOrientationSequence")
+
+
+def _group_item(image: Dataset, frame: int, keyword: str) -> Dataset | None:
+    """The ``keyword`` functional group of 0-based ``frame``: per-frame, else shared."""
+    for groups, index in (("PerFrameFunctionalGroupsSequence", frame),
+                          ("SharedFunctionalGroupsSequence", 0)):
+        items = image.get(groups)
+        if items is not None and len(items) > index and keyword in items[index]:
+            sequence = items[index][keyword].value
+            if len(sequence) == 1:
+                return sequence[0]  # type: ignore[no-any-return]
+    return None
+
+
+def _frame_geometry(image: Dataset, frames: Sequence[int]) -> dict[str, Dataset]:
+    """The Pixel Measures and Plane Orientation items the ``frames`` (0-based) share.
+
+    Raises ResultEncodingError naming the functional group when a frame lacks one or the
+    frames disagree (a SEG has one orientation and one pixel spacing).
+    """
+    out: dict[str, Dataset] = {}
+    for keyword in _GEOMETRY_GROUPS:
+        first: Dataset | None = None
+        for frame in frames:
+            item = _group_item(image, frame, keyword)
+            if item is None:
+                raise ResultEncodingError(
+                    f"frame {frame + 1} of the source image has no {keyword} in its shared or "
+                    "per-frame functional groups"
+                )
+            if first is None:
+                first = item
+            elif not _same_geometry(item, first):
+                raise ResultEncodingError(
+                    f"the source frames differ in {keyword}: a SEG needs one for all frames"
+                )
+        assert first is not None  # frames is never empty
+        out[keyword] = first
+    return out
+
+
+def _same_geometry(a: Dataset, b: Dataset) -> bool:
+    for keyword in ("PixelSpacing", "ImageOrientationPatient"):
+        if (keyword in a) != (keyword in b):
+            return False
+        if keyword in a and not np.allclose(
+            np.asarray(a[keyword].value, dtype=np.float64),
+            np.asarray(b[keyword].value, dtype=np.float64),
+            atol=1e-4,
+        ):
+            return False
+    return True
+
+
+def geometry_sources(frames: SourceFrames) -> tuple[list[Dataset], dict[str, object]]:
+    """The source images as highdicom reads their geometry, and the explicit geometry arguments.
+
+    For every functional-group layout of a multi-frame source (shared, per-frame, mixed) the
+    returned copy carries the Pixel Measures and Plane Orientation of the frames the volume uses
+    in its shared functional groups; single-frame sources without SliceThickness get it empty.
+    Only shallow copies are made: the caller's datasets and their pixel data are untouched.
+    """
+    images = list(frames.images)
+    first = images[0]
+    if frames.multiframe:
+        used = sorted({int(f) for f in frames.frame_of_slice})
+        groups = _frame_geometry(first, used)
+        copy = Dataset(first)
+        shared = Dataset(copy.SharedFunctionalGroupsSequence[0]) if (
+            "SharedFunctionalGroupsSequence" in copy
+            and len(copy.SharedFunctionalGroupsSequence) == 1
+        ) else Dataset()
+        for keyword, item in groups.items():
+            setattr(shared, keyword, [item])
+        copy.SharedFunctionalGroupsSequence = [shared]
+        measures = groups["PixelMeasuresSequence"]
+        orientation = groups["PlaneOrientationSequence"]
+        for keyword, owner in (("PixelSpacing", measures), ("ImageOrientationPatient", orientation)):
+            if keyword not in owner:
+                group = "PixelMeasuresSequence" if owner is measures else "PlaneOrientationSequence"
+                raise ResultEncodingError(f"the source's {group} has no {keyword}")
+        thickness = measures.get("SliceThickness")
+        images = [copy]
+    else:
+        for keyword in ("PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient"):
+            if keyword not in first:
+                raise ResultEncodingError(f"the source image has no {keyword}")
+        if "SliceThickness" not in first:
+            copy = Dataset(first)
+            copy.SliceThickness = None
+            images[0] = copy
+        # highdicom wants every ImageOrientationPatient equal to the first's, value for value;
+        # scanners round them differently from slice to slice (the loader allows 1e-4).
+        iop = first.ImageOrientationPatient
+        for k, image in enumerate(images):
+            if image.get("ImageOrientationPatient") != iop:
+                if not np.allclose(np.asarray(image.ImageOrientationPatient, np.float64),
+                                   np.asarray(iop, np.float64), atol=1e-4):
+                    raise ResultEncodingError(
+                        "the source images differ in ImageOrientationPatient: a SEG needs one "
+                        "orientation for all frames"
+                    )
+                copy = Dataset(image)
+                copy.ImageOrientationPatient = iop
+                images[k] = copy
+        measures, orientation = first, first
+        thickness = first.get("SliceThickness")
+    explicit: dict[str, object] = {
+        "pixel_measures": hd.PixelMeasuresSequence(
+            pixel_spacing=[float(v) for v in measures.PixelSpacing],
+            slice_thickness=float(thickness) if thickness not in (None, "") else None,
+        ),
+        "plane_orientation": hd.PlaneOrientationSequence(
+            coordinate_system=hd.CoordinateSystemNames.PATIENT,
+            image_orientation=[float(v) for v in orientation.ImageOrientationPatient],
+        ),
+    }
+    return images, explicit
+
+
+def slice_spacing(frames: SourceFrames, orientation: Sequence[float]) -> float | None:
+    """Distance between neighbouring slices along the normal when the slices are regular (mm).
+
+    None for one slice or unequal spacing (a series of several stacks): the SEG then states no
+    SpacingBetweenSlices.
+    """
+    if len(frames.frame_of_slice) < 2:
+        return None
+    normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
+    distances = []
+    for k in range(len(frames.frame_of_slice)):
+        image, frame = frames.image_of_slice(k)
+        if frame is None:
+            position = image.ImagePositionPatient
+        else:
+            item = _group_item(image, frame - 1, "PlanePositionSequence")
+            if item is None or "ImagePositionPatient" not in item:
+                raise ResultEncodingError(
+                    f"frame {frame} of the source image has no PlanePositionSequence with an "
+                    "ImagePositionPatient"
+                )
+            position = item.ImagePositionPatient
+        distances.append(float(np.dot(np.asarray(position, dtype=np.float64), normal)))
+    steps = np.abs(np.diff(np.sort(distances)))
+    step = float(steps.mean())
+    # DS values carry ~6 significant digits: a regular stack agrees far better than this.
+    if step <= 0.0 or float(np.abs(steps - step).max()) > max(0.01, 0.01 * step):
+        return None
+    return step
+
+
 def encode_seg(
     prediction: Prediction,
     segments: Sequence[Segment],
@@ -134,8 +295,9 @@ def encode_seg(
     descriptions = [
         segment_description(n, s, prediction, uids) for n, s in enumerate(segments, start=1)
     ]
+    images, geometry = geometry_sources(frames)
     seg = _Segmentation(
-        source_images=frames.images,
+        source_images=images,
         pixel_array=_pixel_array(segments, frames, labelmap),
         segmentation_type=seg_type,
         segment_descriptions=descriptions,
@@ -153,7 +315,14 @@ def encode_seg(
         content_description=lo(f"{prediction.model_name} {prediction.model_version}"),
         series_description=series_description("SEG", prediction),
         contributing_equipment=[contributing_equipment(prediction, options, uids.device)],
+        **geometry,  # type: ignore[arg-type]
     )
+    spacing = slice_spacing(frames, geometry["plane_orientation"][0].ImageOrientationPatient)  # type: ignore[index]
+    if spacing is not None:
+        # Readers that rebuild a volume (dcmqi) take the slice step from here, else from
+        # SliceThickness, which differs from it for overlapping or tilted slices.
+        measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+        measures.SpacingBetweenSlices = f"{spacing:.6g}"
     # General Equipment: the model is the device; its UID changes with the model version.
     seg.DeviceUID = uids.device
     fill_type2(seg)

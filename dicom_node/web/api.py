@@ -2,9 +2,7 @@
 
 Reads go straight to the catalog.  Mutating calls (retry, cancel) need
 ``Authorization: Bearer <web.api_token>``; with no token configured they are refused (403), so a
-node is read-only until someone chooses a token.  No patient data: the catalog holds none, and
-the ``patient_id`` fields stay empty unless ``web.show_patient_id`` is set *and* the node was
-given a ``patient_id_lookup`` (a documented hook; nothing provides one today).
+node is read-only until someone chooses a token.  No patient data: the catalog holds none.
 """
 
 from __future__ import annotations
@@ -17,33 +15,28 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from pydantic import BaseModel, Field
-from sqlalchemy import distinct, func, select
 
 from dicom_node.catalog import (
     QUEUE_OF_STATE,
     UNFINISHED,
     Catalog,
     CatalogError,
-    DeliveryRow,
-    InstanceRow,
-    JobEventRow,
     JobRow,
     JobState,
     SeriesRow,
+    queries,
 )
-from dicom_node.heartbeat import ALIVE_WITHIN_S, worker_statuses
-from dicom_node.jobs import JobQueue, queue_job
+from dicom_node.catalog.heartbeats import ALIVE_WITHIN_S, worker_statuses
 from dicom_node.metrics import (
     STAGE_DEFINITIONS,
     STAGES,
-    last_instance_before,
     stage_durations,
 )
+from dicom_node.scheduling.jobs import JobQueue, queue_job
 from dicom_node.settings import Settings
 
 #: States from which a job may be retried; unfinished jobs are still owned by a worker or queue.
 RETRYABLE = (JobState.FAILED, JobState.CANCELLED, JobState.DONE)
-PatientIdLookup = Callable[[str], str | None]
 
 
 @dataclass
@@ -53,13 +46,6 @@ class ApiContext:
     settings: Settings
     catalog: Catalog
     queue: JobQueue
-    patient_id_lookup: PatientIdLookup | None = None
-
-    def patient_id(self, series_instance_uid: str) -> str | None:
-        """PatientID for display, only when ``web.show_patient_id`` is on and a lookup exists."""
-        if not self.settings.web.show_patient_id or self.patient_id_lookup is None:
-            return None
-        return self.patient_id_lookup(series_instance_uid)
 
 
 # -- response models ------------------------------------------------------------------------
@@ -69,9 +55,6 @@ class JobSummary(BaseModel):
     id: int
     series_instance_uid: str
     study_instance_uid: str
-    patient_id: str | None = Field(
-        None, description="Only with web.show_patient_id and a lookup hook."
-    )
     modality: str | None
     rule: str
     model: str
@@ -131,7 +114,6 @@ class ActionResult(BaseModel):
 class SeriesSummary(BaseModel):
     series_instance_uid: str
     study_instance_uid: str
-    patient_id: str | None = None
     modality: str | None
     body_part_examined: str | None
     series_description: str | None
@@ -221,7 +203,6 @@ def _summary(
         id=job.id,
         series_instance_uid=job.series_instance_uid,
         study_instance_uid=job.study_instance_uid,
-        patient_id=ctx.patient_id(job.series_instance_uid),
         modality=job.modality,
         rule=job.rule,
         model=job.model,
@@ -254,16 +235,7 @@ def _summary(
 
 def _summaries(ctx: ApiContext, jobs: list[JobRow]) -> list[JobSummary]:
     now = time.time()
-    uids = {j.series_instance_uid for j in jobs}
-    with ctx.catalog.session() as s:
-        series = (
-            {
-                r.series_instance_uid: r
-                for r in s.scalars(select(SeriesRow).where(SeriesRow.series_instance_uid.in_(uids)))
-            }
-            if uids
-            else {}
-        )
+    series = queries.series_by_uid(ctx.catalog, {j.series_instance_uid for j in jobs})
     out = []
     for job in jobs:
         row = series.get(job.series_instance_uid)
@@ -281,7 +253,6 @@ def _series_summary(ctx: ApiContext, row: SeriesRow) -> SeriesSummary:
     return SeriesSummary(
         series_instance_uid=row.series_instance_uid,
         study_instance_uid=row.study_instance_uid,
-        patient_id=ctx.patient_id(row.series_instance_uid),
         modality=row.modality,
         body_part_examined=row.body_part_examined,
         series_description=row.series_description,
@@ -376,40 +347,28 @@ def create_router(ctx: ApiContext) -> APIRouter:
     )
     def job_detail(job_id: int) -> JobDetail:
         now = time.time()
-        with catalog.session() as s:
-            job = s.get(JobRow, job_id)
-            if job is None:
-                raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
-            series = s.get(SeriesRow, job.series_instance_uid)
-            last = last_instance_before(s, job)
-            events = list(
-                s.scalars(
-                    select(JobEventRow).where(JobEventRow.job_id == job_id).order_by(JobEventRow.id)
+        history = queries.job_history(catalog, job_id)
+        if history is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
+        job, events, deliveries = history.job, history.events, history.deliveries
+        summary = _summary(ctx, job, history.series, history.last_instance_at, now)
+        return JobDetail(
+            **summary.model_dump(),
+            events=[JobEvent(id=e.id, state=e.state, at=e.at, detail=e.detail) for e in events],
+            deliveries=[
+                Delivery(
+                    destination=d.destination,
+                    state=d.state,
+                    attempts=d.attempts,
+                    last_error=d.last_error,
+                    last_attempt_at=d.last_attempt_at,
+                    done_at=d.done_at,
                 )
-            )
-            deliveries = list(
-                s.scalars(
-                    select(DeliveryRow).where(DeliveryRow.job_id == job_id).order_by(DeliveryRow.id)
-                )
-            )
-            summary = _summary(ctx, job, series, last, now)
-            return JobDetail(
-                **summary.model_dump(),
-                events=[JobEvent(id=e.id, state=e.state, at=e.at, detail=e.detail) for e in events],
-                deliveries=[
-                    Delivery(
-                        destination=d.destination,
-                        state=d.state,
-                        attempts=d.attempts,
-                        last_error=d.last_error,
-                        last_attempt_at=d.last_attempt_at,
-                        done_at=d.done_at,
-                    )
-                    for d in deliveries
-                ],
-                results=_public_results(job.results),
-                actions=_actions(job.state),
-            )
+                for d in deliveries
+            ],
+            results=_public_results(job.results),
+            actions=_actions(job.state),
+        )
 
     @router.post(
         "/jobs/{job_id}/retry",
@@ -492,14 +451,7 @@ def create_router(ctx: ApiContext) -> APIRouter:
             raise HTTPException(
                 status.HTTP_404_NOT_FOUND, f"series {series_instance_uid} not found"
             )
-        with catalog.session() as s:
-            jobs = list(
-                s.scalars(
-                    select(JobRow)
-                    .where(JobRow.series_instance_uid == series_instance_uid)
-                    .order_by(JobRow.id)
-                )
-            )
+        jobs = queries.jobs_of_series(catalog, series_instance_uid)
         return SeriesDetail(**_series_summary(ctx, row).model_dump(), jobs=_summaries(ctx, jobs))
 
     @router.get(
@@ -571,35 +523,34 @@ def create_router(ctx: ApiContext) -> APIRouter:
 def destination_health(settings: Settings, catalog: Catalog) -> list[DestinationHealth]:
     """Delivery health per destination: configured ones first, then any only seen in deliveries."""
     stats: dict[str, dict[str, Any]] = {}
-    with catalog.session() as s:
-        for row in s.scalars(select(DeliveryRow)):
-            st = stats.setdefault(
-                row.destination,
-                {
-                    "delivered": 0,
-                    "failed": 0,
-                    "pending": 0,
-                    "failed_attempts": 0,
-                    "last_success_at": None,
-                    "last_failure_at": None,
-                    "last_error": None,
-                },
-            )
-            if row.state == "done":
-                st["delivered"] += 1
-                st["failed_attempts"] += max(0, row.attempts - 1)
-                if row.done_at is not None and (st["last_success_at"] or 0) < row.done_at:
-                    st["last_success_at"] = row.done_at
-            else:
-                st["failed" if row.state == "failed" else "pending"] += 1
-                st["failed_attempts"] += row.attempts
-                if (
-                    row.state == "failed"
-                    and row.last_attempt_at is not None
-                    and (st["last_failure_at"] or 0) < row.last_attempt_at
-                ):
-                    st["last_failure_at"] = row.last_attempt_at
-                    st["last_error"] = row.last_error
+    for row in queries.all_deliveries(catalog):
+        st = stats.setdefault(
+            row.destination,
+            {
+                "delivered": 0,
+                "failed": 0,
+                "pending": 0,
+                "failed_attempts": 0,
+                "last_success_at": None,
+                "last_failure_at": None,
+                "last_error": None,
+            },
+        )
+        if row.state == "done":
+            st["delivered"] += 1
+            st["failed_attempts"] += max(0, row.attempts - 1)
+            if row.done_at is not None and (st["last_success_at"] or 0) < row.done_at:
+                st["last_success_at"] = row.done_at
+        else:
+            st["failed" if row.state == "failed" else "pending"] += 1
+            st["failed_attempts"] += row.attempts
+            if (
+                row.state == "failed"
+                and row.last_attempt_at is not None
+                and (st["last_failure_at"] or 0) < row.last_attempt_at
+            ):
+                st["last_failure_at"] = row.last_attempt_at
+                st["last_error"] = row.last_error
     configured = {d.name: d for d in settings.destinations}
     out = []
     for name in [*configured, *sorted(set(stats) - set(configured))]:
@@ -646,42 +597,10 @@ def compute_throughput(
     since = now - window_s
     minutes = max(1, round(window_s / 60))
     per_minute = [0] * minutes
-    with catalog.session() as s:
-        instances, nbytes = s.execute(
-            select(func.count(), func.coalesce(func.sum(InstanceRow.size), 0)).where(
-                InstanceRow.received_at >= since
-            )
-        ).one()
-        studies = (
-            s.scalar(
-                select(func.count(distinct(SeriesRow.study_instance_uid)))
-                .select_from(InstanceRow)
-                .join(SeriesRow, SeriesRow.series_instance_uid == InstanceRow.series_instance_uid)
-                .where(InstanceRow.received_at >= since)
-            )
-            or 0
-        )
-        # Bucketed in Python: floor() and integer casts differ between SQLite and PostgreSQL.
-        for at in s.scalars(
-            select(InstanceRow.received_at).where(InstanceRow.received_at >= since)
-        ):
-            per_minute[min(minutes - 1, max(0, int((at - since) // 60)))] += 1
-        done = (
-            s.scalar(
-                select(func.count())
-                .select_from(JobRow)
-                .where(JobRow.done_at >= since, JobRow.state == JobState.DONE.value)
-            )
-            or 0
-        )
-        failed = (
-            s.scalar(
-                select(func.count())
-                .select_from(JobRow)
-                .where(JobRow.failed_at >= since, JobRow.state == JobState.FAILED.value)
-            )
-            or 0
-        )
+    got = queries.received_since(catalog, since)
+    for at in got.received_at:
+        per_minute[min(minutes - 1, max(0, int((at - since) // 60)))] += 1
+    instances, nbytes, studies, done, failed = got.instances, got.bytes, got.studies, got.jobs_done, got.jobs_failed
     return Throughput(
         window_s=window_s,
         instances=int(instances),

@@ -14,14 +14,13 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
 
-from dicom_node import heartbeat
-from dicom_node.catalog import Catalog
-from dicom_node.jobs import JobQueue
+from dicom_node.catalog import Catalog, queries
+from dicom_node.catalog import heartbeats as heartbeat
 from dicom_node.metrics import NodeMetrics
+from dicom_node.scheduling.jobs import JobQueue
 from dicom_node.settings import Settings
-from dicom_node.web.api import ApiContext, PatientIdLookup, create_router
+from dicom_node.web.api import ApiContext, create_router
 from dicom_node.web.pages import create_pages_router
 
 #: A readiness check result: (passed, one sentence saying what was seen).
@@ -34,8 +33,7 @@ WEB_DIR = Path(__file__).resolve().parent
 def database_check(catalog: Catalog) -> Check:
     """The catalog database answers ``SELECT 1``."""
     try:
-        with catalog.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+        queries.ping(catalog)
     except Exception as exc:  # readiness reports any failure as a failed check, never raises
         return False, f"database unreachable: {type(exc).__name__}: {exc}"
     return True, "database reachable"
@@ -74,8 +72,10 @@ def readiness_checks(
     broker: Callable[[], Check] | None = None,
     free_mb: Callable[[], float] | None = None,
     min_free_mb: float = 0.0,
+    listener: Callable[[], Check] | None = None,
 ) -> Readiness:
-    """Combine the checks that need objects the web app does not have (broker, spool)."""
+    """Combine the checks that need objects the web app does not have (broker, spool, the
+    DICOM listener accepting connections)."""
 
     def checks() -> dict[str, Check]:
         out: dict[str, Check] = {}
@@ -86,6 +86,8 @@ def readiness_checks(
                 out["broker"] = (False, f"broker check raised {type(exc).__name__}: {exc}")
         if free_mb is not None:
             out["disk"] = disk_check(free_mb, min_free_mb)
+        if listener is not None:
+            out["dicom_listener"] = listener()
         return out
 
     return checks
@@ -98,7 +100,6 @@ def create_app(
     *,
     metrics: NodeMetrics | None = None,
     readiness: Readiness | None = None,
-    patient_id_lookup: PatientIdLookup | None = None,
 ) -> FastAPI:
     """Build the web app.
 
@@ -112,8 +113,6 @@ def create_app(
     readiness : callable, optional
         Extra ``/readyz`` checks (broker, disk: see :func:`readiness_checks`); ``database`` and
         ``inference_worker`` are always checked.
-    patient_id_lookup : callable, optional
-        Series UID -> PatientID, shown only with ``web.show_patient_id``; nothing provides one yet.
     """
     if metrics is None:
         metrics = NodeMetrics(catalog)
@@ -124,7 +123,7 @@ def create_app(
         description="Operations API of a dicom-node: jobs, series, deliveries, queues and workers. "
         "Mutating calls need 'Authorization: Bearer <web.api_token>'.",
     )
-    ctx = ApiContext(settings, catalog, queue, patient_id_lookup)
+    ctx = ApiContext(settings, catalog, queue)
     app.state.ctx = ctx
     app.state.metrics = metrics
     app.include_router(create_router(ctx))

@@ -19,10 +19,10 @@ import pytest
 from pynetdicom import AE
 
 from dicom_node.catalog import Catalog
-from dicom_node.testing import procs
-from dicom_node.testing.node import NodeProcess, node_config, start_node, wait_until
-from dicom_node.testing.phantoms import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
+from dicom_node.demo import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
 from tests.conftest import require_tool
+from tests.support import procs
+from tests.support.node import NodeProcess, node_config, start_node, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -122,7 +122,7 @@ def test_dcmtk_storescu_over_tls_with_client_certificate_stores(tls_node: NodePr
     res = procs.run_tool(["storescu", "-aec", "DICOM_NODE", "+tls", str(pki["client_key"]), str(pki["client"]),
                           "+cf", str(pki["ca"]), procs.LOOPBACK, str(tls_node.port), *map(str, files)], timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
-    spool = tls_node.config_path.parent / "spool"  # written from the journal moments after success
+    spool = tls_node.config_path.parent / "spool"
     wait_until(lambda: len(list(spool.rglob("*.dcm"))) == len(files), 10, what="spool files")
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.testing import procs
-from dicom_node.testing.node import node_config, start_node, wait_until
-from dicom_node.testing.phantoms import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
+from dicom_node.demo import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
 from tests.conftest import require_tool
+from tests.support import procs
+from tests.support.node import node_config, start_node, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from dicom_node import heartbeat
 from dicom_node.catalog import Catalog, JobState
-from dicom_node.jobs import queue_job
-from dicom_node.testing.queues import MemoryQueue
+from dicom_node.catalog import heartbeats as heartbeat
+from dicom_node.scheduling.jobs import queue_job
 from dicom_node.web import WebServer, create_app
 from tests.conftest import REQUIRE_TOOLS, require_tool
+from tests.support.queues import MemoryQueue
 from tests.unit.test_web_api import (
     ROOT,
     TOKEN,
@@ -188,9 +188,9 @@ def test_real_c_store_job_on_a_running_node(tmp_path: Path, browser_page: Any) -
     """Against a running `dicom-node serve`: a series sent with storescu to a node whose archive
     is down gives a failed job that the dashboard lists; its page shows the timeline; once the
     archive is up, the Retry button re-queues it and the results arrive."""
-    from dicom_node.testing import procs
-    from dicom_node.testing.node import node_config, start_node, wait_until
-    from dicom_node.testing.phantoms import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
+    from dicom_node.demo import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
+    from tests.support import procs
+    from tests.support.node import node_config, start_node, wait_until
 
     require_tool("storescu", "storescp")
     phantom = make_chest_phantom(ChestSpec(slices=12))

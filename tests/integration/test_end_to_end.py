@@ -17,10 +17,10 @@ import pydicom
 import pytest
 
 from dicom_node.catalog import Catalog
-from dicom_node.testing import procs
-from dicom_node.testing.node import NodeProcess, node_config, start_node, wait_until
-from dicom_node.testing.phantoms import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
+from dicom_node.demo import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
 from tests.conftest import require_tool
+from tests.support import procs
+from tests.support.node import NodeProcess, node_config, start_node, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -251,8 +251,8 @@ def test_lung_nodules_end_to_end_with_redis(
     """ct-lung-nodules through a real Redis broker and a separate worker: the SEG + SR of a chest
     with a free-floating and a wall-attached nodule reach the archive, dciodvfy-clean, and every
     SR centre point (SCOORD3D POINT) lies within 2 mm of a true nodule centre."""
-    from dicom_node.testing.chest_nodules import chest_spec, make_nodule_phantom
     from tests.integration.test_model_results import sr_centre_points
+    from tests.support.chest_nodules import chest_spec, make_nodule_phantom
 
     nod = make_nodule_phantom(chest_spec(seed=11), (9.0, 16.0), ("free", "lateral"), vessels=4, seed=11)
     info = SeriesInfo(seed="e2e-nodules")

@@ -29,12 +29,12 @@ import torch
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from dicom_node.catalog import Catalog, JobRow
-from dicom_node.ingest import StoredInstance
-from dicom_node.spool import TEMP_SUFFIX
-from dicom_node.testing import procs
-from dicom_node.testing.node import NodeProcess, node_config, start_node, wait_until
-from dicom_node.testing.phantoms import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
+from dicom_node.demo import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
+from dicom_node.ingest.events import StoredInstance
+from dicom_node.ingest.spool import TEMP_SUFFIX
 from tests.conftest import require_tool
+from tests.support import procs
+from tests.support.node import NodeProcess, node_config, start_node, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -196,7 +196,7 @@ def busy_model(folder: Path, name: str, patch: list[int], seconds_per_patch: flo
 
 def test_node_killed_mid_stream_loses_no_acknowledged_instance(tmp_path: Path) -> None:
     """SIGKILL of the node (and its worker) while storescu streams 520 instances: once the node
-    is up again (it first writes back what its intake journal holds), every instance answered
+    is up again, every instance answered
     with success is in the spool with identical dataset bytes, no temp file remains or counts as
     an instance, and after a resend of the rest every series is processed by exactly one job."""
     n_series, per_series = 5, 104
@@ -588,8 +588,7 @@ def test_low_disk_refuses_with_a700_and_accepts_when_space_returns(tmp_path: Pat
     with tmpfs(tmp_path / "fs", 24) as fs:
         workdir = tmp_path / "node"
         config = node_config(workdir, idle_seconds=0.5, rules=[rule("ct", "ct-tissue", [])])
-        # No intake journal: its preallocated file would take most of this small filesystem.
-        config["storage"].update({"root": str(fs / "spool"), "min_free_mb": 8, "journal_mb": 0})
+        config["storage"].update({"root": str(fs / "spool"), "min_free_mb": 8})
         node = start_node(workdir, config)
         try:
             ballast = fs / "ballast"

@@ -13,15 +13,15 @@ from pydicom import dcmread
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 
+from dicom_node.delivery.dicom import send_instances
+from dicom_node.demo import ChestSpec, SeriesInfo, write_chest_series
 from dicom_node.errors import PermanentError, TransientError
-from dicom_node.ingest import CollectingSink
-from dicom_node.listener import DIRECT_FROM_ASSOCIATIONS, IMPLEMENTATION_CLASS_UID, Listener
-from dicom_node.sender import send_instances
+from dicom_node.ingest.listener import IMPLEMENTATION_CLASS_UID, Listener
+from dicom_node.ingest.spool import Spool
 from dicom_node.settings import DestinationSettings, ListenerSettings, StorageSettings
-from dicom_node.spool import Spool
-from dicom_node.testing import procs
-from dicom_node.testing.phantoms import ChestSpec, SeriesInfo, write_chest_series
 from tests.conftest import require_tool
+from tests.support import procs
+from tests.support.sinks import CollectingSink
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,7 @@ class Node:
 
     def __init__(self, root: Path, **listener: Any) -> None:
         min_free_mb = listener.pop("min_free_mb", 0)
-        self.storage = StorageSettings(root=root / "spool", min_free_mb=min_free_mb, journal_mb=16)
+        self.storage = StorageSettings(root=root / "spool", min_free_mb=min_free_mb)
         self._sink = CollectingSink()
         self.settings = ListenerSettings(port=procs.free_port(), **listener)
         self.listener = Listener(self.settings, Spool(self.storage.root), self._sink, self.storage)
@@ -51,14 +51,13 @@ class Node:
 
     @property
     def sink(self) -> CollectingSink:
-        """The sink, once it has heard of everything answered so far (an instance that went
-        through the intake journal is reported just after its C-STORE response)."""
+        """The sink (told of every instance before its C-STORE response)."""
         assert self.listener.flush()
         return self._sink
 
     def spool_files(self) -> list[Path]:
-        """Every file in the spool (instances, leftovers), not the intake journal."""
-        return [p for p in self.root.rglob("*") if p.is_file() and ".journal" not in p.parts]
+        """Every file in the spool (instances, leftovers)."""
+        return [p for p in self.root.rglob("*") if p.is_file()]
 
     @property
     def port(self) -> int:
@@ -156,18 +155,14 @@ def test_series_is_spooled_byte_identical(
 def test_several_senders_at_once_write_straight_to_the_spool(
     make_node: Callable[..., Node], series: list[Path]
 ) -> None:
-    """One association goes through the intake journal; from ``DIRECT_FROM_ASSOCIATIONS``
-    associations at once the instances are fsync'd straight into the spool (no second copy),
-    every one of them stored and reported either way."""
+    """One association, then three at once: every instance is fsync'd straight into the spool
+    and reported, byte for byte what was sent."""
     node = make_node()
-    journal = node.listener._intake.journal if node.listener._intake else None
-    assert journal is not None
     storescu(node.port, series[:2])
-    assert journal.last_seq == 2 and len(node.sink.instances) == 2
+    assert len(node.sink.instances) == 2
     ae = AE(ae_title="PARALLEL")
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assocs = [ae.associate("127.0.0.1", node.port, ae_title="DICOM_NODE")
-              for _ in range(DIRECT_FROM_ASSOCIATIONS)]
+    assocs = [ae.associate("127.0.0.1", node.port, ae_title="DICOM_NODE") for _ in range(3)]
     try:
         assert all(a.is_established for a in assocs)
         for n, path in enumerate(series[2:2 + 2 * len(assocs)]):
@@ -176,7 +171,6 @@ def test_several_senders_at_once_write_straight_to_the_spool(
     finally:
         for a in assocs:
             a.release()
-    assert journal.last_seq == 2  # none of those went through the journal
     stored = {i.sop_instance_uid for i in node.sink.instances}
     assert len(stored) == 2 + 2 * len(assocs)
     for path in series[: 2 + 2 * len(assocs)]:
@@ -412,7 +406,7 @@ def test_tls_listener_echoes_and_refuses_plain_tcp(
     """With TLS set, a TLS client gets C-ECHO success; a plain-TCP echoscu fails, node unharmed."""
     import ssl
 
-    from dicom_node.net import TunedAE
+    from dicom_node._compat.pynetdicom import TunedAE
     from dicom_node.settings import TlsSettings
 
     cert, key = tls_files

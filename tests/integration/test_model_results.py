@@ -14,15 +14,15 @@ import pydicom
 import pytest
 import torch
 
-from dicom_node.loading import load_series
+from dicom_node.demo import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
+from dicom_node.imaging.loading import load_series
 from dicom_node.results import encode_results
-from dicom_node.testing import procs
-from dicom_node.testing.chest_nodules import chest_spec, make_nodule_phantom
-from dicom_node.testing.phantoms import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
-from dicom_node.testing.quirks import enhanced
 from inference.prediction import Prediction
 from inference.registry import ModelRegistry
 from tests.conftest import require_tool
+from tests.support import procs
+from tests.support.chest_nodules import chest_spec, make_nodule_phantom
+from tests.support.quirks import enhanced
 from tests.unit.test_results_seg import check_roundtrip
 
 pytestmark = pytest.mark.integration

@@ -24,11 +24,8 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from dicom_node.catalog import Base, Catalog, JobRow
-from dicom_node.schema import BASELINE, current_revision, head_revision, upgrade_schema
-from dicom_node.settings import load_settings
-from dicom_node.testing import procs
-from dicom_node.testing.node import NodeProcess, node_config, start_node, wait_until
-from dicom_node.testing.phantoms import (
+from dicom_node.catalog.schema import BASELINE, current_revision, head_revision, upgrade_schema
+from dicom_node.demo import (
     ChestSpec,
     Phantom,
     SeriesInfo,
@@ -36,9 +33,12 @@ from dicom_node.testing.phantoms import (
     slice_datasets,
     write_datasets,
 )
-from dicom_node.testing.postgres import PostgresServer, PostgresUnavailable, start_postgres
+from dicom_node.settings import load_settings
 from tests.conftest import REQUIRE_TOOLS, require_tool
 from tests.integration.test_end_to_end import SEG_CLASS, SR_CLASS, archived, storescu
+from tests.support import procs
+from tests.support.node import NodeProcess, node_config, start_node, wait_until
+from tests.support.postgres import PostgresServer, PostgresUnavailable, start_postgres
 from tests.unit.test_migrations import assert_upgrade_builds_the_models, concurrent_upgrades, schema_diff, version_rows
 
 pytestmark = pytest.mark.integration

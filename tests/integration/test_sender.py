@@ -10,18 +10,18 @@ from pydicom import dcmread
 from pydicom.uid import RLELossless
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
-from dicom_node.errors import PermanentError, TransientError
-from dicom_node.sender import SendReport, echo, send_instances
-from dicom_node.settings import DestinationSettings
-from dicom_node.testing import procs
-from dicom_node.testing.phantoms import (
+from dicom_node.delivery.dicom import SendReport, echo, send_instances
+from dicom_node.demo import (
     ChestSpec,
     SeriesInfo,
     make_chest_phantom,
     slice_datasets,
     write_datasets,
 )
+from dicom_node.errors import PermanentError, TransientError
+from dicom_node.settings import DestinationSettings
 from tests.conftest import require_tool
+from tests.support import procs
 
 pytestmark = pytest.mark.integration
 

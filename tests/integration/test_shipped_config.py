@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.testing import procs
 from tests.conftest import require_tool
+from tests.support import procs
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -57,3 +57,29 @@ def test_shipped_config_serves_echo(tmp_path: Path) -> None:
         procs.stop_process(proc, timeout=30)
     assert proc.returncode == 0, (tmp_path / "node.log").read_text()
     assert '"event": "node_stopped"' in (tmp_path / "node.log").read_text()
+
+
+def test_shipped_config_keeps_its_data_outside_the_repository(tmp_path: Path) -> None:
+    """With nothing overridden but the ports, `make run`'s node keeps its spool, catalog and broker
+    under ``~/.local/share/dicom-node`` (here a scratch HOME), never in the git work tree."""
+    require_tool("echoscu")
+    home = tmp_path / "home"
+    home.mkdir()
+    port, web_port = procs.free_port(), procs.free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE_")}
+    env.update(HOME=str(home), DICOM_NODE_LISTENER__PORT=str(port), DICOM_NODE_WEB__PORT=str(web_port))
+    before = {p for p in REPO.rglob("*.db")} | set((REPO / "config").rglob("*"))
+    log = (tmp_path / "node.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dicom_node", "serve", "--config", str(REPO / "config" / "dicom-node.toml")],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+    )
+    try:
+        procs.wait_for_port(port, timeout=60, proc=proc)
+        res = procs.run_tool(["echoscu", "-aec", "DICOM_NODE", procs.LOOPBACK, str(port)])
+        assert res.returncode == 0, res.stdout + res.stderr
+    finally:
+        procs.stop_process(proc, timeout=30)
+    data = home / ".local" / "share" / "dicom-node"
+    assert (data / "dicom-node.db").is_file() and (data / "spool").is_dir(), (tmp_path / "node.log").read_text()
+    assert {p for p in REPO.rglob("*.db")} | set((REPO / "config").rglob("*")) == before

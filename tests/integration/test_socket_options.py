@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.ingest import AssociationSummary, CollectingSink, StoredInstance
-from dicom_node.listener import Listener
-from dicom_node.net import TCP_QUICKACK
+from dicom_node.demo import ChestSpec, SeriesInfo, write_chest_series
+from dicom_node.dimse import TCP_QUICKACK
+from dicom_node.ingest.events import AssociationSummary, StoredInstance
+from dicom_node.ingest.listener import Listener
+from dicom_node.ingest.spool import Spool
 from dicom_node.settings import ListenerSettings, StorageSettings
-from dicom_node.spool import Spool
-from dicom_node.testing import procs
-from dicom_node.testing.phantoms import ChestSpec, SeriesInfo, write_chest_series
 from tests.conftest import require_tool
+from tests.support import procs
+from tests.support.sinks import CollectingSink
 
 pytestmark = pytest.mark.integration
 
@@ -53,9 +54,9 @@ def series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 def _listener(tmp_path: Path, sink: CollectingSink) -> Listener:
-    # No intake journal: the sink is then told on the association's own thread, so a sink that
-    # holds the C-STORE holds the association open while its socket is inspected.
-    storage = StorageSettings(root=tmp_path / "spool", min_free_mb=0, journal_mb=0)
+    # The sink is told on the association's own thread, so a sink that holds the C-STORE holds
+    # the association open while its socket is inspected.
+    storage = StorageSettings(root=tmp_path / "spool", min_free_mb=0)
     listener = Listener(
         ListenerSettings(port=procs.free_port()), Spool(storage.root), sink, storage
     )

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import ssl
 import struct
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -18,7 +22,7 @@ from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 
-from dicom_node.acceptor import (
+from dicom_node.ingest.acceptor import (
     Acceptor,
     AcceptorConfig,
     Association,
@@ -29,6 +33,8 @@ from dicom_node.acceptor import (
     encode_response,
     p_data_pdus,
 )
+from tests.conftest import require_tool
+from tests.support import procs
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 VERIFICATION = "1.2.840.10008.1.1"
@@ -130,8 +136,6 @@ class _Recorder:
     def __init__(self) -> None:
         self.events: list[tuple[str, str]] = []
         self.stored: list[StoreRequest] = []
-        #: SOP Instance UIDs whose response was sent, in order (ScpHandler.store_answered).
-        self.answered: list[str] = []
         self.done = threading.Event()
 
     def check(self, request: AssociationRequest, active: int) -> None:
@@ -150,9 +154,6 @@ class _Recorder:
     def store(self, assoc: Association, request: StoreRequest) -> tuple[int, str | None]:
         self.stored.append(request)
         return 0, None
-
-    def store_answered(self, assoc: Association) -> None:
-        self.answered.append(self.stored[-1].affected_sop_instance_uid)
 
     def ended(self, assoc: Association, released: bool, reason: str) -> None:
         self.events.append(("ended", reason))
@@ -303,50 +304,6 @@ def test_pynetdicom_scu_stores_through_small_pdus() -> None:
     stored = handler.stored[0]
     assert stored.affected_sop_instance_uid == ds.SOPInstanceUID
     assert len(stored.dataset) > 10000 and b"Test^Fragments" in stored.dataset
-    assert handler.answered == [ds.SOPInstanceUID]
-
-
-class _AfterAnswer(_Recorder):
-    """Its ``store_answered`` waits until the test has seen the C-STORE response."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        #: Set by the test when it has the response of the first, the second... instance.
-        self.response_seen = [threading.Event() for _ in range(2)]
-        self.waited: list[bool] = []
-
-    def store_answered(self, assoc: Association) -> None:
-        self.waited.append(self.response_seen[len(self.answered)].wait(10))
-        super().store_answered(assoc)
-
-
-def test_store_answered_runs_once_the_sender_has_its_response() -> None:
-    """The handler's after-answer work (the listener writes the spool file there) does not hold
-    up the response: the sender gets its status while ``store_answered`` is still waiting."""
-    handler = _AfterAnswer()
-    acceptor = Acceptor(("127.0.0.1", 0), AcceptorConfig(contexts={CT: (ExplicitVRLittleEndian,)}),
-                        handler)
-    ae = AE(ae_title="AFTER")
-    ae.add_requested_context(CT, ExplicitVRLittleEndian)
-    try:
-        assoc = ae.associate("127.0.0.1", acceptor.port, ae_title="ANY")
-        assert assoc.is_established
-        uids = []
-        for seen in handler.response_seen:
-            ds = Dataset()
-            ds.SOPClassUID = CT
-            ds.SOPInstanceUID = generate_uid()
-            ds.file_meta = FileMetaDataset()
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            status = assoc.send_c_store(ds)
-            assert status.Status == 0
-            seen.set()
-            uids.append(ds.SOPInstanceUID)
-        assoc.release()
-    finally:
-        acceptor.shutdown()
-    assert handler.waited == [True, True]
-    assert handler.answered == uids
 
 
 def test_a_repeated_request_is_negotiated_from_the_cache_with_its_own_titles(
@@ -421,3 +378,43 @@ def test_silent_peers_are_dropped_after_the_acse_and_network_timeouts() -> None:
         acceptor.shutdown()
     assert ("failed", "no A-ASSOCIATE-RQ within acse_timeout") in handler.events
     assert ("ended", "aborted: no data for network_timeout (0.5 s)") in handler.events
+
+
+def test_tls_handshake_trickled_byte_by_byte_ends_at_the_acse_deadline(tmp_path: Path) -> None:
+    """A TLS ClientHello sent one byte every 0.2 s (each receive well inside acse_timeout):
+    the handshake and the A-ASSOCIATE-RQ share one deadline, so the connection is closed
+    acse_timeout after it was accepted, not after a timeout per byte."""
+    require_tool("openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    procs.run_tool(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "1", "-subj", "/CN=localhost"], check=True)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(str(cert), str(key))
+    # The ClientHello a real client sends, taken from an in-memory TLS client.
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client.wrap_bio(incoming, outgoing)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    hello = outgoing.read()
+    assert len(hello) > 100
+    handler = _Recorder()
+    acceptor = Acceptor(("127.0.0.1", 0), AcceptorConfig(contexts={CT: (ExplicitVRLittleEndian,)},
+                                                         acse_timeout=1.0, network_timeout=1.0),
+                        handler, ssl_context=server)
+    try:
+        with socket.create_connection(("127.0.0.1", acceptor.port)) as sock:
+            started = time.monotonic()
+            closed_after = None
+            for i in range(len(hello)):
+                try:
+                    sock.sendall(hello[i:i + 1])
+                except OSError:
+                    closed_after = time.monotonic() - started
+                    break
+                time.sleep(0.2)
+        assert closed_after is not None and closed_after < 1.0 + 1.0, closed_after
+        assert any(kind == "tls" and "timed out" in text for kind, text in handler.events), handler.events
+    finally:
+        acceptor.shutdown()

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from dicom_node.catalog import Catalog, CatalogError, JobSpec, JobState, expected_instances
-from dicom_node.completion import CompletionLoop
-from dicom_node.ingest import AssociationSummary, StoredInstance
-from dicom_node.jobs import reconcile_jobs
-from dicom_node.recorder import CatalogRecorder
+from dicom_node.catalog.recorder import CatalogRecorder
+from dicom_node.ingest.events import AssociationSummary, StoredInstance
+from dicom_node.scheduling.completion import CompletionLoop
+from dicom_node.scheduling.jobs import reconcile_jobs
 from dicom_node.settings import load_settings
-from dicom_node.testing.queues import MemoryQueue
+from tests.support.queues import MemoryQueue
 
 STUDY, SERIES = "1.2.3", "1.2.3.4"
 
@@ -199,7 +199,7 @@ def test_recorder_retries_a_write_the_database_refused(catalog: Catalog, monkeyp
 
     from sqlalchemy.exc import OperationalError
 
-    import dicom_node.recorder as recorder_module
+    import dicom_node.catalog.recorder as recorder_module
 
     monkeypatch.setattr(recorder_module, "RETRY_DELAYS_S", (0.01, 0.01, 0.01))
     real = catalog.record_instances

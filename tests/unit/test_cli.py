@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from dicom_node.cli import main
-from dicom_node.testing.node import write_config
-from dicom_node.testing.phantoms import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
+from dicom_node.demo import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
+from tests.support.node import write_config
 
 
 @pytest.fixture
@@ -75,3 +76,123 @@ def test_jobs_on_an_empty_catalog(config: Path, capsys: pytest.CaptureFixture[st
     assert capsys.readouterr().out.strip() == "no jobs"
     assert main(["retry", "42", "--config", str(config)]) == 1
     assert "unknown job 42" in capsys.readouterr().err
+
+
+def _rules_config(tmp_path: Path, rules: list[dict[str, object]], destinations: list[dict[str, object]] | None = None
+                  ) -> Path:
+    return write_config(tmp_path / "rules.toml", {"database": {"url": f"sqlite:///{tmp_path / 'r.db'}"},
+                                                  "destinations": destinations or [], "rules": rules})
+
+
+def test_config_check_catches_unknown_models_and_refused_modalities(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A rule naming an unknown model, or sending only a modality its model refuses, fails the
+    check (exit 2) with the rule, the model and what it accepts; a rule that may send other
+    modalities is a warning."""
+    config = _rules_config(tmp_path, [
+        {"name": "mr", "match": {"Modality": "MR"}, "models": ["ct-tissue"]},
+        {"name": "typo", "match": {"Modality": "CT"}, "models": ["ct-tisue"]},
+        {"name": "any", "models": ["ct-lung-nodules"]},
+    ])
+    assert main(["config", "check", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "rule 'mr' sends Modality MR to 'ct-tissue', which accepts only CT" in err
+    assert "rule 'typo' names unknown model 'ct-tisue'; known models: ct-lung-nodules, ct-tissue, foreground" in err
+    assert "warning: rule 'any' may send any modality to 'ct-lung-nodules'" in err
+    fine = _rules_config(tmp_path, [{"name": "ct", "match": {"Modality": "CT"}, "models": ["ct-tissue"]}])
+    assert main(["config", "check", "--config", str(fine)]) == 0
+    assert "configuration OK" in capsys.readouterr().out
+
+
+def test_config_check_probe_echoes_every_destination(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], storescp_archive: Any
+) -> None:
+    """``--probe`` C-ECHOes each destination: a real storescp answers; a closed port fails the
+    check with exit 1, naming the destination."""
+    from tests.support import procs
+
+    up = {"name": "archive", "ae_title": "ARCHIVE", "host": procs.LOOPBACK, "port": storescp_archive.port}
+    down = {"name": "gone", "ae_title": "GONE", "host": procs.LOOPBACK, "port": procs.free_port()}
+    rules = [{"name": "ct", "match": {"Modality": "CT"}, "models": ["ct-tissue"], "destinations": ["archive"]}]
+    assert main(["config", "check", "--probe", "--config", str(_rules_config(tmp_path, rules, [up]))]) == 0
+    assert "every destination answers C-ECHO" in capsys.readouterr().out
+    assert main(["config", "check", "--probe", "--config", str(_rules_config(tmp_path, rules, [up, down]))]) == 1
+    err = capsys.readouterr().err
+    assert "destination 'gone' (GONE@" in err and "does not answer C-ECHO" in err and "'archive'" not in err
+
+
+def test_settings_errors_name_the_variable_and_suggest_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A typo gets the nearest key; an environment override's error names the variable, not the
+    file; a validator's message comes without pydantic's "Value error, " prefix."""
+    typo = tmp_path / "typo.toml"
+    typo.write_text("[completion]\nidel_seconds = 5\n")
+    assert main(["config", "check", "--config", str(typo)]) == 2
+    assert "completion.idel_seconds: unknown key (did you mean idle_seconds?)" in capsys.readouterr().err
+    monkeypatch.setenv("DICOM_NODE_LISTENER__PORT", "99999")
+    assert main(["config", "check", "--config", str(typo.with_name("none.toml"))]) == 2
+    assert "configuration file not found" in capsys.readouterr().err
+    fine = tmp_path / "fine.toml"
+    fine.write_text("")
+    assert main(["config", "check", "--config", str(fine)]) == 2
+    err = capsys.readouterr().err
+    assert "DICOM_NODE_LISTENER__PORT (environment, listener.port): Input should be less than or equal to 65535" in err
+    assert str(fine) not in err
+    monkeypatch.delenv("DICOM_NODE_LISTENER__PORT")
+    dup = tmp_path / "dup.toml"
+    dup.write_text('[[destinations]]\nname = "a"\nae_title = "A"\nhost = "h"\nport = 1\n' * 2)
+    assert main(["config", "check", "--config", str(dup)]) == 2
+    err = capsys.readouterr().err
+    assert "destination names must be unique" in err and "Value error" not in err
+
+
+def test_usage_errors_exit_2_and_say_what_exists(tmp_path: Path, config: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """An unknown job state, a missing folder and an unknown destination are usage errors (exit 2);
+    the last lists the configured destinations."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["jobs", "--state", "bogus", "--config", str(config)])
+    assert exit_info.value.code == 2
+    assert main(["rules", "test", str(tmp_path / "nonexistent"), "--config", str(config)]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    dests = _rules_config(tmp_path, [], [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104},
+                                         {"name": "research", "ae_title": "R", "host": "127.0.0.1", "port": 105}])
+    assert main(["echo", "NOPE", "--config", str(dests)]) == 2
+    assert "no destination named 'NOPE'; configured destinations: pacs, research" in capsys.readouterr().err
+
+
+def test_help_is_written_for_users(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--help`` says what the node is, the exit statuses and where to start; every option of
+    serve has a help text."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "DICOM-native AI inference node" in text and "Exit status" in text and "first steps" in text
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = capsys.readouterr().out
+    assert "--log-format" in text and "log lines as JSON" in text
+
+
+def test_output_piped_into_head_ends_quietly(tmp_path: Path, config: Path) -> None:
+    """``dicom-node jobs | head -1`` ends without a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    from dicom_node.catalog import Catalog, JobSpec
+    from dicom_node.catalog.recorder import instance_from_file
+
+    phantom = make_chest_phantom(ChestSpec(slices=2, rows=16, columns=16, pixel_spacing=20.0))
+    paths = write_datasets(slice_datasets(phantom.hu, phantom.affine, SeriesInfo(seed="pipe")), tmp_path / "s")
+    catalog = Catalog(f"sqlite:///{tmp_path / 'node.db'}")
+    catalog.record_instances([instance_from_file(p) for p in paths])
+    uid = SeriesInfo(seed="pipe").uid("series")
+    catalog.create_jobs([JobSpec(uid, "r", f"model-{n}", [], "normal") for n in range(3000)])
+    out = subprocess.run(
+        ["bash", "-o", "pipefail", "-c",
+         f"'{sys.executable}' -m dicom_node jobs --limit 3000 --config '{config}' | head -1"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert "ID" in out.stdout and "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr

@@ -8,7 +8,7 @@ import scipy.ndimage as ndi
 import torch
 from pydicom.sr.codedict import codes
 
-from dicom_node.testing.phantoms import ChestSpec, Phantom, make_chest_phantom
+from dicom_node.demo import ChestSpec, Phantom, make_chest_phantom
 from inference import PermanentError, Prediction, Volume
 from inference.model import Model
 from inference.models.ct_tissue import CtTissueModel

@@ -52,9 +52,9 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from dicom_node.settings import Settings, load_settings
-from dicom_node.testing import procs
-from dicom_node.testing.node import NodeProcess, start_node, write_config
 from tests.conftest import require_tool
+from tests.support import procs
+from tests.support.node import NodeProcess, start_node, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = sorted([ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "docker" / "README.md"])
@@ -183,7 +183,7 @@ def test_documented_subcommands_exist(path: Path) -> None:
     commands = _subcommands()
     unknown = []
     for code in _code_texts(path):
-        for m in re.finditer(r"(?<![\w/.-])dicom-node\s+([a-z][a-z-]*)(?:\s+([a-z][a-z-]*))?", code):
+        for m in re.finditer(r"(?<![\w/.-])dicom-node[ \t]+([a-z][a-z-]*)(?:[ \t]+([a-z][a-z-]*))?", code):
             first, second = m.group(1), m.group(2)
             if first not in commands:
                 unknown.append(m.group(0))
@@ -302,7 +302,12 @@ class Workspace:
         for dest in config.get("destinations", []):
             if dest["port"] == 4242:
                 dest["port"] = self.ports[4242]
-        config.setdefault("storage", {})["min_free_mb"] = 0
+        # The shipped paths are under ~: here the workspace is HOME (see env()), spelled out for
+        # the node this test starts itself.
+        data = self.root / ".local" / "share" / "dicom-node"
+        config.setdefault("storage", {}).update({"min_free_mb": 0, "root": str(data / "spool")})
+        config["database"]["url"] = f"sqlite:///{data / 'dicom-node.db'}"
+        config["broker"]["url"] = f"sqla+sqlite:///{data / 'broker.db'}"
         config["completion"].update({"idle_seconds": 1, "poll_seconds": 0.1})
         config["delivery"] = {"max_attempts": 3, "backoff_seconds": 0.5}
         return config
@@ -310,6 +315,7 @@ class Workspace:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE_")}
         env["PATH"] = f"{self.root / '.shim'}{os.pathsep}{env.get('PATH', '')}"
+        env["HOME"] = str(self.root)  # the documents' ~/dicom-node-demo lands in the workspace
         return env
 
     def prepare(self) -> None:
@@ -438,7 +444,7 @@ def test_document_blocks_run(path: Path, workspace: Workspace) -> None:
         import pydicom
 
         classes = sorted(str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID)
-                         for p in (workspace.root / "received").iterdir())
+                         for p in (workspace.root / "dicom-node-demo" / "received").iterdir())
         sc = "1.2.840.10008.5.1.4.1.1.7"
         assert [c for c in classes if c != sc] == [
             "1.2.840.10008.5.1.4.1.1.11.1",  # GSPS
@@ -476,7 +482,7 @@ def test_conformance_transfer_syntaxes_match_the_listener() -> None:
     """The storage transfer syntaxes are the listener's, in its order of preference; Verification the first three."""
     from pydicom.uid import UID
 
-    from dicom_node.listener import TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS
+    from dicom_node.ingest.listener import TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS
 
     text = CONFORMANCE.read_text(encoding="utf-8")
     table = _section(text, "| Transfer Syntax (storage) | UID |", "\n\n")
@@ -501,8 +507,9 @@ def test_conformance_scu_contexts_match_the_sender() -> None:
 
 def test_conformance_implementation_identifiers_match_the_code() -> None:
     """The Implementation Class UID and Version Name sent on the network, and those of spooled files, are the code's."""
-    from dicom_node.listener import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-    from dicom_node.net import TunedAE
+    from dicom_node._compat.pynetdicom import TunedAE
+    from dicom_node.ingest.listener import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
 
     text = CONFORMANCE.read_text(encoding="utf-8")
     ae = TunedAE(ae_title="DICOM_NODE")
@@ -513,10 +520,10 @@ def test_conformance_implementation_identifiers_match_the_code() -> None:
 
 
 def test_conformance_scp_status_codes_are_those_the_listener_returns() -> None:
-    """The C-STORE SCP status table lists exactly the status constants `dicom_node.listener` answers with."""
+    """The C-STORE SCP status table lists exactly the status constants `dicom_node.ingest.listener` answers with."""
     from dicom_node import statuses
 
-    source = (ROOT / "dicom_node" / "listener.py").read_text(encoding="utf-8")
+    source = (ROOT / "dicom_node" / "ingest" / "listener.py").read_text(encoding="utf-8")
     used = {getattr(statuses, name) for name in re.findall(r"statuses\.([A-Z_]+)\b", source)}
     text = CONFORMANCE.read_text(encoding="utf-8")
     table = _section(text, '<a id="c-store-scp-status-codes"></a>', "No warning statuses")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from pydicom.sr.codedict import codes
 
-from dicom_node.testing.phantoms import ChestSpec, axial_affine, make_chest_phantom
+from dicom_node.demo import ChestSpec, axial_affine, make_chest_phantom
 from inference import PermanentError, Volume
 from inference.model import Model
 from inference.models.foreground import ForegroundModel

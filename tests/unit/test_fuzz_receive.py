@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dicom_node.demo import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
 from dicom_node.errors import DicomNodeError
-from dicom_node.header import UndecodableDatasetError, parse_header
-from dicom_node.loading import load_series
-from dicom_node.testing.phantoms import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
+from dicom_node.imaging.loading import load_series
+from dicom_node.ingest.header import UndecodableDatasetError, parse_header
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"

@@ -24,7 +24,8 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
 )
 
-from dicom_node.header import (
+from dicom_node.demo import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets
+from dicom_node.ingest.header import (
     RawValue,
     UndecodableDatasetError,
     _raw_values,
@@ -34,7 +35,6 @@ from dicom_node.header import (
     read_header,
     scan_elements,
 )
-from dicom_node.testing.phantoms import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets
 
 
 def _encode(ds: Dataset, *, implicit: bool = False, little: bool = True) -> bytes:

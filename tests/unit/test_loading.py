@@ -29,10 +29,11 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from dicom_node.demo import Phantom, axial_affine, write_datasets
 from dicom_node.errors import PermanentError
-from dicom_node.loading import LoadedSeries, SeriesError, load_series
-from dicom_node.testing import procs, quirks
-from dicom_node.testing.phantoms import Phantom, axial_affine, write_datasets
+from dicom_node.imaging.loading import LoadedSeries, SeriesError, load_series
+from inference.stacks import StackedVolume
+from tests.support import procs, quirks
 
 ATOL_MM = 1e-3  # DS values carry 6 significant digits
 
@@ -165,19 +166,78 @@ def test_untilted_series_has_no_tilt_note(phantom: Phantom, tmp_path: Path) -> N
     assert "gantry_tilt_deg" not in loaded.volume.metadata
 
 
-def test_irregular_spacing_refused_naming_steps(phantom: Phantom, tmp_path: Path) -> None:
-    """Steps of 2.5 then 5 mm are refused with both spacings, never averaged into one affine."""
+def test_two_spacings_load_as_two_stacks_never_averaged(phantom: Phantom, tmp_path: Path) -> None:
+    """Steps of 2.5 then 5 mm make two stacks, each with its exact affine, never one averaged."""
     positions = quirks.irregular_positions(phantom.affine, [2.5] * 5 + [5.0] * 6)
-    datasets = quirks.with_positions(_stack(phantom), positions)
-    with pytest.raises(SeriesError, match=r"irregular slice spacing: steps between 2\.5 and 5 mm"):
-        _load(datasets, tmp_path)
+    loaded = _load(quirks.with_positions(_stack(phantom), positions), tmp_path)
+    assert isinstance(loaded.volume, StackedVolume)
+    assert loaded.volume.stacks == ((0, 6), (6, 12))
+    assert [float(np.linalg.norm(a[:3, 0])) for a in loaded.volume.stack_affines] == pytest.approx(
+        [2.5, 5.0], abs=1e-4)
+    assert loaded.volume.metadata["stacks"] == "2 regular stacks: 6 slices at 2.5 mm, then 6 slices at 5 mm"
+    _assert_voxels_at_source_positions(loaded)
+    np.testing.assert_array_equal(loaded.volume.array, quirks.stored_hu(phantom.hu))
 
 
-def test_missing_slice_refused(phantom: Phantom, tmp_path: Path) -> None:
-    """One missing slice (a 10 mm gap in 5 mm steps) is refused as irregular spacing."""
+def test_tilted_head_ct_of_two_spacings_loads_each_stack_exactly(tmp_path: Path) -> None:
+    """14 slices at 4.2 mm then 14 at 7.4 mm with 15 degree tilt: two sheared stacks, exact voxels."""
+    head = quirks.small_phantom(slices=28)
+    affine = quirks.tilted_affine(head.hu.shape, 10.0, 4.2, tilt_deg=15.0)
+    positions = quirks.stacked_positions(affine, (14, 14), (4.2, 7.4))
+    datasets = quirks.with_positions(quirks.stack(head.hu, affine, quirks.series_info("head-ct")), positions)
+    loaded = _load(quirks.shuffle_instance_numbers(datasets, seed=5), tmp_path)
+    volume = loaded.volume
+    assert isinstance(volume, StackedVolume) and volume.stacks == ((0, 14), (14, 28))
+    for stack, spacing in zip(volume.stack_volumes(), (4.2, 7.4), strict=True):
+        np.testing.assert_allclose(stack.affine[:3, 0], (0.0, 0.0, spacing), atol=ATOL_MM)
+        np.testing.assert_allclose(stack.affine[:3, 1:3], affine[:3, 1:3], atol=ATOL_MM)
+        assert float(stack.metadata["gantry_tilt_deg"]) == pytest.approx(15.0, abs=1e-3)
+        assert stack.shape == (14, 32, 32)
+    _assert_voxels_at_source_positions(loaded)
+    np.testing.assert_array_equal(volume.array, quirks.stored_hu(head.hu))
+    with pytest.raises(ValueError, match="no single slice spacing"):
+        _ = volume.spacing
+
+
+def test_missing_slice_refused_naming_where(phantom: Phantom, tmp_path: Path) -> None:
+    """One missing slice (a 10 mm gap in 5 mm steps) is refused as such, with its two neighbours."""
+    z = phantom.affine[2, 3] + 5.0 * np.arange(12)
     datasets = quirks.drop(_stack(phantom), 6)
-    with pytest.raises(SeriesError, match=r"steps between 5 and 10 mm.*a slice may be missing"):
+    match = (rf"a slice is missing between z={z[5]:.4g} and z={z[7]:.4g} mm: a 10 mm step where "
+             r"the slices on either side are 5 mm apart")
+    with pytest.raises(SeriesError, match=match):
         _load(datasets, tmp_path)
+
+
+@pytest.mark.parametrize(("dropped", "message"), [
+    ((1,), r"a slice is missing between z=\S+ and z=\S+ mm: a 10 mm step"),
+    ((10,), r"a slice is missing between z=\S+ and z=\S+ mm: a 10 mm step"),
+    ((5, 6), r"2 slices are missing between z=\S+ and z=\S+ mm: a 15 mm step"),
+])
+def test_missing_slices_near_the_ends_or_several_are_named(
+    phantom: Phantom, tmp_path: Path, dropped: tuple[int, ...], message: str
+) -> None:
+    """A missing second or second-to-last slice, or two in a row, are refused as missing slices."""
+    with pytest.raises(SeriesError, match=message):
+        _load(quirks.drop(_stack(phantom), *dropped), tmp_path)
+
+
+def test_gap_between_two_stacks_refused_naming_both_spacings(phantom: Phantom, tmp_path: Path) -> None:
+    """Two spacings with a 12 mm gap between the stacks: refused, both stacks and the gap named."""
+    positions = quirks.stacked_positions(phantom.affine, (6, 6), (2.5, 5.0), boundaries=(12.0,))
+    datasets = quirks.with_positions(_stack(phantom), positions)
+    match = (r"two spacings: 6 slices at 2\.5 mm then 6 slices at 5 mm, with a gap of 12 mm between "
+             r"z=\S+ and z=\S+ mm: slices are missing between the two stacks")
+    with pytest.raises(SeriesError, match=match):
+        _load(datasets, tmp_path)
+
+
+def test_odd_gap_in_one_spacing_refused(phantom: Phantom, tmp_path: Path) -> None:
+    """A 7.3 mm step between 5 mm steps is no whole number of slices: refused, step named."""
+    positions = quirks.irregular_positions(phantom.affine, [5.0] * 5 + [7.3] + [5.0] * 5)
+    match = r"a gap of 7\.3 mm between z=\S+ and z=\S+ mm, where the slices on either side are 5 mm apart"
+    with pytest.raises(SeriesError, match=match):
+        _load(quirks.with_positions(_stack(phantom), positions), tmp_path)
 
 
 def test_spacing_jitter_within_tolerance_loads(phantom: Phantom, tmp_path: Path) -> None:
@@ -627,6 +687,6 @@ def test_modality_hint(phantom: Phantom, tmp_path: Path) -> None:
 
 
 def test_import_does_not_load_torch() -> None:
-    """Importing dicom_node.loading pulls in no torch (the listener host has none)."""
-    code = "import sys, dicom_node.loading; assert 'torch' not in sys.modules"
+    """Importing dicom_node.imaging.loading pulls in no torch (the listener host has none)."""
+    code = "import sys, dicom_node.imaging.loading; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])

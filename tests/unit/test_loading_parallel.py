@@ -11,10 +11,10 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import UID, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
-from dicom_node import loading
-from dicom_node.loading import SeriesError, load_series
-from dicom_node.testing import quirks
-from dicom_node.testing.phantoms import Phantom, write_datasets
+from dicom_node.demo import Phantom, write_datasets
+from dicom_node.imaging import loading
+from dicom_node.imaging.loading import SeriesError, load_series
+from tests.support import quirks
 
 #: Thread counts compared: serial, and more threads than this machine has cores.
 THREADS = (1, 4)

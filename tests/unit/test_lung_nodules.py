@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_node.testing.chest_nodules import NodulePhantom, chest_spec, make_nodule_phantom, match_findings
-from dicom_node.testing.phantoms import axial_affine
+from dicom_node.demo import axial_affine
 from inference import PermanentError, Prediction, Segment, Volume
 from inference.model import Model
 from inference.models.lung_nodules import NODULE_LABEL, LungNoduleModel, convex_fill
 from inference.prediction import DIAMETER, ML, MM, VOLUME, SegmentKind
+from tests.support.chest_nodules import NodulePhantom, chest_spec, make_nodule_phantom, match_findings
 
 CPU = torch.device("cpu")
 

@@ -11,12 +11,12 @@ from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from dicom_node import heartbeat
 from dicom_node.catalog import Catalog, JobState
-from dicom_node.jobs import queue_job
+from dicom_node.catalog import heartbeats as heartbeat
 from dicom_node.metrics import MAX_AE_LABELS, STAGES, NodeMetrics
-from dicom_node.testing.queues import MemoryQueue
+from dicom_node.scheduling.jobs import queue_job
 from dicom_node.web import create_app
+from tests.support.queues import MemoryQueue
 from tests.unit.test_web_api import (
     ROOT,
     TIMINGS,

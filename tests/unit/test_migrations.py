@@ -19,8 +19,7 @@ from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import Engine
 
 from dicom_node.catalog import Base, Catalog, JobSpec
-from dicom_node.ingest import StoredInstance
-from dicom_node.schema import (
+from dicom_node.catalog.schema import (
     BASELINE,
     DatabaseUnavailableError,
     SchemaError,
@@ -30,7 +29,8 @@ from dicom_node.schema import (
     script_directory,
     upgrade_schema,
 )
-from dicom_node.testing.procs import free_port
+from dicom_node.ingest.events import StoredInstance
+from tests.support.procs import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,7 +49,7 @@ def concurrent_upgrades(url: str, processes: int, cwd: Path) -> list[str]:
     go = cwd / "go"
     code = textwrap.dedent(f"""
         import os, sys, time
-        from dicom_node.schema import upgrade_schema
+        from dicom_node.catalog.schema import upgrade_schema
         while not os.path.exists({str(go)!r}):
             time.sleep(0.002)
         upgrade_schema({url!r})

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
+from dicom_node.demo import ChestSpec, Sphere, make_chest_phantom
 from dicom_node.errors import ConfigError
 from dicom_node.results import encode_outputs
-from dicom_node.results.examples import phantom_prediction, single_frame_sources, volume_of
 from dicom_node.settings import Settings, load_settings
-from dicom_node.testing.phantoms import ChestSpec, Sphere, make_chest_phantom
+from tests.support.result_examples import phantom_prediction, single_frame_sources, volume_of
 from workers.pipeline import (
     MANIFEST,
     check_series_slots,

@@ -21,13 +21,13 @@ import torch
 from structlog.testing import capture_logs
 
 from dicom_node.catalog import Catalog, JobRow, JobSpec, JobState
-from dicom_node.jobs import queue_job
-from dicom_node.loading import LoadedSeries, SeriesError, load_series
-from dicom_node.recorder import instance_from_file
+from dicom_node.catalog.recorder import instance_from_file
+from dicom_node.demo import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
+from dicom_node.imaging.loading import LoadedSeries, SeriesError, load_series
+from dicom_node.scheduling.jobs import queue_job
 from dicom_node.settings import DatabaseSettings, Settings, StorageSettings, WorkerSettings
-from dicom_node.testing.phantoms import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
-from dicom_node.testing.queues import MemoryQueue
 from inference.registry import ModelRegistry
+from tests.support.queues import MemoryQueue
 from workers.pipeline import WorkerContext, build_context, deliver, load_job_series, run_inference
 from workers.prefetch import Prefetcher, SeriesFiles, next_queued_job
 
@@ -151,6 +151,21 @@ def test_next_queued_job_is_urgent_first_then_oldest_of_the_workers_models(node:
     assert next_queued_job(node.catalog, [MODEL], exclude={old.job_id}).id == newer.job_id  # type: ignore[union-attr]
     assert next_queued_job(node.catalog, ["someone-elses-model"]).id == other_model.job_id  # type: ignore[union-attr]
     assert next_queued_job(node.catalog, ["no-such-model"]) is None
+
+
+def test_next_queued_job_is_the_oldest_of_more_than_a_thousand(node: Node) -> None:
+    """With 1,200 jobs queued the guess is still the oldest one, the job the broker hands out next
+    (reading only the newest 1,000 would pick the 201st)."""
+    first = node.receive("many-0")
+    uid = first.series_instance_uid
+    catalog = node.catalog
+    ids = catalog.create_jobs([JobSpec(uid, "test", f"{MODEL}-{n}", [], "normal") for n in range(1, 1200)])
+    for job_id in ids:
+        queue_job(catalog, node.queue, job_id)
+    models = [MODEL] + [f"{MODEL}-{n}" for n in range(1, 1200)]
+    assert len(catalog.list_jobs(state=JobState.QUEUED.value, limit=5000)) == 1200
+    assert next_queued_job(catalog, models).id == first.job_id  # type: ignore[union-attr]
+    assert next_queued_job(catalog, models, exclude={first.job_id}).id == ids[0]  # type: ignore[union-attr]
 
 
 def test_prefetched_volume_is_used_when_the_files_are_unchanged(

@@ -13,14 +13,14 @@ import pytest
 from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
 
+from dicom_node.demo import ChestSpec, Phantom, SeriesInfo, Sphere, make_chest_phantom
 from dicom_node.results import ResultEncodingError, ResultOptions, encode_outputs
-from dicom_node.results.examples import phantom_prediction, single_frame_sources, volume_of
 from dicom_node.results.headers import UNSTATED_METHOD, clean_source, problems
 from dicom_node.results.notice import Notice, encode_notice, render_notice
 from dicom_node.results.sc import BANNER_COLOR, BANNER_HEIGHT, draw_text
-from dicom_node.testing import procs
-from dicom_node.testing.phantoms import ChestSpec, Phantom, SeriesInfo, Sphere, make_chest_phantom
 from tests.conftest import require_tool
+from tests.support import procs
+from tests.support.result_examples import phantom_prediction, single_frame_sources, volume_of
 
 ALL = ("seg", "sr", "gsps", "kos", "sc")
 

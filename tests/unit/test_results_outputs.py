@@ -14,22 +14,22 @@ import pytest
 from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
 
+from dicom_node.demo import ChestSpec, Phantom, Sphere, make_chest_phantom
 from dicom_node.results import ResultOptions, encode_outputs
 from dicom_node.results import registry as reg
 from dicom_node.results.common import SERIES_OFFSETS, model_series_numbers, series_slot
 from dicom_node.results.drawing import LUNG_WINDOW
-from dicom_node.results.examples import (
+from dicom_node.results.sc import BANNER_COLOR, BANNER_HEIGHT, banner_text, draw_text
+from inference.prediction import Prediction
+from tests.conftest import require_tool
+from tests.support import procs
+from tests.support.result_examples import (
     enhanced_sources,
     example_series_info,
     phantom_prediction,
     single_frame_sources,
     volume_of,
 )
-from dicom_node.results.sc import BANNER_COLOR, BANNER_HEIGHT, banner_text, draw_text
-from dicom_node.testing import procs
-from dicom_node.testing.phantoms import ChestSpec, Phantom, Sphere, make_chest_phantom
-from inference.prediction import Prediction
-from tests.conftest import require_tool
 
 NODULES = (Sphere((-60.0, 10.0, 5.0), 20.0), Sphere((65.0, -15.0, -40.0), 12.0))
 ALL = ("seg", "sr", "gsps", "kos", "sc")
@@ -70,7 +70,7 @@ def test_registry_names_order_and_needs() -> None:
     with pytest.raises(KeyError, match="unknown output type 'pdf'; known: seg, sr"):
         reg.closure(["pdf"])
     with pytest.raises(ValueError, match="registered twice"):
-        reg.register(reg.OutputType("seg", "x:y", (), "again"))
+        reg.register(reg.OutputType("seg", lambda ctx: [], (), "again"))
 
 
 def test_every_output_type_is_valid_for_ct_and_mr(
@@ -301,7 +301,7 @@ def test_a_series_with_per_slice_rescale_gets_one_gsps_per_rescale(
 ) -> None:
     """One Modality LUT per presentation state: images with different rescale slopes are split
     over several states of one series, together covering every image, each finding drawn once."""
-    from dicom_node.testing.quirks import RESCALES, per_slice_rescale
+    from tests.support.quirks import RESCALES, per_slice_rescale
 
     sources, refs = single_frame_sources(phantom)
     sources = per_slice_rescale(sources)

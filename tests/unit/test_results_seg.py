@@ -14,8 +14,11 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from dicom_node.demo import ChestSpec, Phantom, Sphere, make_chest_phantom
 from dicom_node.results import ResultEncodingError, ResultOptions, encode_results
-from dicom_node.results.examples import (
+from inference.prediction import Prediction, Segment
+from tests.support import procs
+from tests.support.result_examples import (
     NODULE_LABEL,
     enhanced_sources,
     example_series_info,
@@ -23,9 +26,6 @@ from dicom_node.results.examples import (
     single_frame_sources,
     volume_of,
 )
-from dicom_node.testing import procs
-from dicom_node.testing.phantoms import ChestSpec, Phantom, Sphere, make_chest_phantom
-from inference.prediction import Prediction, Segment
 
 
 def dcmqi_tool(name: str) -> str:

@@ -11,18 +11,18 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
+from dicom_node.demo import ChestSpec, Phantom, Sphere, make_chest_phantom
 from dicom_node.results import EncodedResults, ResultOptions, encode_results
-from dicom_node.results.examples import (
+from inference.prediction import Prediction
+from tests.conftest import require_tool
+from tests.support import procs
+from tests.support.result_examples import (
     enhanced_sources,
     example_series_info,
     phantom_prediction,
     single_frame_sources,
     volume_of,
 )
-from dicom_node.testing import procs
-from dicom_node.testing.phantoms import ChestSpec, Phantom, Sphere, make_chest_phantom
-from inference.prediction import Prediction
-from tests.conftest import require_tool
 
 NODULES = (Sphere((-60.0, 10.0, 5.0), 20.0), Sphere((65.0, -15.0, -40.0), 12.0))
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dicom_node.routing import evaluate, matching_rules
+from dicom_node.scheduling.routing import evaluate, matching_rules
 from dicom_node.settings import RuleSettings
 
 SERIES = {

@@ -20,17 +20,17 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 from pynetdicom.transport import AddressInformation, AssociationSocket
 
-from dicom_node import sender
-from dicom_node.errors import TransientError
-from dicom_node.net import TunedAE, TunedAssociationSocket
-from dicom_node.settings import DestinationSettings
-from dicom_node.testing.phantoms import (
+from dicom_node._compat.pynetdicom import TunedAE, TunedAssociationSocket
+from dicom_node.delivery import dicom as sender
+from dicom_node.demo import (
     ChestSpec,
     SeriesInfo,
     make_chest_phantom,
     slice_datasets,
     write_datasets,
 )
+from dicom_node.errors import TransientError
+from dicom_node.settings import DestinationSettings
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 A_ASSOCIATE_RQ_TYPE = 0x01

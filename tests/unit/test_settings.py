@@ -12,18 +12,33 @@ from dicom_node.settings import load_settings
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_shipped_config_loads_and_resolves_paths_against_its_folder() -> None:
-    """The shipped config/dicom-node.toml loads and its relative paths resolve next to it."""
+def test_shipped_config_keeps_its_data_in_the_home_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped config/dicom-node.toml loads; its ``~`` paths expand to the user's home, outside
+    the repository (patient data never lands in a git work tree)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
     s = load_settings(REPO / "config" / "dicom-node.toml")
+    data = tmp_path / ".local" / "share" / "dicom-node"
     assert s.listener.ae_title == "DICOM_NODE"
     assert s.listener.port == 11112
-    assert s.storage.root == REPO / "config" / "var" / "spool"
-    assert s.database.url == f"sqlite:///{REPO / 'config' / 'var' / 'dicom-node.db'}"
-    assert s.broker.url == f"sqla+sqlite:///{REPO / 'config' / 'var' / 'broker.db'}"
+    assert s.storage.root == data / "spool"
+    assert s.database.url == f"sqlite:///{data / 'dicom-node.db'}"
+    assert s.broker.url == f"sqla+sqlite:///{data / 'broker.db'}"
     assert s.broker.embedded and s.run_in_process_worker
     assert s.completion.idle_seconds == 5
     assert s.destination("archive").port == 4242
     assert s.rules[0].match == {"Modality": "CT"} and s.rules[0].models == ["ct-tissue"]
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    """Relative storage and sqlite paths resolve next to the configuration file, not the cwd."""
+    cfg = tmp_path / "etc" / "node.toml"
+    cfg.parent.mkdir()
+    cfg.write_text('[storage]\nroot = "var/spool"\n[database]\nurl = "sqlite:///var/node.db"\n'
+                   '[broker]\nurl = "sqla+sqlite:///var/broker.db"\n')
+    s = load_settings(cfg)
+    assert s.storage.root == cfg.parent / "var" / "spool"
+    assert s.database.url == f"sqlite:///{cfg.parent / 'var' / 'node.db'}"
+    assert s.broker.url == f"sqla+sqlite:///{cfg.parent / 'var' / 'broker.db'}"
 
 
 def test_environment_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-import dicom_node.spool as spool_module
+import dicom_node.ingest.spool as spool_module
 from dicom_node.errors import InvalidUIDError, TransientError
-from dicom_node.spool import TEMP_SUFFIX, Spool, SpoolWriteError
+from dicom_node.ingest.spool import TEMP_SUFFIX, Spool, SpoolWriteError
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 SERIES = "1.2.826.0.1.3680043.8.498.1.2"
@@ -146,35 +146,6 @@ def test_free_mb_reports_filesystem_space(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("tmpfile", [True, False], ids=["O_TMPFILE", "temporary-name"])
-def test_unsynced_writes_are_whole_new_files_or_replacements(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tmpfile: bool
-) -> None:
-    """``sync=False`` (the intake's spool write, the bytes durable in its journal already):
-    a new file appears complete under its name, a re-sent one replaces its copy, and no
-    temporary file is left - linked in from an unnamed file where Linux allows it, through a
-    temporary name otherwise."""
-    if not tmpfile:
-        monkeypatch.setattr(spool_module, "_O_TMPFILE", 0)
-    elif not spool_module._O_TMPFILE:
-        pytest.skip("O_TMPFILE is Linux only")  # the CI machine is Linux: it runs
-    spool = Spool(tmp_path / "spool")
-    path = spool.store(STUDY, SERIES, SOP, [b"meta", b"a" * 70_000], sync=False)
-    assert path.read_bytes() == b"meta" + b"a" * 70_000
-    assert spool.store_at(path, [b"meta", b"b" * 10], sync=False) == path
-    assert path.read_bytes() == b"metabbbbbbbbbb"
-    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
-
-
-def test_unsynced_write_recreates_a_folder_removed_behind_its_back(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool")
-    first = spool.store(STUDY, SERIES, SOP, b"x", sync=False)
-    first.unlink()
-    first.parent.rmdir()
-    first.parent.parent.rmdir()
-    assert spool.store(STUDY, SERIES, SOP, b"y", sync=False).read_bytes() == b"y"
-
-
-@pytest.mark.parametrize("tmpfile", [True, False], ids=["O_TMPFILE", "temporary-name"])
 def test_durable_writes_are_whole_new_files_or_replacements(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tmpfile: bool
 ) -> None:
@@ -201,7 +172,7 @@ def test_a_filesystem_without_unnamed_files_gets_temporary_names(
     name from then on."""
     refused: list[str] = []
 
-    def unsupported(folder_fd: int, name: str, chunks: list[bytes], *, sync: bool) -> bool:
+    def unsupported(folder_fd: int, name: str, chunks: list[bytes]) -> bool:
         refused.append(name)
         return False
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_node.testing.phantoms import Phantom, make_chest_phantom
+from dicom_node.demo import Phantom, make_chest_phantom
 from inference import PermanentError, TransientError, Volume
 from inference.model import Model
 from inference.prediction import ML, VOLUME, SegmentKind

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from dicom_node import heartbeat
 from dicom_node.catalog import Catalog, JobSpec, JobState
-from dicom_node.ingest import StoredInstance
-from dicom_node.jobs import queue_job
+from dicom_node.catalog import heartbeats as heartbeat
+from dicom_node.ingest.events import StoredInstance
+from dicom_node.scheduling.jobs import queue_job
 from dicom_node.settings import Settings, load_settings
-from dicom_node.testing.queues import MemoryQueue
 from dicom_node.web import create_app, readiness_checks
+from tests.support.queues import MemoryQueue
 
 TOKEN = "s3cret-token"  # noqa: S105 - a test token, not a credential
 ROOT = "1.2.826.0.1.3680043.8.498"
@@ -24,9 +24,7 @@ EXPLICIT_LE = "1.2.840.10008.1.2.1"
 TIMINGS = {"load_s": 0.8, "inference_s": 2.5, "encode_s": 0.4}
 
 
-def make_settings(
-    tmp_path: Path, *, token: str | None = TOKEN, show_patient_id: bool = False
-) -> Settings:
+def make_settings(tmp_path: Path, *, token: str | None = TOKEN) -> Settings:
     """Settings with two destinations and, unless ``token`` is None, an API token."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     cfg = tmp_path / "node.toml"
@@ -34,7 +32,6 @@ def make_settings(
     cfg.write_text(f"""
 [web]
 {token_line}
-show_patient_id = {"true" if show_patient_id else "false"}
 [storage]
 min_free_mb = 100
 [[destinations]]
@@ -410,7 +407,7 @@ def test_series_list_and_detail(client: TestClient, catalog: Catalog, queue: Mem
         (job_a, "ct-tissue"),
         (job_b, "foreground"),
     ]
-    assert detail["patient_id"] is None
+    assert "patient_id" not in detail
     r = client.get(f"/api/series/{ROOT}.404")
     assert r.status_code == 404 and r.json()["detail"] == f"series {ROOT}.404 not found"
 
@@ -549,38 +546,6 @@ def test_healthz_and_readyz(
         )
         broker["ok"] = True
         assert c.get("/readyz").json()["failing"] == ["inference_worker"]
-
-
-def test_patient_id_only_with_flag_and_hook(
-    tmp_path: Path, catalog: Catalog, queue: MemoryQueue
-) -> None:
-    """patient_id stays empty unless web.show_patient_id is on and a lookup hook was given."""
-    receive_series(catalog, f"{ROOT}.15", f"{ROOT}.15.1", start=time.time() - 30)
-    make_job(catalog, f"{ROOT}.15.1")
-
-    def lookup(series_uid: str) -> str | None:
-        return "PID-0001" if series_uid == f"{ROOT}.15.1" else None
-
-    hidden = create_app(
-        make_settings(tmp_path / "a", show_patient_id=False),
-        catalog,
-        queue,
-        patient_id_lookup=lookup,
-    )
-    shown = create_app(
-        make_settings(tmp_path / "b", show_patient_id=True),
-        catalog,
-        queue,
-        patient_id_lookup=lookup,
-    )
-    no_hook = create_app(make_settings(tmp_path / "c", show_patient_id=True), catalog, queue)
-    with TestClient(hidden) as c:
-        assert c.get("/api/jobs").json()[0]["patient_id"] is None
-    with TestClient(shown) as c:
-        assert c.get("/api/jobs").json()[0]["patient_id"] == "PID-0001"
-        assert c.get(f"/api/series/{ROOT}.15.1").json()["patient_id"] == "PID-0001"
-    with TestClient(no_hook) as c:
-        assert c.get("/api/jobs").json()[0]["patient_id"] is None
 
 
 def test_openapi_documents_every_endpoint(client: TestClient) -> None:

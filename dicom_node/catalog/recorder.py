@@ -1,0 +1,180 @@
+"""The catalog side of the ingest boundary: records stored instances off the association thread.
+
+The listener hands each durably stored instance to :class:`CatalogRecorder`; a background
+thread writes them to the catalog in batches (one transaction per batch), so a C-STORE
+response never waits for the database.  An instance that is fsync'd but not yet recorded when
+the process dies is found again by :func:`reconcile_spool` at the next start.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TypeVar
+
+import structlog
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from dicom_node.catalog import Catalog
+from dicom_node.ingest.events import CATALOG_ATTRIBUTES, AssociationSummary, StoredInstance
+
+log = structlog.get_logger(__name__)
+_T = TypeVar("_T")
+
+#: Waits between attempts at one catalog write (another writer's lock or a concurrent insert of
+#: the same series, a dropped database connection): about 6 s in all, then the write is given up
+#: (logged; the spool keeps the files and :func:`reconcile_spool` records them at the next start).
+RETRY_DELAYS_S: tuple[float, ...] = (0.05, 0.2, 1.0, 2.0, 3.0)
+
+
+class CatalogRecorder:
+    """An :class:`~dicom_node.ingest.IngestSink` that batches writes into the catalog."""
+
+    def __init__(self, catalog: Catalog, *, late_policy: str = "reprocess", max_batch: int = 500,
+                 linger_s: float = 0.05, on_reopened: Callable[[list[str]], None] | None = None) -> None:
+        self.catalog = catalog
+        #: How long a batch waits for more instances before it is written: one transaction (one
+        #: database commit, i.e. one fsync) per ~50 ms instead of one per instance.
+        self.linger_s = linger_s
+        self.late_policy = late_policy
+        self.max_batch = max_batch
+        self.on_reopened = on_reopened
+        #: Handed over, not yet taken by the recorder thread; only the first of a batch wakes it
+        #: (a wake-up per instance cost the association threads GIL hand-overs).
+        self._items: list[object] = []
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="catalog-recorder", daemon=True)
+        self._idle = threading.Event()
+        self._idle.set()
+        self._pending = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Write what was handed over, then end the thread."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+
+    # IngestSink
+    def instance_stored(self, instance: StoredInstance) -> None:
+        self._put(instance)
+
+    def association_ended(self, summary: AssociationSummary) -> None:
+        self._put(summary)
+
+    def _put(self, item: object) -> None:
+        with self._cv:
+            self._pending += 1
+            self._idle.clear()
+            self._items.append(item)
+            if len(self._items) == 1:
+                self._cv.notify()
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until everything handed over so far is in the catalog."""
+        return self._idle.wait(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._items or self._stopping)
+                if not self._items:
+                    return  # stopping, and everything is written
+                # Let the batch fill (only stop() wakes this wait), then take all of it.
+                self._cv.wait_for(lambda: self._stopping, timeout=self.linger_s)
+                batch, self._items = self._items, []
+            for start in range(0, len(batch), self.max_batch):
+                self._write(batch[start:start + self.max_batch])
+
+    def _write(self, batch: list[object]) -> None:
+        # Keep order: instances before the association end that follows them.
+        instances: list[StoredInstance] = []
+        try:
+            for item in batch:
+                if isinstance(item, StoredInstance):
+                    instances.append(item)
+                elif isinstance(item, AssociationSummary):
+                    self._attempt(self._record_instances, instances)
+                    instances = []
+                    self._attempt(self.catalog.record_association, item)
+            self._attempt(self._record_instances, instances)
+        except Exception:  # process boundary: the thread must survive a database hiccup
+            log.exception("catalog_write_failed", batch=len(batch))
+        finally:
+            with self._cv:
+                self._pending -= len(batch)
+                if self._pending <= 0:
+                    self._pending = 0
+                    self._idle.set()
+
+    @staticmethod
+    def _attempt(write: Callable[[_T], object], arg: _T) -> None:
+        """Run one catalog write (a transaction: all or nothing, and idempotent), retrying."""
+        for delay in (*RETRY_DELAYS_S, None):
+            try:
+                write(arg)
+                return
+            except Exception as exc:
+                if delay is None:
+                    raise
+                log.warning("catalog_write_retry", error=str(exc).splitlines()[0][:200], retry_in_s=delay)
+                time.sleep(delay)
+
+    def _record_instances(self, instances: list[StoredInstance]) -> None:
+        if not instances:
+            return
+        reopened = self.catalog.record_instances(instances, late_policy=self.late_policy)
+        if reopened:
+            log.info("series_reopened_by_late_instances", series=reopened)
+            if self.on_reopened:
+                self.on_reopened(reopened)
+
+
+def instance_from_file(path: Path, *, calling_ae_title: str = "", association_id: str = "") -> StoredInstance:
+    """Describe a spooled file as a :class:`StoredInstance` (headers only, pixels not read)."""
+    ds = dcmread(path, stop_before_pixels=True)
+    attrs: dict[str, str | int | float] = {}
+    for key in CATALOG_ATTRIBUTES:
+        value = ds.get(key)
+        if value is None or value == "":
+            continue
+        attrs[key] = value if isinstance(value, int | float) else str(value)
+    return StoredInstance(
+        study_instance_uid=str(ds.StudyInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        sop_class_uid=str(ds.SOPClassUID),
+        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        path=path,
+        size=path.stat().st_size,
+        calling_ae_title=calling_ae_title,
+        association_id=association_id,
+        received_at=path.stat().st_mtime,
+        attributes=attrs,
+    )
+
+
+def reconcile_spool(catalog: Catalog, paths: Iterable[Path]) -> int:
+    """Record spooled instances the catalog does not know (the process died between the
+    fsync and the catalog write).  Returns how many were added."""
+    known = catalog.known_sop_instance_uids()
+    missing = []
+    for path in paths:
+        if path.stem in known:
+            continue
+        try:
+            missing.append(instance_from_file(path, calling_ae_title="(recovered)"))
+        except (InvalidDicomError, OSError, AttributeError, ValueError) as exc:
+            log.warning("spool_file_unreadable", path=str(path), error=str(exc))
+    for start in range(0, len(missing), 500):
+        catalog.record_instances(missing[start:start + 500])
+    if missing:
+        log.info("spool_reconciled", recovered=len(missing))
+    return len(missing)

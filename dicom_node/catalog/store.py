@@ -1,0 +1,479 @@
+"""The catalog: instances, series, jobs, deliveries and every job transition (SQLAlchemy).
+
+SQLite by default, PostgreSQL by URL.  The catalog is the source of truth: the broker only
+carries job ids, so a lost broker never loses a job (see :meth:`Catalog.unfinished_jobs`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from sqlalchemy import (
+    case,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.catalog.schema import upgrade_schema
+from dicom_node.catalog.tables import (
+    _TRANSITIONS,
+    QUEUE_OF_STATE,
+    UNFINISHED,
+    CatalogError,
+    DeliveryRow,
+    InstanceRow,
+    JobEventRow,
+    JobRow,
+    JobState,
+    SeriesRow,
+    SeriesState,
+)
+from dicom_node.ingest.events import AssociationSummary, StoredInstance
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A job to create for a completed series (one per (series, model))."""
+
+    series_instance_uid: str
+    rule: str
+    model: str
+    destinations: Sequence[str]
+    priority: str = "normal"
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    # WAL: readers don't block the writer; NORMAL sync is durable across process crashes (the
+    # spool file, not this row, carries the fsync promise of a C-STORE success).
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    """Create an engine; for SQLite, create the folder and set WAL + busy timeout."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1].split("?", 1)[0]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _attr_str(value: Any, limit: int) -> str | None:
+    if value is None or value == "":
+        return None
+    return str(value)[:limit]
+
+
+def _attr_float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _attr_int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def expected_instances(attributes: Mapping[str, Any]) -> int | None:
+    """How many instances a series announces, from the attributes of one of them (or None).
+
+    * An enhanced multi-frame instance (NumberOfFrames > 1) is the whole series: 1.
+    * ImagesInAcquisition N, times NumberOfTemporalPositions T when T > 1: a dynamic series
+      whose acquisitions are its temporal positions announces N images per position.  When N
+      already counts every position, N x T is never reached and the idle timer completes the
+      series - late, never early.
+    """
+    frames = _attr_int(attributes.get("NumberOfFrames")) or 1
+    if frames > 1:
+        return 1
+    images = _attr_int(attributes.get("ImagesInAcquisition"))
+    if images is None or images < 1:
+        return None
+    positions = _attr_int(attributes.get("NumberOfTemporalPositions")) or 1
+    return images * max(positions, 1)
+
+
+class Catalog:
+    """All database access of the node and its workers goes through this class."""
+
+    def __init__(self, url: str, *, create: bool = True) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        if create:
+            upgrade_schema(url, engine=self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    # -- ingest -----------------------------------------------------------------------------
+
+    def record_instances(self, instances: Sequence[StoredInstance], *, late_policy: str = "reprocess") -> list[str]:
+        """Record stored instances (one transaction for the batch).
+
+        A re-sent instance (same SOP Instance UID) updates its row without counting twice.  A
+        new instance for a series already complete re-opens it as a new generation when
+        ``late_policy`` is ``"reprocess"``.  Returns the series UIDs re-opened that way.
+        """
+        reopened: list[str] = []
+        if not instances:
+            return reopened
+        with self.session() as s:
+            # One query for the instances already known (a re-send), not one per instance.
+            existing_rows: dict[str, InstanceRow] = {}
+            uids = list({i.sop_instance_uid for i in instances})
+            for start in range(0, len(uids), 500):
+                chunk = uids[start:start + 500]
+                existing_rows.update(
+                    (row.sop_instance_uid, row)
+                    for row in s.scalars(select(InstanceRow).where(InstanceRow.sop_instance_uid.in_(chunk)))
+                )
+            series_rows: dict[str, SeriesRow] = {}
+            # New instances go in as one multi-row INSERT, not one ORM object each: 46 instead of
+            # 74 us of CPU per instance in batches of 50.
+            new_rows: dict[str, dict[str, object]] = {}
+            for inst in instances:
+                series = series_rows.get(inst.series_instance_uid) or s.get(SeriesRow, inst.series_instance_uid)
+                attrs = inst.attributes
+                if series is None:
+                    expected = expected_instances(attrs)
+                    series = SeriesRow(
+                        series_instance_uid=inst.series_instance_uid,
+                        study_instance_uid=inst.study_instance_uid,
+                        modality=_attr_str(attrs.get("Modality"), 16),
+                        body_part_examined=_attr_str(attrs.get("BodyPartExamined"), 64),
+                        series_description=_attr_str(attrs.get("SeriesDescription"), 128),
+                        protocol_name=_attr_str(attrs.get("ProtocolName"), 128),
+                        sop_class_uid=inst.sop_class_uid,
+                        slice_thickness=_attr_float(attrs.get("SliceThickness")),
+                        manufacturer=_attr_str(attrs.get("Manufacturer"), 128),
+                        calling_ae_title=inst.calling_ae_title,
+                        instance_count=0,
+                        expected_count=expected,
+                        bytes_received=0,
+                        first_received_at=inst.received_at,
+                        last_received_at=inst.received_at,
+                        state=SeriesState.RECEIVING.value,
+                        generation=1,
+                    )
+                    s.add(series)
+                    s.flush()
+                series_rows[inst.series_instance_uid] = series
+                existing = existing_rows.get(inst.sop_instance_uid)
+                if existing is not None:
+                    existing.path = str(inst.path)
+                    existing.size = inst.size
+                    existing.transfer_syntax_uid = inst.transfer_syntax_uid
+                    existing.received_at = inst.received_at
+                    continue
+                again = new_rows.get(inst.sop_instance_uid)
+                if again is not None:  # the same instance twice in a batch
+                    again.update(path=str(inst.path), size=inst.size,
+                                 transfer_syntax_uid=inst.transfer_syntax_uid, received_at=inst.received_at)
+                    continue
+                new_rows[inst.sop_instance_uid] = {
+                    "sop_instance_uid": inst.sop_instance_uid,
+                    "series_instance_uid": inst.series_instance_uid,
+                    "sop_class_uid": inst.sop_class_uid,
+                    "transfer_syntax_uid": inst.transfer_syntax_uid,
+                    "path": str(inst.path),
+                    "size": inst.size,
+                    "received_at": inst.received_at,
+                    "calling_ae_title": inst.calling_ae_title,
+                    "instance_number": _attr_int(attrs.get("InstanceNumber")),
+                }
+                series.instance_count += 1
+                series.bytes_received += inst.size
+                series.last_received_at = max(series.last_received_at, inst.received_at)
+                if series.state == SeriesState.COMPLETE.value:
+                    if late_policy == "reprocess":
+                        series.state = SeriesState.RECEIVING.value
+                        series.generation += 1
+                        series.completed_at = None
+                        series.completion_reason = None
+                        series.released_at = None
+                        reopened.append(series.series_instance_uid)
+                    else:
+                        series.note = "late instance ignored (completion.late_instances = ignore)"
+            if new_rows:
+                s.flush()  # the series rows first (foreign key)
+                s.execute(insert(InstanceRow), list(new_rows.values()))
+        return reopened
+
+    def record_association(self, summary: AssociationSummary) -> None:
+        """Remember that an association delivering these series has ended (completion hint)."""
+        if not summary.released:
+            return
+        with self.session() as s:
+            for uid in summary.series_instance_uids:
+                series = s.get(SeriesRow, uid)
+                if series is not None:
+                    series.released_at = summary.ended_at
+
+    def known_sop_instance_uids(self) -> set[str]:
+        with self.session() as s:
+            return set(s.scalars(select(InstanceRow.sop_instance_uid)))
+
+    # -- series -----------------------------------------------------------------------------
+
+    def restart_idle_clocks(self, now: float) -> int:
+        """Count the idle time of every series still receiving from ``now`` (at start-up).
+
+        While the node was down no sender could reach it: a series cut off by the crash must
+        not complete (half) before its sender had a chance to send the rest.
+        """
+        with self.session() as s:
+            rows = s.scalars(select(SeriesRow).where(SeriesRow.state == SeriesState.RECEIVING.value)).all()
+            for row in rows:
+                row.last_received_at = max(row.last_received_at, now)
+                row.released_at = None
+            return len(rows)
+
+    def due_series(
+        self, now: float, idle_seconds: float,
+        expected_for: Callable[[SeriesRow], int | None] | None = None,
+    ) -> list[SeriesRow]:
+        """Series still receiving that are complete now.
+
+        Complete means idle for ``idle_seconds``, or the association that sent them was
+        released and the instance count reached the expected count: the series' own (see
+        :func:`expected_instances`), else ``expected_for(row)`` (a routing rule's).
+        """
+        with self.session() as s:
+            rows = s.scalars(select(SeriesRow).where(SeriesRow.state == SeriesState.RECEIVING.value)).all()
+            due = []
+            for row in rows:
+                if row.last_received_at + idle_seconds <= now:
+                    due.append(row)
+                elif row.released_at is not None and row.released_at >= row.last_received_at:
+                    expected = row.expected_count
+                    if expected is None and expected_for is not None:
+                        expected = expected_for(row)
+                    if expected is not None and row.instance_count >= expected:
+                        due.append(row)
+            return due
+
+    def mark_series_complete(self, uid: str, reason: str, note: str | None = None) -> SeriesRow:
+        with self.session() as s:
+            row = s.get(SeriesRow, uid)
+            if row is None:
+                raise CatalogError(f"unknown series {uid}")
+            row.state = SeriesState.COMPLETE.value
+            row.completed_at = time.time()
+            row.completion_reason = reason
+            if note is not None:
+                row.note = note
+            return row
+
+    def get_series(self, uid: str) -> SeriesRow | None:
+        with self.session() as s:
+            return s.get(SeriesRow, uid)
+
+    def list_series(self, limit: int = 100) -> list[SeriesRow]:
+        with self.session() as s:
+            return list(s.scalars(select(SeriesRow).order_by(SeriesRow.last_received_at.desc()).limit(limit)))
+
+    def series_paths(self, uid: str) -> list[Path]:
+        with self.session() as s:
+            return [Path(p) for p in s.scalars(
+                select(InstanceRow.path).where(InstanceRow.series_instance_uid == uid).order_by(InstanceRow.path)
+            )]
+
+    def delete_series(self, uid: str) -> None:
+        with self.session() as s:
+            for job_id in s.scalars(select(JobRow.id).where(JobRow.series_instance_uid == uid)):
+                s.query(JobEventRow).filter(JobEventRow.job_id == job_id).delete()
+                s.query(DeliveryRow).filter(DeliveryRow.job_id == job_id).delete()
+            s.query(JobRow).filter(JobRow.series_instance_uid == uid).delete()
+            s.query(InstanceRow).filter(InstanceRow.series_instance_uid == uid).delete()
+            s.query(SeriesRow).filter(SeriesRow.series_instance_uid == uid).delete()
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    def create_jobs(self, specs: Iterable[JobSpec]) -> list[int]:
+        """Create one job per (series, model, generation) in state ``received`` and return the
+        new ids; a job that already exists for the same key is not duplicated (nor returned)."""
+        ids: list[int] = []
+        now = time.time()
+        with self.session() as s:
+            for spec in specs:
+                series = s.get(SeriesRow, spec.series_instance_uid)
+                if series is None:
+                    raise CatalogError(f"unknown series {spec.series_instance_uid}")
+                existing = s.scalars(select(JobRow).where(
+                    JobRow.series_instance_uid == spec.series_instance_uid,
+                    JobRow.model == spec.model,
+                    JobRow.generation == series.generation,
+                )).first()
+                if existing is not None:
+                    continue
+                job = JobRow(
+                    series_instance_uid=spec.series_instance_uid,
+                    study_instance_uid=series.study_instance_uid,
+                    modality=series.modality,
+                    rule=spec.rule,
+                    model=spec.model,
+                    priority=spec.priority,
+                    destinations_json=json.dumps(list(spec.destinations)),
+                    generation=series.generation,
+                    state=JobState.RECEIVED.value,
+                    created_at=now,
+                    updated_at=now,
+                )
+                s.add(job)
+                s.flush()
+                s.add(JobEventRow(job_id=job.id, state=JobState.RECEIVED.value, at=now, detail=f"rule {spec.rule}"))
+                for dest in spec.destinations:
+                    s.add(DeliveryRow(job_id=job.id, destination=dest))
+                ids.append(job.id)
+        return ids
+
+    def transition(self, job_id: int, state: JobState, *, reason: str | None = None,
+                   expect: Sequence[JobState] | None = None, count_attempt: bool = False) -> JobRow:
+        """Move a job to ``state`` (timestamped, with an event row).
+
+        ``expect`` guards against races (e.g. a redelivered task for a job that was cancelled):
+        if the current state is not in it, :class:`CatalogError` is raised and nothing changes.
+        """
+        now = time.time()
+        with self.session() as s:
+            job = s.get(JobRow, job_id, with_for_update=True)
+            if job is None:
+                raise CatalogError(f"unknown job {job_id}")
+            current = JobState(job.state)
+            if expect is not None and current not in expect:
+                raise CatalogError(f"job {job_id} is {current.value}, expected {'/'.join(e.value for e in expect)}")
+            if state not in _TRANSITIONS[current]:
+                raise CatalogError(f"job {job_id} cannot go from {current.value} to {state.value}")
+            job.state = state.value
+            job.updated_at = now
+            if state in (JobState.FAILED,):
+                job.reason = reason
+            elif state in (JobState.QUEUED, JobState.DONE):
+                job.reason = reason
+            if count_attempt:
+                job.attempts += 1
+            stamp = f"{state.value}_at"
+            if hasattr(job, stamp):
+                setattr(job, stamp, now)
+            s.add(JobEventRow(job_id=job_id, state=state.value, at=now, detail=reason))
+            return job
+
+    def set_results(self, job_id: int, results: dict[str, Any]) -> None:
+        with self.session() as s:
+            job = s.get(JobRow, job_id)
+            if job is None:
+                raise CatalogError(f"unknown job {job_id}")
+            job.results_json = json.dumps(results)
+
+    def get_job(self, job_id: int) -> JobRow | None:
+        with self.session() as s:
+            return s.get(JobRow, job_id)
+
+    def list_jobs(self, state: str | None = None, limit: int = 200) -> list[JobRow]:
+        with self.session() as s:
+            q = select(JobRow).order_by(JobRow.id.desc()).limit(limit)
+            if state:
+                q = q.where(JobRow.state == state)
+            return list(s.scalars(q))
+
+    def next_queued_job(self, models: Collection[str], exclude: Collection[int] = ()) -> JobRow | None:
+        """The queued job for one of ``models`` a worker gets next in the broker's order (urgent
+        first, then the oldest ``queued_at``, then the lowest id), skipping ``exclude``."""
+        if not models:
+            return None
+        with self.session() as s:
+            q = (
+                select(JobRow)
+                .where(JobRow.state == JobState.QUEUED.value, JobRow.model.in_(list(models)))
+                .order_by(
+                    case((JobRow.priority == "urgent", 0), else_=1),
+                    func.coalesce(JobRow.queued_at, JobRow.updated_at),
+                    JobRow.id,
+                )
+                .limit(1)
+            )
+            if exclude:
+                q = q.where(JobRow.id.not_in(list(exclude)))
+            return s.scalars(q).first()
+
+    def job_events(self, job_id: int) -> list[JobEventRow]:
+        with self.session() as s:
+            return list(s.scalars(select(JobEventRow).where(JobEventRow.job_id == job_id).order_by(JobEventRow.id)))
+
+    def unfinished_jobs(self) -> list[JobRow]:
+        with self.session() as s:
+            return list(s.scalars(select(JobRow).where(JobRow.state.in_([st.value for st in UNFINISHED]))))
+
+    def count_jobs_by_state(self) -> dict[str, int]:
+        with self.session() as s:
+            return {st: n for st, n in s.execute(select(JobRow.state, func.count()).group_by(JobRow.state))}
+
+    def queue_depth(self) -> dict[tuple[str, str], tuple[int, float]]:
+        """Jobs waiting per (queue, priority): their count and the oldest ``updated_at``."""
+        with self.session() as s:
+            rows = s.execute(
+                select(JobRow.state, JobRow.priority, func.count(), func.min(JobRow.updated_at))
+                .where(JobRow.state.in_(list(QUEUE_OF_STATE)))
+                .group_by(JobRow.state, JobRow.priority)
+            )
+            return {(QUEUE_OF_STATE[st], pr): (n, first) for st, pr, n, first in rows}
+
+    # -- deliveries -------------------------------------------------------------------------
+
+    def deliveries(self, job_id: int) -> list[DeliveryRow]:
+        with self.session() as s:
+            return list(s.scalars(select(DeliveryRow).where(DeliveryRow.job_id == job_id).order_by(DeliveryRow.id)))
+
+    def record_delivery(self, job_id: int, destination: str, *, ok: bool, error: str | None = None) -> DeliveryRow:
+        now = time.time()
+        with self.session() as s:
+            row = s.scalars(select(DeliveryRow).where(
+                DeliveryRow.job_id == job_id, DeliveryRow.destination == destination)).first()
+            if row is None:
+                row = DeliveryRow(job_id=job_id, destination=destination, attempts=0)
+                s.add(row)
+            row.attempts = (row.attempts or 0) + 1
+            row.last_attempt_at = now
+            if ok:
+                row.state = "done"
+                row.done_at = now
+            else:
+                row.state = "failed"
+                row.last_error = error
+            return row
+
+    def reset_deliveries(self, job_id: int) -> None:
+        with self.session() as s:
+            for row in s.scalars(select(DeliveryRow).where(DeliveryRow.job_id == job_id, DeliveryRow.state != "done")):
+                row.state = "pending"

@@ -1,0 +1,197 @@
+"""The catalog's tables (SQLAlchemy ORM) and the job states with their allowed transitions."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from typing import Any
+
+from sqlalchemy import (
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from dicom_node.errors import DicomNodeError
+
+
+class JobState(str, Enum):
+    RECEIVED = "received"
+    QUEUED = "queued"
+    RUNNING = "running"
+    ENCODED = "encoded"
+    DELIVERING = "delivering"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+#: Which state may follow which.  ``queued`` is reachable again from every unfinished state
+#: (reconciliation after a crash, retry of a failed job).
+_TRANSITIONS: dict[JobState, set[JobState]] = {
+    JobState.RECEIVED: {JobState.QUEUED, JobState.FAILED, JobState.CANCELLED},
+    JobState.QUEUED: {JobState.QUEUED, JobState.RUNNING, JobState.FAILED, JobState.CANCELLED},
+    JobState.RUNNING: {JobState.QUEUED, JobState.RUNNING, JobState.ENCODED, JobState.FAILED, JobState.CANCELLED},
+    JobState.ENCODED: {JobState.QUEUED, JobState.ENCODED, JobState.DELIVERING, JobState.FAILED, JobState.CANCELLED},
+    JobState.DELIVERING: {JobState.QUEUED, JobState.DELIVERING, JobState.ENCODED, JobState.DONE,
+                          JobState.FAILED, JobState.CANCELLED},
+    JobState.DONE: {JobState.QUEUED},
+    JobState.FAILED: {JobState.QUEUED, JobState.ENCODED},
+    JobState.CANCELLED: {JobState.QUEUED},
+}
+#: Queue a job in this state is waiting in.
+QUEUE_OF_STATE = {JobState.QUEUED.value: "inference", JobState.ENCODED.value: "dispatch"}
+UNFINISHED = (JobState.RECEIVED, JobState.QUEUED, JobState.RUNNING, JobState.ENCODED, JobState.DELIVERING)
+
+
+class SeriesState(str, Enum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+
+
+class CatalogError(DicomNodeError):
+    """A catalog operation that cannot be done (unknown job, illegal transition)."""
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SeriesRow(Base):
+    __tablename__ = "series"
+
+    series_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part_examined: Mapped[str | None] = mapped_column(String(64))
+    series_description: Mapped[str | None] = mapped_column(String(128))
+    protocol_name: Mapped[str | None] = mapped_column(String(128))
+    sop_class_uid: Mapped[str | None] = mapped_column(String(64))
+    slice_thickness: Mapped[float | None] = mapped_column(Float)
+    manufacturer: Mapped[str | None] = mapped_column(String(128))
+    calling_ae_title: Mapped[str | None] = mapped_column(String(16))
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    expected_count: Mapped[int | None] = mapped_column(Integer)
+    bytes_received: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[float] = mapped_column(Float)
+    last_received_at: Mapped[float] = mapped_column(Float, index=True)
+    released_at: Mapped[float | None] = mapped_column(Float)
+    state: Mapped[str] = mapped_column(String(16), default=SeriesState.RECEIVING.value, index=True)
+    completed_at: Mapped[float | None] = mapped_column(Float)
+    completion_reason: Mapped[str | None] = mapped_column(String(32))
+    #: Incremented when instances arrive after the series was processed (late instances).
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    note: Mapped[str | None] = mapped_column(Text)
+
+    def routing_attributes(self) -> dict[str, Any]:
+        """The attributes routing rules may match on, by DICOM keyword."""
+        return {
+            "Modality": self.modality,
+            "BodyPartExamined": self.body_part_examined,
+            "SeriesDescription": self.series_description,
+            "ProtocolName": self.protocol_name,
+            "SOPClassUID": self.sop_class_uid,
+            "SliceThickness": self.slice_thickness,
+            "Manufacturer": self.manufacturer,
+            "CallingAETitle": self.calling_ae_title,
+            "InstanceCount": self.instance_count,
+        }
+
+
+class InstanceRow(Base):
+    __tablename__ = "instances"
+
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(
+        String(64), ForeignKey("series.series_instance_uid"), index=True
+    )
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(Integer)
+    received_at: Mapped[float] = mapped_column(Float, index=True)
+    calling_ae_title: Mapped[str | None] = mapped_column(String(16))
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("series_instance_uid", "model", "generation", name="uq_job_series_model_gen"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    series_instance_uid: Mapped[str] = mapped_column(
+        String(64), ForeignKey("series.series_instance_uid"), index=True
+    )
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    rule: Mapped[str] = mapped_column(String(128))
+    model: Mapped[str] = mapped_column(String(128))
+    priority: Mapped[str] = mapped_column(String(16), default="normal")
+    destinations_json: Mapped[str] = mapped_column(Text, default="[]")
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    delivery_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    queued_at: Mapped[float | None] = mapped_column(Float)
+    running_at: Mapped[float | None] = mapped_column(Float)
+    encoded_at: Mapped[float | None] = mapped_column(Float)
+    delivering_at: Mapped[float | None] = mapped_column(Float)
+    done_at: Mapped[float | None] = mapped_column(Float)
+    failed_at: Mapped[float | None] = mapped_column(Float)
+    results_json: Mapped[str] = mapped_column(Text, default="{}")
+
+    @property
+    def destinations(self) -> list[str]:
+        return list(json.loads(self.destinations_json))
+
+    @property
+    def results(self) -> dict[str, Any]:
+        return dict(json.loads(self.results_json))
+
+
+class JobEventRow(Base):
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(Integer, ForeignKey("jobs.id"), index=True)
+    state: Mapped[str] = mapped_column(String(16))
+    at: Mapped[float] = mapped_column(Float)
+    detail: Mapped[str | None] = mapped_column(Text)
+
+
+class DeliveryRow(Base):
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("job_id", "destination", name="uq_delivery_job_dest"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(Integer, ForeignKey("jobs.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_attempt_at: Mapped[float | None] = mapped_column(Float)
+    done_at: Mapped[float | None] = mapped_column(Float)
+
+
+class WorkerHeartbeatRow(Base):
+    __tablename__ = "worker_heartbeats"
+
+    #: Celery node name (``celery@gpu-01``), the same for the main process and its pool children.
+    hostname: Mapped[str] = mapped_column(String(255), primary_key=True)
+    pid: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    #: Comma-separated queue names the worker consumes (``inference,dispatch``).
+    queues: Mapped[str] = mapped_column(String(255), default="")
+    #: ``cuda:0``, ``cpu`` once the process has resolved it, else the configured value (``auto``).
+    device: Mapped[str | None] = mapped_column(String(64))
+    started_at: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float] = mapped_column(Float, index=True)
+    current_job_id: Mapped[int | None] = mapped_column(Integer)
+    current_model: Mapped[str | None] = mapped_column(String(128))
+    current_since: Mapped[float | None] = mapped_column(Float)

@@ -1,0 +1,66 @@
+"""The boundary between the listener (which writes files) and the catalog (which records them).
+
+The listener calls an :class:`IngestSink` after an instance is durably in the spool and when an
+association ends; the sink records it (batched, off the association thread) and drives
+completion.  Keeping this a small protocol lets the listener be tested without a database.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+#: Non-identifying attributes copied from each instance into the catalog (routing, completion,
+#: dashboard).  No patient name, ID or birth date: those never leave the file.
+CATALOG_ATTRIBUTES: tuple[str, ...] = (
+    "Modality",
+    "BodyPartExamined",
+    "SeriesDescription",
+    "ProtocolName",
+    "SliceThickness",
+    "SeriesNumber",
+    "InstanceNumber",
+    "ImagesInAcquisition",
+    "NumberOfFrames",
+    "NumberOfTemporalPositions",
+    "Manufacturer",
+    "ImageType",
+)
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """One instance that is on disk (fsync'd) and must be processed."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: Path
+    size: int
+    calling_ae_title: str
+    association_id: str
+    received_at: float
+    #: Values of :data:`CATALOG_ATTRIBUTES` present in the dataset (strings, ints, floats).
+    attributes: dict[str, str | int | float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AssociationSummary:
+    """What one association delivered, reported when it is released or aborted."""
+
+    association_id: str
+    calling_ae_title: str
+    released: bool  # False when aborted or lost
+    series_instance_uids: frozenset[str]
+    ended_at: float
+
+
+class IngestSink(Protocol):
+    """Receives listener events; implementations must be thread-safe and must not block long."""
+
+    def instance_stored(self, instance: StoredInstance) -> None: ...
+
+    def association_ended(self, summary: AssociationSummary) -> None: ...

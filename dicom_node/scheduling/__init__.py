@@ -1,0 +1,1 @@
+"""Deciding what runs: series completion, routing rules, and queueing jobs to the workers."""

@@ -1,0 +1,34 @@
+"""What the configuration check asks of the models without running them: which names exist and
+which modalities each accepts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from inference.registry import builtin_factories
+from inference.user_models import CARD_NAME, read_card
+
+
+def accepted_modalities(user_models: Mapping[str, Path]) -> dict[str, frozenset[str] | None]:
+    """Every model name the workers can build (built-ins, entry points, ``user_models`` by name ->
+    folder) with the modalities it accepts: an empty set accepts any, None is unknown without
+    loading the model (entry points).
+
+    Raises
+    ------
+    inference.user_models.CardError
+        When a user model's card is missing or invalid.
+    """
+    from inference.user_models import entry_point_factories
+
+    found: dict[str, frozenset[str] | None] = {
+        name: frozenset(factory(torch.device("cpu")).modalities) for name, factory in builtin_factories().items()
+    }
+    for name in entry_point_factories():
+        found.setdefault(name, None)
+    for name, folder in user_models.items():
+        found[name] = read_card(Path(folder) / CARD_NAME).modalities
+    return found

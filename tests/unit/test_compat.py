@@ -1,0 +1,84 @@
+"""The private names of pynetdicom, highdicom and kombu the node patches still exist, in the shape
+the patches assume: an upgrade that renames or reshapes one fails here, not in production.
+
+The patches live in ``dicom_node/_compat/`` (one module per library); each test names the code
+that depends on the name it checks.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import highdicom as hd
+import pynetdicom
+from kombu.transport import TRANSPORT_ALIASES
+from kombu.transport import sqlalchemy as kombu_sqla
+from pynetdicom import _config
+from pynetdicom.ae import ApplicationEntity
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.transport import AddressInformation, AssociationSocket
+
+
+def _parameters(func: object) -> list[str]:
+    return list(inspect.signature(func).parameters)  # type: ignore[arg-type]
+
+
+def test_pynetdicom_dul_privates_used_by_the_tuned_dul() -> None:
+    """``TunedDUL`` sets ``_run_loop_delay`` and ``_kill_thread`` and overrides ``send_pdu``,
+    ``kill_dul`` and ``stop_dul``; the C-STORE SCU reads ``peek_next_pdu``."""
+    dul = DULServiceProvider(Association(ApplicationEntity(), "requestor"))
+    assert isinstance(dul._run_loop_delay, float)
+    assert isinstance(dul._kill_thread, bool)
+    assert dul.state_machine.current_state == "Sta1"
+    assert _parameters(DULServiceProvider.send_pdu) == ["self", "primitive"]
+    assert _parameters(DULServiceProvider.kill_dul) == ["self"]
+    assert _parameters(DULServiceProvider.stop_dul) == ["self"]
+    assert _parameters(DULServiceProvider.peek_next_pdu) == ["self"]
+    assert dul.peek_next_pdu() is None
+
+
+def test_pynetdicom_socket_privates_used_by_the_tuned_socket() -> None:
+    """``TunedAssociationSocket`` overrides ``_create_socket(address)``, ``ready``, ``recv`` and
+    ``send``, and reads ``_is_connected``, ``event_queue`` and ``tls_args``."""
+    assert _parameters(AssociationSocket._create_socket) == ["self", "address"]
+    assert isinstance(inspect.getattr_static(AssociationSocket, "ready"), property)
+    assert _parameters(AssociationSocket.recv) == ["self", "nr_bytes"]
+    assert _parameters(AssociationSocket.send) == ["self", "bytestream"]
+    sock = AssociationSocket(Association(ApplicationEntity(), "requestor"), address=AddressInformation("127.0.0.1", 0))
+    try:
+        assert sock._is_connected is False
+    finally:
+        sock.close()
+    assert hasattr(sock, "event_queue") and hasattr(sock, "tls_args")
+
+
+def test_pynetdicom_application_entity_creates_sockets_through_one_private_method() -> None:
+    """``TunedAE`` overrides ``ApplicationEntity._create_socket(assoc, address, tls_args)``."""
+    assert _parameters(ApplicationEntity._create_socket) == ["self", "assoc", "address", "tls_args"]
+
+
+def test_pynetdicom_chunked_store_flag() -> None:
+    """``send_files_as_stored_bytes`` sets ``pynetdicom._config.STORE_SEND_CHUNKED_DATASET``."""
+    assert isinstance(_config.STORE_SEND_CHUNKED_DATASET, bool)
+    assert pynetdicom.__version__.startswith("3.")
+
+
+def test_highdicom_segmentation_pixel_check() -> None:
+    """The SEG encoder overrides ``Segmentation._check_and_cast_pixel_array`` (a classmethod of
+    ``(pixel_array, segment_numbers, segmentation_type, dtype)`` returning the array and the
+    overlap value)."""
+    method = inspect.getattr_static(hd.seg.Segmentation, "_check_and_cast_pixel_array")
+    assert isinstance(method, classmethod)
+    assert _parameters(hd.seg.Segmentation._check_and_cast_pixel_array) == [
+        "pixel_array", "segment_numbers", "segmentation_type", "dtype",
+    ]
+    assert {v.name for v in hd.seg.SegmentsOverlapValues} >= {"YES", "NO"}
+
+
+def test_kombu_sqlalchemy_channel_builds_its_engine_in_one_private_method() -> None:
+    """The embedded broker's channel overrides ``Channel._engine_from_config()`` and registers its
+    transport in ``TRANSPORT_ALIASES``."""
+    assert _parameters(kombu_sqla.Channel._engine_from_config) == ["self"]
+    assert issubclass(kombu_sqla.Transport, object) and kombu_sqla.Transport.Channel is kombu_sqla.Channel
+    assert "sqla" in TRANSPORT_ALIASES
