@@ -124,12 +124,12 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     errors, warnings = _model_problems(settings)
     unreachable: list[str] = []
     if args.probe:
-        from dicom_node.delivery.dicom import echo
+        from dicom_node.delivery import reachable
 
         for dest in settings.destinations:
-            if not echo(dest, calling_ae_title=dest.calling_ae_title or settings.listener.ae_title, timeout=10):
-                unreachable.append(f"destination {dest.name!r} ({dest.ae_title}@{dest.host}:{dest.port}) "
-                                   "does not answer C-ECHO")
+            ok, why = reachable(dest, calling_ae_title=dest.calling_ae_title or settings.listener.ae_title, timeout=10)
+            if not ok:
+                unreachable.append(f"destination {dest.name!r} ({dest.address}) {why}")
     for line in warnings:
         print(f"warning: {line}", file=sys.stderr)
     if errors or unreachable:
@@ -139,7 +139,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     summary = (f"configuration OK: AE {settings.listener.ae_title} on {settings.listener.host}:"
                f"{settings.listener.port}, {len(settings.rules)} rule(s), "
                f"{len(settings.destinations)} destination(s), broker {settings.broker.url.split('://')[0]}"
-               + (", every destination answers C-ECHO" if args.probe else ""))
+               + (", every destination answers" if args.probe else ""))
     _print(args, {**data, "warnings": warnings}, summary)
     return 0
 
@@ -265,7 +265,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     """Send a folder of DICOM files to a destination (default: this node's own listener)."""
     from pydicom.misc import is_dicom
 
-    from dicom_node.delivery.dicom import send_instances
+    from dicom_node.delivery import send_files
     from dicom_node.errors import TransientError
 
     settings = _settings(args)
@@ -283,7 +283,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     show = sys.stderr.isatty() or args.progress
     try:
         for start in range(0, len(files), args.batch):
-            report = send_instances(dest, files[start:start + args.batch], calling_ae_title=calling)
+            report = send_files(dest, files[start:start + args.batch], calling_ae_title=calling)
             sent += report.sent
             if show and not args.json:
                 done = int(width * sent / len(files))
@@ -293,23 +293,24 @@ def cmd_send(args: argparse.Namespace) -> int:
         if show and not args.json:
             print(file=sys.stderr)
         _print(args, {"destination": dest.name, "sent": sent, "total": len(files), "error": str(exc)},
-               f"sent {sent} of {len(files)} files to {dest.ae_title}@{dest.host}:{dest.port}, then: {exc}")
+               f"sent {sent} of {len(files)} files to {dest.address}, then: {exc}")
         return 1
     if show and not args.json:
         print(file=sys.stderr)
     _print(args, {"destination": dest.name, "sent": sent, "total": len(files)},
-           f"sent {sent} files to {dest.ae_title}@{dest.host}:{dest.port}")
+           f"sent {sent} files to {dest.address}")
     return 0
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from dicom_node.delivery.dicom import echo
+    """C-ECHO a DICOM destination; for a DICOMweb one, an authenticated QIDO-RS request."""
+    from dicom_node.delivery import reachable
 
     settings = _settings(args)
     dest = _destination(settings, args.destination)
-    ok = echo(dest, calling_ae_title=dest.calling_ae_title or settings.listener.ae_title)
-    _print(args, {"destination": dest.name, "ok": ok},
-           f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): {'OK' if ok else 'FAILED'}")
+    ok, why = reachable(dest, calling_ae_title=dest.calling_ae_title or settings.listener.ae_title)
+    _print(args, {"destination": dest.name, "ok": ok, "detail": why},
+           f"{dest.name} ({dest.address}): {'OK' if ok else 'FAILED'}, {why}")
     return 0 if ok else 1
 
 
@@ -397,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="our AE title towards the peer (default the destination's, else the listener's)")
     p.add_argument("--batch", type=int, default=50, help="files per association")
     p.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
-    p = add("echo", cmd_echo, "C-ECHO a configured destination")
+    p = add("echo", cmd_echo, "check a configured destination: C-ECHO, or an authenticated QIDO-RS for DICOMweb")
     p.add_argument("destination")
     rules = sub.add_parser("rules", help="routing rule commands")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)

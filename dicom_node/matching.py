@@ -15,19 +15,10 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-KNOWN_KEYS = frozenset(
-    {
-        "Modality",
-        "BodyPartExamined",
-        "SeriesDescription",
-        "ProtocolName",
-        "SOPClassUID",
-        "SliceThickness",
-        "Manufacturer",
-        "CallingAETitle",
-        "InstanceCount",
-    }
-)
+from dicom_node.attributes import DERIVED_MATCH_KEYS, ROUTING_KEYWORDS
+
+#: What a rule may match on: :mod:`dicom_node.attributes` declares them.
+KNOWN_KEYS = frozenset(ROUTING_KEYWORDS + DERIVED_MATCH_KEYS)
 
 
 def _is_range(expected: Any) -> bool:

@@ -178,9 +178,12 @@ class ResultsSettings(_Section):
 
 class DestinationSettings(_Section):
     name: str
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    #: How results reach it: ``dicom`` (C-STORE to ae_title@host:port) or ``dicomweb`` (STOW-RS to
+    #: ``url``); each is a target type of :mod:`dicom_node.delivery`.
+    type: Literal["dicom", "dicomweb"] = "dicom"
+    ae_title: str = ""
+    host: str = ""
+    port: int | None = Field(None, ge=1, le=65535)
     #: Our calling AE title towards this destination (defaults to ``listener.ae_title``).
     calling_ae_title: str | None = None
     #: Result types this destination receives (``dicom_node.results.registry``): by default all
@@ -189,8 +192,41 @@ class DestinationSettings(_Section):
     #: Send a "<model> was not applied: <reason>" SR (and SC when ``sc`` is in ``outputs``)
     #: when a routed series is refused, so no result is never read as "nothing found".
     notify_not_applied: bool = True
+    #: dicomweb: the service root (``https://pacs.example/dicom-web``).
+    url: str | None = None
+    #: dicomweb: ``basic`` (``username`` + the password from ``password_env`` or ``password_file``)
+    #: or ``bearer`` (the token from ``token_env`` or ``token_file``); never a secret in this file.
+    auth: Literal["none", "basic", "bearer"] = "none"
+    username: str | None = None
+    password_env: str | None = None
+    password_file: Path | None = None
+    token_env: str | None = None
+    token_file: Path | None = None
+    #: dicomweb: verify the server's TLS certificate (against ``ca_bundle`` when given).
+    verify_tls: bool = True
+    ca_bundle: Path | None = None
+    #: dicomweb: seconds to wait for the server's answer to one request.
+    timeout_seconds: float = Field(60.0, gt=0)
 
-    _v_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+    _v_ae = field_validator("ae_title")(classmethod(lambda cls, v: v if v == "" else _check_ae_title(v)))
+
+    @model_validator(mode="after")
+    def _check_type(self) -> DestinationSettings:
+        if self.type == "dicom":
+            if not (self.ae_title and self.host and self.port):
+                raise ValueError(f"destination {self.name!r} (type dicom) needs ae_title, host and port")
+        elif not self.url or not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"destination {self.name!r} (type dicomweb) needs url = \"https://...\"")
+        if self.auth == "basic" and not (self.username and (self.password_env or self.password_file)):
+            raise ValueError(f"destination {self.name!r}: auth basic needs username and password_env or password_file")
+        if self.auth == "bearer" and not (self.token_env or self.token_file):
+            raise ValueError(f"destination {self.name!r}: auth bearer needs token_env or token_file")
+        return self
+
+    @property
+    def address(self) -> str:
+        """Where it is, for messages: ``AE@host:port`` or the DICOMweb URL."""
+        return f"{self.ae_title}@{self.host}:{self.port}" if self.type == "dicom" else str(self.url)
 
     @field_validator("outputs")
     @classmethod

@@ -276,7 +276,7 @@ def notify_not_applied(ctx: WorkerContext, job: JobRow, reason: str) -> list[str
 
     Returns the destinations that received it.
     """
-    from dicom_node.delivery.dicom import send_instances
+    from dicom_node.delivery import send_files
     from dicom_node.errors import DicomNodeError
     from dicom_node.results.notice import Notice, encode_notice, source_headers
 
@@ -316,7 +316,7 @@ def notify_not_applied(ctx: WorkerContext, job: JobRow, reason: str) -> list[str
         files = [outdir / m["file"] for m in manifest
                  if m["output"] == "notice-sr" or (m["output"] == "notice-sc" and "sc" in dest.outputs)]
         try:
-            send_instances(dest, files, calling_ae_title=dest.calling_ae_title or ctx.settings.listener.ae_title)
+            send_files(dest, files, calling_ae_title=dest.calling_ae_title or ctx.settings.listener.ae_title)
         except DicomNodeError as exc:
             bound.warning("notice_not_sent", destination=dest.name, error=str(exc))
             continue
@@ -339,7 +339,7 @@ def deliver(ctx: WorkerContext, job: JobRow) -> list[str]:
 
 
 def _deliver(ctx: WorkerContext, job: JobRow) -> list[str]:
-    from dicom_node.delivery.dicom import send_instances
+    from dicom_node.delivery import send_files
     from dicom_node.errors import TransientError
 
     files = [Path(p) for p in job.results.get("files", [])]
@@ -363,7 +363,7 @@ def _deliver(ctx: WorkerContext, job: JobRow) -> list[str]:
         calling = dest.calling_ae_title or ctx.settings.listener.ae_title
         mine = [f for f in files if kinds.get(str(f), "") in dest.outputs or str(f) not in kinds]
         try:
-            send_instances(dest, mine, calling_ae_title=calling)
+            send_files(dest, mine, calling_ae_title=calling)
         except TransientError as exc:
             ctx.catalog.record_delivery(job.id, name, ok=False, error=str(exc))
             log.warning("delivery_failed", job_id=job.id, destination=name, error=str(exc), transient=True)

@@ -26,6 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.attributes import ROUTING_KEYWORDS
 from dicom_node.catalog.schema import upgrade_schema
 from dicom_node.catalog.tables import (
     _TRANSITIONS,
@@ -97,6 +98,22 @@ def _attr_int(value: Any) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return None
+
+
+#: Longest routing attribute value kept (a longer one is cut: rules see its start).
+_ROUTING_VALUE_MAX = 256
+
+
+def routing_json(attributes: Mapping[str, Any]) -> str:
+    """The routing attributes present in one instance's ``attributes``, as the JSON kept with its
+    series (numbers stay numbers, text is cut at ``_ROUTING_VALUE_MAX``)."""
+    kept: dict[str, Any] = {}
+    for keyword in ROUTING_KEYWORDS:
+        value = attributes.get(keyword)
+        if value is None or value == "":
+            continue
+        kept[keyword] = value if isinstance(value, int | float) else str(value)[:_ROUTING_VALUE_MAX]
+    return json.dumps(kept, sort_keys=True)
 
 
 def expected_instances(attributes: Mapping[str, Any]) -> int | None:
@@ -177,6 +194,7 @@ class Catalog:
                         sop_class_uid=inst.sop_class_uid,
                         slice_thickness=_attr_float(attrs.get("SliceThickness")),
                         manufacturer=_attr_str(attrs.get("Manufacturer"), 128),
+                        routing_json=routing_json(attrs),
                         calling_ae_title=inst.calling_ae_title,
                         instance_count=0,
                         expected_count=expected,

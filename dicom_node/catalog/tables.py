@@ -86,9 +86,19 @@ class SeriesRow(Base):
     #: Incremented when instances arrive after the series was processed (late instances).
     generation: Mapped[int] = mapped_column(Integer, default=1)
     note: Mapped[str | None] = mapped_column(Text)
+    #: The series' routing attributes (``dicom_node.attributes.ROUTING_KEYWORDS``) as JSON, from
+    #: its first instance; NULL for series recorded before they were kept.
+    routing_json: Mapped[str | None] = mapped_column(Text)
 
     def routing_attributes(self) -> dict[str, Any]:
         """The attributes routing rules may match on, by DICOM keyword."""
+        derived = {
+            "SOPClassUID": self.sop_class_uid,
+            "CallingAETitle": self.calling_ae_title,
+            "InstanceCount": self.instance_count,
+        }
+        if self.routing_json is not None:
+            return {**json.loads(self.routing_json), **derived}
         return {
             "Modality": self.modality,
             "BodyPartExamined": self.body_part_examined,

@@ -1,2 +1,49 @@
-"""Sending results to destinations: the DICOM C-STORE target (its tuned pynetdicom transport is
-``dicom_node._compat.pynetdicom``)."""
+"""Sending results to destinations, through a small registry of target types.
+
+A destination's ``type`` (``[[destinations]] type = ...``) picks its target: ``dicom`` (C-STORE,
+:mod:`dicom_node.delivery.dicom`, whose tuned pynetdicom transport is
+``dicom_node._compat.pynetdicom``) or ``dicomweb`` (STOW-RS, :mod:`dicom_node.delivery.dicomweb`).
+A new type is one module with ``send`` and ``reachable`` functions plus one line in
+:data:`TARGETS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from dicom_node.delivery import dicom, dicomweb
+from dicom_node.delivery.report import InstanceResult, SendReport
+from dicom_node.settings import DestinationSettings
+
+__all__ = ["TARGETS", "InstanceResult", "SendReport", "Target", "reachable", "send_files"]
+
+
+class Target(Protocol):
+    """What a destination type does."""
+
+    def send(self, dest: DestinationSettings, paths: Sequence[Path], *, calling_ae_title: str) -> SendReport:
+        """Deliver the files; raise ``TransientError`` (retry) or ``PermanentError`` (refused)."""
+        ...
+
+    def reachable(self, dest: DestinationSettings, *, calling_ae_title: str, timeout: float) -> tuple[bool, str]:
+        """Whether the destination answers (C-ECHO, or an authenticated request), and why not."""
+        ...
+
+
+#: Destination types by their ``type`` value: one line each.
+TARGETS: dict[str, Target] = {
+    "dicom": dicom,
+    "dicomweb": dicomweb,
+}
+
+
+def send_files(dest: DestinationSettings, paths: Sequence[Path], *, calling_ae_title: str) -> SendReport:
+    """Deliver ``paths`` to ``dest`` by its type."""
+    return TARGETS[dest.type].send(dest, paths, calling_ae_title=calling_ae_title)
+
+
+def reachable(dest: DestinationSettings, *, calling_ae_title: str, timeout: float = 10.0) -> tuple[bool, str]:
+    """Whether ``dest`` answers, by its type (C-ECHO for dicom, an authenticated QIDO for dicomweb)."""
+    return TARGETS[dest.type].reachable(dest, calling_ae_title=calling_ae_title, timeout=timeout)

@@ -35,6 +35,7 @@ from dicom_node._compat.pynetdicom import (
     queued_associate_reply,
     send_files_as_stored_bytes,
 )
+from dicom_node.delivery.report import InstanceResult, SendReport
 from dicom_node.errors import PermanentError, TransientError
 from dicom_node.settings import DestinationSettings
 
@@ -46,35 +47,6 @@ _REJECT_RESULTS = frozenset({0x01, 0x02})
 _UNCOMPRESSED = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian, "1.2.840.10008.1.2.2"})
 
 _log = structlog.get_logger("dicom_node.delivery.dicom")
-
-
-@dataclass(frozen=True)
-class InstanceResult:
-    """The outcome of one C-STORE."""
-
-    path: Path
-    sop_instance_uid: str
-    status: int
-    #: Set for warning statuses (0x0001, 0xBxxx): what the archive said.
-    warning: str | None = None
-
-
-@dataclass(frozen=True)
-class SendReport:
-    """What :func:`send_instances` delivered (every file succeeded, possibly with a warning)."""
-
-    destination: str
-    results: tuple[InstanceResult, ...]
-
-    @property
-    def sent(self) -> int:
-        """Number of instances the destination accepted."""
-        return len(self.results)
-
-    @property
-    def warnings(self) -> list[InstanceResult]:
-        """Instances accepted with a warning status."""
-        return [r for r in self.results if r.warning is not None]
 
 
 @dataclass(frozen=True)
@@ -163,6 +135,7 @@ def _associate(
     ae: TunedAE, dest: DestinationSettings, contexts: list[PresentationContext]
 ) -> Association:
     """Open an association or raise :class:`TransientError` saying why it failed."""
+    assert dest.port is not None  # the settings require host and port for a dicom destination
     assoc = ae.associate(dest.host, dest.port, contexts=contexts, ae_title=dest.ae_title, max_pdu=0)
     if assoc.is_established:
         return assoc
@@ -307,3 +280,14 @@ def echo(dest: DestinationSettings, *, calling_ae_title: str = "DICOM_NODE",
         return rsp is not None and int(rsp.get("Status", -1)) == statuses.SUCCESS
     finally:
         assoc.release()
+
+
+def send(dest: DestinationSettings, paths: Sequence[Path], *, calling_ae_title: str) -> SendReport:
+    """The ``dicom`` target of :mod:`dicom_node.delivery`: :func:`send_instances`."""
+    return send_instances(dest, paths, calling_ae_title=calling_ae_title)
+
+
+def reachable(dest: DestinationSettings, *, calling_ae_title: str, timeout: float) -> tuple[bool, str]:
+    """The ``dicom`` target's check: a C-ECHO."""
+    ok = echo(dest, calling_ae_title=calling_ae_title, timeout=timeout)
+    return ok, "answers C-ECHO" if ok else "does not answer C-ECHO"

@@ -11,22 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from dicom_node.attributes import HEADER_KEYWORDS
+
 #: Non-identifying attributes copied from each instance into the catalog (routing, completion,
-#: dashboard).  No patient name, ID or birth date: those never leave the file.
-CATALOG_ATTRIBUTES: tuple[str, ...] = (
-    "Modality",
-    "BodyPartExamined",
-    "SeriesDescription",
-    "ProtocolName",
-    "SliceThickness",
-    "SeriesNumber",
-    "InstanceNumber",
-    "ImagesInAcquisition",
-    "NumberOfFrames",
-    "NumberOfTemporalPositions",
-    "Manufacturer",
-    "ImageType",
-)
+#: dashboard), declared in :mod:`dicom_node.attributes`.  No patient name, ID or birth date.
+CATALOG_ATTRIBUTES: tuple[str, ...] = HEADER_KEYWORDS
 
 
 @dataclass(frozen=True)

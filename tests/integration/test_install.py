@@ -4,6 +4,7 @@ the shipped production configuration, schema upgrades, a node that serves and st
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,9 +44,16 @@ def test_systemd_units_verify_cleanly(tmp_path: Path, unit: str) -> None:
 
 
 def _build_wheel(tmp_path: Path) -> Path:
+    # Built from a copy: setuptools writes build/ and *.egg-info next to the sources.
+    source = tmp_path / "source"
+    for name in ("pyproject.toml", "README.md"):
+        source.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, source / name)
+    for package in ("dicom_node", "inference", "workers"):
+        shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     out = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
-         str(REPO)],
+         str(source)],
         capture_output=True, text=True, check=False, timeout=300,
     )
     assert out.returncode == 0, out.stdout + out.stderr

@@ -116,7 +116,7 @@ def test_config_check_probe_echoes_every_destination(
     down = {"name": "gone", "ae_title": "GONE", "host": procs.LOOPBACK, "port": procs.free_port()}
     rules = [{"name": "ct", "match": {"Modality": "CT"}, "models": ["ct-tissue"], "destinations": ["archive"]}]
     assert main(["config", "check", "--probe", "--config", str(_rules_config(tmp_path, rules, [up]))]) == 0
-    assert "every destination answers C-ECHO" in capsys.readouterr().out
+    assert "every destination answers" in capsys.readouterr().out
     assert main(["config", "check", "--probe", "--config", str(_rules_config(tmp_path, rules, [up, down]))]) == 1
     err = capsys.readouterr().err
     assert "destination 'gone' (GONE@" in err and "does not answer C-ECHO" in err and "'archive'" not in err

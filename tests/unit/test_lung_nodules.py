@@ -9,7 +9,7 @@ import torch
 from dicom_node.demo import axial_affine
 from inference import PermanentError, Prediction, Segment, Volume
 from inference.model import Model
-from inference.models.lung_nodules import NODULE_LABEL, LungNoduleModel, convex_fill
+from inference.models.lung_nodules import MASS_LABEL, NODULE_LABEL, LungNoduleModel, convex_fill
 from inference.prediction import DIAMETER, ML, MM, VOLUME, SegmentKind
 from tests.support.chest_nodules import NodulePhantom, chest_spec, make_nodule_phantom, match_findings
 
@@ -60,13 +60,14 @@ def results(model: LungNoduleModel) -> list[tuple[NodulePhantom, Prediction]]:
 
 
 def test_model_meets_protocol(model: LungNoduleModel) -> None:
-    """The model declares name, version, CT only and a lesion label coded as SNOMED CT Nodule."""
+    """The model declares name, version, CT only and lesion labels coded as SNOMED CT Nodule and Mass."""
     assert isinstance(model, Model)
     assert (model.name, model.version, model.modalities) == ("ct-lung-nodules", "1.0.0", {"CT"})
-    assert model.labels == (NODULE_LABEL,)
-    assert NODULE_LABEL.kind is SegmentKind.LESION
+    assert model.labels == (NODULE_LABEL, MASS_LABEL)
+    assert NODULE_LABEL.kind is SegmentKind.LESION and MASS_LABEL.kind is SegmentKind.LESION
     assert (NODULE_LABEL.type.value, NODULE_LABEL.type.scheme_designator) == ("27925004", "SCT")
-    assert NODULE_LABEL.category.value == "49755003"
+    assert (MASS_LABEL.type.value, MASS_LABEL.type.scheme_designator) == ("4147007", "SCT")
+    assert NODULE_LABEL.category.value == "49755003" and MASS_LABEL.category.value == "49755003"
 
 
 def test_recall_for_nodules_of_6_mm_and_more(
@@ -166,7 +167,7 @@ def test_no_nodule_gives_an_empty_prediction(model: LungNoduleModel) -> None:
         prediction = model.predict(_volume(case))
         assert len(prediction.segments) <= 1
         if not prediction.segments:
-            assert prediction.notes == ["no nodule of 4-60 mm found"]
+            assert prediction.notes == ["no nodule or mass of 4-100 mm found"]
 
 
 def test_rejects_non_ct(model: LungNoduleModel) -> None:

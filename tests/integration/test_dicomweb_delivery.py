@@ -1,0 +1,127 @@
+"""The ``dicomweb`` destination type: results stored with STOW-RS in a real Orthanc (Debian
+``orthanc-dicomweb`` plugin) behind HTTP basic authentication, credentials from a file or the
+environment, readable failures without the secret in them."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dicom_node.delivery import reachable, send_files
+from dicom_node.errors import PermanentError, TransientError
+from dicom_node.settings import DestinationSettings
+from tests.conftest import require_tool
+from tests.integration.test_faults import catalog_of, rule, series_files, storescu, wait_job
+from tests.support import procs
+from tests.support.node import node_config, start_node, wait_until
+
+pytestmark = pytest.mark.integration
+USER, PASSWORD = "node", "s3cret-stow-pw"
+PLUGINS = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/lib/orthanc/libOrthancDicomWeb.so.1.7")
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[procs.Server]:
+    """Orthanc with its DICOMweb plugin at /dicom-web, basic auth (user ``node``) on free ports."""
+    require_tool("Orthanc")
+    plugin = next((p for p in PLUGINS if Path(p).exists()), None)
+    if plugin is None:
+        require_tool("libOrthancDicomWeb.so")  # skips, or fails under DICOM_NODE_REQUIRE_TOOLS=1
+    work = tmp_path / "orthanc"
+    (work / "db").mkdir(parents=True)
+    http, dicom = procs.free_port(), procs.free_port()
+    (work / "orthanc.json").write_text(json.dumps({
+        "Name": "stow-target", "StorageDirectory": str(work / "db"), "IndexDirectory": str(work / "db"),
+        "HttpPort": http, "DicomPort": dicom, "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": True, "RegisteredUsers": {USER: PASSWORD},
+        "Plugins": [plugin], "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Ssl": False},
+    }))
+    log = (work / "orthanc.log").open("wb")
+    proc = subprocess.Popen(["Orthanc", str(work / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT, cwd=work)
+    server = procs.Server(proc, http, work, work / "orthanc.log", extra={"dicom_port": str(dicom)})
+    try:
+        procs.wait_for_port(http, proc=proc, timeout=60)
+        yield server
+    finally:
+        procs.stop_process(proc)
+
+
+def _stored_sop_uids(port: int) -> set[str]:
+    """SOP Instance UIDs Orthanc holds, read through its REST API with the right credentials."""
+    request = urllib.request.Request(f"http://{procs.LOOPBACK}:{port}/instances?expand")
+    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    with urllib.request.urlopen(request, timeout=10) as reply:  # noqa: S310 - a loopback test server
+        return {i["MainDicomTags"]["SOPInstanceUID"] for i in json.load(reply)}
+
+
+def _destination(port: int, **auth: object) -> DestinationSettings:
+    return DestinationSettings.model_validate({
+        "name": "cloud", "type": "dicomweb", "url": f"http://{procs.LOOPBACK}:{port}/dicom-web",
+        "auth": "basic", "username": USER, **auth,
+    })
+
+
+def test_stow_rs_stores_every_instance_and_reports_each(tmp_path: Path, orthanc: procs.Server) -> None:
+    """STOW-RS with the password from a file: every file is stored at Orthanc, each instance's
+    outcome is reported, and the endpoint check passes with the credentials."""
+    files = series_files(tmp_path, "stow-direct")[:3]
+    secret = tmp_path / "stow.password"
+    secret.write_text(PASSWORD + "\n")
+    dest = _destination(orthanc.port, password_file=str(secret))
+    report = send_files(dest, files, calling_ae_title="DICOM_NODE")
+    assert report.sent == 3 and all(r.status == 0 for r in report.results)
+    assert {r.sop_instance_uid for r in report.results} <= _stored_sop_uids(orthanc.port)
+    ok, why = reachable(dest, calling_ae_title="DICOM_NODE")
+    assert ok, why
+
+
+def test_wrong_password_fails_readably_without_the_secret(
+    tmp_path: Path, orthanc: procs.Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrong password is a permanent failure naming the HTTP status and the destination, never
+    the password; a missing variable says which; a stopped server is transient."""
+    files = series_files(tmp_path, "stow-wrong")[:1]
+    monkeypatch.setenv("STOW_PASSWORD", "not-the-password-123")
+    dest = _destination(orthanc.port, password_env="STOW_PASSWORD")  # noqa: S106 - a variable name
+    with pytest.raises(PermanentError, match=r"HTTP 401.*authentication refused") as refused:
+        send_files(dest, files, calling_ae_title="DICOM_NODE")
+    assert "not-the-password-123" not in str(refused.value) and PASSWORD not in str(refused.value)
+    ok, why = reachable(dest, calling_ae_title="DICOM_NODE")
+    assert not ok and "401" in why and "not-the-password-123" not in why
+    monkeypatch.delenv("STOW_PASSWORD")
+    ok, why = reachable(dest, calling_ae_title="DICOM_NODE")
+    assert not ok and "STOW_PASSWORD" in why and "is not set" in why
+    procs.stop_process(orthanc.proc)
+    monkeypatch.setenv("STOW_PASSWORD", PASSWORD)
+    with pytest.raises(TransientError, match="unreachable"):
+        send_files(dest, files, calling_ae_title="DICOM_NODE")
+
+
+@pytest.mark.slow
+def test_a_job_delivers_its_seg_and_sr_with_stow_rs(tmp_path: Path, orthanc: procs.Server) -> None:
+    """End to end: C-STORE in, the job's SEG and SR stored at Orthanc by STOW-RS, job done."""
+    secret = tmp_path / "stow.password"
+    secret.write_text(PASSWORD)
+    cloud = {"name": "cloud", "type": "dicomweb", "url": f"http://{procs.LOOPBACK}:{orthanc.port}/dicom-web",
+             "auth": "basic", "username": USER, "password_file": str(secret)}
+    workdir = tmp_path / "node"
+    node = start_node(workdir, node_config(workdir, idle_seconds=0.5, destinations=[cloud],
+                                            rules=[rule("ct", "ct-tissue", ["cloud"])]))
+    try:
+        files = series_files(tmp_path, "stow-e2e")
+        storescu(node.port, files)
+        from dicom_node.demo import SeriesInfo
+
+        job = wait_job(node, catalog_of(node), SeriesInfo(seed="stow-e2e").uid("series"), ("done", "failed"))
+        assert job.state == "done", job.reason
+        results = {job.results["seg_sop_instance_uid"], job.results["sr_sop_instance_uid"]}
+        wait_until(lambda: results <= _stored_sop_uids(orthanc.port), 20, what="SEG and SR at Orthanc")
+    finally:
+        node.stop()
