@@ -10,7 +10,7 @@ PIP     = $(PY) -m pip --disable-pip-version-check
 CONSTRAINTS = -c constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: run test install install-test lint typecheck bench clean
+.PHONY: run test install install-test viewer lint typecheck bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,10 +30,23 @@ install: $(VENV)/.installed-run
 
 install-test: $(VENV)/.installed-test
 
+# Real viewer-side consumers for the tests: dcmjs + @cornerstonejs/adapters (npm ci, locked) and
+# the built OHIF Viewer (npm pack @ohif/app, sha512 pinned in tests/support/ohif.py).  Without
+# npm the tests that need them skip (and fail under DICOM_NODE_REQUIRE_TOOLS=1).
+VIEWER_DIR = tests/viewer
+$(VIEWER_DIR)/node_modules/.package-lock.json: $(VIEWER_DIR)/package.json $(VIEWER_DIR)/package-lock.json
+	cd $(VIEWER_DIR) && npm ci --ignore-scripts --no-audit --no-fund
+
+viewer: $(VENV)/.installed-test
+	@if command -v npm >/dev/null; then \
+		$(MAKE) --no-print-directory $(VIEWER_DIR)/node_modules/.package-lock.json && \
+		PYTHONPATH=. $(PY) -m tests.support.ohif >/dev/null; \
+	else echo "npm not found: the OHIF and dcmjs tests will skip"; fi
+
 run: install
 	$(VENV)/bin/dicom-node serve --config $(CONFIG)
 
-test: install-test
+test: install-test viewer
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install-test
@@ -43,4 +56,4 @@ typecheck: install-test
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) var .pytest_cache $(VIEWER_DIR)/node_modules $(VIEWER_DIR)/ohif

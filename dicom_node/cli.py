@@ -179,7 +179,8 @@ def _job_action(args: argparse.Namespace, action: str) -> int:
     catalog = Catalog(settings.database.url)
     try:
         if action == "retry":
-            queue_job(catalog, CeleryJobQueue(create_celery_app(settings)), args.job, reason="retried by operator")
+            queue_job(catalog, CeleryJobQueue(create_celery_app(settings)), args.job, reason="retried by operator",
+                      reset_attempts=True)
         else:
             catalog.transition(args.job, JobState.CANCELLED, reason="cancelled by operator")
     except CatalogError as exc:

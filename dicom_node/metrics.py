@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -246,6 +246,23 @@ class NodeMetrics:
         self._observe_lock = threading.Lock()
         self._ae_lock = threading.Lock()
         self._ae_titles: set[str] = set()
+
+    def watch_destinations(self, results: Callable[[], Mapping[str, Any]]) -> None:
+        """Expose ``dicom_node_destination_reachable{destination}`` (1 or 0) from the last probe
+        of each destination (``results``: name -> object with a ``reachable`` flag)."""
+
+        class _Destinations(Collector):
+            def collect(self) -> Iterator[GaugeMetricFamily]:
+                gauge = GaugeMetricFamily(
+                    "dicom_node_destination_reachable",
+                    "1 when the destination answered its last probe (C-ECHO or QIDO-RS), else 0.",
+                    labels=["destination"],
+                )
+                for name, result in sorted(results().items()):
+                    gauge.add_metric([name], 1.0 if result.reachable else 0.0)
+                yield gauge
+
+        self.registry.register(_Destinations())
 
     # -- called by the listener ------------------------------------------------------------
 

@@ -30,6 +30,32 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+#: ``prctl`` option: the signal the kernel sends a process when its parent dies (Linux).
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` making the child get SIGKILL when the node dies (even by SIGKILL).
+
+    Without it a killed ``serve`` leaves its worker consuming jobs, and each restart adds one.
+    Linux only (``prctl(PR_SET_PDEATHSIG)``); elsewhere None.  The signal follows the thread
+    that forked the child: :class:`WorkerProcess` spawns from the main thread at start and
+    from its supervisor thread after a crash, and both live as long as the node does.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent_pid:  # the parent died before prctl: nothing would kill us
+            os._exit(1)
+
+    return preexec
+
 
 class WorkerProcess:
     """A ``dicom-node worker`` child process, restarted if it dies."""
@@ -45,7 +71,7 @@ class WorkerProcess:
         args = [sys.executable, "-m", "dicom_node", "worker"]
         if self.config_path is not None:
             args += ["--config", str(self.config_path)]
-        proc = subprocess.Popen(args, env=self.env)
+        proc = subprocess.Popen(args, env=self.env, preexec_fn=_die_with_parent(os.getpid()))
         log.info("worker_started", pid=proc.pid)
         return proc
 
@@ -58,10 +84,10 @@ class WorkerProcess:
             if self.proc is not None and self.proc.poll() is not None:
                 log.warning("worker_exited", pid=self.proc.pid, returncode=self.proc.returncode)
                 self.proc = self._spawn()
+        # A child spawned here dies (SIGKILL) when this thread ends: end it first, gracefully.
+        self._terminate()
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+    def _terminate(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -70,6 +96,11 @@ class WorkerProcess:
                 self.proc.kill()
                 self.proc.wait(5)
 
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self._terminate()
+
 
 class Node:
     """Everything ``serve`` runs in one process, wired from one :class:`Settings`."""
@@ -77,13 +108,13 @@ class Node:
     def __init__(self, settings: Settings, queue: JobQueue, *, config_path: Path | None = None,
                  broker_check: Callable[[], tuple[bool, str]] | None = None) -> None:
         from dicom_node.ingest.listener import Listener
-        from dicom_node.ingest.spool import Spool
+        from dicom_node.ingest.spool import FileAccess, Spool
         from dicom_node.metrics import NodeMetrics
 
         self.settings = settings
         self.queue = queue
         self.catalog = Catalog(settings.database.url)
-        self.spool = Spool(settings.storage.root)
+        self.spool = Spool(settings.storage.root, FileAccess.for_group(settings.storage.group))
         self.recorder = CatalogRecorder(self.catalog, late_policy=settings.completion.late_instances.value)
         self.metrics = NodeMetrics(self.catalog, free_mb=self.spool.free_mb,
                                    min_free_mb=settings.storage.min_free_mb)
@@ -91,6 +122,10 @@ class Node:
                                  metrics=self.metrics)
         self.completion = CompletionLoop(settings, self.catalog, queue)
         self.retention = RetentionLoop(settings, self.catalog)
+        from dicom_node.delivery.probe import DestinationProber
+
+        self.prober = DestinationProber(settings, interval=settings.delivery.probe_interval_seconds)
+        self.metrics.watch_destinations(self.prober.results)
         self.worker: WorkerProcess | None = None
         if settings.run_in_process_worker:
             self.worker = WorkerProcess(config_path, dict(os.environ))
@@ -98,7 +133,7 @@ class Node:
         if settings.web.enabled:
             from dicom_node.web import WebServer, create_app, readiness_checks
 
-            app = create_app(settings, self.catalog, queue, metrics=self.metrics,
+            app = create_app(settings, self.catalog, queue, metrics=self.metrics, destinations=self.prober.results,
                              readiness=readiness_checks(broker=broker_check, free_mb=self.spool.free_mb,
                                                         min_free_mb=settings.storage.min_free_mb,
                                                         listener=self.listener.readiness))
@@ -114,6 +149,7 @@ class Node:
         self.recorder.start()
         self.completion.start()
         self.retention.start()
+        self.prober.start()
         if self.worker is not None:
             self.worker.start()
         if self.web is not None:
@@ -130,6 +166,7 @@ class Node:
         self.recorder.stop()
         self.completion.stop()
         self.retention.stop()
+        self.prober.stop()
         if self.worker is not None:
             self.worker.stop()
         self.catalog.close()

@@ -91,6 +91,22 @@ class StorageSettings(_Section):
     retention_days: float = Field(0, ge=0)
     #: How often ``serve`` runs the retention clean-up (when ``retention_days`` > 0).
     gc_interval_seconds: float = Field(3600.0, gt=0)
+    #: Group (name or number) given to spool and outbox files (0640) and folders (0750), e.g.
+    #: for a backup user; unset: the group of the node's process.
+    group: str | None = None
+
+    @field_validator("group")
+    @classmethod
+    def _group_exists(cls, value: str | None) -> str | None:
+        import grp
+
+        if value is None or value.isdigit():
+            return value
+        try:
+            grp.getgrnam(value)
+        except KeyError:
+            raise ValueError(f"no group named {value!r} on this machine") from None
+        return value
 
 
 class DatabaseSettings(_Section):
@@ -149,9 +165,13 @@ class WorkerSettings(_Section):
 
 
 class DeliverySettings(_Section):
-    max_attempts: int = Field(5, ge=1)
+    #: 10 attempts, 2 s doubling to 300 s, ride out an archive that is down about 7-13 minutes.
+    max_attempts: int = Field(10, ge=1)
     backoff_seconds: float = Field(2.0, ge=0)
     backoff_max_seconds: float = Field(300.0, ge=0)
+    #: How often ``serve`` checks that each destination answers (shown by ``/readyz``, never a
+    #: reason to be unready, and by the metric ``dicom_node_destination_reachable``).
+    probe_interval_seconds: float = Field(60.0, gt=0)
 
 
 class ResultsSettings(_Section):

@@ -11,14 +11,22 @@ worker side.  Every worker process keeps its own row fresh from a daemon thread:
   stops beating and ages out).
 
 A database outage never stops a worker: a failed heartbeat is logged and retried next beat.
+
+A process beats only while it can open the broker as it must to work (:func:`probe_broker`: for
+the embedded SQLite broker, a write transaction on the file; else a connection).  A worker that
+cannot reach its broker gets no jobs, so it does not count as alive: ``/readyz`` reports
+``inference_worker`` failing even when the node itself reaches the broker (another user,
+another path, another host).
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote
 
 import structlog
 from celery import Celery, signals
@@ -48,6 +56,7 @@ class _Heartbeats:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._broker_ok = True
         # A lock held by the parent's heartbeat thread at fork time would stay held forever in
         # the child: give the child fresh synchronisation objects.
         os.register_at_fork(after_in_child=self._after_fork)
@@ -76,6 +85,16 @@ class _Heartbeats:
     def _beat_once(self) -> None:
         if self.hostname is None:
             return
+        ok, detail = probe_broker(self.app)
+        if not ok:
+            # No beat: a worker that cannot reach its broker gets no jobs (see module doc).
+            if self._broker_ok:
+                log.error("worker_broker_unreachable", hostname=self.hostname, detail=detail)
+            self._broker_ok = False
+            return
+        if not self._broker_ok:
+            log.info("worker_broker_reachable", hostname=self.hostname)
+            self._broker_ok = True
         try:
             heartbeat.beat(
                 self.catalog(), self.hostname, os.getpid(), queues=self.queues, device=self.device
@@ -222,19 +241,45 @@ def install_heartbeat(
         signal.connect(handler, weak=False)
 
 
-def broker_check(app: Celery, timeout_s: float = 2.0) -> Callable[[], tuple[bool, str]]:
-    """A ``/readyz`` check: the broker of ``app`` accepts a connection within ``timeout_s``."""
-    url = app.conf.broker_url or ""
-    scheme = str(url).split("://", 1)[0]
+def sqlite_broker_path(url: str) -> str | None:
+    """The file of an embedded SQLite broker URL (``sqla+sqlite:///path``), else None."""
+    for prefix in ("sqla+sqlite:///", "sqlalchemy+sqlite:///"):
+        if url.startswith(prefix):
+            return unquote(url[len(prefix):].split("?", 1)[0]) or None
+    return None
 
-    def check() -> tuple[bool, str]:
-        try:
-            with app.connection_for_write() as conn:
-                conn.ensure_connection(
+
+def probe_broker(app: Celery, timeout_s: float = 2.0) -> tuple[bool, str]:
+    """Open the broker of ``app`` as a worker must to take jobs: (ok, detail).
+
+    The embedded SQLite broker is opened afresh and a write transaction begun and rolled back
+    (a worker deletes the messages it takes: a file it can read but not write, a folder it
+    cannot create the journal in, a path that is a folder all fail here, as they fail the
+    worker).  kombu opens such a file lazily, so a mere connection would always succeed.  Any
+    other broker must accept a connection within ``timeout_s``.
+    """
+    url = str(app.conf.broker_url or "")
+    scheme = url.split("://", 1)[0]
+    path = sqlite_broker_path(url)
+    try:
+        if path is not None:
+            conn = sqlite3.connect(path, timeout=timeout_s)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.rollback()
+            finally:
+                conn.close()
+        else:
+            with app.connection_for_write() as kombu_conn:
+                kombu_conn.ensure_connection(
                     max_retries=1, interval_start=0, interval_step=0, timeout=timeout_s
                 )
-        except Exception as exc:  # any failure to connect is "not reachable", with the reason
-            return False, f"broker ({scheme}) unreachable: {type(exc).__name__}: {exc}"
-        return True, f"broker ({scheme}) reachable"
+    except Exception as exc:  # any failure to open is "not reachable", with the reason
+        return False, f"broker ({scheme}) unreachable: {type(exc).__name__}: {exc}"
+    return True, f"broker ({scheme}) reachable"
 
-    return check
+
+def broker_check(app: Celery, timeout_s: float = 2.0) -> Callable[[], tuple[bool, str]]:
+    """A ``/readyz`` check: :func:`probe_broker` from the node (the workers' own view is in
+    their heartbeats: they stop beating while their probe fails)."""
+    return lambda: probe_broker(app, timeout_s)

@@ -7,6 +7,7 @@ background while the current job's model runs (``workers.prefetch``).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,7 +18,8 @@ import structlog
 
 from dicom_node.catalog import Catalog, JobRow, JobState
 from dicom_node.errors import PermanentError
-from dicom_node.ingest.spool import write_durably
+from dicom_node.ingest.spool import DEFAULT_ACCESS, FileAccess, write_durably
+from dicom_node.logs import remember_patients
 from dicom_node.settings import Settings
 from inference.registry import ModelRegistry
 from inference.stacks import StackedVolume, predict_stacked
@@ -156,17 +158,23 @@ def check_series_slots(settings: Settings, model_names: list[str]) -> None:
 MANIFEST = "manifest.json"
 
 
-def write_outputs(outdir: Path, encoded: dict[str, list[Any]]) -> list[dict[str, str]]:
-    """Write every dataset durably into ``outdir`` and add them to the manifest that says which
-    output type each file is (delivery picks per destination from it); returns their entries."""
+def write_outputs(
+    outdir: Path, encoded: dict[str, list[Any]], access: FileAccess = DEFAULT_ACCESS
+) -> list[dict[str, str]]:
+    """Write every dataset durably into ``outdir`` (made with ``access``, like the outbox) and
+    add them to the manifest that says which output type each file is (delivery picks per
+    destination from it); returns their entries."""
     import json
 
-    outdir.mkdir(parents=True, exist_ok=True)
+    outdir.parent.parent.mkdir(parents=True, exist_ok=True)
+    for folder in (outdir.parent, outdir):
+        with contextlib.suppress(FileExistsError):
+            access.make_dir(folder)
     manifest: list[dict[str, str]] = []
     for output, datasets in encoded.items():
         for ds in datasets:
             path = outdir / f"{output}-{ds.SOPInstanceUID}.dcm"
-            write_durably(path, [_dataset_bytes(ds)])
+            write_durably(path, [_dataset_bytes(ds)], access)
             manifest.append({
                 "file": path.name,
                 "output": output,
@@ -176,7 +184,7 @@ def write_outputs(outdir: Path, encoded: dict[str, list[Any]]) -> list[dict[str,
             })
     names = {m["file"] for m in manifest}
     kept = [m for m in read_manifest(outdir) if m["file"] not in names]
-    write_durably(outdir / MANIFEST, [json.dumps({"files": kept + manifest}, indent=1).encode()])
+    write_durably(outdir / MANIFEST, [json.dumps({"files": kept + manifest}, indent=1).encode()], access)
     return manifest
 
 
@@ -214,6 +222,7 @@ def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
 def _run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
     from dicom_node.results import encode_outputs, rendered_slices
     from dicom_node.results.failures import ENCODING_INPUT_ERRORS, dicom_keywords, input_failure, raised_at
+    from dicom_node.results.inputs import check_copied_attributes
 
     bound = log.bind(job_id=job.id, model=job.model, series_instance_uid=job.series_instance_uid)
     ctx.timings.clear()
@@ -223,6 +232,8 @@ def _run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
         ctx.prefetcher.start(job.id)
     volume, sources, frame_refs, excluded = loaded.volume, loaded.sources, loaded.frame_refs, loaded.excluded
     del loaded
+    remember_patients(sources)
+    check_copied_attributes(sources)
     t1 = time.perf_counter()
     model = ctx.registry.get(job.model)
     if model.modalities and volume.modality not in model.modalities:
@@ -251,8 +262,9 @@ def _run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
         bound.error("encoding_failed", error_type=type(exc).__name__, keywords=dicom_keywords(exc),
                     where=raised_at(exc))
         raise failure from exc
+    access = FileAccess.for_group(ctx.settings.storage.group)
     outdir = ctx.settings.outbox / f"job-{job.id}"
-    manifest = write_outputs(outdir, encoded)
+    manifest = write_outputs(outdir, encoded, access)
     results: dict[str, Any] = {"segments": len(prediction.segments),
                                "files": [str(outdir / m["file"]) for m in manifest],
                                "outputs": {n: len(d) for n, d in encoded.items()}}
@@ -307,7 +319,8 @@ def notify_not_applied(ctx: WorkerContext, job: JobRow, reason: str) -> list[str
         outdir = ctx.settings.outbox / f"job-{job.id}"
         by_kind = {"notice-sr": [d for d in datasets if d.Modality == "SR"],
                    "notice-sc": [d for d in datasets if d.Modality != "SR"]}
-        manifest = write_outputs(outdir, {k: v for k, v in by_kind.items() if v})
+        access = FileAccess.for_group(ctx.settings.storage.group)
+        manifest = write_outputs(outdir, {k: v for k, v in by_kind.items() if v}, access)
     except (DicomNodeError, OSError, ValueError) as exc:
         bound.warning("notice_failed", error=type(exc).__name__)
         return []

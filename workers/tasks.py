@@ -16,6 +16,7 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 import inference
 from dicom_node import errors
 from dicom_node.catalog import Catalog, CatalogError, JobState
+from dicom_node.logs import scrub_known_phi
 from workers.names import DISPATCH_QUEUE, DISPATCH_TASK, INFERENCE_TASK, backoff_seconds
 from workers.pipeline import WorkerContext, build_context, deliver, run_inference
 
@@ -86,20 +87,25 @@ def inference_task(task: NodeTask, job_id: int) -> str:
     try:
         results = run_inference(ctx, job)
     except PERMANENT as exc:
-        _fail(ctx, job_id, str(exc))
+        _fail(ctx, job_id, scrub_known_phi(str(exc)))
         return "failed"
     except SoftTimeLimitExceeded:
         _fail(ctx, job_id, f"inference exceeded the soft time limit of {ctx.settings.worker.soft_time_limit:g} s")
         return "failed"
     except Exception as exc:  # process boundary: a model crash becomes a job state
         transient = isinstance(exc, TRANSIENT)
-        if not transient:
+        if transient:
+            # Our own words (TransientError), with any patient value this worker saw removed.
+            reason = f"transient error: {type(exc).__name__}: {scrub_known_phi(str(exc))}"
+        else:
             log.exception("inference_crashed", job_id=job_id, model=job.model)
-        reason = f"{'transient error' if transient else 'model crashed'}: {type(exc).__name__}: {exc}"
+            # A library's message may quote input values: only the type goes into the reason.
+            reason = f"model crashed: {type(exc).__name__} (traceback in the worker log)"
         if job.attempts < max_attempts:
             ctx.catalog.transition(job_id, JobState.QUEUED, reason=f"attempt {job.attempts} failed, retrying: {reason}")
-            raise task.retry(exc=exc, countdown=backoff_seconds(job.attempts, 1.0, 60.0),
-                             max_retries=max_attempts) from exc
+            # No exc=: Celery would log its message unscrubbed-by-us in its "retry" line.
+            raise task.retry(countdown=backoff_seconds(job.attempts, 1.0, 60.0),
+                             max_retries=max_attempts) from None
         _fail(ctx, job_id, f"{reason} (after {job.attempts} attempts)")
         return "failed"
     ctx.catalog.set_results(job_id, results)
@@ -123,11 +129,16 @@ def dispatch_task(task: NodeTask, job_id: int) -> str:
     try:
         pending = deliver(ctx, job)
     except PERMANENT as exc:
-        _fail(ctx, job_id, str(exc))
+        _fail(ctx, job_id, scrub_known_phi(str(exc)))
         return "failed"
     except Exception as exc:  # process boundary
         log.exception("dispatch_crashed", job_id=job_id)
-        pending = [f"{type(exc).__name__}: {exc}"]
+        # Counted as an attempt of every destination still to do, so the limit holds.
+        error = f"delivery crashed ({type(exc).__name__}, traceback in the worker log)"
+        for d in ctx.catalog.deliveries(job_id):
+            if d.state != "done":
+                ctx.catalog.record_delivery(job_id, d.destination, ok=False, error=error)
+        pending = [error]
     if not pending:
         ctx.catalog.transition(job_id, JobState.DONE)
         log.info("job_done", job_id=job_id)
@@ -139,11 +150,16 @@ def dispatch_task(task: NodeTask, job_id: int) -> str:
         return "failed"
     countdown = backoff_seconds(attempts, delivery.backoff_seconds, delivery.backoff_max_seconds)
     log.info("delivery_retry_scheduled", job_id=job_id, attempt=attempts, countdown=round(countdown, 2))
-    raise task.retry(countdown=countdown, max_retries=None)
+    # The task is registered with max_retries=None (Celery's default is 3, which ended the
+    # retries silently before [delivery] max_attempts and left the job "delivering").
+    raise task.retry(countdown=countdown)
 
 
 def register_tasks(app: Celery) -> None:
     """Register both tasks on ``app`` under their fixed names."""
-    common: dict[str, Any] = {"bind": True, "base": NodeTask, "acks_late": True, "reject_on_worker_lost": True}
+    # max_retries=None: no Celery limit on retries; the attempt limits are ours, counted in the
+    # catalog ([worker] max_attempts, [delivery] max_attempts), which end a job as "failed".
+    common: dict[str, Any] = {"bind": True, "base": NodeTask, "acks_late": True, "reject_on_worker_lost": True,
+                              "max_retries": None}
     app.task(name=INFERENCE_TASK, **common)(inference_task)
     app.task(name=DISPATCH_TASK, **common)(dispatch_task)

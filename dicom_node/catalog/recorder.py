@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
@@ -51,6 +52,10 @@ class CatalogRecorder:
         self._idle = threading.Event()
         self._idle.set()
         self._pending = 0
+        #: SOP Instance UID -> (study, series) of recently claimed instances (not all written to
+        #: the catalog yet); bounded, the catalog answers for older ones.
+        self._claims: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._claims_lock = threading.Lock()
 
     def start(self) -> None:
         self._thread.start()
@@ -61,6 +66,31 @@ class CatalogRecorder:
             self._stopping = True
             self._cv.notify()
         self._thread.join(timeout=30)
+
+    #: Recent claims kept in memory (about 200 bytes each).
+    MAX_CLAIMS = 50_000
+
+    def claim(self, study_instance_uid: str, series_instance_uid: str,
+              sop_instance_uid: str) -> tuple[str, str] | None:
+        """:class:`~dicom_node.ingest.events.InstanceClaims`: refuse a SOP Instance UID that is
+        already stored (or being stored) in another study or series.
+
+        An instance UID is unique worldwide; two series claiming one are a sender's error (or
+        an attack).  Storing the second would point the catalog row of the first patient's
+        instance at the second patient's file.  One lock makes concurrent associations agree.
+        """
+        wanted = (study_instance_uid, series_instance_uid)
+        with self._claims_lock:
+            owner = self._claims.get(sop_instance_uid)
+            if owner is None:
+                owner = self.catalog.owner_of_instance(sop_instance_uid)
+            if owner is not None and owner != wanted:
+                return owner
+            self._claims[sop_instance_uid] = wanted
+            self._claims.move_to_end(sop_instance_uid)
+            while len(self._claims) > self.MAX_CLAIMS:
+                self._claims.popitem(last=False)
+            return None
 
     # IngestSink
     def instance_stored(self, instance: StoredInstance) -> None:

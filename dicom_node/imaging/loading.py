@@ -55,6 +55,7 @@ from dicom_node.imaging.stacking import (
     RELATIVE_SPACING_TOLERANCE,
     regular_stacks,
 )
+from dicom_node.logs import scrub_text
 from inference.stacks import StackedVolume, describe_stacks
 from inference.volume import Volume
 
@@ -167,7 +168,9 @@ def load_series(paths: Sequence[Path], *, modality_hint: str | None = None) -> L
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError, RuntimeError,
             OverflowError, struct.error, BytesLengthException) as exc:
         # pydicom converts values lazily: a malformed element surfaces only when it is read.
-        raise SeriesError(f"the series holds malformed data: {type(exc).__name__}: {str(exc)[:200]}") from exc
+        # pydicom's message may quote a value: scrubbed, as it becomes the job's reason.
+        raise SeriesError(f"the series holds malformed data: {type(exc).__name__}: "
+                          f"{scrub_text(str(exc))[:200]}") from exc
 
 
 def _load(paths: Sequence[Path], modality_hint: str | None) -> LoadedSeries:
@@ -255,7 +258,7 @@ def _read_one(path: Path) -> _File:
             # Pixel data only pydicom decodes (or finds, in a deflated file): read it all.
             ds = pydicom.dcmread(path)
     except _READ_ERRORS as exc:
-        raise SeriesError(f"cannot read file {path.name} of the series: {exc}") from exc
+        raise SeriesError(f"cannot read file {path.name} of the series: {scrub_text(str(exc))}") from exc
     return _File(dataset=ds, pixels=pixels, location=location)
 
 
@@ -663,7 +666,7 @@ class _Pixels:
 
     def cannot_decode(self, exc: BaseException) -> SeriesError:
         return SeriesError(f"cannot decode the pixel data of image {self.sop_instance_uid} "
-                           f"(file {self.file_name}): {exc}")
+                           f"(file {self.file_name}): {scrub_text(str(exc))}")
 
 
 def _pixels_of(ds: Dataset, path: Path) -> _Pixels:

@@ -53,3 +53,14 @@ class IngestSink(Protocol):
     def instance_stored(self, instance: StoredInstance) -> None: ...
 
     def association_ended(self, summary: AssociationSummary) -> None: ...
+
+
+class InstanceClaims(Protocol):
+    """Optional side of a sink: who already holds a SOP Instance UID (duplicate check)."""
+
+    def claim(self, study_instance_uid: str, series_instance_uid: str,
+              sop_instance_uid: str) -> tuple[str, str] | None:
+        """Register the instance as about to be stored in (study, series) and return None; or,
+        when the UID is already stored (or being stored) in *another* study or series, leave
+        everything as it is and return that (study, series)."""
+        ...

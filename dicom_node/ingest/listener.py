@@ -388,7 +388,8 @@ class Listener:
           ("refused: too large"), or the write failed.
         - ``0xA900`` Error, dataset does not match SOP class: the dataset's SOP Class/Instance
           UID differs from the request's, or a UID is missing, invalid, > 64 characters or
-          holds ``../`` (it would become a path part).
+          holds ``../`` (it would become a path part), or the SOP Instance UID is already
+          stored in another study or series (Error Comment "refused: duplicate sop instance").
         - ``0xC210`` Error, cannot understand: the whole data set does not parse in the
           negotiated transfer syntax (a length past the end, the other VR encoding, a VR that
           is none, an undelimited sequence, bytes after the end: :func:`~dicom_node.ingest.header.walk`).
@@ -425,6 +426,18 @@ class Listener:
         measured = self.spool.free_mb()
         self._free = (measured, now)
         return measured
+
+    def _refuse_duplicate(self, study: str, series: str, sop_instance: str) -> None:
+        """0xA900 for a SOP Instance UID the sink holds in another study/series (see
+        :class:`~dicom_node.ingest.events.InstanceClaims`); nothing is written."""
+        claim = getattr(self.sink, "claim", None)
+        owner = claim(study, series, sop_instance) if claim is not None else None
+        if owner is not None:
+            raise _Refused(
+                statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, "store_refused_duplicate_sop_instance",
+                study_instance_uid=study, series_instance_uid=series,
+                stored_study_instance_uid=owner[0], stored_series_instance_uid=owner[1],
+            )
 
     def _store(self, req: StoreRequest, state: _AssociationState, received_at: float) -> int:
         free = self._free_mb()
@@ -480,6 +493,7 @@ class Listener:
                 statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, "store_refused_invalid_uid",
                 error=str(exc),
             ) from None
+        self._refuse_duplicate(study, series, sop_instance)
         meta = file_meta_bytes(sop_class, sop_instance, transfer_syntax, state.calling_ae_title)
         size = len(meta) + len(req.dataset)
         instance = StoredInstance(

@@ -6,16 +6,22 @@ then given its final name (a re-sent instance replaces its copy atomically) and 
 fsync'd (new folders too, up to the root).  A crash leaves at worst an unnamed file the
 filesystem frees, or a temporary file, which :meth:`Spool.clean_temp_files` removes on start and
 which is never taken for an instance.  UIDs are validated before they become path parts.
+
+Files and folders hold patient data: they are created ``0640`` / ``0750`` (owner read-write,
+group read, others nothing; the process umask can only remove bits), and given the group
+``[storage] group`` when one is configured (:class:`FileAccess`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import grp
 import os
 import secrets
 import threading
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from dicom_node.errors import TransientError
@@ -30,6 +36,52 @@ BytesLike = bytes | bytearray | memoryview
 
 class SpoolWriteError(TransientError):
     """Writing an instance to the spool failed (disk full, I/O error); the sender may retry."""
+
+
+#: Modes of files and folders holding patient data: no access for other local users.
+FILE_MODE = 0o640
+DIR_MODE = 0o750
+
+
+@dataclass(frozen=True)
+class FileAccess:
+    """Who may read the files the node writes: modes, and the group (None: the process's)."""
+
+    file_mode: int = FILE_MODE
+    dir_mode: int = DIR_MODE
+    gid: int | None = None
+
+    @classmethod
+    def for_group(cls, group: str | None) -> FileAccess:
+        """The default modes with ``group`` (a name or a number) as the files' group.
+
+        Raises
+        ------
+        KeyError
+            When no such group exists.
+        """
+        if group is None or group == "":
+            return cls()
+        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        return cls(gid=gid)
+
+    def apply_fd(self, fd: int) -> None:
+        """Give an open file (or folder) its group; its mode was set when it was created."""
+        if self.gid is not None:
+            os.fchown(fd, -1, self.gid)
+
+    def make_dir(self, path: Path) -> None:
+        """Create ``path`` (the parent must exist) with :attr:`dir_mode` and the group.
+
+        Raises ``FileExistsError`` when it exists (left as it is).
+        """
+        path.mkdir(mode=self.dir_mode)
+        if self.gid is not None:
+            os.chown(path, -1, self.gid)
+
+
+#: What :func:`write_durably` and :class:`Spool` use when given nothing else.
+DEFAULT_ACCESS = FileAccess()
 
 
 def fsync_dir(path: Path) -> None:
@@ -54,15 +106,17 @@ def _writev_all(fd: int, chunks: Iterable[BytesLike]) -> None:
             views[0] = views[0][n:]
 
 
-def write_durably(final: Path, chunks: Iterable[BytesLike]) -> None:
+def write_durably(final: Path, chunks: Iterable[BytesLike], access: FileAccess = DEFAULT_ACCESS) -> None:
     """Write ``chunks`` as ``final`` atomically and durably: a temporary file in the same
     folder, fsync, rename over ``final``, fsync of the folder (the rename is durable only once
     the folder entry is).  The folder must exist.  On ``OSError`` the temporary file is removed.
+    The file gets ``access``'s mode and group.
     """
     tmp = final.with_name(f".{final.stem}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, access.file_mode)
         try:
+            access.apply_fd(fd)
             _writev_all(fd, chunks)
             # The data and what is needed to read it back (size, blocks); timestamps may lag.
             _datasync(fd)
@@ -147,7 +201,7 @@ class _FolderHandles:
                 os.close(self._open.pop(folder)[0])
 
 
-def _write_unnamed(folder_fd: int, name: str, chunks: list[BytesLike]) -> bool:
+def _write_unnamed(folder_fd: int, name: str, chunks: list[BytesLike], access: FileAccess = DEFAULT_ACCESS) -> bool:
     """Write ``chunks`` as ``name`` in the open folder through an unnamed file (``O_TMPFILE``)
     linked under ``name`` once complete: one operation on the folder instead of two (a
     temporary name, then the rename), which association threads writing into one series
@@ -163,7 +217,7 @@ def _write_unnamed(folder_fd: int, name: str, chunks: list[BytesLike]) -> bool:
         When the folder was removed.
     """
     try:
-        fd = os.open(".", os.O_WRONLY | _O_TMPFILE | os.O_CLOEXEC, 0o644, dir_fd=folder_fd)
+        fd = os.open(".", os.O_WRONLY | _O_TMPFILE | os.O_CLOEXEC, access.file_mode, dir_fd=folder_fd)
     except OSError as exc:
         if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
             return False
@@ -171,6 +225,7 @@ def _write_unnamed(folder_fd: int, name: str, chunks: list[BytesLike]) -> bool:
             raise FileNotFoundError(errno.ENOENT, "the folder was removed", name) from exc
         raise
     try:
+        access.apply_fd(fd)
         _writev_all(fd, chunks)
         _datasync(fd)
         # linkat(AT_SYMLINK_FOLLOW) of the magic link: a file descriptor cannot be linked by
@@ -204,10 +259,13 @@ class Spool:
     ----------
     root : Path
         The spool folder; created (and fsync'd into its parent) when missing.
+    access : FileAccess
+        Modes and group of the files and folders it creates (default ``0640`` / ``0750``).
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, access: FileAccess = DEFAULT_ACCESS) -> None:
         self.root = Path(root)
+        self.access = access
         self._known_dirs: set[Path] = set()
         self._lock = threading.Lock()
         self._folders = _FolderHandles()
@@ -272,10 +330,10 @@ class Spool:
     def _write(self, folder: Path, final: Path, chunks: list[BytesLike]) -> None:
         if self._unnamed:
             with self._folders.use(folder) as folder_fd:
-                if _write_unnamed(folder_fd, final.name, chunks):
+                if _write_unnamed(folder_fd, final.name, chunks, self.access):
                     return
             self._unnamed = False
-        write_durably(final, chunks)
+        write_durably(final, chunks, self.access)
 
     def close(self) -> None:
         """Close the folders kept open (the spool stays usable: they are opened again)."""
@@ -292,7 +350,7 @@ class Spool:
             p = p.parent
         for d in reversed(missing):
             with contextlib.suppress(FileExistsError):
-                d.mkdir()
+                self.access.make_dir(d)
             fsync_dir(d.parent)
         with self._lock:
             self._known_dirs.add(path)

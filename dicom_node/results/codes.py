@@ -35,6 +35,15 @@ ABSENT = CodedConcept("121054", "DCM", "Absent")
 QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 COMMENT = CodedConcept("121106", "DCM", "Comment")
 
+#: Finding site of a lung nodule: Lung (CID 6102/7151) with its laterality (CID 244).
+FINDING_SITE_LUNG = CodedConcept("39607008", "SCT", "Lung")
+LEFT = CodedConcept("7771000", "SCT", "Left")
+RIGHT = CodedConcept("24028007", "SCT", "Right")
+
+#: Finding types of a lung nodule or mass (CID 6102 "Nodule", "Mass").
+NODULE = CodedConcept("27925004", "SCT", "Nodule")
+MASS = CodedConcept("4147007", "SCT", "Mass")
+
 #: Fallback Procedure Reported (CID 100).
 IMAGING_PROCEDURE = CodedConcept("363679005", "SCT", "Imaging procedure")
 

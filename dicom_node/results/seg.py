@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import colorsys
 from collections.abc import Sequence
 
 import highdicom as hd
@@ -31,22 +32,77 @@ def algorithm_identification(prediction: Prediction) -> hd.AlgorithmIdentificati
     )
 
 
+#: Fallback display colours (RGB), far apart in hue and lightness, for segments whose label has
+#: no colour or whose label colour another segment already took (e.g. "Nodule 2").
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (220, 190, 255),
+    (170, 110, 40),
+    (255, 250, 200),
+    (128, 0, 0),
+    (170, 255, 195),
+    (128, 128, 0),
+    (255, 215, 180),
+    (0, 0, 128),
+    (128, 128, 128),
+)
+
+
+def display_colors(segments: Sequence[Segment]) -> list[tuple[int, int, int]]:
+    """One distinct RGB colour per segment, in order.
+
+    A segment gets its label's colour unless an earlier segment already has it; otherwise the
+    first palette colour not yet used (after the palette runs out, colours are spread evenly
+    over the hue circle).
+    """
+    used: set[tuple[int, int, int]] = set()
+    out: list[tuple[int, int, int]] = []
+    spare = iter(PALETTE)
+    for i, segment in enumerate(segments):
+        rgb = tuple(segment.label.color) if segment.label.color is not None else None
+        if rgb is None or rgb in used:
+            rgb = next((c for c in spare if c not in used), None)
+        while rgb is None or rgb in used:
+            r, g, b = colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.8, 0.9)
+            rgb = (round(255 * r), round(255 * g), round(255 * b))
+            i += 1
+        color = (int(rgb[0]), int(rgb[1]), int(rgb[2]))
+        used.add(color)
+        out.append(color)
+    return out
+
+
 def segment_description(
-    number: int, segment: Segment, prediction: Prediction, uids: ResultUIDs
+    number: int,
+    segment: Segment,
+    prediction: Prediction,
+    uids: ResultUIDs,
+    color: tuple[int, int, int] | None = None,
 ) -> hd.seg.SegmentDescription:
-    """One AUTOMATIC segment with coded category/type and its tracking identifiers."""
+    """One AUTOMATIC segment labelled with its tracking id (e.g. "Nodule 2"), coded category and
+    type, its tracking identifiers and a recommended display colour (CIELab)."""
     label = segment.label
-    color = hd.color.CIELabColor.from_rgb(*label.color) if label.color is not None else None
+    rgb = color if color is not None else label.color
     return hd.seg.SegmentDescription(
         segment_number=number,
-        segment_label=lo(label.name),
+        segment_label=lo(segment.tracking_id),
         segmented_property_category=codes.coded(label.category),
         segmented_property_type=codes.coded(label.type),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm_identification(prediction),
         tracking_uid=uids.tracking(segment.tracking_id),
         tracking_id=lo(segment.tracking_id),
-        display_color=color,
+        display_color=hd.color.CIELabColor.from_rgb(*rgb) if rgb is not None else None,
     )
 
 
@@ -292,8 +348,10 @@ def encode_seg(
         raise ResultEncodingError("a SEG needs at least one non-empty segment")
     seg_type = hd.seg.SegmentationTypeValues(options.segmentation_type.upper())
     labelmap = seg_type == hd.seg.SegmentationTypeValues.LABELMAP
+    colors = display_colors(segments)
     descriptions = [
-        segment_description(n, s, prediction, uids) for n, s in enumerate(segments, start=1)
+        segment_description(n, s, prediction, uids, color)
+        for n, (s, color) in enumerate(zip(segments, colors, strict=True), start=1)
     ]
     images, geometry = geometry_sources(frames)
     seg = _Segmentation(

@@ -22,19 +22,27 @@ class JobQueue(Protocol):
     def enqueue_dispatch(self, job_id: int) -> None: ...
 
 
-def queue_job(catalog: Catalog, queue: JobQueue, job_id: int, *, reason: str | None = None) -> None:
+def queue_job(catalog: Catalog, queue: JobQueue, job_id: int, *, reason: str | None = None,
+              reset_attempts: bool = False) -> None:
     """Mark a job ``queued`` and send it to the inference queue (or, if its results are
-    already encoded, to the dispatch queue)."""
+    already encoded, to the dispatch queue).
+
+    ``reset_attempts`` (an operator's retry, never the automatic sweeps) starts the inference
+    and delivery attempt counts again from 0, so a job failed at ``[worker] max_attempts`` or
+    ``[delivery] max_attempts`` really runs again instead of failing at once as a poison job.
+    """
     job = catalog.get_job(job_id)
     if job is None:
         raise CatalogError(f"unknown job {job_id}")
     if job.results and job.state in (JobState.FAILED.value, JobState.DELIVERING.value) and job.encoded_at:
         # Results exist: only the delivery has to be redone.
         catalog.transition(job_id, JobState.ENCODED, reason=reason or "delivery retried")
-        catalog.reset_deliveries(job_id)
+        catalog.reset_deliveries(job_id, reset_attempts=reset_attempts)
         queue.enqueue_dispatch(job_id)
         return
-    catalog.transition(job_id, JobState.QUEUED, reason=reason)
+    catalog.transition(job_id, JobState.QUEUED, reason=reason, reset_attempts=reset_attempts)
+    if reset_attempts:
+        catalog.reset_deliveries(job_id, reset_attempts=True)
     queue.enqueue_inference(job_id, job.priority)
 
 

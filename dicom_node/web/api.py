@@ -391,7 +391,7 @@ def create_router(ctx: ApiContext) -> APIRouter:
                 f"job {job_id} is {job.state}; only failed, cancelled or done jobs can be retried",
             )
         try:
-            queue_job(catalog, ctx.queue, job_id, reason="retried from the web API")
+            queue_job(catalog, ctx.queue, job_id, reason="retried from the web API", reset_attempts=True)
         except CatalogError as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
         after = get_job_or_404(job_id)

@@ -7,7 +7,7 @@ connection of its own (``dicom_node.web.server.WebServer`` runs it).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dicom_node.catalog import Catalog, queries
 from dicom_node.catalog import heartbeats as heartbeat
+from dicom_node.delivery.probe import Reachability
 from dicom_node.metrics import NodeMetrics
 from dicom_node.scheduling.jobs import JobQueue
 from dicom_node.settings import Settings
@@ -100,6 +101,7 @@ def create_app(
     *,
     metrics: NodeMetrics | None = None,
     readiness: Readiness | None = None,
+    destinations: Callable[[], Mapping[str, Reachability]] | None = None,
 ) -> FastAPI:
     """Build the web app.
 
@@ -113,6 +115,10 @@ def create_app(
     readiness : callable, optional
         Extra ``/readyz`` checks (broker, disk: see :func:`readiness_checks`); ``database`` and
         ``inference_worker`` are always checked.
+    destinations : callable, optional
+        The last reachability of each destination (:class:`DestinationProber`), reported by
+        ``/readyz`` and ``/metrics`` without making the node unready: an archive that is down
+        does not stop the node from receiving, and delivery retries.
     """
     if metrics is None:
         metrics = NodeMetrics(catalog)
@@ -150,11 +156,16 @@ def create_app(
         if readiness is not None:
             checks.update(readiness())
         failing = sorted(name for name, (ok, _) in checks.items() if not ok)
-        body = {
+        body: dict[str, object] = {
             "ready": not failing,
             "failing": failing,
             "checks": {name: {"ok": ok, "detail": detail} for name, (ok, detail) in checks.items()},
         }
+        if destinations is not None:
+            body["destinations"] = {
+                name: {"reachable": r.reachable, "detail": r.detail, "checked_at": r.checked_at}
+                for name, r in sorted(destinations().items())
+            }
         return JSONResponse(body, status_code=503 if failing else 200)
 
     @app.get(

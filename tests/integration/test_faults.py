@@ -614,7 +614,9 @@ def test_gc_removes_only_old_finished_series_by_cli_and_periodically(tmp_path: P
     does the same by itself every ``storage.gc_interval_seconds``."""
     archive = start_archive(tmp_path / "archive")
     workdir = tmp_path / "node"
-    retention_days = 6.0 / 86400  # six seconds
+    # Twenty seconds: long enough that the periodic gc cannot take the first series before the
+    # two CLI runs below (each a fresh interpreter: seconds on a loaded machine) have looked at it.
+    retention_days = 20.0 / 86400
     config = node_config(workdir, idle_seconds=0.5, destinations=[destination(archive.port)],
                          rules=[rule("ct", "ct-tissue", ["archive"]),
                                 {"name": "mr", "match": {"Modality": "MR"}, "models": ["ct-tissue"],
@@ -650,7 +652,7 @@ def test_gc_removes_only_old_finished_series_by_cli_and_periodically(tmp_path: P
         storescu(node.port, series_files(tmp_path, "gc-later"))
         later = wait_job(node, catalog, later_uid, ("done",))
         assert catalog.get_series(later_uid) is not None  # younger than the retention
-        wait_until(lambda: catalog.get_series(later_uid) is None, 30, what="periodic gc")
+        wait_until(lambda: catalog.get_series(later_uid) is None, 60, what="periodic gc")
         assert catalog.get_job(later.id) is None and not (outbox / f"job-{later.id}").exists()
         assert not list(spool.glob(f"*/{later_uid}"))
         assert catalog.get_series(failed_uid) is not None

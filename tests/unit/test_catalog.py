@@ -266,3 +266,22 @@ def test_the_recorder_writes_what_arrives_while_it_lingers_in_one_batch(
     assert calls == [4, 4, 2, 1]
     series = catalog.get_series(SERIES)
     assert series is not None and series.instance_count == 11
+
+
+def test_an_instance_uid_of_another_series_never_repoints_the_row(catalog: Catalog) -> None:
+    """A stored SOP Instance UID arriving in another series (a file found by reconciliation, say)
+    leaves the first series' row, path and count alone; the recorder's claim refuses it."""
+    from dataclasses import replace
+
+    first = inst(1, 1.0)
+    catalog.record_instances([first])
+    intruder = replace(first, series_instance_uid="1.2.3.999", path=Path("/spool/other.dcm"))
+    catalog.record_instances([intruder])
+    assert catalog.owner_of_instance(first.sop_instance_uid) == (STUDY, SERIES)
+    assert catalog.series_paths(SERIES) == [Path("/spool/1.dcm")]
+    assert catalog.series_paths("1.2.3.999") == []
+    recorder = CatalogRecorder(catalog)
+    assert recorder.claim(STUDY, "1.2.3.999", first.sop_instance_uid) == (STUDY, SERIES)
+    assert recorder.claim(STUDY, SERIES, first.sop_instance_uid) is None  # a re-send: fine
+    assert recorder.claim(STUDY, "1.2.3.7", "1.2.3.7.1") is None
+    assert recorder.claim(STUDY, "1.2.3.8", "1.2.3.7.1") == (STUDY, "1.2.3.7")  # claimed, not yet written

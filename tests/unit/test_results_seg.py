@@ -16,6 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.demo import ChestSpec, Phantom, Sphere, make_chest_phantom
 from dicom_node.results import ResultEncodingError, ResultOptions, encode_results
+from dicom_node.results.seg import PALETTE, display_colors
 from inference.prediction import Prediction, Segment
 from tests.support import procs
 from tests.support.result_examples import (
@@ -154,7 +155,18 @@ def test_seg_header_describes_an_automatic_ai_result_aligned_with_the_source(
         if int(i.SegmentIdentificationSequence[0].ReferencedSegmentNumber) == 1
     ]
     assert z in (sorted(z), sorted(z, reverse=True)) and len(set(z)) == len(z)
-    assert [d.SegmentLabel for d in seg.SegmentSequence] == ["Lungs", "Body", "Nodule", "Nodule"]
+    # Labelled by tracking id: two nodules are "Nodule 1" and "Nodule 2", not twice "Nodule".
+    assert [d.SegmentLabel for d in seg.SegmentSequence] == ["Lungs", "Body", "Nodule 1", "Nodule 2"]
+    # Every segment has its own recommended display colour (label colours first, then the
+    # palette for the second nodule, whose label colour the first one took).
+    lab = [tuple(d.RecommendedDisplayCIELabValue) for d in seg.SegmentSequence]
+    assert len(set(lab)) == 4
+    assert display_colors(prediction.segments) == [
+        (128, 174, 128),
+        (177, 122, 101),
+        (255, 0, 0),
+        PALETTE[0],
+    ]
     for desc, segment in zip(seg.SegmentSequence, prediction.segments, strict=True):
         assert desc.SegmentAlgorithmType == "AUTOMATIC"
         algo = desc.SegmentationAlgorithmIdentificationSequence[0]
@@ -303,4 +315,4 @@ def test_dcmqi_segimage2itkimage_reads_the_seg(phantom: Phantom, tmp_path: Path)
     assert res.returncode == 0, res.stdout + res.stderr
     assert len(list(out.glob("*.nrrd"))) == 4
     meta = (out / "meta.json").read_text()
-    assert '"SegmentLabel" : "Nodule"' in meta or '"SegmentLabel": "Nodule"' in meta
+    assert '"SegmentLabel" : "Nodule 1"' in meta or '"SegmentLabel": "Nodule 1"' in meta

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import highdicom as hd
@@ -13,6 +14,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node.demo import ChestSpec, Phantom, Sphere, make_chest_phantom
 from dicom_node.results import EncodedResults, ResultOptions, encode_results
+from dicom_node.results.sr import mask_volume_ml, outline_diameter_mm
 from inference.prediction import Prediction
 from tests.conftest import require_tool
 from tests.support import procs
@@ -141,12 +143,21 @@ def test_srread_gives_back_every_group_value_unit_and_the_seg_tracking_uids(
         }
         assert algorithm == {"111001": "ct-tissue", "111003": "1.0.0"}  # TID 4019 name, version
         got = {(m.name.value, m.unit.value): m.value for m in group.get_measurements()}
-        want = {(m.name.value, m.unit.value): m.value for m in segment.measurements}
+        # Volume is counted from the SEG mask; a lesion's diameter goes with its outline.
+        want = {
+            (m.name.value, m.unit.value): m.value
+            for m in segment.measurements
+            if m.name.value != "81827009"
+        }
+        want[("118565006", "ml")] = mask_volume_ml(segment, volume_of(phantom))
         if segment.confidence is not None:
             want[("111012", "%")] = 100.0 * segment.confidence
         assert got.keys() == want.keys()
         for key, value in want.items():
             assert got[key] == pytest.approx(value, rel=1e-6), key
+        # ... and agrees with the model's own count of the mask to its rounding.
+        model_ml = next(m.value for m in segment.measurements if m.name.value == "118565006")
+        assert got[("118565006", "ml")] == pytest.approx(model_ml, abs=1e-3)
     # Every group, planar ones included, carries a TrackingUID of a SEG segment.
     all_groups = [*volumetric, *report.get_planar_roi_measurement_groups()]
     assert {g.tracking_uid for g in all_groups} == set(tracking.values())
@@ -169,6 +180,12 @@ def test_every_lesion_has_a_key_slice_outline_and_a_centre_point(
         outline = [g for g in groups if isinstance(g.roi, hd.sr.ImageRegion)]
         centre = [g for g in groups if isinstance(g.roi, hd.sr.ImageRegion3D)]
         assert len(outline) == 1 and len(centre) == 1
+        # The diameter is measured on the outline: its longest chord.
+        (diameter,) = outline[0].get_measurements()
+        assert diameter.name.value == "81827009" and diameter.unit.value == "mm"
+        assert diameter.value == pytest.approx(outline_diameter_mm(lesion.outline), abs=0.01)
+        chords = np.linalg.norm(lesion.outline[:, None] - lesion.outline[None], axis=-1)
+        assert diameter.value == pytest.approx(chords.max(), abs=0.01)
         region = outline[0].roi
         assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
         assert lesion.key_slice is not None and lesion.outline is not None
@@ -208,7 +225,7 @@ def test_multiframe_source_sr_is_valid_and_outlines_reference_frames(
     outline = [
         g
         for g in report.get_planar_roi_measurement_groups()
-        if isinstance(g.roi, hd.sr.ImageRegion)
+        if isinstance(g.roi, hd.sr.ImageRegion) and g.tracking_identifier == lesion.tracking_id
     ]
     ref = outline[0].roi.ContentSequence[0].ReferencedSOPSequence[0]
     assert ref.ReferencedSOPInstanceUID == sources[0].SOPInstanceUID
@@ -227,7 +244,8 @@ def test_image_library_lists_every_source_image(phantom: Phantom, tmp_path: Path
 def test_empty_prediction_gives_sr_only_saying_nothing_was_found(
     phantom: Phantom, tmp_path: Path, dciodvfy_clean: Callable[[Path], list[str]]
 ) -> None:
-    """No segment: no SEG; the SR has a 'Presence of property: Absent' group and a note."""
+    """No segment: no SEG; the SR has one 'No finding' group (Presence of property: Absent)
+    framing the middle image, and the absence and notes in the report's evaluations."""
     sources, refs = single_frame_sources(phantom)
     empty = Prediction("nodule-detector", "2.1.0", notes=["no nodule >= 4 mm found"])
     result = encode_results(empty, volume_of(phantom), sources, refs)
@@ -239,15 +257,116 @@ def test_empty_prediction_gives_sr_only_saying_nothing_was_found(
     assert '"no nodule >= 4 mm found"' in text
     report = hd.sr.srread(path).content
     container = next(i for i in report[0].ContentSequence if i.name.value == "C0034375")
-    notes = container.ContentSequence
-    assert [n.value for n in notes] == [
+    items = container.ContentSequence
+    assert (items[0].name.value, items[0].value.value) == ("121052", "121054")
+    assert [n.value for n in items[1:]] == [
         "No finding reported by nodule-detector 2.1.0.",
         "no nodule >= 4 mm found",
     ]
-    (group,) = report.get_image_measurement_groups()
+    (group,) = report.get_planar_roi_measurement_groups()
     assert group.tracking_identifier == "No finding"
     evaluations = {(e.name.value, e.value.value) for e in group.get_qualitative_evaluations()}
     assert ("121052", "121054") in evaluations
+    # Its image region: a frame through the centres of the middle source image's edge pixels.
+    middle = sources[len(sources) // 2]
+    region = group.roi
+    assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+        middle.SOPInstanceUID
+    )
+    xy = region.value
+    assert (xy[:, 0].min(), xy[:, 0].max()) == (0.5, middle.Columns - 0.5)
+    assert (xy[:, 1].min(), xy[:, 1].max()) == (0.5, middle.Rows - 0.5)
+    assert len(xy) == 9 and np.allclose(xy[0], xy[-1])
+
+
+def test_a_segment_with_an_empty_mask_is_reported_absent_not_as_a_group(
+    phantom: Phantom, tmp_path: Path, dciodvfy_clean: Callable[[Path], list[str]]
+) -> None:
+    """A finding type not found becomes '<type> = Absent' in the report's evaluations; every
+    measurement group of the report has an image region (what OHIF needs)."""
+    sources, refs = single_frame_sources(phantom)
+    prediction = phantom_prediction(phantom)
+    nodule = prediction.segments[2]
+    prediction.segments[3] = replace(
+        prediction.segments[3], mask=np.zeros_like(nodule.mask), tracking_id="Nodule 9"
+    )
+    result = encode_results(prediction, volume_of(phantom), sources, refs)
+    path = write(result.sr, tmp_path / "sr.dcm")
+    assert dciodvfy_clean(path) == []
+    report = hd.sr.srread(path).content
+    container = next(i for i in report[0].ContentSequence if i.name.value == "C0034375")
+    assert [(i.name.value, i.value.value) for i in container.ContentSequence] == [
+        ("27925004", "121054")
+    ]
+    assert report.get_image_measurement_groups() == []
+    tracking = {g.tracking_identifier for g in report.get_volumetric_roi_measurement_groups()}
+    assert tracking == {"Lungs", "Body", "Nodule 1"}
+    # Each tracking UID has a planar group with a 2D image region.
+    planar = report.get_planar_roi_measurement_groups()
+    with_region = {g.tracking_identifier for g in planar if isinstance(g.roi, hd.sr.ImageRegion)}
+    assert with_region == tracking
+
+
+def test_regions_are_outlined_on_the_slice_where_they_are_largest(
+    phantom: Phantom, tmp_path: Path
+) -> None:
+    """A region's outline lies on the boundary of its largest part on its largest slice."""
+    sources, refs = single_frame_sources(phantom)
+    prediction = phantom_prediction(phantom)
+    result = encode_results(prediction, volume_of(phantom), sources, refs)
+    report = hd.sr.srread(write(result.sr, tmp_path / "sr.dcm")).content
+    for segment in prediction.segments[:2]:
+        (group,) = [
+            g
+            for g in report.get_planar_roi_measurement_groups()
+            if g.tracking_identifier == segment.tracking_id
+        ]
+        k = int(np.argmax(segment.mask.sum(axis=(1, 2))))
+        ref = group.roi.ContentSequence[0].ReferencedSOPSequence[0]
+        assert ref.ReferencedSOPInstanceUID == sources[k].SOPInstanceUID
+        xy = group.roi.value
+        np.testing.assert_allclose(xy[0], xy[-1])
+        # Every vertex is within half a pixel of a boundary between mask and background.
+        plane = np.pad(segment.mask[k], 1)
+        for x, y in xy:
+            r, c = y - 0.5 + 1, x - 0.5 + 1  # back to padded pixel-centre indices
+            around = plane[
+                int(np.floor(r)) : int(np.floor(r)) + 2, int(np.floor(c)) : int(np.floor(c)) + 2
+            ]
+            assert around.any() and not around.all(), (segment.tracking_id, x, y)
+
+
+def test_nodule_finding_site_is_the_lung_on_the_side_of_its_centre(
+    phantom: Phantom, tmp_path: Path
+) -> None:
+    """Nodules left of the body midline (LPS +x) are in the left lung, the others in the right."""
+    sources, refs = single_frame_sources(phantom)
+    prediction = phantom_prediction(phantom)
+    result = encode_results(prediction, volume_of(phantom), sources, refs)
+    text = dsrdump(write(result.sr, tmp_path / "sr.dcm"))
+    report = hd.sr.srread(tmp_path / "sr.dcm").content
+    for segment, expected in zip(prediction.segments[2:], ("24028007", "7771000"), strict=True):
+        assert segment.centre is not None
+        # The phantom is centred on x = 0: NODULES[0] at x = -60 (right), NODULES[1] at +65.
+        assert (segment.centre[0] > 0) == (expected == "7771000")
+        for group in report.get_volumetric_roi_measurement_groups(
+            tracking_uid=next(
+                g.tracking_uid
+                for g in report.get_volumetric_roi_measurement_groups()
+                if g.tracking_identifier == segment.tracking_id
+            )
+        ):
+            (site,) = group.finding_sites
+            assert site.value.value == "39607008"  # Lung
+            (laterality,) = site.ContentSequence
+            assert laterality.value.value == expected
+    assert '"Laterality")=(24028007,SCT,"Right")' in text
+    assert '"Laterality")=(7771000,SCT,"Left")' in text
+    # Regions get no finding site.
+    lungs = next(
+        g for g in report.get_volumetric_roi_measurement_groups() if g.tracking_identifier == "Lungs"
+    )
+    assert lungs.finding_sites == []
 
 
 def test_procedure_reported_follows_modality_and_body_part(

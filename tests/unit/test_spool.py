@@ -172,7 +172,7 @@ def test_a_filesystem_without_unnamed_files_gets_temporary_names(
     name from then on."""
     refused: list[str] = []
 
-    def unsupported(folder_fd: int, name: str, chunks: list[bytes]) -> bool:
+    def unsupported(folder_fd: int, name: str, chunks: list[bytes], *_access: object) -> bool:
         refused.append(name)
         return False
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -12,8 +13,9 @@ from fastapi.testclient import TestClient
 from dicom_node.catalog import Catalog, JobSpec, JobState
 from dicom_node.catalog import heartbeats as heartbeat
 from dicom_node.ingest.events import StoredInstance
+from dicom_node.metrics import NodeMetrics
 from dicom_node.scheduling.jobs import queue_job
-from dicom_node.settings import Settings, load_settings
+from dicom_node.settings import DestinationSettings, Settings, load_settings
 from dicom_node.web import create_app, readiness_checks
 from tests.support.queues import MemoryQueue
 
@@ -603,3 +605,32 @@ def test_web_server_serves_on_a_free_port_and_refuses_a_busy_one(
             busy.start()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url}/healthz", timeout=2)
+
+
+def test_destination_reachability_is_reported_without_making_the_node_unready(
+    settings: Settings, catalog: Catalog, queue: MemoryQueue, storescp_archive: Any
+) -> None:
+    """The prober C-ECHOes each destination (a real storescp answers, a closed port does not);
+    /readyz lists both under "destinations" but fails no check for the one that is down, and
+    /metrics exposes dicom_node_destination_reachable per destination."""
+    from dicom_node.delivery.probe import DestinationProber
+    from tests.support import procs
+
+    probed = settings.model_copy(update={"destinations": [
+        DestinationSettings(name="archive", ae_title="ARCHIVE", host=procs.LOOPBACK, port=storescp_archive.port),
+        DestinationSettings(name="gone", ae_title="GONE", host=procs.LOOPBACK, port=procs.free_port()),
+    ]})
+    prober = DestinationProber(probed, timeout=5)
+    prober.probe_once()
+    metrics = NodeMetrics(catalog)
+    metrics.watch_destinations(prober.results)
+    app = create_app(settings, catalog, queue, metrics=metrics, destinations=prober.results)
+    with TestClient(app) as c:
+        body = c.get("/readyz").json()
+        assert body["destinations"]["archive"]["reachable"] is True
+        assert body["destinations"]["gone"]["reachable"] is False
+        assert "does not answer C-ECHO" in body["destinations"]["gone"]["detail"]
+        assert not [name for name in body["failing"] if "gone" in name or "destination" in name]
+        text = c.get("/metrics").text
+        assert 'dicom_node_destination_reachable{destination="archive"} 1.0' in text
+        assert 'dicom_node_destination_reachable{destination="gone"} 0.0' in text
