@@ -70,7 +70,10 @@ def test_each_destination_gets_its_outputs_and_a_refused_series_a_notice(
          "outputs": ["sc"], "notify_not_applied": False},
     ]
     rules = [{"name": "all", "match": {}, "models": ["ct-tissue"], "destinations": ["pacs", "second", "quiet"]}]
-    node = start_node(tmp_path / "node", node_config(tmp_path / "node", destinations=destinations, rules=rules))
+    # Retries as in production: under CPU load a storescp can miss the 30 s response deadline once.
+    config = node_config(tmp_path / "node", destinations=destinations, rules=rules,
+                         delivery={"max_attempts": 3, "backoff_seconds": 0.5})
+    node = start_node(tmp_path / "node", config)
     try:
         storescu(node.port, ct_files)
         storescu(node.port, mr_files)
