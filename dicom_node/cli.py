@@ -47,9 +47,10 @@ def _model_problems(settings: Settings) -> tuple[list[str], list[str]]:
         from inference.user_models import CardError
     except ImportError:
         return [], ["models not checked: torch is not installed on this host (the workers check them)"]
-    paths = {spec.name: Path(spec.path) for spec in settings.models if getattr(spec, "path", None) is not None}
+    paths = {spec.name: spec.path for spec in settings.models if spec.path is not None}
+    framework = {spec.name: (spec.kind, spec.source) for spec in settings.models if spec.path is None}
     try:
-        modalities = accepted_modalities(paths)
+        modalities = accepted_modalities(paths, framework)
     except CardError as exc:
         return [f"a model card: {exc}"], []
     errors, warnings = [], []
@@ -144,14 +145,34 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _job_dict(job: Any) -> dict[str, Any]:
+def _job_dict(job: Any, deliveries: Sequence[Any] = ()) -> dict[str, Any]:
     return {
         "id": job.id, "state": job.state, "model": job.model, "rule": job.rule,
         "series_instance_uid": job.series_instance_uid, "study_instance_uid": job.study_instance_uid,
         "modality": job.modality, "priority": job.priority, "attempts": job.attempts,
         "reason": job.reason, "created_at": job.created_at, "updated_at": job.updated_at,
         "destinations": job.destinations, "results": job.results,
+        "deliveries": [
+            {"destination": d.destination, "state": d.state, "attempts": d.attempts,
+             "last_error": d.last_error, "done_at": d.done_at, "confirmation": d.confirmation,
+             "objects": d.objects}
+            for d in deliveries
+        ],
     }
+
+
+def _delivery_line(d: Any) -> str:
+    """``archive: done, 1 sent, 1 refused (refused: Segmentation Storage not accepted)``."""
+    counts: dict[str, int] = {}
+    for o in d.objects:
+        counts[o["outcome"]] = counts.get(o["outcome"], 0) + 1
+    details = sorted({o["detail"] for o in d.objects if o["outcome"] in ("refused", "unconfirmed") and o["detail"]})
+    text = f"{d.destination}: {d.state}" + (f" ({d.confirmation})" if d.confirmation else "")
+    if counts:
+        text += ", " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+    if details:
+        text += f" ({'; '.join(details)})"
+    return text
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -161,12 +182,14 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     jobs = catalog.list_jobs(state=args.state, limit=args.limit)
     now = time.time()
     lines = [f"{'ID':>5}  {'STATE':<10} {'MODEL':<16} {'AGE':>7}  SERIES / REASON"]
+    deliveries = {job.id: catalog.deliveries(job.id) for job in jobs}
     for job in jobs:
         age = f"{now - job.created_at:.0f}s"
         lines.append(f"{job.id:>5}  {job.state:<10} {job.model:<16} {age:>7}  {job.series_instance_uid}")
         if job.reason:
             lines.append(f"{'':>36}{job.reason}")
-    _print(args, [_job_dict(j) for j in jobs], "\n".join(lines) if jobs else "no jobs")
+        lines.extend(f"{'':>36}{_delivery_line(d)}" for d in deliveries[job.id])
+    _print(args, [_job_dict(j, deliveries[j.id]) for j in jobs], "\n".join(lines) if jobs else "no jobs")
     return 0
 
 
@@ -309,10 +332,34 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     dest = _destination(settings, args.destination)
+    if args.capabilities:
+        return _echo_capabilities(args, dest, dest.calling_ae_title or settings.listener.ae_title)
     ok, why = reachable(dest, calling_ae_title=dest.calling_ae_title or settings.listener.ae_title)
     _print(args, {"destination": dest.name, "ok": ok, "detail": why},
            f"{dest.name} ({dest.address}): {'OK' if ok else 'FAILED'}, {why}")
     return 0 if ok else 1
+
+
+def _echo_capabilities(args: argparse.Namespace, dest: Any, calling: str) -> int:
+    """Propose each result class to a DICOM destination and list which it accepts."""
+    from pydicom.uid import UID
+
+    from dicom_node.delivery.dicom import capabilities
+    from dicom_node.errors import TransientError
+
+    if dest.type != "dicom":
+        raise UsageError(f"--capabilities negotiates DICOM presentation contexts; {dest.name} is {dest.type}")
+    try:
+        accepted = capabilities(dest, calling_ae_title=calling)
+    except TransientError as exc:
+        _print(args, {"destination": dest.name, "ok": False, "detail": str(exc)}, f"{dest.name}: FAILED, {exc}")
+        return 1
+    classes = [{"sop_class_uid": uid, "name": UID(uid).name, "accepted": ok} for uid, ok in accepted.items()]
+    lines = [f"{dest.name} ({dest.address}) result classes:"] + [
+        f"  {'accepted' if c['accepted'] else 'REFUSED ':<9} {c['name']}" for c in classes
+    ]
+    _print(args, {"destination": dest.name, "ok": True, "classes": classes}, "\n".join(lines))
+    return 0
 
 
 def cmd_rules_test(args: argparse.Namespace) -> int:
@@ -401,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
     p = add("echo", cmd_echo, "check a configured destination: C-ECHO, or an authenticated QIDO-RS for DICOMweb")
     p.add_argument("destination")
+    p.add_argument("--capabilities", action="store_true",
+                   help="propose each result class (SEG, SR, GSPS, KOS, SC) and list which it accepts")
     rules = sub.add_parser("rules", help="routing rule commands")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)
     p = rules_sub.add_parser("test", help="show which rules match the series in a folder, and why")

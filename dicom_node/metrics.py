@@ -163,7 +163,15 @@ class _CatalogCollector(Collector):
                 alive[queue] = alive.get(queue, 0) + 1
         for queue, n in sorted(alive.items()):
             workers.add_metric([queue], n)
-        yield from (by_state, depth, oldest, failures, workers)
+        unconfirmed = GaugeMetricFamily(
+            "dicom_node_delivery_unconfirmed",
+            "Delivered objects a C-FIND verification did not find at the destination "
+            '(commitment = "find"), per destination.',
+            labels=["destination"],
+        )
+        for destination, n in sorted(queries.unconfirmed_objects(self.catalog).items()):
+            unconfirmed.add_metric([destination], float(n))
+        yield from (by_state, depth, oldest, failures, workers, unconfirmed)
         if self.free_mb is not None:
             yield GaugeMetricFamily(
                 "dicom_node_spool_free_bytes",

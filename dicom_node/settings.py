@@ -227,8 +227,20 @@ class DestinationSettings(_Section):
     ca_bundle: Path | None = None
     #: dicomweb: seconds to wait for the server's answer to one request.
     timeout_seconds: float = Field(60.0, gt=0)
+    #: dicom: how delivery is proven. ``none`` (a C-STORE success is the evidence) or ``find``
+    #: (after the C-STORE, an IMAGE-level C-FIND per delivered object: present = confirmed).
+    commitment: Literal["none", "find"] = "none"
+    #: find: seconds to wait after the C-STORE before the C-FIND (archives index asynchronously).
+    find_delay_seconds: float = Field(2.0, ge=0)
+    #: find: the archive's query SCP when it differs from the storage SCP (default: ae_title,
+    #: host, port of this destination).
+    find_ae_title: str | None = None
+    find_host: str | None = None
+    find_port: int | None = Field(None, ge=1, le=65535)
 
     _v_ae = field_validator("ae_title")(classmethod(lambda cls, v: v if v == "" else _check_ae_title(v)))
+    _v_find_ae = field_validator("find_ae_title")(
+        classmethod(lambda cls, v: v if v is None else _check_ae_title(v)))
 
     @model_validator(mode="after")
     def _check_type(self) -> DestinationSettings:
@@ -241,7 +253,18 @@ class DestinationSettings(_Section):
             raise ValueError(f"destination {self.name!r}: auth basic needs username and password_env or password_file")
         if self.auth == "bearer" and not (self.token_env or self.token_file):
             raise ValueError(f"destination {self.name!r}: auth bearer needs token_env or token_file")
+        if self.commitment == "find" and self.type != "dicom":
+            raise ValueError(f"destination {self.name!r}: commitment \"find\" needs type dicom (C-FIND)")
         return self
+
+    @property
+    def query_scp(self) -> DestinationSettings:
+        """The C-FIND peer of ``commitment = "find"``: ``find_*`` over this destination's own."""
+        return self.model_copy(update={
+            "ae_title": self.find_ae_title or self.ae_title,
+            "host": self.find_host or self.host,
+            "port": self.find_port or self.port,
+        })
 
     @property
     def address(self) -> str:
@@ -287,9 +310,113 @@ class RuleSettings(_Section):
     expected_instances: int | None = Field(None, ge=1)
 
 
+class CodeSettings(_Section):
+    """A coded concept as the configuration spells it (``{ value, scheme, meaning }``)."""
+
+    value: str = Field(min_length=1, max_length=16)
+    scheme: str = Field(min_length=1, max_length=16)
+    meaning: str = Field(min_length=1, max_length=64)
+
+
+class ModelLabelSettings(_Section):
+    """Codes for one label index of a MONAI bundle or nnU-Net model (overrides the defaults)."""
+
+    index: int = Field(ge=0)
+    name: str | None = None
+    category: CodeSettings | None = None
+    type: CodeSettings | None = None
+    kind: Literal["region", "lesion"] | None = None
+    color: tuple[int, int, int] | None = None
+
+    @model_validator(mode="after")
+    def _codes_together(self) -> ModelLabelSettings:
+        if (self.category is None) != (self.type is None):
+            raise ValueError(f"label {self.index}: give both category and type, or neither")
+        if self.color is not None and not all(0 <= c <= 255 for c in self.color):
+            raise ValueError(f"label {self.index}: color must be three integers 0-255, got {list(self.color)}")
+        return self
+
+
+_NNUNET_KEYS = ("folds", "checkpoint", "orientation", "mirroring", "tile_step_size")
+
+
 class ModelSettings(_Section):
+    """One ``[[models]]`` entry: exactly one of ``path`` (TorchScript folder + ``model.toml``),
+    ``bundle`` (MONAI bundle folder) or ``nnunet`` (nnU-Net v2 result folder)."""
+
     name: str
-    path: Path
+    path: Path | None = None
+    bundle: Path | None = None
+    nnunet: Path | None = None
+    #: Overrides the version the model gives (bundle metadata ``version``; nnU-Net has none:
+    #: ``sha256-`` and the first 12 hex digits of its weights' digest).
+    version: str | None = Field(None, min_length=1, max_length=32)
+    #: Bundle only: ``"model.pt"`` or ``"model.ts"`` in ``models/`` (default: model.pt if present).
+    weights: str | None = None
+    #: nnU-Net only: folds to average (default: every ``fold_*`` with the checkpoint).
+    folds: list[int | Literal["all"]] | None = Field(None, min_length=1)
+    checkpoint: str = "checkpoint_final.pth"
+    orientation: Literal["RAS", "native"] = "RAS"
+    mirroring: bool = True
+    tile_step_size: float = Field(0.5, gt=0.0, le=1.0)
+    labels: list[ModelLabelSettings] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSettings:
+        given = [k for k in ("path", "bundle", "nnunet") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"model {self.name!r} needs exactly one of path, bundle, nnunet (got {', '.join(given) or 'none'})"
+            )
+        if self.nnunet is None:
+            wrong = [k for k in _NNUNET_KEYS if k in self.model_fields_set]
+            if wrong:
+                raise ValueError(f"model {self.name!r}: {', '.join(wrong)} apply to nnunet models only")
+        if self.bundle is None and self.weights is not None:
+            raise ValueError(f"model {self.name!r}: weights applies to bundle models only")
+        if self.path is not None and self.labels:
+            raise ValueError(f"model {self.name!r}: a TorchScript model's labels are in its model.toml")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """``"torchscript"``, ``"monai-bundle"`` or ``"nnunet"``."""
+        return "monai-bundle" if self.bundle is not None else "nnunet" if self.nnunet is not None else "torchscript"
+
+    @property
+    def source(self) -> Path:
+        """The model's folder."""
+        folder = self.bundle or self.nnunet or self.path
+        assert folder is not None  # _one_source
+        return folder
+
+    def options(self) -> dict[str, Any]:
+        """The kind's own loader options (for ``inference.user_models.configured_model_factory``)."""
+        if self.kind == "monai-bundle":
+            return {"weights": self.weights}
+        if self.kind == "nnunet":
+            return {k: getattr(self, k) for k in _NNUNET_KEYS}
+        return {}
+
+    def factory(self) -> Any:
+        """The registry factory of this model (MONAI / nnU-Net load when a worker calls it)."""
+        from inference.labels import LabelOverride
+        from inference.prediction import Code, SegmentKind
+        from inference.user_models import configured_model_factory
+
+        def code(c: CodeSettings | None) -> Code | None:
+            return None if c is None else Code(c.value, c.scheme, c.meaning)
+
+        labels = tuple(
+            LabelOverride(
+                index=lab.index, name=lab.name, category=code(lab.category), type=code(lab.type),
+                kind=SegmentKind(lab.kind) if lab.kind else None, color=lab.color,
+            )
+            for lab in self.labels
+        )
+        return configured_model_factory(
+            self.kind, self.source, name=self.name, version=self.version, labels=labels, **self.options()
+        )
 
 
 class Settings(BaseSettings):
@@ -384,9 +511,10 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
         if isinstance(sec, dict) and isinstance(sec.get("url"), str):
             sec["url"] = _resolve_url(sec["url"], base)
     for model in data.get("models") or []:
-        if isinstance(model, dict) and isinstance(model.get("path"), str):
-            p = Path(model["path"])
-            model["path"] = str(p if p.is_absolute() else (base / p).resolve())
+        for key in ("path", "bundle", "nnunet"):
+            if isinstance(model, dict) and isinstance(model.get(key), str):
+                p = Path(model[key])
+                model[key] = str(p if p.is_absolute() else (base / p).resolve())
     tls = (data.get("listener") or {}).get("tls")
     if isinstance(tls, dict):
         for key in ("certificate", "private_key", "ca_certificates"):

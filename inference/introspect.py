@@ -8,14 +8,19 @@ from pathlib import Path
 
 import torch
 
+from inference.errors import PermanentError
+from inference.formats import bundle_files, bundle_modalities, dataset_modalities, read_json, read_metadata
 from inference.registry import builtin_factories
-from inference.user_models import CARD_NAME, read_card
+from inference.user_models import CARD_NAME, CardError, read_card
 
 
-def accepted_modalities(user_models: Mapping[str, Path]) -> dict[str, frozenset[str] | None]:
+def accepted_modalities(
+    user_models: Mapping[str, Path], framework_models: Mapping[str, tuple[str, Path]] | None = None
+) -> dict[str, frozenset[str] | None]:
     """Every model name the workers can build (built-ins, entry points, ``user_models`` by name ->
-    folder) with the modalities it accepts: an empty set accepts any, None is unknown without
-    loading the model (entry points).
+    folder, ``framework_models`` by name -> (``"monai-bundle"`` or ``"nnunet"``, folder)) with
+    the modalities it accepts: an empty set accepts any, None is unknown without loading the
+    model (entry points).
 
     Raises
     ------
@@ -31,4 +36,13 @@ def accepted_modalities(user_models: Mapping[str, Path]) -> dict[str, frozenset[
         found.setdefault(name, None)
     for name, folder in user_models.items():
         found[name] = read_card(Path(folder) / CARD_NAME).modalities
+    for name, (kind, folder) in (framework_models or {}).items():
+        try:
+            if kind == "monai-bundle":
+                found[name] = bundle_modalities(read_metadata(bundle_files(Path(folder)).metadata))
+            else:
+                found[name] = dataset_modalities(read_json(Path(folder) / "dataset.json"), Path(folder))
+        except PermanentError as exc:
+            # metadata.json / dataset.json are these models' cards.
+            raise CardError(f"model {name}: {exc}") from None
     return found

@@ -125,3 +125,6 @@ class Prediction:
     segments: list[Segment] = field(default_factory=list)
     #: Short free-text notes for the report (e.g. "no nodule >= 4 mm found").
     notes: list[str] = field(default_factory=list)
+    #: SHA-256 (hex) of the weights that made the prediction; empty for models without weights.
+    #: Part of the result's Device UID, so retrained weights are a different device.
+    model_digest: str = ""

@@ -37,7 +37,8 @@ from __future__ import annotations
 import math
 import tomllib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -46,8 +47,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.inferers.utils import sliding_window_inference as monai_sliding_window
 
 from inference.errors import PermanentError, TransientError
+from inference.formats import ENTRY_POINT_GROUP
+from inference.identity import file_digest
+from inference.labels import LabelOverride
 from inference.model import Model
 from inference.prediction import (
     ML,
@@ -59,13 +64,101 @@ from inference.prediction import (
     Segment,
     SegmentKind,
 )
-from inference.sliding_window import sliding_window_inference
+from inference.registry import ModelFactory
 from inference.volume import Volume
 
-ModelFactory = Callable[[torch.device], Model]
-ENTRY_POINT_GROUP = "dicom_node.models"
+Blend = Literal["gaussian", "uniform"]
+PatchFn = Callable[[torch.Tensor], torch.Tensor]
 CARD_NAME = "model.toml"
 WEIGHTS_NAME = "model.pt"
+
+
+def _autocast(device: torch.device, amp: bool) -> AbstractContextManager[object]:
+    # Mixed precision only pays (and is only well supported) on CUDA.
+    if amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return nullcontext()
+
+
+def sliding_window_inference(
+    volume_tensor: torch.Tensor,
+    patch_size: Sequence[int],
+    overlap: float,
+    fn: PatchFn,
+    device: torch.device,
+    amp: bool = False,
+    *,
+    blend: Blend = "gaussian",
+    pad_value: float | None = None,
+) -> torch.Tensor:
+    """Run ``fn`` over overlapping patches of a volume and blend the outputs, with MONAI's
+    ``sliding_window_inference`` (one patch at a time).
+
+    Parameters
+    ----------
+    volume_tensor:
+        ``(slices, rows, columns)`` or ``(channels, slices, rows, columns)``, on any device.
+    patch_size:
+        Patch ``(slices, rows, columns)`` in voxels.
+    overlap:
+        Fraction of a patch shared with its neighbour along each axis, in ``[0, 1)``.
+    fn:
+        Maps a batch ``(1, channels, *patch_size)`` on ``device`` to ``(1, classes, *patch_size)``.
+    device:
+        Where ``fn`` runs (MONAI's ``sw_device``); patches move there one at a time, the blended
+        output stays on the device of ``volume_tensor`` (a GPU volume stays on the GPU).
+    amp:
+        Run ``fn`` under ``torch.autocast`` (float16), on CUDA only; ignored elsewhere.
+    blend:
+        ``"gaussian"`` (MONAI's importance map, sigma = 0.125 x patch size: a patch's centre,
+        where the network saw most context, weighs more than its edges) or ``"uniform"``.
+    pad_value:
+        Value used to pad a volume smaller than the patch; default the volume's minimum.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(classes, slices, rows, columns)`` float32 on the device of ``volume_tensor``.
+    """
+    image = volume_tensor[None] if volume_tensor.dim() == 3 else volume_tensor
+    if image.dim() != 4:
+        raise ValueError(
+            f"volume must be 3D or 4D (channels first), got shape {tuple(volume_tensor.shape)}"
+        )
+    patch = tuple(int(p) for p in patch_size)
+    if len(patch) != 3 or any(p < 1 for p in patch):
+        raise ValueError(f"patch_size must be three positive integers, got {tuple(patch_size)}")
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if blend not in ("gaussian", "uniform"):
+        raise ValueError(f"blend must be 'gaussian' or 'uniform', got {blend!r}")
+
+    def checked(batch: torch.Tensor) -> torch.Tensor:
+        result = fn(batch)
+        if result.dim() != 5 or tuple(result.shape[2:]) != patch or result.shape[0] != 1:
+            raise ValueError(
+                f"model output must be (1, classes, {', '.join(map(str, patch))}),"
+                f" got {tuple(result.shape)}"
+            )
+        return result.float()
+
+    fill = float(image.min()) if pad_value is None else pad_value
+    with torch.no_grad(), _autocast(device, amp):
+        out = monai_sliding_window(
+            image[None],
+            roi_size=patch,
+            sw_batch_size=1,
+            predictor=checked,
+            overlap=overlap,
+            mode="gaussian" if blend == "gaussian" else "constant",
+            sigma_scale=0.125,
+            padding_mode="constant",
+            cval=fill,
+            sw_device=device,
+            device=image.device,
+        )
+    assert isinstance(out, torch.Tensor)  # one tensor in, one tensor out
+    return out[0].float().contiguous()
 
 
 class CardError(PermanentError):
@@ -312,8 +405,10 @@ def _lps_flips(affine: np.ndarray) -> tuple[int, ...]:
 class TorchScriptModel:
     """A :class:`~inference.model.Model` running a TorchScript network described by a card."""
 
+    kind = "torchscript"
+
     def __init__(
-        self, card: ModelCard, network: torch.jit.ScriptModule, device: torch.device
+        self, card: ModelCard, network: torch.jit.ScriptModule, device: torch.device, digest: str = ""
     ) -> None:
         self.card = card
         self.network = network
@@ -322,6 +417,7 @@ class TorchScriptModel:
         self.version = card.version
         self.modalities = card.modalities
         self.labels = card.labels
+        self.digest = digest
 
     def _run(self, batch: torch.Tensor) -> torch.Tensor:
         result = self.network(batch)
@@ -397,7 +493,9 @@ class TorchScriptModel:
                     measurements=[Measurement(VOLUME, round(volume_ml, 3), ML)],
                 )
             )
-        return Prediction(model_name=self.name, model_version=self.version, segments=segments)
+        return Prediction(
+            model_name=self.name, model_version=self.version, segments=segments, model_digest=self.digest
+        )
 
 
 def load_user_model(path: Path, device: torch.device) -> TorchScriptModel:
@@ -420,13 +518,43 @@ def load_user_model(path: Path, device: torch.device) -> TorchScriptModel:
             f"model {card.name}: {weights} is not a TorchScript file: {exc}"
         ) from None
     network.eval()
-    return TorchScriptModel(card, network, device)
+    return TorchScriptModel(card, network, device, file_digest(weights))
 
 
 def user_model_factory(path: Path) -> ModelFactory:
     """A registry factory that loads the model directory ``path`` on the worker's device."""
 
     def factory(device: torch.device) -> Model:
+        return load_user_model(path, device)
+
+    return factory
+
+
+#: How a ``[[models]]`` entry gives its model: a TorchScript folder, a MONAI bundle, nnU-Net.
+KINDS = ("torchscript", "monai-bundle", "nnunet")
+
+
+def configured_model_factory(
+    kind: str, path: Path, *, name: str, version: str | None = None,
+    labels: tuple[LabelOverride, ...] = (), **options: Any,
+) -> ModelFactory:
+    """The factory of one ``[[models]]`` entry; MONAI and nnU-Net load only when it is called.
+
+    ``options`` are the kind's own keys: ``weights`` for a bundle; ``folds``, ``checkpoint``,
+    ``orientation``, ``mirroring``, ``tile_step_size`` for nnU-Net.
+    """
+    if kind not in KINDS:
+        raise PermanentError(f"unknown model kind {kind!r}; known: {', '.join(KINDS)}")
+
+    def factory(device: torch.device) -> Model:
+        if kind == "monai-bundle":
+            from inference.bundle import MonaiBundleModel
+
+            return MonaiBundleModel(path, device, name=name, version=version, labels=labels, **options)
+        if kind == "nnunet":
+            from inference.nnunet import NnUNetModel
+
+            return NnUNetModel(path, device, name=name, version=version, labels=labels, **options)
         return load_user_model(path, device)
 
     return factory

@@ -50,14 +50,14 @@ class WorkerContext:
 def build_context(settings: Settings) -> WorkerContext:
     """Create the catalog connection and the model registry on the configured device."""
     from inference.registry import select_device
-    from inference.user_models import entry_point_factories, user_model_factory
+    from inference.user_models import entry_point_factories
 
     device = select_device(settings.worker.device)
     registry = ModelRegistry(device)
     for name, factory in entry_point_factories().items():
         registry.register(name, factory)
     for spec in settings.models:
-        registry.register(spec.name, user_model_factory(spec.path))
+        registry.register(spec.name, spec.factory())
     check_series_slots(settings, registry.names)
     catalog = Catalog(settings.database.url)
     prefetch = settings.worker.prefetch
@@ -376,7 +376,7 @@ def _deliver(ctx: WorkerContext, job: JobRow) -> list[str]:
         calling = dest.calling_ae_title or ctx.settings.listener.ae_title
         mine = [f for f in files if kinds.get(str(f), "") in dest.outputs or str(f) not in kinds]
         try:
-            send_files(dest, mine, calling_ae_title=calling)
+            report = send_files(dest, mine, calling_ae_title=calling)
         except TransientError as exc:
             ctx.catalog.record_delivery(job.id, name, ok=False, error=str(exc))
             log.warning("delivery_failed", job_id=job.id, destination=name, error=str(exc), transient=True)
@@ -385,9 +385,34 @@ def _deliver(ctx: WorkerContext, job: JobRow) -> list[str]:
         except PermanentError as exc:
             ctx.catalog.record_delivery(job.id, name, ok=False, error=str(exc))
             raise PermanentError(f"destination {name} refused the results: {exc}") from exc
-        ctx.catalog.record_delivery(job.id, name, ok=True)
-        log.info("results_sent", job_id=job.id, destination=name, files=len(mine))
+        # A class the destination refused at negotiation is recorded per object, not a failure.
+        objects = report.records() if dest.commitment == "none" else _confirmed(dest, report, calling)
+        ctx.catalog.record_delivery(job.id, name, ok=True, objects=objects)
+        log.info("results_sent", job_id=job.id, destination=name, files=report.sent,
+                 refused=[r.refused for r in report.refused])
     return pending
+
+
+def _confirmed(dest: Any, report: Any, calling: str) -> list[dict[str, Any]]:
+    """``commitment = "find"``: after ``find_delay_seconds``, C-FIND each sent object; its record
+    becomes ``confirmed``, or ``unconfirmed`` with the reason (the delivery itself stays done)."""
+    from dicom_node.delivery.confirm import confirm_by_find
+
+    sent = [r for r in report.results if r.refused is None]
+    time.sleep(dest.find_delay_seconds)
+    found = {c.sop_instance_uid: c for c in confirm_by_find(dest, [r.path for r in sent], calling_ae_title=calling)}
+    records = []
+    for result in report.results:
+        record = result.record()
+        check = found.get(result.sop_instance_uid)
+        if check is not None:
+            record["outcome"] = "confirmed" if check.confirmed else "unconfirmed"
+            record["detail"] = check.reason if not check.confirmed else record["detail"]
+            if not check.confirmed:
+                log.warning("delivery_unconfirmed", destination=dest.name,
+                            sop_instance_uid=result.sop_instance_uid, reason=check.reason)
+        records.append(record)
+    return records
 
 
 __all__ = ["JobState", "WorkerContext", "build_context", "deliver", "load_job_series", "run_inference"]

@@ -7,6 +7,7 @@ never write through them.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
@@ -145,6 +146,20 @@ def failed_delivery_attempts(catalog: Catalog) -> dict[str, int]:
             ).group_by(DeliveryRow.destination)
         )
         return {destination: int(n or 0) for destination, n in rows}
+
+
+def unconfirmed_objects(catalog: Catalog) -> dict[str, int]:
+    """Per destination, the delivered objects a C-FIND did not find (``unconfirmed``)."""
+    out: dict[str, int] = {}
+    with catalog.session() as s:
+        rows = s.execute(
+            select(DeliveryRow.destination, DeliveryRow.objects_json)
+            .where(DeliveryRow.objects_json.like('%"unconfirmed"%'))
+        )
+        for destination, objects in rows:
+            n = len([o for o in json.loads(objects or "[]") if o.get("outcome") == "unconfirmed"])
+            out[destination] = out.get(destination, 0) + n
+    return out
 
 
 def queues_of_live_workers(catalog: Catalog, seen_since: float) -> list[str]:

@@ -499,7 +499,9 @@ class Catalog:
         with self.session() as s:
             return list(s.scalars(select(DeliveryRow).where(DeliveryRow.job_id == job_id).order_by(DeliveryRow.id)))
 
-    def record_delivery(self, job_id: int, destination: str, *, ok: bool, error: str | None = None) -> DeliveryRow:
+    def record_delivery(self, job_id: int, destination: str, *, ok: bool, error: str | None = None,
+                        objects: Sequence[Mapping[str, Any]] | None = None) -> DeliveryRow:
+        """Record one delivery attempt; ``objects`` are its per-object outcomes, when known."""
         now = time.time()
         with self.session() as s:
             row = s.scalars(select(DeliveryRow).where(
@@ -509,6 +511,8 @@ class Catalog:
                 s.add(row)
             row.attempts = (row.attempts or 0) + 1
             row.last_attempt_at = now
+            if objects is not None:
+                row.objects_json = json.dumps([dict(o) for o in objects])
             if ok:
                 row.state = "done"
                 row.done_at = now

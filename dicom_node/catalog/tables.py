@@ -188,6 +188,22 @@ class DeliveryRow(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     last_attempt_at: Mapped[float | None] = mapped_column(Float)
     done_at: Mapped[float | None] = mapped_column(Float)
+    #: Per-object outcomes of the last attempt as a JSON list (``InstanceResult.record``): SOP
+    #: instance UID, class name, ``sent``/``refused``/``confirmed``/``unconfirmed``, detail.
+    objects_json: Mapped[str | None] = mapped_column(Text)
+
+    @property
+    def objects(self) -> list[dict[str, Any]]:
+        """The per-object outcomes (empty for deliveries recorded before revision 0005)."""
+        return list(json.loads(self.objects_json)) if self.objects_json else []
+
+    @property
+    def confirmation(self) -> str | None:
+        """``confirmed`` / ``unconfirmed`` when a C-FIND verified the delivery, else ``None``."""
+        outcomes = {o.get("outcome") for o in self.objects}
+        if "unconfirmed" in outcomes:
+            return "unconfirmed"
+        return "confirmed" if "confirmed" in outcomes else None
 
 
 class WorkerHeartbeatRow(Base):

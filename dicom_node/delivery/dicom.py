@@ -10,8 +10,15 @@ Errors split by how the caller (the dispatch task) reacts:
 - :class:`~dicom_node.errors.TransientError` - connection refused, timed out, association
   rejected or aborted, status 0xA7xx (out of resources): retry later with backoff.
 - :class:`~dicom_node.errors.PermanentError` - any other failure status (0xA9xx, 0xCxxx...),
-  a transfer syntax the destination does not accept, an unreadable file: fail with the reason.
+  a transfer syntax the destination does not accept, an unreadable file, or a destination that
+  refuses the class of every file: fail with the reason.
 - Warnings (0xB0xx) count as success; the warning is kept in the :class:`SendReport`.
+
+Partial delivery: a SOP class the destination refuses at negotiation (no accepted presentation
+context for it, e.g. an archive without Segmentation Storage) is not an error as long as the
+destination accepts some other file: that file is recorded as refused
+(``"refused: Segmentation Storage not accepted"``) and the others are sent.
+:func:`capabilities` proposes each result class and reports which ones a destination accepts.
 """
 
 from __future__ import annotations
@@ -23,10 +30,22 @@ from pathlib import Path
 import structlog
 from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    Comprehensive3DSRStorage,
+    EnhancedSRStorage,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    GrayscaleSoftcopyPresentationStateStorage,
+    ImplicitVRLittleEndian,
+    KeyObjectSelectionDocumentStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+)
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node import statuses
 from dicom_node._compat.pynetdicom import (
@@ -41,10 +60,9 @@ from dicom_node.settings import DestinationSettings
 
 #: pynetdicom accepts at most 128 presentation contexts per association.
 MAX_CONTEXTS = 128
-VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 #: A-ASSOCIATE-RJ results: rejected-permanent (1) and rejected-transient (2), PS3.8 9.3.4.
 _REJECT_RESULTS = frozenset({0x01, 0x02})
-_UNCOMPRESSED = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian, "1.2.840.10008.1.2.2"})
+_UNCOMPRESSED = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian})
 
 _log = structlog.get_logger("dicom_node.delivery.dicom")
 
@@ -172,7 +190,17 @@ def _accepted_syntax(assoc: Association, f: _File) -> str | None:
     return None
 
 
+def _refusal(assoc: Association, f: _File) -> str | None:
+    """``"refused: <class> not accepted"`` when no accepted context has the file's SOP class."""
+    if any(str(cx.abstract_syntax) == f.sop_class_uid for cx in assoc.accepted_contexts):
+        return None
+    return f"refused: {UID(f.sop_class_uid).name} not accepted"
+
+
 def _store_one(assoc: Association, dest: DestinationSettings, f: _File) -> InstanceResult:
+    refused = _refusal(assoc, f)
+    if refused is not None:
+        return InstanceResult(f.path, f.sop_instance_uid, 0, refused=refused, sop_class_uid=f.sop_class_uid)
     syntax = _accepted_syntax(assoc, f)
     if syntax is None:
         raise PermanentError(
@@ -202,10 +230,10 @@ def _store_one(assoc: Association, dest: DestinationSettings, f: _File) -> Insta
     status = int(status)
     comment = str(rsp.get("ErrorComment", "") or "")
     if statuses.is_success(status):
-        return InstanceResult(f.path, f.sop_instance_uid, status)
+        return InstanceResult(f.path, f.sop_instance_uid, status, sop_class_uid=f.sop_class_uid)
     if statuses.is_warning(status):
         warning = statuses.describe(status) + (f": {comment}" if comment else "")
-        return InstanceResult(f.path, f.sop_instance_uid, status, warning)
+        return InstanceResult(f.path, f.sop_instance_uid, status, warning, sop_class_uid=f.sop_class_uid)
     message = (
         f"archive {_describe(dest)} answered {statuses.describe(status)} for SOP instance "
         f"{f.sop_instance_uid}" + (f": {comment}" if comment else "")
@@ -240,7 +268,9 @@ def send_instances(
     TransientError
         Unreachable, rejected or aborted association; 0xA7xx (out of resources).
     PermanentError
-        Any other failure status, an unacceptable transfer syntax or an unreadable file.
+        Any other failure status, an unacceptable transfer syntax, an unreadable file, or every
+        file of a class the destination refuses (a refused class among accepted ones is only
+        recorded in the report).
     """
     files = [_read_meta(Path(p)) for p in paths]
     if not files:
@@ -258,12 +288,19 @@ def send_instances(
                 if result.warning:
                     log.warning("instance_stored_with_warning",
                                 sop_instance_uid=f.sop_instance_uid, warning=result.warning)
+                elif result.refused:
+                    log.warning("instance_refused", sop_instance_uid=f.sop_instance_uid,
+                                reason=result.refused)
         except BaseException:
             assoc.abort()
             raise
         assoc.release()
-    log.info("instances_sent", count=len(results), warnings=sum(1 for r in results if r.warning))
-    return SendReport(dest.name, tuple(results))
+    report = SendReport(dest.name, tuple(results))
+    if report.refused and not report.sent:
+        reasons = sorted({r.refused for r in report.refused if r.refused})
+        raise PermanentError(f"archive {_describe(dest)} accepts none of the files: {'; '.join(reasons)}")
+    log.info("instances_sent", count=report.sent, warnings=len(report.warnings), refused=len(report.refused))
+    return report
 
 
 def echo(dest: DestinationSettings, *, calling_ae_title: str = "DICOM_NODE",
@@ -271,7 +308,7 @@ def echo(dest: DestinationSettings, *, calling_ae_title: str = "DICOM_NODE",
     """C-ECHO ``dest``; ``True`` when it answers success, ``False`` on any failure."""
     ae = _make_ae(dest.calling_ae_title or calling_ae_title, timeout)
     try:
-        assoc = _associate(ae, dest, [build_context(VERIFICATION_SOP_CLASS)])
+        assoc = _associate(ae, dest, [build_context(Verification)])
     except TransientError as exc:
         _log.info("echo_failed", destination=dest.name, reason=str(exc))
         return False
@@ -280,6 +317,33 @@ def echo(dest: DestinationSettings, *, calling_ae_title: str = "DICOM_NODE",
         return rsp is not None and int(rsp.get("Status", -1)) == statuses.SUCCESS
     finally:
         assoc.release()
+
+
+#: The classes of the node's results, proposed by :func:`capabilities`.
+RESULT_CLASSES: tuple[str, ...] = (
+    SegmentationStorage,
+    Comprehensive3DSRStorage,
+    EnhancedSRStorage,
+    GrayscaleSoftcopyPresentationStateStorage,
+    KeyObjectSelectionDocumentStorage,
+    SecondaryCaptureImageStorage,
+)
+
+
+def capabilities(dest: DestinationSettings, *, calling_ae_title: str = "DICOM_NODE",
+                 timeout: float = 10, classes: Sequence[str] = RESULT_CLASSES) -> dict[str, bool]:
+    """Propose each of ``classes`` (Explicit and Implicit VR LE) and report which ``dest`` accepts.
+
+    Raises :class:`TransientError` when the association cannot be opened at all.
+    """
+    ae = _make_ae(dest.calling_ae_title or calling_ae_title, timeout)
+    contexts = [build_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]) for uid in classes]
+    assoc = _associate(ae, dest, contexts)
+    try:
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+    finally:
+        assoc.release()
+    return {uid: uid in accepted for uid in classes}
 
 
 def send(dest: DestinationSettings, paths: Sequence[Path], *, calling_ae_title: str) -> SendReport:

@@ -47,7 +47,18 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels.utils import pixel_array
-from pydicom.uid import UID
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 
 from dicom_node.imaging.errors import SeriesError as SeriesError  # re-exported: the loader's error
 from dicom_node.imaging.stacking import (
@@ -88,9 +99,7 @@ _HINT_ATTRIBUTES: tuple[tuple[str, str], ...] = (
     ("ConvolutionKernel", "convolution_kernel"),
 )
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-_IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
-_LITTLE_ENDIAN_NATIVE = frozenset({_IMPLICIT_VR_LITTLE_ENDIAN, "1.2.840.10008.1.2.1"})
-_DEFLATED = "1.2.840.10008.1.2.1.99"
+_LITTLE_ENDIAN_NATIVE = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian})
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 #: Threads filling the volume; the decoders used for the common syntaxes and NumPy release the
@@ -254,7 +263,7 @@ def _read_one(path: Path) -> _File:
             head = fp.read(12)
         pixels = _pixels_of(ds, path)
         location = _pixel_data_location(pixels, start, head)
-        if location is None and (head or pixels.syntax == _DEFLATED):
+        if location is None and (head or pixels.syntax == DeflatedExplicitVRLittleEndian):
             # Pixel data only pydicom decodes (or finds, in a deflated file): read it all.
             ds = pydicom.dcmread(path)
     except _READ_ERRORS as exc:
@@ -269,7 +278,7 @@ def _pixel_data_location(pixels: _Pixels, start: int, head: bytes) -> tuple[int,
     if (pixels.dtype is None or not (native or pixels.syntax in _GIL_FREE_DECODERS)
             or head[:4] != _PIXEL_DATA_TAG):
         return None
-    if pixels.syntax == _IMPLICIT_VR_LITTLE_ENDIAN:
+    if pixels.syntax == ImplicitVRLittleEndian:
         header, length = 8, int.from_bytes(head[4:8], "little")
     elif len(head) == 12 and head[4:6] in (b"OB", b"OW"):
         header, length = 12, int.from_bytes(head[8:12], "little")
@@ -724,12 +733,12 @@ def _check_rle_header(data: bytes, segments: int) -> None:
 #: decoder returns the frame's stored bit patterns; :func:`_stored_values` interprets them.
 #: Other syntaxes (lossy JPEG and JPEG 2000, big endian, deflate) go through pydicom.
 _GIL_FREE_DECODERS: dict[str, Callable[[bytes, _Pixels, tuple[int, int]], np.ndarray]] = {
-    "1.2.840.10008.1.2.4.80": _decode_jpeg_ls,
-    "1.2.840.10008.1.2.4.81": _decode_jpeg_ls,
-    "1.2.840.10008.1.2.4.57": _decode_jpeg_lossless,
-    "1.2.840.10008.1.2.4.70": _decode_jpeg_lossless,
-    "1.2.840.10008.1.2.4.90": _decode_jpeg_2000,
-    "1.2.840.10008.1.2.5": _decode_rle,
+    JPEGLSLossless: _decode_jpeg_ls,
+    JPEGLSNearLossless: _decode_jpeg_ls,
+    JPEGLossless: _decode_jpeg_lossless,
+    JPEGLosslessSV1: _decode_jpeg_lossless,
+    JPEG2000Lossless: _decode_jpeg_2000,
+    RLELossless: _decode_rle,
 }
 
 

@@ -92,9 +92,9 @@ class ResultOptions:
         return 9900 + SERIES_OFFSETS[kind]
 
 
-def device_uid(model_name: str, model_version: str) -> str:
-    """Device UID of a model: the same for every series, a new one for every model version."""
-    return derived_uid("device", model_name, model_version)
+def device_uid(model_name: str, model_version: str, model_digest: str = "") -> str:
+    """Device UID of a model: the same for every series, a new one for every version or weights digest."""
+    return derived_uid("device", model_name, model_version, *([model_digest] if model_digest else []))
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,7 @@ class ResultUIDs:
     source_series: str
     model_name: str
     model_version: str
+    model_digest: str = ""
 
     def _derive(self, *parts: str) -> str:
         return derived_uid(self.source_series, self.model_name, self.model_version, *parts)
@@ -135,7 +136,7 @@ class ResultUIDs:
     @cached_property
     def device(self) -> str:
         """The algorithm as a device (see :func:`device_uid`)."""
-        return device_uid(self.model_name, self.model_version)
+        return device_uid(self.model_name, self.model_version, self.model_digest)
 
     @cached_property
     def no_finding_tracking(self) -> str:

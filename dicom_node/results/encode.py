@@ -86,7 +86,9 @@ def encode_outputs(
     frames = source_frames(sources, frame_refs)
     check_geometry(frames, volume)
     check_prediction(prediction, volume.shape)
-    uids = ResultUIDs(source_series_uid(frames), prediction.model_name, prediction.model_version)
+    uids = ResultUIDs(
+        source_series_uid(frames), prediction.model_name, prediction.model_version, prediction.model_digest
+    )
     if pixels is None:
         pixels = _LazySlices(volume)
     ctx = EncodeContext(prediction, volume, frames, uids, options, pixels)

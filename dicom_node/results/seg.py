@@ -9,6 +9,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
+from dicom_node._compat.highdicom import Segmentation
 from dicom_node.results import codes
 from dicom_node.results.common import (
     ResultEncodingError,
@@ -104,51 +105,6 @@ def segment_description(
         tracking_id=lo(segment.tracking_id),
         display_color=hd.color.CIELabColor.from_rgb(*rgb) if rgb is not None else None,
     )
-
-
-def segments_overlap(stack: np.ndarray) -> bool:
-    """True when two segments of a ``(frames, rows, columns, segments)`` stack share a pixel."""
-    # Summing along the short last axis (what highdicom does) runs at ~30 M px/s and makes an
-    # int64 copy of the whole stack (1 GB for 500x512x512); strided adds over a few frames at
-    # a time are ~20x faster and need a few MB.
-    step = 16
-    for start in range(0, stack.shape[0], step):
-        chunk = stack[start : start + step]
-        total = chunk[..., 0].astype(np.uint8)
-        for i in range(1, stack.shape[-1]):
-            total += chunk[..., i]
-        if int(total.max(initial=0)) > 1:
-            return True
-    return False
-
-
-class _Segmentation(hd.seg.Segmentation):
-    """highdicom's Segmentation with a faster, leaner overlap check for binary stacks."""
-
-    @classmethod
-    def _check_and_cast_pixel_array(  # type: ignore[override]
-        cls,
-        pixel_array: np.ndarray,
-        segment_numbers: np.ndarray,
-        segmentation_type: hd.seg.SegmentationTypeValues,
-        dtype: type,
-    ) -> tuple[np.ndarray, hd.seg.SegmentsOverlapValues]:
-        if (
-            isinstance(pixel_array, np.ndarray)
-            and pixel_array.ndim == 4
-            and pixel_array.dtype == np.bool_
-            and pixel_array.shape[-1] > 1
-            and segmentation_type == hd.seg.SegmentationTypeValues.BINARY
-            and len(segment_numbers) == pixel_array.shape[-1]
-        ):
-            overlap = segments_overlap(pixel_array)
-            return pixel_array, (
-                hd.seg.SegmentsOverlapValues.YES if overlap else hd.seg.SegmentsOverlapValues.NO
-            )
-        array, overlap_value = super()._check_and_cast_pixel_array(
-            pixel_array, segment_numbers, segmentation_type, dtype
-        )
-        return np.asarray(array), overlap_value
 
 
 def _pixel_array(segments: Sequence[Segment], frames: SourceFrames, labelmap: bool) -> np.ndarray:
@@ -354,7 +310,7 @@ def encode_seg(
         for n, (s, color) in enumerate(zip(segments, colors, strict=True), start=1)
     ]
     images, geometry = geometry_sources(frames)
-    seg = _Segmentation(
+    seg = Segmentation(
         source_images=images,
         pixel_array=_pixel_array(segments, frames, labelmap),
         segmentation_type=seg_type,

@@ -87,6 +87,16 @@ class JobEvent(BaseModel):
     detail: str | None
 
 
+class DeliveredObject(BaseModel):
+    sop_instance_uid: str
+    sop_class: str | None = Field(description="SOP class name, e.g. Segmentation Storage.")
+    outcome: str = Field(description="sent, refused (class not accepted at negotiation), "
+                                     "confirmed or unconfirmed (C-FIND verification).")
+    status: int | None = Field(description="C-STORE status (or STOW-RS outcome) when sent.")
+    detail: str | None = Field(description='Why refused/unconfirmed, or the warning: '
+                                           '"refused: Segmentation Storage not accepted".')
+
+
 class Delivery(BaseModel):
     destination: str
     state: str
@@ -94,6 +104,11 @@ class Delivery(BaseModel):
     last_error: str | None
     last_attempt_at: float | None
     done_at: float | None
+    objects: list[DeliveredObject] = Field(
+        default_factory=list, description="Per-object outcome of the last attempt.")
+    confirmation: str | None = Field(
+        None, description='commitment = "find": confirmed (every sent object found by C-FIND) or '
+                          "unconfirmed; null when not verified.")
 
 
 class JobDetail(JobSummary):
@@ -172,6 +187,20 @@ class Worker(BaseModel):
     current_job_id: int | None
     current_model: str | None
     current_since: float | None
+
+
+class ModelInfo(BaseModel):
+    name: str = Field(description="The name rules use.")
+    kind: str = Field(description="builtin, plugin, torchscript, monai-bundle or nnunet.")
+    version: str | None
+    digest: str | None = Field(
+        description="SHA-256 (hex) of the weights file(s); part of the results' Device UID. "
+        "None for built-in models (no weights) and plugins."
+    )
+    source: str | None = Field(description="Model folder ([[models]]) or entry point (plugin).")
+    devices: list[str] = Field(description="Devices of the live inference workers that run it.")
+    rules: list[str] = Field(description="Rules that name the model.")
+    error: str | None = Field(None, description="Why the model's files cannot be read, if they cannot.")
 
 
 class QueueStatus(BaseModel):
@@ -363,6 +392,8 @@ def create_router(ctx: ApiContext) -> APIRouter:
                     last_error=d.last_error,
                     last_attempt_at=d.last_attempt_at,
                     done_at=d.done_at,
+                    objects=[DeliveredObject.model_validate(o) for o in d.objects],
+                    confirmation=d.confirmation,
                 )
                 for d in deliveries
             ],
@@ -509,6 +540,15 @@ def create_router(ctx: ApiContext) -> APIRouter:
         )
 
     @router.get(
+        "/models",
+        response_model=list[ModelInfo],
+        tags=["operations"],
+        summary="Models the workers can run: versions, weights digests, devices, rules",
+    )
+    def models() -> list[ModelInfo]:
+        return model_inventory(ctx.settings, catalog)
+
+    @router.get(
         "/throughput",
         response_model=Throughput,
         tags=["operations"],
@@ -518,6 +558,38 @@ def create_router(ctx: ApiContext) -> APIRouter:
         return compute_throughput(catalog, window_s=minutes * 60.0)
 
     return router
+
+
+def model_inventory(settings: Settings, catalog: Catalog) -> list[ModelInfo]:
+    """Every model a worker would register, in the worker's order (built-ins, plugins, then
+    ``[[models]]``, a later one replacing an earlier one), read from files: no network loads."""
+    from importlib.metadata import entry_points
+
+    from inference.errors import InferenceError
+    from inference.formats import ENTRY_POINT_GROUP, builtin_descriptions, describe_configured
+
+    devices = sorted(
+        {w.device or "unknown" for w in worker_statuses(catalog) if w.alive and "inference" in w.queues}
+    )
+    found: dict[str, ModelInfo] = {}
+
+    def add(name: str, kind: str, **info: Any) -> None:
+        rules = [r.name for r in settings.rules if name in r.models]
+        found[name] = ModelInfo(name=name, kind=kind, devices=devices, rules=rules, **info)
+
+    for name, builtin_version in builtin_descriptions().items():
+        add(name, "builtin", version=builtin_version, digest=None, source=None)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        version = ep.dist.version if ep.dist is not None else None
+        add(ep.name, "plugin", version=version, digest=None, source=ep.value)
+    for spec in settings.models:
+        try:
+            info = describe_configured(spec.kind, spec.source, version=spec.version, **spec.options())
+        except InferenceError as exc:
+            add(spec.name, spec.kind, version=spec.version, digest=None, source=str(spec.source), error=str(exc))
+            continue
+        add(spec.name, spec.kind, version=info["version"] or None, digest=info["digest"], source=str(spec.source))
+    return [found[n] for n in sorted(found)]
 
 
 def destination_health(settings: Settings, catalog: Catalog) -> list[DestinationHealth]:

@@ -1,7 +1,8 @@
 """``ct-tissue``: body, lungs, bone and adipose tissue of a CT by Hounsfield-unit thresholds.
 
-Classical image analysis, no weights: thresholds, connected components and hole filling from
-:mod:`inference.ops`, run on the device the model was created with.
+Classical image analysis, no weights: thresholds on the device the model was created with,
+then connected components (MONAI, ``scipy.ndimage``), morphology and hole filling
+(``scipy.ndimage`` through :mod:`inference.ops`), which run on the CPU.
 
 - **body**: the largest connected region above -500 HU (air is -1000, fat -100), after an
   in-plane erosion of 3 mm cut thin bridges to the table or to noise, with every axial slice's
@@ -22,6 +23,7 @@ import math
 
 import numpy as np
 import torch
+from monai.transforms.utils import get_largest_connected_component_mask
 
 from inference import ops
 from inference.errors import PermanentError
@@ -132,11 +134,14 @@ class CtTissueModel:
     ) -> torch.Tensor:
         candidate = hu > BODY_MIN_HU
         _, ry, rx = ops.radius_in_voxels(TABLE_CUT_MM, spacing)
-        core = ops.largest_component(ops.binary_erosion(candidate, (0, ry, rx)), connectivity=6)
+        # connectivity=1: one orthogonal hop, the 6-neighbourhood.
+        core = get_largest_connected_component_mask(
+            ops.binary_erosion(candidate, (0, ry, rx)), connectivity=1
+        )
         # Grow the core back to the candidate's own boundary, without the parts cut off.
         grown = ops.binary_dilation(core, (0, ry + 1, rx + 1)).logical_and_(candidate)
         del core, candidate
-        body = ops.largest_component(grown, connectivity=6)
+        body = get_largest_connected_component_mask(grown, connectivity=1)
         del grown
         body_ml = int(torch.count_nonzero(body)) * voxel_ml
         if body_ml < MIN_BODY_ML:
@@ -145,14 +150,12 @@ class CtTissueModel:
                 f"thicker than {2 * TABLE_CUT_MM:g} mm is {body_ml:.1f} ml, "
                 f"less than {MIN_BODY_ML:g} ml"
             )
-        return ops.fill_holes(body, per_slice=True)
+        return ops.fill_holes_per_slice(body)
 
     def _lungs(self, hu: torch.Tensor, body: torch.Tensor, voxel_ml: float) -> torch.Tensor:
         air = hu < LUNG_MAX_HU
         # The components of air touching the outside are a subset of air: XOR removes them.
         enclosed = air.logical_xor_(ops.components_touching(air, ~body, connectivity=6))
-        # Component sizes from the runs, with no per-voxel label volume (int64: 2 GiB at 1,000
-        # slices of 512 x 512).
         kept = ops.remove_small_components(
             enclosed,
             math.ceil(MIN_LUNG_ML / voxel_ml),
@@ -160,4 +163,4 @@ class CtTissueModel:
             min_fraction=MIN_LUNG_FRACTION,
         )
         del enclosed
-        return ops.fill_holes(kept, per_slice=True).logical_and_(body)
+        return ops.fill_holes_per_slice(kept).logical_and_(body)

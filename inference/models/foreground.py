@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 import torch
+from monai.transforms.utils import get_largest_connected_component_mask
+from skimage.filters import threshold_otsu
 
 from inference import ops
 from inference.errors import PermanentError
@@ -67,10 +69,12 @@ class ForegroundModel:
         lo, hi = (float(v) for v in torch.aminmax(image))
         if hi <= lo:
             raise PermanentError(f"{self.name} needs an image with contrast, every voxel is {lo:g}")
-        threshold = ops.otsu_threshold(image)
+        # scikit-image's Otsu (256 bins) runs on the CPU; the volume's values are finite here.
+        threshold = float(threshold_otsu(image.cpu().numpy()))  # type: ignore[no-untyped-call]
         _, ry, rx = ops.radius_in_voxels(CLOSING_MM, volume.spacing)
         closed = ops.binary_closing(image > threshold, (0, max(ry, 1), max(rx, 1)))
-        mask = ops.largest_component(ops.fill_holes(closed, per_slice=True), connectivity=6)
+        # connectivity=1: one orthogonal hop, the 6-neighbourhood.
+        mask = get_largest_connected_component_mask(ops.fill_holes_per_slice(closed), connectivity=1)
         # Otsu always leaves some voxels above the threshold, so the mask is never empty.
         count = int(mask.sum())
         body_part = volume.metadata.get("body_part", "").strip().upper()

@@ -82,3 +82,24 @@ def test_kombu_sqlalchemy_channel_builds_its_engine_in_one_private_method() -> N
     assert _parameters(kombu_sqla.Channel._engine_from_config) == ["self"]
     assert issubclass(kombu_sqla.Transport, object) and kombu_sqla.Transport.Channel is kombu_sqla.Channel
     assert "sqla" in TRANSPORT_ALIASES
+
+
+def test_the_segmentation_override_answers_as_highdicom_does() -> None:
+    """``dicom_node._compat.highdicom.Segmentation`` overrides the pixel check, and for binary
+    stacks with and without overlapping segments it finds what highdicom's own check finds."""
+    import numpy as np
+
+    from dicom_node._compat.highdicom import Segmentation
+
+    assert "_check_and_cast_pixel_array" in vars(Segmentation)
+    rng = np.random.default_rng(7)
+    numbers = np.array([1, 2, 3])
+    binary = hd.seg.SegmentationTypeValues.BINARY
+    for overlapping in (False, True):
+        labels = rng.integers(0, 4, size=(5, 12, 12))
+        stack = np.stack([labels == k for k in (1, 2, 3)], axis=-1)
+        if overlapping:
+            stack[2, 3, 3, :] = True
+        ours = Segmentation._check_and_cast_pixel_array(stack, numbers, binary, np.uint8)[1]
+        theirs = hd.seg.Segmentation._check_and_cast_pixel_array(stack, numbers, binary, np.uint8)[1]
+        assert ours == theirs == (hd.seg.SegmentsOverlapValues.YES if overlapping else hd.seg.SegmentsOverlapValues.NO)

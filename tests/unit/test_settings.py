@@ -69,6 +69,10 @@ def test_environment_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         ("[[rules]]\nname='r'\nmodels=['m']\nmatch={Colour='red'}\n", r"cannot match on 'Colour'"),
         ("[[rules]]\nname='r'\nmodels=['m']\nmatch={SeriesDescription='/([/'}\n", r"bad regular expression"),
         ("[listener\n", r"not valid TOML"),
+        ("[[destinations]]\nname='a'\nae_title='A'\nhost='h'\nport=104\ncommitment='storage'\n",
+         r"destinations\.0\.commitment: .*'none' or 'find'"),
+        ("[[destinations]]\nname='w'\ntype='dicomweb'\nurl='https://pacs/dicom-web'\ncommitment='find'\n",
+         r"commitment \"find\" needs type dicom"),
     ],
 )
 def test_invalid_config_names_the_key(tmp_path: Path, toml: str, message: str) -> None:
@@ -102,3 +106,15 @@ def test_required_client_certificates_need_a_ca(tmp_path: Path) -> None:
     cfg.write_text('[listener.tls]\ncertificate = "c.pem"\nprivate_key = "k.pem"\nrequire_client_certificate = true\n')
     with pytest.raises(ConfigError, match=r"listener\.tls: .*needs ca_certificates"):
         load_settings(cfg)
+
+
+def test_find_defaults_to_the_destination_itself(tmp_path: Path) -> None:
+    """``commitment = "find"`` queries the destination unless ``find_*`` name another query SCP."""
+    cfg = tmp_path / "find.toml"
+    cfg.write_text("[[destinations]]\nname='a'\nae_title='STORE'\nhost='pacs'\nport=104\ncommitment='find'\n"
+                   "[[destinations]]\nname='b'\nae_title='STORE'\nhost='pacs'\nport=104\ncommitment='find'\n"
+                   "find_ae_title='QUERY'\nfind_port=105\n")
+    a, b = load_settings(cfg).destinations
+    assert (a.commitment, a.find_delay_seconds) == ("find", 2.0)
+    assert (a.query_scp.ae_title, a.query_scp.host, a.query_scp.port) == ("STORE", "pacs", 104)
+    assert (b.query_scp.ae_title, b.query_scp.host, b.query_scp.port) == ("QUERY", "pacs", 105)

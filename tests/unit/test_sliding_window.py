@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from monai.data.utils import compute_importance_map
 
-from inference.sliding_window import importance_map, sliding_window_inference
+from inference.user_models import sliding_window_inference
 
 CPU = torch.device("cpu")
 
@@ -67,8 +68,8 @@ def test_every_voxel_is_covered_and_windows_overlap() -> None:
 
 
 def test_gaussian_importance_map_peaks_in_the_centre() -> None:
-    """The Gaussian weights are 1 at the patch centre, smaller at the edges but never zero."""
-    w = importance_map((9, 9, 9), "gaussian", CPU)
+    """MONAI's Gaussian weights are 1 at the patch centre, smaller at the edges but never zero."""
+    w = compute_importance_map((9, 9, 9), mode="gaussian", sigma_scale=0.125, device=CPU)
     assert float(w[4, 4, 4]) == pytest.approx(1.0)
     assert float(w[0, 0, 0]) > 0.0
     assert float(w[0, 4, 4]) < float(w[2, 4, 4]) < float(w[4, 4, 4])

@@ -607,6 +607,33 @@ def test_web_server_serves_on_a_free_port_and_refuses_a_busy_one(
         httpx.get(f"{server.url}/healthz", timeout=2)
 
 
+def test_job_detail_lists_each_object_outcome(client: TestClient, catalog: Catalog) -> None:
+    """A refused class and a C-FIND outcome show per object and per destination in /api/jobs/{id}."""
+    from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
+
+    from dicom_node.delivery.report import InstanceResult, SendReport
+
+    receive_series(catalog, f"{ROOT}.7", f"{ROOT}.7.1", 1, start=time.time())
+    job_id = make_job(catalog, f"{ROOT}.7.1", destinations=["noseg", "verified"])
+    seg = InstanceResult(Path("seg.dcm"), f"{ROOT}.9.1", 0, refused="refused: Segmentation Storage not accepted",
+                         sop_class_uid=SegmentationStorage)
+    sr = InstanceResult(Path("sr.dcm"), f"{ROOT}.9.2", 0, sop_class_uid=Comprehensive3DSRStorage)
+    catalog.record_delivery(job_id, "noseg", ok=True, objects=SendReport("noseg", (seg, sr)).records())
+    unconfirmed = {**sr.record(), "outcome": "unconfirmed", "detail": "not found by C-FIND at PACS@h:104"}
+    catalog.record_delivery(job_id, "verified", ok=True, objects=[unconfirmed])
+
+    deliveries = {d["destination"]: d for d in client.get(f"/api/jobs/{job_id}").json()["deliveries"]}
+    assert deliveries["noseg"]["state"] == "done" and deliveries["noseg"]["confirmation"] is None
+    assert deliveries["noseg"]["objects"] == [
+        {"sop_instance_uid": f"{ROOT}.9.1", "sop_class": "Segmentation Storage", "outcome": "refused",
+         "status": None, "detail": "refused: Segmentation Storage not accepted"},
+        {"sop_instance_uid": f"{ROOT}.9.2", "sop_class": "Comprehensive 3D SR Storage", "outcome": "sent",
+         "status": 0, "detail": None},
+    ]
+    assert deliveries["verified"]["confirmation"] == "unconfirmed"
+    assert deliveries["verified"]["objects"][0]["detail"] == "not found by C-FIND at PACS@h:104"
+
+
 def test_destination_reachability_is_reported_without_making_the_node_unready(
     settings: Settings, catalog: Catalog, queue: MemoryQueue, storescp_archive: Any
 ) -> None:

@@ -245,10 +245,12 @@ const DicomNode = (() => {
       }));
 
       const rows = j.deliveries.map(d => el("tr", {},
-        el("td", {text: d.destination}), el("td", {}, stateBadge(d.state)),
+        el("td", {text: d.destination}), el("td", {}, stateBadge(d.state), d.confirmation ? el("span", {class: "muted", text: ` ${d.confirmation}`}) : ""),
         el("td", {class: "num", text: String(d.attempts)}), el("td", {text: clock(d.last_attempt_at)}),
-        el("td", {text: clock(d.done_at)}), el("td", {class: "error-text", text: d.last_error || ""})));
-      if (!rows.length) rows.push(el("tr", {}, el("td", {colspan: "6", class: "muted", text: "no destinations"})));
+        el("td", {text: clock(d.done_at)}), el("td", {text: (d.objects || []).map(o =>
+          `${o.sop_class || o.sop_instance_uid}: ${o.outcome}${o.detail && o.outcome !== "sent" ? ` (${o.detail})` : ""}`).join("; ")}),
+        el("td", {class: "error-text", text: d.last_error || ""})));
+      if (!rows.length) rows.push(el("tr", {}, el("td", {colspan: "7", class: "muted", text: "no destinations"})));
       fillBody(document.getElementById("deliveries-table"), rows);
 
       const res = document.getElementById("results");

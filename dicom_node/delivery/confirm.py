@@ -1,0 +1,95 @@
+"""C-FIND verification of a delivery (``[[destinations]] commitment = "find"``).
+
+For archives without storage commitment: after the C-STORE, one IMAGE-level C-FIND (Study Root
+Query/Retrieve Information Model - FIND) per delivered object, with its Study, Series and SOP
+Instance UIDs as unique keys, at the destination's query SCP (``find_ae_title`` / ``find_host``
+/ ``find_port``, default the destination itself).  An object the archive returns is
+``confirmed``; one it does not return, or a query that fails, is ``unconfirmed`` with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from pydicom import Dataset, dcmread
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+
+from dicom_node import statuses
+from dicom_node.delivery.dicom import _associate, _describe, _make_ae
+from dicom_node.errors import TransientError
+from dicom_node.settings import DestinationSettings
+
+_log = structlog.get_logger("dicom_node.delivery.confirm")
+#: C-FIND pending statuses (PS3.4 C.4.1.1.4): a match follows.
+_PENDING = frozenset({0xFF00, 0xFF01})
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """Whether the query SCP returned one delivered object, and why not."""
+
+    sop_instance_uid: str
+    confirmed: bool
+    reason: str | None = None
+
+
+def _keys(path: Path) -> Dataset:
+    ds = dcmread(path, stop_before_pixels=True,
+                 specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
+    query = Dataset()
+    query.QueryRetrieveLevel = "IMAGE"
+    query.StudyInstanceUID = ds.StudyInstanceUID
+    query.SeriesInstanceUID = ds.SeriesInstanceUID
+    query.SOPInstanceUID = ds.SOPInstanceUID
+    return query
+
+
+def confirm_by_find(dest: DestinationSettings, paths: Iterable[Path], *, calling_ae_title: str,
+                    timeout: float = 30) -> list[Confirmation]:
+    """Query ``dest``'s query SCP for each file's SOP instance; one :class:`Confirmation` each.
+
+    Never raises for the archive's sake: an unreachable query SCP makes every object
+    ``unconfirmed`` with that reason.
+    """
+    queries = [_keys(Path(p)) for p in paths]
+    if not queries:
+        return []
+    scp = dest.query_scp
+    where = _describe(scp)
+    ae = _make_ae(dest.calling_ae_title or calling_ae_title, timeout)
+    try:
+        assoc = _associate(ae, scp, [build_context(StudyRootQueryRetrieveInformationModelFind)])
+    except TransientError as exc:
+        _log.warning("find_failed", destination=dest.name, reason=str(exc))
+        return [Confirmation(str(q.SOPInstanceUID), False, f"C-FIND not possible: {exc}") for q in queries]
+    out: list[Confirmation] = []
+    try:
+        if not assoc.accepted_contexts:
+            reason = f"C-FIND not possible: {where} does not accept Study Root C-FIND"
+            return [Confirmation(str(q.SOPInstanceUID), False, reason) for q in queries]
+        for query in queries:
+            uid = str(query.SOPInstanceUID)
+            found, final = False, None
+            for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+                code = int(status.get("Status", -1)) if status is not None and "Status" in status else None
+                if code in _PENDING and identifier is not None and str(identifier.get("SOPInstanceUID", "")) == uid:
+                    found = True
+                elif code not in _PENDING:
+                    final = code
+            if found:
+                out.append(Confirmation(uid, True))
+            elif final is None:
+                out.append(Confirmation(uid, False, f"C-FIND at {where} got no response (timed out or aborted)"))
+            elif final != statuses.SUCCESS:
+                out.append(Confirmation(uid, False, f"C-FIND at {where} failed: {statuses.describe(final)}"))
+            else:
+                out.append(Confirmation(uid, False, f"not found by C-FIND at {where}"))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    _log.info("find_done", destination=dest.name, confirmed=sum(c.confirmed for c in out), total=len(out))
+    return out
