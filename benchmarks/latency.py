@@ -1,23 +1,29 @@
-"""Latency: last instance received -> results delivered, per stage, embedded broker and Redis.
+"""Latency: last instance received -> results delivered, per stage, p50 and p95.
 
-Run by hand: ``python -m benchmarks.latency [--series 5] [--model ct-tissue] [--brokers embedded redis]``.
+Run by hand: ``python -m benchmarks.latency [--rounds 6 3] [--slices 30 300] [--concurrency 1 4]
+[--brokers embedded redis] [--model ct-tissue]``.
 
-A real ``dicom-node serve`` (``tests.support.node.start_node``) receives small chest
-phantoms from DCMTK ``storescu`` and sends its SEG + SR to a DCMTK ``storescp`` archive.  The
-phantom sets ImagesInAcquisition, so the series is complete as soon as its association is
-released (the idle timeout is set to 60 s here: a series completed by it would show).  The
-catalog holds every timestamp: ``instances.received_at`` (last one), ``series.completed_at``,
-``jobs.queued_at/running_at/encoded_at/done_at`` (``done`` = every destination took the
-files).  The model's own time (``results.timings.inference_s``, wall time of ``predict``) is
-subtracted for the target: results <= 2 s after the last instance, plus model time.
-One warm-up series per broker is not counted (the worker imports torch and builds the model).
+A real ``dicom-node serve`` (``tests.support.node.start_node``) receives chest phantoms from
+DCMTK ``storescu`` (one association per series, calling AE ``CT1``) and sends its SEG + SR to a
+DCMTK ``storescp`` archive.  Each configuration - series size, with or without a count
+(ImagesInAcquisition), 1 or N studies sent at once - is measured over several rounds.
+
+``idle_seconds`` is 15 s: a series without a count completes at association release only because
+the sender is *learned* (its first ``completion.learn_min_series`` series, sent first and not
+counted, all ended with their association); the completion reasons are printed, so a series that
+waited for the idle timer shows.  The catalog holds every timestamp: ``instances.received_at``
+(last one), ``series.completed_at``, ``jobs.queued_at/running_at/encoded_at/done_at`` (``done``
+= every destination took the files); the model's own time (``results.timings.inference_s``) is
+subtracted for the target: results <= 2 s after the last instance, plus model time.  With N
+studies at once the worker (one process) runs their jobs one after the other: the later ones
+wait in the queue, which shows in ``queued -> running``.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import statistics
+import shutil
 import subprocess
 import tempfile
 import time
@@ -26,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy import func, select
 
 from dicom_node.catalog import Catalog, InstanceRow, JobRow, SeriesRow
@@ -70,14 +77,21 @@ class SeriesTiming:
         return float(self.timings.get("inference_s", 0.0))
 
 
-def storescu(port: int, files: Sequence[Path]) -> None:
-    """Send ``files`` in one association with an unmodified storescu."""
-    res = subprocess.run(
+def storescu(port: int, files: Sequence[Path]) -> subprocess.Popen[str]:
+    """Start sending ``files`` in one association with an unmodified storescu."""
+    return subprocess.Popen(
         ["storescu", "-aet", "CT1", "-aec", "DICOM_NODE", procs.LOOPBACK, str(port), *map(str, files)],
-        capture_output=True, text=True, timeout=300, check=False,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    if res.returncode != 0:
-        raise RuntimeError(f"storescu failed: {res.stdout}{res.stderr}")
+
+
+def send_all(port: int, corpora: Sequence[tuple[str, list[Path]]]) -> None:
+    """Send each corpus in its own association, all at once; raise if one failed."""
+    running = [storescu(port, files) for _, files in corpora]
+    for proc in running:
+        out, _ = proc.communicate(timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"storescu failed: {out}")
 
 
 def series_timing(catalog: Catalog, series_uid: str) -> SeriesTiming | None:
@@ -100,8 +114,45 @@ def series_timing(catalog: Catalog, series_uid: str) -> SeriesTiming | None:
         )
 
 
-def run_broker(broker: str, workdir: Path, corpora: list[tuple[str, list[Path]]], model: str) -> list[SeriesTiming]:
-    """Start archive (+ Redis), node (+ worker); send each corpus; return the timings."""
+@dataclass(frozen=True)
+class Case:
+    """One measured configuration."""
+
+    slices: int
+    counted: bool
+    concurrency: int
+    rounds: int
+
+    @property
+    def label(self) -> str:
+        return (f"{self.slices} slices, {'with' if self.counted else 'no'} count, "
+                f"{self.concurrency} at once")
+
+
+class Corpus:
+    """Writes phantom series on demand (new UIDs each time), with or without ImagesInAcquisition."""
+
+    def __init__(self, scratch: Path) -> None:
+        self.scratch = scratch
+        self._phantoms: dict[int, Any] = {}
+        self._n = 0
+
+    def series(self, slices: int, counted: bool) -> tuple[str, list[Path]]:
+        if slices not in self._phantoms:
+            self._phantoms[slices] = make_chest_phantom(ChestSpec(slices=slices))
+        phantom = self._phantoms[slices]
+        self._n += 1
+        info = SeriesInfo(seed=f"latency-{self._n}-{time.time_ns()}")
+        datasets = slice_datasets(phantom.hu, phantom.affine, info)
+        if not counted:
+            for ds in datasets:
+                del ds.ImagesInAcquisition
+        return info.uid("series"), write_datasets(datasets, self.scratch / f"series-{self._n}")
+
+
+def run_broker(broker: str, workdir: Path, cases: Sequence[Case], model: str,
+               learn_series: int) -> dict[Case, list[SeriesTiming]]:
+    """Start archive (+ Redis), node (+ worker); teach it the sender; measure every case."""
     archive = procs.start_storescp(workdir / "archive")
     redis = procs.start_redis(workdir / "redis") if broker == "redis" else None
     extra: dict[str, Any] = {"worker": {"in_process": "no"}} if redis else {}
@@ -110,24 +161,41 @@ def run_broker(broker: str, workdir: Path, corpora: list[tuple[str, list[Path]]]
         broker_url=redis.extra["url"] if redis else None,
         destinations=[{"name": "archive", "ae_title": "ARCHIVE", "host": procs.LOOPBACK, "port": archive.port}],
         rules=[{"name": "ct", "match": {"Modality": "CT"}, "models": [model], "destinations": ["archive"]}],
-        idle_seconds=60.0,
+        idle_seconds=15.0,
         **extra,
     )
+    config["completion"]["learn_min_series"] = learn_series
+    # A delivery the archive did not answer is retried (as in production), not a failed run.
+    config["delivery"] = {"max_attempts": 5, "backoff_seconds": 0.5}
     node: NodeProcess | None = None
+    corpus = Corpus(workdir / "corpus")
     try:
         node = start_node(workdir / "node", config)
         if redis:
             node.start_worker("w1")
         catalog = Catalog(f"sqlite:///{workdir / 'node' / 'node.db'}", create=False)
-        out = []
-        for i, (uid, files) in enumerate(corpora):
-            storescu(node.port, files)
-            timing = wait_until(functools.partial(series_timing, catalog, uid), 300, interval=0.05,
-                                what=f"results of series {i}")
-            if i > 0:  # the first one warms the worker up
-                out.append(timing)
+
+        def measure(batch: list[tuple[str, list[Path]]], timeout: float) -> list[SeriesTiming]:
+            send_all(node.port, batch)
+            out = [wait_until(functools.partial(series_timing, catalog, uid), timeout, interval=0.05,
+                              what=f"results of {uid}") for uid, _ in batch]
+            for _, files in batch:
+                shutil.rmtree(files[0].parent, ignore_errors=True)
+            return out
+
+        # Not counted: the sender's first series (they wait for the idle timer) and a warm-up.
+        measure([corpus.series(30, False) for _ in range(learn_series)], 300)
+        measure([corpus.series(30, True)], 300)
+        results: dict[Case, list[SeriesTiming]] = {}
+        for case in cases:
+            timings: list[SeriesTiming] = []
+            for _ in range(case.rounds):
+                batch = [corpus.series(case.slices, case.counted) for _ in range(case.concurrency)]
+                timings += measure(batch, 120 + case.slices * case.concurrency)
+            results[case] = timings
+            print_report(broker, case, timings)  # as it comes: a long run stopped early keeps them
         catalog.close()
-        return out
+        return results
     except Exception:
         if node is not None:
             print(node.logs()[-4000:])
@@ -140,49 +208,58 @@ def run_broker(broker: str, workdir: Path, corpora: list[tuple[str, list[Path]]]
         archive.stop()
 
 
-def print_report(broker: str, timings: list[SeriesTiming]) -> None:
-    """Per-stage medians (ms), end-to-end and end-to-end minus model time."""
-    print(f"\n{broker} broker: {len(timings)} series (completion: "
-          f"{', '.join(sorted({t.reason for t in timings}))})")
-    print(f"{'stage':<26} {'median ms':>10} {'runs (ms)'}")
+def stage_values(timings: Sequence[SeriesTiming]) -> list[tuple[str, list[float]]]:
+    """Seconds per stage (and end to end) for each series."""
+    rows = [(name, [getattr(t, end) - getattr(t, start) for t in timings]) for name, start, end in STAGES]
+    rows += [
+        ("  of which load", [t.timings.get("load_s", 0.0) for t in timings]),
+        ("  of which model", [t.model_seconds for t in timings]),
+        ("  of which encode", [t.timings.get("encode_s", 0.0) for t in timings]),
+        ("end to end", [t.end_to_end for t in timings]),
+        ("end to end - model", [t.end_to_end - t.model_seconds for t in timings]),
+    ]
+    return rows
 
-    def row(name: str, values: list[float]) -> None:
-        runs = ", ".join(f"{v * 1000:.0f}" for v in values)
-        print(f"{name:<26} {statistics.median(values) * 1000:>10.0f} {runs}")
 
-    for name, start, end in STAGES:
-        row(name, [getattr(t, end) - getattr(t, start) for t in timings])
-    row("  of which load", [t.timings.get("load_s", 0.0) for t in timings])
-    row("  of which model", [t.model_seconds for t in timings])
-    row("  of which encode", [t.timings.get("encode_s", 0.0) for t in timings])
-    row("end to end", [t.end_to_end for t in timings])
-    row("end to end - model", [t.end_to_end - t.model_seconds for t in timings])
+def print_report(broker: str, case: Case, timings: list[SeriesTiming]) -> None:
+    """p50 / p95 per stage (ms), as a Markdown table."""
+    reasons = ", ".join(sorted({t.reason for t in timings}))
+    print(f"\n{broker} broker, {case.label}: {len(timings)} series (completed by: {reasons})\n")
+    print("| stage | p50 ms | p95 ms |\n|---|---|---|")
+    for name, values in stage_values(timings):
+        p50, p95 = np.percentile(values, [50, 95])
+        print(f"| {name} | {p50 * 1000:.0f} | {p95 * 1000:.0f} |")
+    print("", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--series", type=int, default=5, help="measured series per broker")
-    parser.add_argument("--slices", type=int, default=48)
+    parser.add_argument("--slices", type=int, nargs="+", default=[30, 300])
+    parser.add_argument("--rounds", type=int, nargs="+", default=[6, 3],
+                        help="rounds per series size (one value per --slices entry)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--model", default="ct-tissue")
+    parser.add_argument("--learn-series", type=int, default=5, help="completion.learn_min_series")
     parser.add_argument("--brokers", nargs="+", default=["embedded", "redis"], choices=["embedded", "redis"])
     args = parser.parse_args(argv)
-
+    if len(args.rounds) != len(args.slices):
+        parser.error("give one --rounds value per --slices value")
+    cases = [Case(slices, counted, conc, rounds)
+             for slices, rounds in zip(args.slices, args.rounds, strict=True)
+             for counted in (True, False) for conc in args.concurrency]
     with tempfile.TemporaryDirectory(prefix="dn-latency-") as tmp:
         scratch = Path(tmp)
-        phantom = make_chest_phantom(ChestSpec(slices=args.slices))
-        results: dict[str, list[SeriesTiming]] = {}
-        for broker in args.brokers:
-            corpora = []
-            for i in range(args.series + 1):
-                info = SeriesInfo(seed=f"latency-{broker}-{i}-{time.time_ns()}")
-                files = write_datasets(slice_datasets(phantom.hu, phantom.affine, info),
-                                       scratch / f"corpus-{broker}-{i}")
-                corpora.append((info.uid("series"), files))
-            results[broker] = run_broker(broker, scratch / broker, corpora, args.model)
-        print(f"\nLatency, {args.slices}-slice {ChestSpec().rows}x{ChestSpec().columns} CT phantom, "
-              f"model {args.model}, medians of {args.series} series")
-        for broker, timings in results.items():
-            print_report(broker, timings)
+        results = {broker: run_broker(broker, scratch / broker, cases, args.model, args.learn_series)
+                   for broker in args.brokers}
+        spec = ChestSpec()
+        print(f"\nLatency, {spec.rows}x{spec.columns} CT phantoms, model {args.model}, "
+              f"idle_seconds 15, learned sender: end to end p50 / p95 s")
+        for broker, per_case in results.items():
+            for case, timings in per_case.items():
+                p50, p95 = np.percentile([t.end_to_end for t in timings], [50, 95])
+                m50, m95 = np.percentile([t.end_to_end - t.model_seconds for t in timings], [50, 95])
+                print(f"| {broker} | {case.label} | {len(timings)} | {p50:.2f} / {p95:.2f} "
+                      f"| {m50:.2f} / {m95:.2f} |")
     return 0
 
 

@@ -245,6 +245,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     """One screen for ops: listener, queue, workers, disk, recent failures."""
     from dicom_node.catalog import Catalog, JobState
     from dicom_node.catalog.heartbeats import worker_statuses
+    from dicom_node.catalog.senders import sender_stats
     from dicom_node.delivery.dicom import echo
     from dicom_node.ingest.spool import Spool
 
@@ -256,6 +257,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     by_priority = {priority: n for (queue, priority), (n, _) in catalog.queue_depth().items() if queue == "inference"}
     workers = worker_statuses(catalog)
     failures = catalog.list_jobs(state=JobState.FAILED.value, limit=5)
+    senders = sorted(sender_stats(catalog, settings.completion.learn_min_series).values(),
+                     key=lambda st: (st.calling_ae_title, st.rule))
     free_mb = Spool(settings.storage.root).free_mb()
     data: dict[str, Any] = {
         "listener": {"ae_title": lst.ae_title, "host": lst.host, "port": lst.port, "answers_echo": listening},
@@ -267,6 +270,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         "disk": {"free_mb": round(free_mb, 1), "min_free_mb": settings.storage.min_free_mb,
                  "accepting": free_mb >= settings.storage.min_free_mb},
         "recent_failures": [{"id": j.id, "model": j.model, "reason": j.reason} for j in failures],
+        "senders": [{"calling_ae_title": st.calling_ae_title, "rule": st.rule, "mode": st.mode,
+                     "series": st.series, "splits": st.splits, "split_rate": round(st.split_rate, 4),
+                     "premature": st.premature} for st in senders],
     }
     echo_text = {True: "answers C-ECHO", False: "NOT ANSWERING", None: "TLS (not probed)"}[listening]
     lines = [f"listener  {lst.ae_title}@{lst.host}:{lst.port}  {echo_text}",
@@ -279,6 +285,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"\n          {w.hostname} pid {w.pid} [{','.join(w.queues)}] {w.device or ''}"
         + (f" running job {w.current_job_id} ({w.current_model})" if w.current_job_id else " idle")
         for w in alive))
+    lines.append("senders   " + ("none yet" if not senders else "".join(
+        f"\n          {st.calling_ae_title} rule {st.rule or '(none)'}: "
+        + ("completes at release" if st.mode == "association" else "idle timer")
+        + f", split rate {100 * st.split_rate:.0f} % of {st.series} series"
+        + (f", {st.premature} premature" if st.premature else "")
+        for st in senders)))
     lines.append("failures  " + ("none" if not failures else "".join(
         f"\n          job {j.id} {j.model}: {j.reason}" for j in failures)))
     _print(args, data, "\n".join(lines))

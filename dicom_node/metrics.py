@@ -98,11 +98,13 @@ class _CatalogCollector(Collector):
     """Gauges read from the catalog at scrape time (nothing cached, nothing to drift)."""
 
     def __init__(
-        self, catalog: Catalog, free_mb: Callable[[], float] | None, min_free_mb: float | None
+        self, catalog: Catalog, free_mb: Callable[[], float] | None, min_free_mb: float | None,
+        learn_min_series: int = 5,
     ) -> None:
         self.catalog = catalog
         self.free_mb = free_mb
         self.min_free_mb = min_free_mb
+        self.learn_min_series = learn_min_series
 
     def describe(self) -> Iterable[Any]:
         # Describing without querying keeps registration cheap and the database out of start-up.
@@ -172,6 +174,7 @@ class _CatalogCollector(Collector):
         for destination, n in sorted(queries.unconfirmed_objects(self.catalog).items()):
             unconfirmed.add_metric([destination], float(n))
         yield from (by_state, depth, oldest, failures, workers, unconfirmed)
+        yield from self._senders()
         if self.free_mb is not None:
             yield GaugeMetricFamily(
                 "dicom_node_spool_free_bytes",
@@ -184,6 +187,32 @@ class _CatalogCollector(Collector):
                 "Watermark below which C-STORE is refused (storage.min_free_mb).",
                 value=self.min_free_mb * 1024 * 1024,
             )
+
+
+    def _senders(self) -> Iterator[Any]:
+        """Per sender (calling AE title, rule): completion mode, split rate, history size."""
+        from dicom_node.catalog.senders import sender_stats
+
+        labels = ["calling_ae", "rule"]
+        mode = GaugeMetricFamily(
+            "dicom_node_sender_completes_at_release",
+            "1 when the sender's series without a count complete at association release "
+            "(learned: no split series in its history), 0 when they wait for the idle timer.",
+            labels=labels,
+        )
+        rate = GaugeMetricFamily(
+            "dicom_node_sender_split_rate",
+            "Share of the sender's remembered series that continued in a later association.",
+            labels=labels,
+        )
+        size = GaugeMetricFamily(
+            "dicom_node_sender_history_series", "Completed series remembered for the sender.", labels=labels
+        )
+        for (ae, rule), st in sorted(sender_stats(self.catalog, self.learn_min_series).items())[:MAX_AE_LABELS]:
+            mode.add_metric([ae, rule], 1.0 if st.mode == "association" else 0.0)
+            rate.add_metric([ae, rule], st.split_rate)
+            size.add_metric([ae, rule], st.series)
+        yield from (mode, rate, size)
 
 
 class NodeMetrics:
@@ -206,6 +235,7 @@ class NodeMetrics:
         *,
         free_mb: Callable[[], float] | None = None,
         min_free_mb: float | None = None,
+        learn_min_series: int = 5,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -249,7 +279,14 @@ class NodeMetrics:
         )
         self.catalog = catalog
         if catalog is not None:
-            r.register(_CatalogCollector(catalog, free_mb, min_free_mb))
+            r.register(_CatalogCollector(catalog, free_mb, min_free_mb, learn_min_series))
+        self.premature_completions = Counter(
+            "dicom_node_premature_completions",
+            "Series completed at association release that then received another instance "
+            "(the sender goes back to the idle timer).",
+            ["calling_ae"],
+            registry=r,
+        )
         self._last_event_id = 0
         self._observe_lock = threading.Lock()
         self._ae_lock = threading.Lock()
@@ -283,6 +320,10 @@ class NodeMetrics:
                 self._ae_titles.add(calling_ae)
                 return calling_ae
         return "other"
+
+    def premature_completion(self, calling_ae: str) -> None:
+        """Count a series completed at release that then received another instance."""
+        self.premature_completions.labels(self._ae(calling_ae)).inc()
 
     def instance_received(self, calling_ae: str, nbytes: int) -> None:
         """Count one stored instance of ``nbytes`` bytes from ``calling_ae``."""

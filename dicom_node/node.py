@@ -115,9 +115,11 @@ class Node:
         self.queue = queue
         self.catalog = Catalog(settings.database.url)
         self.spool = Spool(settings.storage.root, FileAccess.for_group(settings.storage.group))
-        self.recorder = CatalogRecorder(self.catalog, late_policy=settings.completion.late_instances.value)
         self.metrics = NodeMetrics(self.catalog, free_mb=self.spool.free_mb,
-                                   min_free_mb=settings.storage.min_free_mb)
+                                   min_free_mb=settings.storage.min_free_mb,
+                                   learn_min_series=settings.completion.learn_min_series)
+        self.recorder = CatalogRecorder(self.catalog, late_policy=settings.completion.late_instances.value,
+                                        on_premature=self.metrics.premature_completion)
         self.listener = Listener(settings.listener, self.spool, self.recorder, settings.storage,
                                  metrics=self.metrics)
         self.completion = CompletionLoop(settings, self.catalog, queue)

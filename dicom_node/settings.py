@@ -141,6 +141,28 @@ class CompletionSettings(_Section):
     #: How often the completion loop looks at the catalog.
     poll_seconds: float = Field(0.25, gt=0)
     late_instances: LateInstancePolicy = LateInstancePolicy.REPROCESS
+    #: A sender whose last ``learn_min_series`` (or more) series each ended with the association
+    #: that carried them is "learned": its series without a count complete this long after the
+    #: association is released, instead of after ``idle_seconds``.
+    association_grace_seconds: float = Field(0.5, ge=0)
+    #: Series a sender (per rule) must have sent, none of them split over associations, before
+    #: its series complete at association release.
+    learn_min_series: int = Field(5, ge=1)
+    #: Completed series remembered per sender and rule (the split rate is over these).
+    history_size: int = Field(50, ge=1)
+    #: While an association that carries a series is open, the idle timer does not complete it,
+    #: for at most this many seconds without a new instance (a stalled sender).
+    max_open_seconds: float = Field(600.0, gt=0)
+    #: A series that announced a count (ImagesInAcquisition, or a rule's ``expected_instances``)
+    #: and is idle short of it waits this much longer, then goes to the rule's ``on_incomplete``.
+    incomplete_grace_seconds: float = Field(60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _history_holds_the_minimum(self) -> CompletionSettings:
+        if self.history_size < self.learn_min_series:
+            raise ValueError(f"history_size ({self.history_size}) must be at least learn_min_series "
+                             f"({self.learn_min_series})")
+        return self
 
 
 class WorkerSettings(_Section):
@@ -308,6 +330,14 @@ class RuleSettings(_Section):
     #: matches is complete as soon as the association that sent it is released with at least
     #: this many instances, without waiting ``completion.idle_seconds``.
     expected_instances: int | None = Field(None, ge=1)
+    #: When a series this rule matches is complete: ``learn`` (at association release once the
+    #: sender is known never to split series, else counts and the idle timer), ``association``
+    #: (always at release plus ``completion.association_grace_seconds``), ``idle`` (never at
+    #: release without a count: counts and the idle timer only).
+    completion: Literal["learn", "association", "idle"] = "learn"
+    #: A series short of its announced count after ``completion.incomplete_grace_seconds``:
+    #: ``process`` it with a note (series, job events, log), or ``refuse`` it (note, no job).
+    on_incomplete: Literal["process", "refuse"] = "process"
 
 
 class CodeSettings(_Section):

@@ -12,11 +12,13 @@ from typing import Any
 from celery import Celery
 from kombu import Queue  # type: ignore[attr-defined]  # kombu has no type hints
 
+from dicom_node._compat import kombu as sqla_transport
 from dicom_node.settings import Settings, load_settings
-from workers import sqla_transport
 from workers.names import DISPATCH_QUEUE, DISPATCH_TASK, INFERENCE_QUEUE, INFERENCE_TASK, PRIORITIES
 
-#: How often a worker on the embedded (SQLAlchemy) broker looks for a new message.
+#: How often a worker on a SQLAlchemy broker that is not a SQLite file (no wake-up socket, see
+#: :mod:`dicom_node._compat.kombu`) looks for a new message.  With the SQLite broker the worker
+#: sleeps on its wake-up socket, up to ``sqla_transport.WAKE_POLLING_SECONDS``, between polls.
 SQLA_POLLING_SECONDS = 0.1
 
 
@@ -61,6 +63,9 @@ def create_celery_app(settings: Settings, *, with_tasks: bool = False) -> Celery
         task_send_sent_event=True,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
+        # A pool process reports "up" after its warm-up (models loaded, :func:`warm_up`), which
+        # takes longer than Celery's default 4 s on a busy CPU.
+        worker_proc_alive_timeout=120.0,
     )
     app.dicom_node_settings = settings
     if with_tasks:
@@ -69,7 +74,62 @@ def create_celery_app(settings: Settings, *, with_tasks: bool = False) -> Celery
 
         register_tasks(app)
         install_heartbeat(app, settings.database.url)
+        install_warm_up(settings)
     return app
+
+
+def rule_models(settings: Settings) -> list[str]:
+    """The models the routing rules use, in rule order, each once."""
+    return list(dict.fromkeys(model for rule in settings.rules for model in rule.models))
+
+
+def warm_up(settings: Settings) -> list[str]:
+    """Build this process's worker context and create every model the rules use, so the first
+    job does not pay for the imports, the device and the model weights.  Returns the models
+    loaded; a model that cannot be created is logged and left to fail its job as before."""
+    import time
+
+    import structlog
+
+    from workers.tasks import NodeTask
+
+    log = structlog.get_logger(__name__)
+    started = time.monotonic()
+    if NodeTask._ctx is None:
+        from workers.pipeline import build_context
+
+        NodeTask._ctx = build_context(settings)
+    ctx = NodeTask._ctx
+    # Encoding (highdicom, pydicom's codecs) is imported on first use otherwise.
+    import dicom_node.results.seg
+    import dicom_node.results.sr  # noqa: F401
+
+    loaded = []
+    for name in rule_models(settings):
+        try:
+            ctx.registry.get(name)
+            loaded.append(name)
+        except Exception as exc:  # process boundary: a broken model fails its jobs, not the worker
+            log.warning("model_warm_up_failed", model=name, error=f"{type(exc).__name__}: {exc}"[:300])
+    log.info("worker_warmed_up", models=loaded, seconds=round(time.monotonic() - started, 2))
+    return loaded
+
+
+def install_warm_up(settings: Settings) -> None:
+    """Warm each worker pool process up as it starts (Celery's ``worker_process_init``; the solo
+    and threads pools run tasks in the main process: ``worker_init``)."""
+    from celery import signals
+
+    def _in_child(**_: Any) -> None:
+        warm_up(settings)
+
+    def _in_main(sender: Any = None, **_: Any) -> None:
+        pool = getattr(getattr(sender, "app", None), "conf", None)
+        if pool is not None and str(pool.get("worker_pool", "prefork")) in ("solo", "threads"):
+            warm_up(settings)
+
+    signals.worker_process_init.connect(_in_child, weak=False)
+    signals.worker_init.connect(_in_main, weak=False)
 
 
 class CeleryJobQueue:

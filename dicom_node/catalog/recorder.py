@@ -35,8 +35,14 @@ class CatalogRecorder:
     """An :class:`~dicom_node.ingest.IngestSink` that batches writes into the catalog."""
 
     def __init__(self, catalog: Catalog, *, late_policy: str = "reprocess", max_batch: int = 500,
-                 linger_s: float = 0.05, on_reopened: Callable[[list[str]], None] | None = None) -> None:
+                 linger_s: float = 0.05, on_reopened: Callable[[list[str]], None] | None = None,
+                 on_premature: Callable[[str], None] | None = None) -> None:
         self.catalog = catalog
+        #: Told the calling AE title of each premature completion (a metric).
+        self.on_premature = on_premature
+        #: Series each open association carried so far (recorder thread only): the catalog
+        #: counts open associations per series, so the idle timer waits for a slow sender.
+        self._open: dict[str, set[str]] = {}
         #: How long a batch waits for more instances before it is written: one transaction (one
         #: database commit, i.e. one fsync) per ~50 ms instead of one per instance.
         self.linger_s = linger_s
@@ -133,7 +139,7 @@ class CatalogRecorder:
                 elif isinstance(item, AssociationSummary):
                     self._attempt(self._record_instances, instances)
                     instances = []
-                    self._attempt(self.catalog.record_association, item)
+                    self._attempt(self._record_association, item)
             self._attempt(self._record_instances, instances)
         except Exception:  # process boundary: the thread must survive a database hiccup
             log.exception("catalog_write_failed", batch=len(batch))
@@ -157,10 +163,33 @@ class CatalogRecorder:
                 log.warning("catalog_write_retry", error=str(exc).splitlines()[0][:200], retry_in_s=delay)
                 time.sleep(delay)
 
+    def _record_association(self, summary: AssociationSummary) -> None:
+        closed = self._open.get(summary.association_id, set())
+        self.catalog.record_association(summary, closed)
+        self._open.pop(summary.association_id, None)
+
     def _record_instances(self, instances: list[StoredInstance]) -> None:
         if not instances:
             return
-        reopened = self.catalog.record_instances(instances, late_policy=self.late_policy)
+        opened: dict[str, int] = {}
+        new_pairs: list[tuple[str, str]] = []
+        for inst in instances:
+            if not inst.association_id:
+                continue  # recovered from the spool: no association
+            carried = self._open.get(inst.association_id)
+            if carried is None or inst.series_instance_uid not in carried:
+                if (inst.association_id, inst.series_instance_uid) not in new_pairs:
+                    new_pairs.append((inst.association_id, inst.series_instance_uid))
+                    opened[inst.series_instance_uid] = opened.get(inst.series_instance_uid, 0) + 1
+        premature: list[tuple[str, str]] = []
+        reopened = self.catalog.record_instances(instances, late_policy=self.late_policy, opened=opened,
+                                                 premature=premature)
+        # Only once the transaction is in (a retried write must not count twice).
+        for assoc, series in new_pairs:
+            self._open.setdefault(assoc, set()).add(series)
+        if self.on_premature:
+            for _uid, ae in premature:
+                self.on_premature(ae)
         if reopened:
             log.info("series_reopened_by_late_instances", series=reopened)
             if self.on_reopened:

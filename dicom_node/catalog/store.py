@@ -39,12 +39,18 @@ from dicom_node.catalog.tables import (
     JobEventRow,
     JobRow,
     JobState,
+    SenderHistoryRow,
     SeriesRow,
     SeriesState,
 )
 from dicom_node.ingest.events import AssociationSummary, StoredInstance
 
 log = structlog.get_logger(__name__)
+
+
+#: Completion reasons that did not wait for the idle timer: a later instance of the series was a
+#: premature completion.
+EARLY_REASONS = frozenset({"association", "learned", "rule association"})
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,44 @@ def expected_instances(attributes: Mapping[str, Any]) -> int | None:
     return images * max(positions, 1)
 
 
+def add_jobs(s: Session, specs: Iterable[JobSpec], now: float, detail: str | None = None) -> list[int]:
+    """Add the jobs of ``specs`` in session ``s`` (see :meth:`Catalog.create_jobs`); ``detail``
+    is appended to each job's first event (e.g. "incomplete: received 24 of 48")."""
+    ids: list[int] = []
+    for spec in specs:
+        series = s.get(SeriesRow, spec.series_instance_uid)
+        if series is None:
+            raise CatalogError(f"unknown series {spec.series_instance_uid}")
+        existing = s.scalars(select(JobRow).where(
+            JobRow.series_instance_uid == spec.series_instance_uid,
+            JobRow.model == spec.model,
+            JobRow.generation == series.generation,
+        )).first()
+        if existing is not None:
+            continue
+        job = JobRow(
+            series_instance_uid=spec.series_instance_uid,
+            study_instance_uid=series.study_instance_uid,
+            modality=series.modality,
+            rule=spec.rule,
+            model=spec.model,
+            priority=spec.priority,
+            destinations_json=json.dumps(list(spec.destinations)),
+            generation=series.generation,
+            state=JobState.RECEIVED.value,
+            created_at=now,
+            updated_at=now,
+        )
+        s.add(job)
+        s.flush()
+        event = f"rule {spec.rule}" + (f"; {detail}" if detail else "")
+        s.add(JobEventRow(job_id=job.id, state=JobState.RECEIVED.value, at=now, detail=event))
+        for dest in spec.destinations:
+            s.add(DeliveryRow(job_id=job.id, destination=dest))
+        ids.append(job.id)
+    return ids
+
+
 _OWNER_OF_INSTANCE = (
     select(SeriesRow.study_instance_uid, InstanceRow.series_instance_uid)
     .join(SeriesRow, SeriesRow.series_instance_uid == InstanceRow.series_instance_uid)
@@ -163,16 +207,26 @@ class Catalog:
 
     # -- ingest -----------------------------------------------------------------------------
 
-    def record_instances(self, instances: Sequence[StoredInstance], *, late_policy: str = "reprocess") -> list[str]:
+    def record_instances(self, instances: Sequence[StoredInstance], *, late_policy: str = "reprocess",
+                         opened: Mapping[str, int] | None = None,
+                         premature: list[tuple[str, str]] | None = None) -> list[str]:
         """Record stored instances (one transaction for the batch).
 
         A re-sent instance (same SOP Instance UID) updates its row without counting twice.  A
         new instance for a series already complete re-opens it as a new generation when
         ``late_policy`` is ``"reprocess"``.  Returns the series UIDs re-opened that way.
+
+        ``opened`` counts, per series, the associations first seen carrying it in this batch
+        (``series.open_associations``).  A new instance after an association that carried its
+        series was released marks the series as continued (split by its sender); after the
+        series was completed at release (:data:`EARLY_REASONS`) it is a premature completion:
+        its sender history row says so and ``(series UID, calling AE title)`` is appended to
+        ``premature``.
         """
         reopened: list[str] = []
         if not instances:
             return reopened
+        early: list[tuple[str, str]] = []
         with self.session() as s:
             # One query for the instances already known (a re-send), not one per instance.
             existing_rows: dict[str, InstanceRow] = {}
@@ -214,6 +268,9 @@ class Catalog:
                     )
                     s.add(series)
                     s.flush()
+                if inst.series_instance_uid not in series_rows and opened:
+                    series.open_associations = (series.open_associations or 0) + opened.get(
+                        inst.series_instance_uid, 0)
                 series_rows[inst.series_instance_uid] = series
                 existing = existing_rows.get(inst.sop_instance_uid)
                 if existing is not None and existing.series_instance_uid != inst.series_instance_uid:
@@ -248,6 +305,17 @@ class Catalog:
                 series.instance_count += 1
                 series.bytes_received += inst.size
                 series.last_received_at = max(series.last_received_at, inst.received_at)
+                if series.released_at is not None or series.state == SeriesState.COMPLETE.value:
+                    # An association that carried the series ended, and it goes on.
+                    series.continued = (series.continued or 0) + 1
+                    series.released_at = None
+                    if series.state == SeriesState.COMPLETE.value:
+                        history = s.get(SenderHistoryRow, series.series_instance_uid)
+                        if history is not None:
+                            history.split = 1
+                            if series.completion_reason in EARLY_REASONS and not history.premature:
+                                history.premature = 1
+                                early.append((series.series_instance_uid, series.calling_ae_title or ""))
                 if series.state == SeriesState.COMPLETE.value:
                     if late_policy == "reprocess":
                         series.state = SeriesState.RECEIVING.value
@@ -261,16 +329,29 @@ class Catalog:
             if new_rows:
                 s.flush()  # the series rows first (foreign key)
                 s.execute(insert(InstanceRow), list(new_rows.values()))
+        for uid, ae in early:
+            log.warning("premature_completion", series_instance_uid=uid, calling_ae_title=ae,
+                        action="sender back to the idle timer; series reprocessed"
+                        if late_policy == "reprocess" else "sender back to the idle timer")
+        if premature is not None:
+            premature.extend(early)
         return reopened
 
-    def record_association(self, summary: AssociationSummary) -> None:
-        """Remember that an association delivering these series has ended (completion hint)."""
-        if not summary.released:
-            return
+    def record_association(self, summary: AssociationSummary, closed: Iterable[str] = ()) -> None:
+        """Remember that an association delivering these series has ended (completion hint).
+
+        ``closed``: the series whose ``open_associations`` counted this association (released
+        or aborted); only a release sets ``released_at``.
+        """
+        closed = set(closed)
         with self.session() as s:
-            for uid in summary.series_instance_uids:
+            for uid in closed | (set(summary.series_instance_uids) if summary.released else set()):
                 series = s.get(SeriesRow, uid)
-                if series is not None:
+                if series is None:
+                    continue
+                if uid in closed:
+                    series.open_associations = max(0, (series.open_associations or 0) - 1)
+                if summary.released and uid in summary.series_instance_uids:
                     series.released_at = summary.ended_at
 
     def owner_of_instance(self, sop_instance_uid: str) -> tuple[str, str] | None:
@@ -297,6 +378,7 @@ class Catalog:
             for row in rows:
                 row.last_received_at = max(row.last_received_at, now)
                 row.released_at = None
+                row.open_associations = 0  # no association outlives the process
             return len(rows)
 
     def due_series(
@@ -363,40 +445,8 @@ class Catalog:
     def create_jobs(self, specs: Iterable[JobSpec]) -> list[int]:
         """Create one job per (series, model, generation) in state ``received`` and return the
         new ids; a job that already exists for the same key is not duplicated (nor returned)."""
-        ids: list[int] = []
-        now = time.time()
         with self.session() as s:
-            for spec in specs:
-                series = s.get(SeriesRow, spec.series_instance_uid)
-                if series is None:
-                    raise CatalogError(f"unknown series {spec.series_instance_uid}")
-                existing = s.scalars(select(JobRow).where(
-                    JobRow.series_instance_uid == spec.series_instance_uid,
-                    JobRow.model == spec.model,
-                    JobRow.generation == series.generation,
-                )).first()
-                if existing is not None:
-                    continue
-                job = JobRow(
-                    series_instance_uid=spec.series_instance_uid,
-                    study_instance_uid=series.study_instance_uid,
-                    modality=series.modality,
-                    rule=spec.rule,
-                    model=spec.model,
-                    priority=spec.priority,
-                    destinations_json=json.dumps(list(spec.destinations)),
-                    generation=series.generation,
-                    state=JobState.RECEIVED.value,
-                    created_at=now,
-                    updated_at=now,
-                )
-                s.add(job)
-                s.flush()
-                s.add(JobEventRow(job_id=job.id, state=JobState.RECEIVED.value, at=now, detail=f"rule {spec.rule}"))
-                for dest in spec.destinations:
-                    s.add(DeliveryRow(job_id=job.id, destination=dest))
-                ids.append(job.id)
-        return ids
+            return add_jobs(s, specs, time.time())
 
     def transition(self, job_id: int, state: JobState, *, reason: str | None = None,
                    expect: Sequence[JobState] | None = None, count_attempt: bool = False,

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import (
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -80,6 +81,12 @@ class SeriesRow(Base):
     first_received_at: Mapped[float] = mapped_column(Float)
     last_received_at: Mapped[float] = mapped_column(Float, index=True)
     released_at: Mapped[float | None] = mapped_column(Float)
+    #: Associations that carried instances of this series and have not ended yet (a series does
+    #: not complete by the idle timer while one is open, up to ``completion.max_open_seconds``).
+    open_associations: Mapped[int] = mapped_column(Integer, server_default="0")
+    #: How often an instance arrived after an association that carried the series was released
+    #: (the sender split the series over several associations).
+    continued: Mapped[int] = mapped_column(Integer, server_default="0")
     state: Mapped[str] = mapped_column(String(16), default=SeriesState.RECEIVING.value, index=True)
     completed_at: Mapped[float | None] = mapped_column(Float)
     completion_reason: Mapped[str | None] = mapped_column(String(32))
@@ -110,6 +117,28 @@ class SeriesRow(Base):
             "CallingAETitle": self.calling_ae_title,
             "InstanceCount": self.instance_count,
         }
+
+
+class SenderHistoryRow(Base):
+    """One completed series of a sender, for learning whether it splits series over associations.
+
+    Kept per (calling AE title, rule) to the newest ``completion.history_size`` series.
+    """
+
+    __tablename__ = "sender_history"
+
+    series_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    #: The first routing rule the series matched ("" when none).
+    rule: Mapped[str] = mapped_column(String(128), default="")
+    #: 1 when the series continued in a later association after one that carried it ended.
+    split: Mapped[int] = mapped_column(Integer, default=0)
+    #: 1 when the series was completed at its association's release and more instances came.
+    premature: Mapped[int] = mapped_column(Integer, default=0)
+    completion_reason: Mapped[str] = mapped_column(String(32), default="")
+    completed_at: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (Index("ix_sender_history_sender", "calling_ae_title", "rule", "completed_at"),)
 
 
 class InstanceRow(Base):

@@ -210,6 +210,17 @@ class QueueStatus(BaseModel):
     alive_within_s: float
 
 
+class Sender(BaseModel):
+    calling_ae_title: str
+    rule: str = Field(description="First routing rule its series match (empty: none).")
+    mode: str = Field(description="association: series without a count complete at association release "
+                                  "(learned); idle: they wait for completion.idle_seconds.")
+    series: int = Field(description="Completed series remembered (at most completion.history_size).")
+    splits: int = Field(description="Of those, continued in a later association after one was released.")
+    split_rate: float
+    premature: int = Field(description="Of those, completed at release and then continued.")
+
+
 class Throughput(BaseModel):
     window_s: float
     instances: int
@@ -538,6 +549,20 @@ def create_router(ctx: ApiContext) -> APIRouter:
             workers=workers,
             alive_within_s=ALIVE_WITHIN_S,
         )
+
+    @router.get(
+        "/senders",
+        response_model=list[Sender],
+        tags=["operations"],
+        summary="Per sender (calling AE title, rule): completion mode and split rate",
+    )
+    def senders() -> list[Sender]:
+        from dicom_node.catalog.senders import sender_stats
+
+        stats = sender_stats(catalog, ctx.settings.completion.learn_min_series)
+        return [Sender(calling_ae_title=st.calling_ae_title, rule=st.rule, mode=st.mode, series=st.series,
+                       splits=st.splits, split_rate=round(st.split_rate, 4), premature=st.premature)
+                for _, st in sorted(stats.items())]
 
     @router.get(
         "/models",

@@ -77,11 +77,24 @@ def test_highdicom_segmentation_pixel_check() -> None:
 
 
 def test_kombu_sqlalchemy_channel_builds_its_engine_in_one_private_method() -> None:
-    """The embedded broker's channel overrides ``Channel._engine_from_config()`` and registers its
-    transport in ``TRANSPORT_ALIASES``."""
+    """The embedded broker's channel overrides ``Channel._engine_from_config()``, ``_put`` (to wake
+    the consumers), ``basic_ack``/``basic_reject``; its transport overrides ``drain_events`` and
+    reads ``cycle``, ``_deliver`` and ``polling_interval``; it registers in ``TRANSPORT_ALIASES``."""
+    from kombu.transport import virtual
+
+    from dicom_node._compat import kombu as ours
+
     assert _parameters(kombu_sqla.Channel._engine_from_config) == ["self"]
+    assert _parameters(kombu_sqla.Channel._put)[:3] == ["self", "queue", "payload"]
+    assert _parameters(virtual.Channel.basic_ack)[:3] == ["self", "delivery_tag", "multiple"]
+    assert _parameters(virtual.Channel.basic_reject)[:3] == ["self", "delivery_tag", "requeue"]
+    assert _parameters(virtual.Transport.drain_events)[:3] == ["self", "connection", "timeout"]
+    assert callable(virtual.Transport._deliver) and hasattr(virtual.Transport, "polling_interval")
+    assert "cycle" in inspect.getsource(virtual.Transport.__init__)
     assert issubclass(kombu_sqla.Transport, object) and kombu_sqla.Transport.Channel is kombu_sqla.Channel
     assert "sqla" in TRANSPORT_ALIASES
+    ours.register()
+    assert TRANSPORT_ALIASES["sqla"] == "dicom_node._compat.kombu:Transport"
 
 
 def test_the_segmentation_override_answers_as_highdicom_does() -> None:

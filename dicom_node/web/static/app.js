@@ -170,6 +170,18 @@ const DicomNode = (() => {
       fillBody(document.getElementById("destinations-table"), rows);
     }
 
+    async function refreshSenders() {
+      const ss = await getJSON("/api/senders");
+      const rows = ss.map(x => el("tr", {"data-sender": x.calling_ae_title, "data-mode": x.mode},
+        el("td", {text: x.calling_ae_title}), el("td", {text: x.rule || "(no rule)"}),
+        el("td", {text: x.mode === "association" ? "at release (learned)" : "idle timer"}),
+        el("td", {class: "num", text: String(x.series)}),
+        el("td", {class: "num", text: `${(100 * x.split_rate).toFixed(0)} %`}),
+        el("td", {class: "num", text: String(x.premature)})));
+      if (!rows.length) rows.push(el("tr", {}, el("td", {colspan: "6", class: "muted", text: "no completed series yet"})));
+      fillBody(document.getElementById("senders-table"), rows);
+    }
+
     async function refreshThroughput() {
       const t = await getJSON("/api/throughput");
       const dl = document.getElementById("throughput");
@@ -183,7 +195,7 @@ const DicomNode = (() => {
         el("span", {style: `height:${Math.round(100 * n / max)}%`, title: `${n} instances`})));
     }
 
-    every(() => Promise.all([refreshJobs(), refreshQueue(), refreshDestinations(), refreshThroughput()]));
+    every(() => Promise.all([refreshJobs(), refreshQueue(), refreshSenders(), refreshDestinations(), refreshThroughput()]));
   }
 
   // -- one job ---------------------------------------------------------------------------------
