@@ -197,9 +197,25 @@ class DeliverySettings(_Section):
 
 
 class ResultsSettings(_Section):
-    seg_series_number: int = Field(9901, ge=0)
-    sr_series_number: int = Field(9902, ge=0)
+    """Series numbers and equipment of the results.
+
+    Each model's results get their own block of Series Numbers: ``series_number_base + 10 *
+    slot + offset`` with offset 1 SEG, 2 SR, 3 GSPS, 4 KOS, 5 SC, 6/7 not-applied notice SR/SC.
+    A model's slot (1..89) is a hash of its name unless ``model_series_slots`` names it.
+    """
+
+    series_number_base: int = Field(9000, ge=0, le=2**31 - 1000)
+    #: Model name -> slot (1..89), to move a model whose hashed slot collides with another's.
+    model_series_slots: dict[str, int] = Field(default_factory=dict)
     manufacturer: str = "dicom-node"
+
+    @field_validator("model_series_slots")
+    @classmethod
+    def _slots_in_range(cls, value: dict[str, int]) -> dict[str, int]:
+        bad = {name: slot for name, slot in value.items() if not 1 <= slot <= 89}
+        if bad:
+            raise ValueError(f"series slots are 1..89, got {bad}")
+        return value
 
 
 class DestinationSettings(_Section):
@@ -212,6 +228,12 @@ class DestinationSettings(_Section):
     port: int | None = Field(None, ge=1, le=65535)
     #: Our calling AE title towards this destination (defaults to ``listener.ae_title``).
     calling_ae_title: str | None = None
+    #: Result types this destination receives (``dicom_node.results.registry``): by default all
+    #: of them, so every viewer shows something (SEG/SR: OHIF, Slicer; GSPS, KOS, SC: PACS).
+    outputs: list[str] = Field(default_factory=lambda: list(_default_outputs()))
+    #: Send a "<model> was not applied: <reason>" SR (and SC when ``sc`` is in ``outputs``)
+    #: when a routed series is refused, so no result is never read as "nothing found".
+    notify_not_applied: bool = True
     #: dicomweb: the service root (``https://pacs.example/dicom-web``).
     url: str | None = None
     #: dicomweb: ``basic`` (``username`` + the password from ``password_env`` or ``password_file``)
@@ -270,6 +292,25 @@ class DestinationSettings(_Section):
     def address(self) -> str:
         """Where it is, for messages: ``AE@host:port`` or the DICOMweb URL."""
         return f"{self.ae_title}@{self.host}:{self.port}" if self.type == "dicom" else str(self.url)
+
+    @field_validator("outputs")
+    @classmethod
+    def _known_outputs(cls, value: list[str]) -> list[str]:
+        from dicom_node.results.registry import output_names
+
+        known = output_names()
+        unknown = [v for v in value if v not in known]
+        if unknown:
+            raise ValueError(f"unknown output types {unknown}; known: {', '.join(known)}")
+        if not value:
+            raise ValueError(f"outputs must name at least one of {', '.join(known)}")
+        return list(dict.fromkeys(value))
+
+
+def _default_outputs() -> tuple[str, ...]:
+    from dicom_node.results.registry import DEFAULT_OUTPUTS
+
+    return DEFAULT_OUTPUTS
 
 
 class Priority(str, Enum):

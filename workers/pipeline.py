@@ -18,7 +18,7 @@ import structlog
 
 from dicom_node.catalog import Catalog, JobRow, JobState
 from dicom_node.errors import PermanentError
-from dicom_node.ingest.spool import FileAccess, write_durably
+from dicom_node.ingest.spool import DEFAULT_ACCESS, FileAccess, write_durably
 from dicom_node.logs import remember_patients
 from dicom_node.settings import Settings
 from inference.registry import ModelRegistry
@@ -27,6 +27,7 @@ from workers.prefetch import Prefetcher
 
 if TYPE_CHECKING:
     from dicom_node.imaging.loading import LoadedSeries
+    from dicom_node.results.common import ResultOptions
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +58,7 @@ def build_context(settings: Settings) -> WorkerContext:
         registry.register(name, factory)
     for spec in settings.models:
         registry.register(spec.name, spec.factory())
+    check_series_slots(settings, registry.names)
     catalog = Catalog(settings.database.url)
     prefetch = settings.worker.prefetch
     if prefetch == "auto":
@@ -109,13 +111,116 @@ def load_job_series(ctx: WorkerContext, job: JobRow) -> tuple[LoadedSeries, dict
     return loaded, timings
 
 
+def job_outputs(settings: Settings, job: JobRow) -> list[str]:
+    """The output types the job encodes: the union of its destinations' ``outputs`` (SEG + SR,
+    the canonical results, for a job with no destination: nothing is sent)."""
+    from dicom_node.results.registry import output_names
+
+    wanted: set[str] = set()
+    for name in job.destinations:
+        try:
+            wanted.update(settings.destination(name).outputs)
+        except KeyError:
+            continue  # reported at delivery ("not configured any more")
+    if not wanted:
+        wanted.update(("seg", "sr"))
+    return [n for n in output_names() if n in wanted]
+
+
+def result_options(settings: Settings, model_name: str) -> ResultOptions:
+    """Series numbers of ``model_name``'s results (its own block) and the equipment."""
+    from dicom_node.results.common import ResultOptions, model_series_numbers, series_slot
+
+    opts = settings.results
+    slot = opts.model_series_slots.get(model_name) or series_slot(model_name)
+    return ResultOptions(
+        series_numbers=model_series_numbers(opts.series_number_base, slot),
+        manufacturer=opts.manufacturer,
+    )
+
+
+def check_series_slots(settings: Settings, model_names: list[str]) -> None:
+    """Raise ``ConfigError`` when two models would share Series Numbers."""
+    from dicom_node.errors import ConfigError
+    from dicom_node.results.common import series_slot
+
+    seen: dict[int, str] = {}
+    for name in sorted(model_names):
+        slot = settings.results.model_series_slots.get(name) or series_slot(name)
+        if slot in seen:
+            raise ConfigError(
+                f"models {seen[slot]!r} and {name!r} share series slot {slot}: give one another "
+                f"slot in [results] model_series_slots"
+            )
+        seen[slot] = name
+
+
+MANIFEST = "manifest.json"
+
+
+def write_outputs(
+    outdir: Path, encoded: dict[str, list[Any]], access: FileAccess = DEFAULT_ACCESS
+) -> list[dict[str, str]]:
+    """Write every dataset durably into ``outdir`` (made with ``access``, like the outbox) and
+    add them to the manifest that says which output type each file is (delivery picks per
+    destination from it); returns their entries."""
+    import json
+
+    outdir.parent.parent.mkdir(parents=True, exist_ok=True)
+    for folder in (outdir.parent, outdir):
+        with contextlib.suppress(FileExistsError):
+            access.make_dir(folder)
+    manifest: list[dict[str, str]] = []
+    for output, datasets in encoded.items():
+        for ds in datasets:
+            path = outdir / f"{output}-{ds.SOPInstanceUID}.dcm"
+            write_durably(path, [_dataset_bytes(ds)], access)
+            manifest.append({
+                "file": path.name,
+                "output": output,
+                "sop_class_uid": str(ds.SOPClassUID),
+                "sop_instance_uid": str(ds.SOPInstanceUID),
+                "series_instance_uid": str(ds.SeriesInstanceUID),
+            })
+    names = {m["file"] for m in manifest}
+    kept = [m for m in read_manifest(outdir) if m["file"] not in names]
+    write_durably(outdir / MANIFEST, [json.dumps({"files": kept + manifest}, indent=1).encode()], access)
+    return manifest
+
+
+def read_manifest(outdir: Path) -> list[dict[str, str]]:
+    """The manifest of ``outdir`` (empty when there is none: jobs encoded before it existed)."""
+    import json
+
+    try:
+        data = json.loads((outdir / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    return list(data.get("files", []))
+
+
 def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
-    """Load the series, run the job's model, encode SEG + SR into the outbox.
+    """Load the series, run the job's model, encode its results into the outbox.
+
+    The output types are the union of the job's destinations' ``outputs``; the outbox folder's
+    ``manifest.json`` records each file's type.  When the model cannot be applied (a
+    permanent refusal) and a destination asks for it, a "not applied" notice is encoded and
+    sent before the error is raised again.
 
     Raises ``dicom_node.PermanentError`` / ``inference.PermanentError`` for input the model
     cannot use, ``TransientError`` for conditions worth retrying.
     """
-    from dicom_node.results import ResultOptions, encode_results
+    import inference
+
+    try:
+        return _run_inference(ctx, job)
+    except (PermanentError, inference.PermanentError) as exc:
+        notify_not_applied(ctx, job, str(exc))
+        raise
+
+
+def _run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
+    from dicom_node.results import encode_outputs, rendered_slices
     from dicom_node.results.failures import ENCODING_INPUT_ERRORS, dicom_keywords, input_failure, raised_at
     from dicom_node.results.inputs import check_copied_attributes
 
@@ -142,16 +247,15 @@ def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
     else:
         prediction = model.predict(volume)
     t2 = time.perf_counter()
-    # The encoders read only the geometry: free the voxels (4 bytes each) before encoding
-    # (``replace`` keeps a StackedVolume's per-stack geometry).
+    outputs = job_outputs(ctx.settings, job)
+    # The encoders read only the geometry and the slices the images draw: keep those and free
+    # the other voxels (4 bytes each) before encoding (``replace`` keeps a StackedVolume's
+    # per-stack geometry).
+    pixels = {k: np.array(volume.array[k]) for k in rendered_slices(prediction, outputs)}
     volume = replace(volume, array=np.broadcast_to(np.float32(0.0), volume.shape))
-    opts = ctx.settings.results
     try:
-        encoded = encode_results(
-            prediction, volume, sources, frame_refs,
-            ResultOptions(seg_series_number=opts.seg_series_number, sr_series_number=opts.sr_series_number,
-                          manufacturer=opts.manufacturer),
-        )
+        encoded = encode_outputs(prediction, volume, sources, frame_refs, outputs,
+                                 result_options(ctx.settings, prediction.model_name), pixels=pixels)
     except ENCODING_INPUT_ERRORS as exc:
         # Deterministic: a retry fails the same way, so the job fails at once (permanent).
         failure = input_failure(exc)
@@ -160,26 +264,78 @@ def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
         raise failure from exc
     access = FileAccess.for_group(ctx.settings.storage.group)
     outdir = ctx.settings.outbox / f"job-{job.id}"
-    ctx.settings.outbox.parent.mkdir(parents=True, exist_ok=True)
-    for folder in (ctx.settings.outbox, outdir):
-        with contextlib.suppress(FileExistsError):
-            access.make_dir(folder)
-    results: dict[str, Any] = {"segments": len(prediction.segments), "files": []}
-    for role, ds in (("seg", encoded.seg), ("sr", encoded.sr)):
-        if ds is None:
-            continue
-        path = outdir / f"{role}-{ds.SOPInstanceUID}.dcm"
-        write_durably(path, [_dataset_bytes(ds)], access)
-        results["files"].append(str(path))
-        results[f"{role}_sop_instance_uid"] = str(ds.SOPInstanceUID)
-        results[f"{role}_series_instance_uid"] = str(ds.SeriesInstanceUID)
+    manifest = write_outputs(outdir, encoded, access)
+    results: dict[str, Any] = {"segments": len(prediction.segments),
+                               "files": [str(outdir / m["file"]) for m in manifest],
+                               "outputs": {n: len(d) for n, d in encoded.items()}}
+    for role in ("seg", "sr"):
+        for ds in encoded.get(role, [])[:1]:
+            results[f"{role}_sop_instance_uid"] = str(ds.SOPInstanceUID)
+            results[f"{role}_series_instance_uid"] = str(ds.SeriesInstanceUID)
     t3 = time.perf_counter()
     results["timings"] = {**load_timings, "inference_s": round(t2 - t1, 3), "encode_s": round(t3 - t2, 3)}
     ctx.timings.update(load_wait=float(load_timings["load_wait_s"]), load=float(load_timings["load_s"]),
                        predict=t2 - t1, encode=t3 - t2)
     results["excluded"] = [list(e) for e in excluded][:50]
-    bound.info("job_encoded", segments=len(prediction.segments), **results["timings"])
+    bound.info("job_encoded", segments=len(prediction.segments), outputs=results["outputs"],
+               **results["timings"])
     return results
+
+
+def notify_not_applied(ctx: WorkerContext, job: JobRow, reason: str) -> list[str]:
+    """Encode "<model> was not applied: <reason>" and send it to the job's destinations that
+    ask for it (``notify_not_applied``); best effort, once: a failure is logged, not retried.
+
+    Returns the destinations that received it.
+    """
+    from dicom_node.delivery import send_files
+    from dicom_node.errors import DicomNodeError
+    from dicom_node.results.notice import Notice, encode_notice, source_headers
+
+    bound = log.bind(job_id=job.id, model=job.model, series_instance_uid=job.series_instance_uid)
+    targets = []
+    for name in job.destinations:
+        try:
+            dest = ctx.settings.destination(name)
+        except KeyError:
+            continue
+        if dest.notify_not_applied:
+            targets.append(dest)
+    if not targets:
+        return []
+    try:
+        headers = source_headers(ctx.catalog.series_paths(job.series_instance_uid))
+        if not headers:
+            bound.warning("notice_skipped", why="no readable source header")
+            return []
+        version = ""
+        try:
+            version = str(ctx.registry.get(job.model).version)
+        except Exception:  # the model may be what failed: the notice then says "unknown"
+            version = ""
+        notice = Notice(job.model, version, reason)
+        with_sc = any("sc" in d.outputs for d in targets)
+        datasets = encode_notice(notice, headers, result_options(ctx.settings, job.model), with_sc=with_sc)
+        outdir = ctx.settings.outbox / f"job-{job.id}"
+        by_kind = {"notice-sr": [d for d in datasets if d.Modality == "SR"],
+                   "notice-sc": [d for d in datasets if d.Modality != "SR"]}
+        access = FileAccess.for_group(ctx.settings.storage.group)
+        manifest = write_outputs(outdir, {k: v for k, v in by_kind.items() if v}, access)
+    except (DicomNodeError, OSError, ValueError) as exc:
+        bound.warning("notice_failed", error=type(exc).__name__)
+        return []
+    sent = []
+    for dest in targets:
+        files = [outdir / m["file"] for m in manifest
+                 if m["output"] == "notice-sr" or (m["output"] == "notice-sc" and "sc" in dest.outputs)]
+        try:
+            send_files(dest, files, calling_ae_title=dest.calling_ae_title or ctx.settings.listener.ae_title)
+        except DicomNodeError as exc:
+            bound.warning("notice_not_sent", destination=dest.name, error=str(exc))
+            continue
+        sent.append(dest.name)
+        bound.info("notice_sent", destination=dest.name, files=len(files))
+    return sent
 
 
 def deliver(ctx: WorkerContext, job: JobRow) -> list[str]:
@@ -203,6 +359,11 @@ def _deliver(ctx: WorkerContext, job: JobRow) -> list[str]:
     missing = [str(p) for p in files if not p.exists()]
     if missing:
         raise PermanentError(f"result files are gone from the outbox: {', '.join(missing)}")
+    # Which output type each file is: a destination gets only its ``outputs`` (a job encoded
+    # before manifests existed sends everything).
+    kinds: dict[str, str] = {}
+    for p in {f.parent for f in files}:
+        kinds.update({str(p / m["file"]): m["output"] for m in read_manifest(p)})
     done = {d.destination for d in ctx.catalog.deliveries(job.id) if d.state == "done"}
     pending: list[str] = []
     for name in job.destinations:
@@ -213,8 +374,9 @@ def _deliver(ctx: WorkerContext, job: JobRow) -> list[str]:
         except KeyError:
             raise PermanentError(f"destination {name!r} is not configured any more") from None
         calling = dest.calling_ae_title or ctx.settings.listener.ae_title
+        mine = [f for f in files if kinds.get(str(f), "") in dest.outputs or str(f) not in kinds]
         try:
-            report = send_files(dest, files, calling_ae_title=calling)
+            report = send_files(dest, mine, calling_ae_title=calling)
         except TransientError as exc:
             ctx.catalog.record_delivery(job.id, name, ok=False, error=str(exc))
             log.warning("delivery_failed", job_id=job.id, destination=name, error=str(exc), transient=True)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import dataclasses
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -14,6 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 import dicom_node
 from dicom_node.errors import PermanentError
 from dicom_node.results import codes
+from dicom_node.results.headers import clean_source, shallow_copy
 from dicom_node.uids import derived_uid, validate_uid
 from inference.prediction import Prediction
 from inference.volume import Volume
@@ -26,18 +29,67 @@ class ResultEncodingError(PermanentError):
     """The prediction, the volume and the source images do not fit together."""
 
 
+#: Series Number of each kind of result within a model's block of ten (see
+#: :func:`model_series_numbers`); without a block, 9900 + offset (SEG 9901, SR 9902...).
+SERIES_OFFSETS: dict[str, int] = {
+    "seg": 1,
+    "sr": 2,
+    "gsps": 3,
+    "kos": 4,
+    "sc": 5,
+    "notice-sr": 6,
+    "notice-sc": 7,
+}
+#: Model blocks 1..89: with the default base 9000, Series Numbers 9011..9897 (below 9901).
+SERIES_SLOTS = 89
+
+
+def series_slot(model_name: str) -> int:
+    """The default block (1..89) of a model's Series Numbers: a hash of its name, so it never
+    changes when other models are added (two models that collide get an explicit slot)."""
+    digest = hashlib.sha256(model_name.encode("utf-8")).hexdigest()
+    return 1 + int(digest, 16) % SERIES_SLOTS
+
+
+def model_series_numbers(base: int, slot: int) -> dict[str, int]:
+    """Series Number of each kind of result of the model in ``slot``: ``base + 10 * slot +
+    offset`` (e.g. base 9000, slot 74: SEG 9741, SR 9742, GSPS 9743, KOS 9744, SC 9745)."""
+    return {kind: base + 10 * slot + offset for kind, offset in SERIES_OFFSETS.items()}
+
+
 @dataclass(frozen=True)
 class ResultOptions:
     """How results are encoded (series numbers, equipment, SEG type and transfer syntax)."""
 
     seg_series_number: int = 9901
     sr_series_number: int = 9902
+    #: Series Number per kind of result (``SERIES_OFFSETS`` keys); overrides the two above.
+    series_numbers: Mapping[str, int] = field(default_factory=dict)
     manufacturer: str = "dicom-node"
     #: ``"BINARY"`` (default), ``"FRACTIONAL"`` or ``"LABELMAP"`` (non-overlapping segments only).
     segmentation_type: str = "BINARY"
     #: Explicit VR Little Endian by default; JPEG 2000 Lossless / JPEG-LS Lossless as options.
     seg_transfer_syntax: str = ExplicitVRLittleEndian
     software_version: str = dicom_node.__version__
+
+    def resolved(self) -> ResultOptions:
+        """These options with ``seg_series_number`` / ``sr_series_number`` taken from
+        ``series_numbers`` (the SEG and SR encoders read those two fields)."""
+        return dataclasses.replace(
+            self,
+            seg_series_number=self.series_number("seg"),
+            sr_series_number=self.series_number("sr"),
+        )
+
+    def series_number(self, kind: str) -> int:
+        """Series Number of the results of ``kind`` (``"seg"``, ``"gsps"``, ``"notice-sr"``...)."""
+        if kind in self.series_numbers:
+            return int(self.series_numbers[kind])
+        if kind == "seg":
+            return self.seg_series_number
+        if kind == "sr":
+            return self.sr_series_number
+        return 9900 + SERIES_OFFSETS[kind]
 
 
 def device_uid(model_name: str, model_version: str, model_digest: str = "") -> str:
@@ -72,6 +124,14 @@ class ResultUIDs:
     @cached_property
     def sr_instance(self) -> str:
         return self._derive("sr", "instance")
+
+    def series(self, kind: str) -> str:
+        """SeriesInstanceUID of the results of ``kind`` (``"gsps"``, ``"kos"``, ``"sc"``...)."""
+        return self._derive(kind, "series")
+
+    def instance(self, kind: str, *parts: str) -> str:
+        """SOPInstanceUID of a result of ``kind`` (``parts`` tell several instances apart)."""
+        return self._derive(kind, "instance", *parts)
 
     @cached_property
     def device(self) -> str:
@@ -251,13 +311,32 @@ def fill_type2(ds: Dataset) -> None:
 
 
 def with_type2(source: Dataset) -> Dataset:
-    """``source``, or a shallow copy with its missing Patient/Study Type 2 attributes empty.
+    """``source``, or a shallow copy with clean patient/study attributes and the missing Type 2
+    ones empty.
 
-    highdicom reads e.g. ``src.PatientBirthDate`` unconditionally; the caller's dataset is left
-    alone and no element (pixel data included) is copied.
+    highdicom reads e.g. ``src.PatientBirthDate`` unconditionally and copies the patient and
+    study modules as they are (see :mod:`dicom_node.results.headers`); the caller's dataset is
+    left alone and no element (pixel data included) is copied.
     """
-    if all(keyword in source for keyword in _TYPE2_PATIENT_STUDY):
-        return source
-    copy = Dataset(source)
+    cleaned = clean_source(source)
+    if all(keyword in cleaned for keyword in _TYPE2_PATIENT_STUDY):
+        return cleaned
+    copy = shallow_copy(source) if cleaned is source else cleaned
     fill_type2(copy)
     return copy
+
+
+def copy_body_part(result: Dataset, source: Dataset) -> None:
+    """Body Part Examined and Laterality of a new General Series from the source's.
+
+    dciodvfy requires Laterality (Type 2C) unless it can tell from Body Part Examined that the
+    part is unpaired: copy both when the source has them, else leave Laterality empty (unknown).
+    """
+    body_part = str(source.get("BodyPartExamined", "") or "")
+    if body_part:
+        result.BodyPartExamined = body_part
+    laterality = str(source.get("Laterality", "") or "")
+    if laterality:
+        result.Laterality = laterality
+    elif not body_part:
+        result.Laterality = None

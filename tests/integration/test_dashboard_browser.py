@@ -216,7 +216,9 @@ def test_real_c_store_job_on_a_running_node(tmp_path: Path, browser_page: Any) -
     web_port = procs.free_port()
     config = node_config(
         tmp_path / "node",
-        destinations=[{"name": "archive", "ae_title": "ARCHIVE", "host": procs.LOOPBACK, "port": archive_port}],
+        # SEG + SR only, no not-applied notice: the test counts those two files.
+        destinations=[{"name": "archive", "ae_title": "ARCHIVE", "host": procs.LOOPBACK, "port": archive_port,
+                       "outputs": ["seg", "sr"], "notify_not_applied": False}],
         rules=[{"name": "ct", "match": {"Modality": "CT"}, "models": ["ct-tissue"], "destinations": ["archive"]}],
         web={"enabled": True, "host": procs.LOOPBACK, "port": web_port, "api_token": TOKEN},
     )

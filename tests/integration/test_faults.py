@@ -125,7 +125,9 @@ def start_archive(workdir: Path, port: int | None = None) -> procs.Server:
 
 
 def destination(port: int, name: str = "archive", ae_title: str = "ARCHIVE") -> dict[str, Any]:
-    return {"name": name, "ae_title": ae_title, "host": procs.LOOPBACK, "port": port}
+    # SEG + SR only and no not-applied notice: these tests count the C-STOREs of those two.
+    return {"name": name, "ae_title": ae_title, "host": procs.LOOPBACK, "port": port,
+            "outputs": ["seg", "sr"], "notify_not_applied": False}
 
 
 def rule(name: str, model: str, destinations: list[str], **match: Any) -> dict[str, Any]:
@@ -640,8 +642,8 @@ def test_gc_removes_only_old_finished_series_by_cli_and_periodically(tmp_path: P
         assert '"dry_run": true' in dry.stdout and done_uid in dry.stdout and failed_uid not in dry.stdout
         assert catalog.get_series(done_uid) is not None
         res = cli(node, "gc", "--older-than-days", str(0.5 / 86400))
-        # 12 spooled instances + the SEG and SR in the outbox
-        assert res.returncode == 0 and "removed 1 series (14 files" in res.stdout, res.stdout + res.stderr
+        # 12 spooled instances + the SEG, the SR and the manifest.json in the outbox
+        assert res.returncode == 0 and "removed 1 series (15 files" in res.stdout, res.stdout + res.stderr
         assert catalog.get_series(done_uid) is None and catalog.get_job(done.id) is None
         assert not list(spool.glob(f"*/{done_uid}")) and not (outbox / f"job-{done.id}").exists()
         assert catalog.get_series(failed_uid) is not None and catalog.get_job(failed.id) is not None

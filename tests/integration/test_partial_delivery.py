@@ -64,8 +64,9 @@ def test_capabilities_report_the_refused_class(tmp_path: Path) -> None:
 
 
 def test_a_refused_seg_does_not_block_the_sr(tmp_path: Path) -> None:
-    """End to end: the archive without SEG gets the SR, the SEG is recorded refused, the job is
-    done; an archive that accepts all gets both; ``jobs --json`` and ``echo --capabilities`` say so."""
+    """End to end: the archive without SEG gets the SR, GSPS, KOS and SCs (the default outputs),
+    the SEG is recorded refused, the job is done; an archive that accepts all gets every object;
+    ``jobs --json`` and ``echo --capabilities`` say so."""
     noseg = start_storescp_without_seg(tmp_path / "noseg")
     full = procs.start_storescp(tmp_path / "full", ae_title="FULL")
     workdir = tmp_path / "node"
@@ -84,8 +85,10 @@ def test_a_refused_seg_does_not_block_the_sr(tmp_path: Path) -> None:
         job = wait_job(node, catalog, SeriesInfo(seed="partial-e2e").uid("series"), ("done", "failed"))
         assert job.state == "done", job.reason
         seg, sr = job.results["seg_sop_instance_uid"], job.results["sr_sop_instance_uid"]
-        assert _received_uids(noseg) == {sr}
-        assert _received_uids(full) == {seg, sr}
+        every = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in job.results["files"]}
+        assert {seg, sr} < every and len(every) >= 5  # SEG, SR, GSPS, KOS and at least one SC
+        assert _received_uids(noseg) == every - {seg}
+        assert _received_uids(full) == every
 
         by_dest = {d.destination: d for d in catalog.deliveries(job.id)}
         assert by_dest["noseg"].state == "done" and by_dest["full"].state == "done"
@@ -105,7 +108,7 @@ def test_a_refused_seg_does_not_block_the_sr(tmp_path: Path) -> None:
             "refused: Segmentation Storage not accepted"]
         text = subprocess.run([*cli, "jobs", "--config", str(node.config_path)],
                               capture_output=True, text=True, check=True, timeout=60).stdout
-        assert "noseg: done, 1 refused, 1 sent (refused: Segmentation Storage not accepted)" in text
+        assert f"noseg: done, 1 refused, {len(every) - 1} sent (refused: Segmentation Storage not accepted)" in text
         caps = subprocess.run([*cli, "echo", "noseg", "--capabilities", "--config", str(node.config_path), "--json"],
                               capture_output=True, text=True, check=True, timeout=60)
         refused = [c["name"] for c in json.loads(caps.stdout)["classes"] if not c["accepted"]]

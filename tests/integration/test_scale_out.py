@@ -194,7 +194,8 @@ def test_two_workers_share_series_and_each_result_arrives_once(
 
     workdir = tmp_path / "node"
     archive = {"name": "archive", "ae_title": storescp_archive.extra["ae_title"],
-               "host": procs.LOOPBACK, "port": storescp_archive.port}
+               "host": procs.LOOPBACK, "port": storescp_archive.port,
+               "outputs": ["seg", "sr"]}  # the test counts SEG + SR per series
     rules = [{"name": "all-ct", "match": {"Modality": "CT"}, "models": ["ct-tissue"],
               "destinations": ["archive"]}]
     config = node_config(workdir, broker_url=redis_server.extra["url"], destinations=[archive],
@@ -307,7 +308,7 @@ def test_compose_orthanc_config_round_trip(tmp_path: Path) -> None:
     log.close()
     dest = demo.destination("pacs")
     node_dest = {"name": "pacs", "ae_title": dest.ae_title, "host": procs.LOOPBACK,
-                 "port": dicom_port}
+                 "port": dicom_port, "outputs": ["seg", "sr"]}  # the test expects CT, SEG, SR series
     rules = [{"name": r.name, "match": r.match, "models": r.models, "destinations": r.destinations}
              for r in demo.rules]
     node = start_node(tmp_path / "node", node_config(
