@@ -28,7 +28,7 @@ from dicom_node.results.common import (
     lo,
     series_description,
 )
-from dicom_node.results.registry import EncodeContext
+from dicom_node.results.context import EncodeContext
 from inference.prediction import Segment
 
 log = structlog.get_logger(__name__)

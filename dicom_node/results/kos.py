@@ -15,7 +15,7 @@ from pydicom.sr.codedict import codes as dcm_codes
 
 from dicom_node.results import drawing
 from dicom_node.results.common import contributing_equipment, fill_type2, lo, series_description
-from dicom_node.results.registry import EncodeContext
+from dicom_node.results.context import EncodeContext
 
 #: Results a KOS points at, in this order (those that were encoded in the same job).
 REFERENCED_OUTPUTS = ("seg", "sr", "gsps", "sc")

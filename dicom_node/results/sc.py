@@ -34,7 +34,7 @@ from dicom_node.results.common import (
     lo,
     series_description,
 )
-from dicom_node.results.registry import EncodeContext
+from dicom_node.results.context import EncodeContext
 from inference.prediction import Prediction, Segment
 
 EN_DASH = "\N{EN DASH}"
