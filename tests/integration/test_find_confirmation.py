@@ -86,12 +86,14 @@ def test_a_job_is_confirmed_by_find_at_the_archive_query_scp(tmp_path: Path, ort
     early = procs.start_storescp(tmp_path / "early", ae_title="EARLY")
     find_at = {"commitment": "find", "find_ae_title": "ORTHANC", "find_host": procs.LOOPBACK,
                "find_port": orthanc.port}
+    # The SEG and SR only (the default output profile adds GSPS, KOS and SC): the test counts them.
+    seg_sr = {"outputs": ["seg", "sr"], "notify_not_applied": False}
     destinations = [
         {"name": "early", "ae_title": "EARLY", "host": procs.LOOPBACK, "port": early.port,
-         "find_delay_seconds": 0, **find_at},
-        {"name": "orthanc", "ae_title": "ORTHANC", "host": procs.LOOPBACK, "port": orthanc.port},
+         "find_delay_seconds": 0, **find_at, **seg_sr},
+        {"name": "orthanc", "ae_title": "ORTHANC", "host": procs.LOOPBACK, "port": orthanc.port, **seg_sr},
         {"name": "archive", "ae_title": "ARCHIVE", "host": procs.LOOPBACK, "port": archive.port,
-         "find_delay_seconds": 0.5, **find_at},
+         "find_delay_seconds": 0.5, **find_at, **seg_sr},
     ]
     workdir = tmp_path / "node"
     node = None

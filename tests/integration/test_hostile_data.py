@@ -234,7 +234,7 @@ def test_operator_retry_after_the_attempt_limit_runs_the_job_again(tmp_path: Pat
         assert job.state == "done", job.reason
         assert job.attempts == 1
         events = [(e.state, e.detail) for e in catalog.job_events(job.id)]
-        assert ("queued", "retried by operator") in events
+        assert ("queued", "retried by operator (cli)") in events
         assert not any("poison" in (d or "") for _, d in events), events
         catalog.close()
     finally:
