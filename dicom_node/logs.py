@@ -224,6 +224,9 @@ def configure_logging(fmt: str = "auto", level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # Warnings (pydicom's and highdicom's quote values) become log records, scrubbed like any.
+    # Off first: captureWarnings(True) does nothing while it believes it is on, even when
+    # something since put warnings.showwarning back (a warnings.catch_warnings block does).
+    logging.captureWarnings(False)
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").handlers.clear()
     # pynetdicom logs every PDU at INFO; keep its warnings only.

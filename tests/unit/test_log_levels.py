@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import structlog
 
 from dicom_node.logs import configure_logging
 
@@ -14,6 +15,7 @@ from dicom_node.logs import configure_logging
 def test_library_info_lines_are_dropped_and_warnings_kept(library: str, capsys: pytest.CaptureFixture[str]) -> None:
     root = logging.getLogger()
     saved = root.handlers[:], root.level
+    saved_structlog = structlog.get_config()
     try:
         configure_logging("json")
         logger = logging.getLogger(library)
@@ -28,3 +30,5 @@ def test_library_info_lines_are_dropped_and_warnings_kept(library: str, capsys: 
         root.setLevel(level)
         for name in ("highdicom", "alembic"):
             logging.getLogger(name).setLevel(logging.NOTSET)
+        logging.captureWarnings(False)
+        structlog.configure(**saved_structlog)

@@ -15,7 +15,12 @@ from dicom_node import logs
 
 @pytest.fixture
 def json_lines():  # type: ignore[no-untyped-def]
-    """JSON log lines as ``configure_logging("json")`` renders them (read from its handler)."""
+    """JSON log lines as ``configure_logging("json")`` renders them (read from its handler).
+    structlog's configuration is put back afterwards: configure_logging caches loggers on first
+    use, which would keep later tests' ``capture_logs`` from seeing them."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     logs.configure_logging("json")
     buf = io.StringIO()
     [handler] = logging.getLogger().handlers
@@ -24,6 +29,9 @@ def json_lines():  # type: ignore[no-untyped-def]
     yield lambda: [json.loads(line) for line in buf.getvalue().splitlines() if line.startswith("{")]
     logging.captureWarnings(False)
     logs._PHI_VALUES.clear()
+    structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def test_quoted_parts_of_library_text_are_removed() -> None:

@@ -142,7 +142,8 @@ def test_masses_encode_as_seg_and_sr(tmp_path: Path, model: LungNoduleModel) -> 
     types = [item.SegmentedPropertyTypeCodeSequence[0].CodeValue for item in encoded.seg.SegmentSequence]
     assert types.count("4147007") == 3 and types.count("27925004") == 1
     labels = [item.SegmentLabel for item in encoded.seg.SegmentSequence]
-    assert sorted(labels) == ["Mass", "Mass", "Mass", "Nodule"]
+    # Each segment is labelled with its finding's tracking id (distinct labels, issue 16).
+    assert sorted(labels) == ["Mass 1", "Mass 2", "Mass 3", "Nodule 1"]
 
     findings: list[str] = []
 
