@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,6 +26,18 @@ def require_tool(*names: str) -> None:
         if REQUIRE_TOOLS:
             pytest.fail(msg + " (DICOM_NODE_REQUIRE_TOOLS=1)")
         pytest.skip(msg)
+
+
+def require_playwright() -> Any:
+    """playwright's ``sync_playwright`` (skip, or fail under DICOM_NODE_REQUIRE_TOOLS=1, without it)."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        msg = "the Python package playwright is not installed (pip install playwright)"
+        if REQUIRE_TOOLS:
+            pytest.fail(msg + " (DICOM_NODE_REQUIRE_TOOLS=1)")
+        pytest.skip(msg)
+    return sync_playwright
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from dicom_node.catalog import Catalog, JobState
 from dicom_node.catalog import heartbeats as heartbeat
 from dicom_node.scheduling.jobs import queue_job
 from dicom_node.web import WebServer, create_app
-from tests.conftest import REQUIRE_TOOLS, require_tool
+from tests.conftest import require_playwright, require_tool
 from tests.support.queues import MemoryQueue
 from tests.unit.test_web_api import (
     ROOT,
@@ -44,22 +44,13 @@ CHROMIUM_FLAGS = [
 CRASH = "model crashed: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
 
 
-def _playwright() -> Any:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        msg = "the Python package playwright is not installed (pip install playwright)"
-        if REQUIRE_TOOLS:
-            pytest.fail(msg + " (DICOM_NODE_REQUIRE_TOOLS=1)")
-        pytest.skip(msg)
-    return sync_playwright
 
 
 @pytest.fixture
 def browser_page(tmp_path: Path) -> Iterator[Any]:
     """A page of the Debian Chromium (never a downloaded browser) with a fresh profile."""
     require_tool("chromium")
-    sync_playwright = _playwright()
+    sync_playwright = require_playwright()
     with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
             user_data_dir=str(tmp_path / "chromium-profile"),

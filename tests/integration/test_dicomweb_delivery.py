@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,38 +17,21 @@ from dicom_node.errors import PermanentError, TransientError
 from dicom_node.settings import DestinationSettings
 from tests.conftest import require_tool
 from tests.integration.test_faults import catalog_of, rule, series_files, storescu, wait_job
-from tests.support import procs
+from tests.support import ohif, procs
 from tests.support.node import node_config, start_node, wait_until
 
 pytestmark = pytest.mark.integration
 USER, PASSWORD = "node", "s3cret-stow-pw"
-PLUGINS = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/lib/orthanc/libOrthancDicomWeb.so.1.7")
 
 
 @pytest.fixture
 def orthanc(tmp_path: Path) -> Iterator[procs.Server]:
     """Orthanc with its DICOMweb plugin at /dicom-web, basic auth (user ``node``) on free ports."""
     require_tool("Orthanc")
-    plugin = next((p for p in PLUGINS if Path(p).exists()), None)
-    if plugin is None:
+    if ohif.dicomweb_plugin() is None:
         require_tool("libOrthancDicomWeb.so")  # skips, or fails under DICOM_NODE_REQUIRE_TOOLS=1
-    work = tmp_path / "orthanc"
-    (work / "db").mkdir(parents=True)
-    http, dicom = procs.free_port(), procs.free_port()
-    (work / "orthanc.json").write_text(json.dumps({
-        "Name": "stow-target", "StorageDirectory": str(work / "db"), "IndexDirectory": str(work / "db"),
-        "HttpPort": http, "DicomPort": dicom, "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": True, "RegisteredUsers": {USER: PASSWORD},
-        "Plugins": [plugin], "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Ssl": False},
-    }))
-    log = (work / "orthanc.log").open("wb")
-    proc = subprocess.Popen(["Orthanc", str(work / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT, cwd=work)
-    server = procs.Server(proc, http, work, work / "orthanc.log", extra={"dicom_port": str(dicom)})
-    try:
-        procs.wait_for_port(http, proc=proc, timeout=60)
+    with ohif.start_orthanc(tmp_path / "orthanc", users={USER: PASSWORD}) as server:
         yield server
-    finally:
-        procs.stop_process(proc)
 
 
 def _stored_sop_uids(port: int) -> set[str]:

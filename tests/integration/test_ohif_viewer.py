@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import REQUIRE_TOOLS, require_tool
+from tests.conftest import REQUIRE_TOOLS, require_playwright, require_tool
 from tests.support import ohif
 from tests.support.study import Study, build_study
 
@@ -45,15 +45,6 @@ CHROMIUM_FLAGS = [
 VIEWPORT = {"width": 1400, "height": 900}
 
 
-def _playwright() -> Any:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        msg = "the Python package playwright is not installed (pip install playwright)"
-        if REQUIRE_TOOLS:
-            pytest.fail(msg + " (DICOM_NODE_REQUIRE_TOOLS=1)")
-        pytest.skip(msg)
-    return sync_playwright
 
 
 def _need_viewer() -> Path:
@@ -89,7 +80,7 @@ class Viewer:
 @pytest.fixture(scope="module")
 def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Viewer, Study]]:
     dist = _need_viewer()
-    sync_playwright = _playwright()
+    sync_playwright = require_playwright()
     tmp = tmp_path_factory.mktemp("ohif")
     study = build_study(tmp / "data")
     with ohif.start_orthanc(tmp / "orthanc") as orthanc:

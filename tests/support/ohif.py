@@ -90,8 +90,9 @@ def dicomweb_plugin() -> str | None:
 
 
 @contextmanager
-def start_orthanc(workdir: Path) -> Iterator[procs.Server]:
-    """Orthanc with the DICOMweb plugin on free loopback ports (``/dicom-web/``), no auth."""
+def start_orthanc(workdir: Path, users: dict[str, str] | None = None) -> Iterator[procs.Server]:
+    """Orthanc with the DICOMweb plugin on free loopback ports (``/dicom-web/``); HTTP basic
+    authentication for ``users`` (name -> password) when given, else none."""
     plugin = dicomweb_plugin()
     if plugin is None:
         raise FileNotFoundError("orthanc-dicomweb plugin not installed")
@@ -105,7 +106,8 @@ def start_orthanc(workdir: Path) -> Iterator[procs.Server]:
         "StorageDirectory": str(workdir / "db"),
         "IndexDirectory": str(workdir / "db"),
         "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
+        "AuthenticationEnabled": bool(users),
+        "RegisteredUsers": users or {},
         "Plugins": [plugin],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False},
     }
