@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 import select
+import threading
 import time
 from pathlib import Path
 
+import pytest
+from kombu import Connection, Consumer, Producer, Queue  # type: ignore[attr-defined]
+
+from dicom_node._compat import kombu as sqla_transport
 from dicom_node._compat.kombu import WakeSocket, wake_consumers, wake_dir
 
 
@@ -41,3 +46,36 @@ def test_publish_wakes_a_sleeping_consumer_and_stale_sockets_go(tmp_path: Path) 
         consumer.close()
         stale.close()
     assert not consumer.path.exists()
+
+
+def test_stop_consuming_wakes_the_sleeper_and_fetches_nothing_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker told to stop (Celery's ``worker_shutting_down``) ends the wait it is in at once
+    and ``drain_events`` returns without taking the message waiting in the queue, which a
+    consumer that has not stopped then gets."""
+    monkeypatch.setattr(sqla_transport, "_stopping_pid", None)  # the flag is per process
+    sqla_transport.register()
+    folder = wake_dir(f"sqlite:///{tmp_path / 'sleep.db'}")
+    assert folder is not None
+    sleeper = WakeSocket(folder)
+    try:
+        waiting = threading.Thread(target=sleeper.wait, args=(120.0,))
+        waiting.start()
+        sqla_transport.stop_consuming()
+        waiting.join(60.0)
+        assert not waiting.is_alive(), "stop_consuming did not wake the sleeping consumer"
+    finally:
+        sleeper.close()
+
+    got: list[object] = []
+    queue = Queue("t")
+    with Connection(f"sqla+sqlite:///{tmp_path / 'broker.db'}") as conn, conn.channel() as channel:
+        Producer(channel).publish({"job": 1}, routing_key="t", declare=[queue])
+        with Consumer(conn, [queue], callbacks=[lambda body, msg: (got.append(body), msg.ack())]):
+            with pytest.raises(TimeoutError):
+                conn.drain_events(timeout=120)
+            assert got == []
+            monkeypatch.setattr(sqla_transport, "_stopping_pid", os.getpid() + 1)  # another process's flag
+            conn.drain_events(timeout=120)
+    assert got == [{"job": 1}]
