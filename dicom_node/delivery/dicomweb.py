@@ -55,8 +55,17 @@ def _session(dest: DestinationSettings) -> requests.Session:
 
 
 def _client(dest: DestinationSettings) -> DICOMwebClient:
+    """A client that tries each request once: ``[delivery]`` retries with its own backoff.
+
+    dicomweb-client retries by itself, up to 5 times with 2, 4, 8, 16 s pauses, on any
+    exception (a refused connection included) and on 408/429/503/504: an archive that is down
+    held one delivery attempt for 30 s before the node even counted it, and the prober and
+    ``dicom-node echo`` as long.
+    """
     assert dest.url is not None  # the settings require it for a dicomweb destination
-    return DICOMwebClient(dest.url.rstrip("/"), session=_session(dest), timeout=dest.timeout_seconds)
+    client = DICOMwebClient(dest.url.rstrip("/"), session=_session(dest), timeout=dest.timeout_seconds)
+    client.set_http_retry_params(retry=False)
+    return client
 
 
 def _http_error(dest: DestinationSettings, exc: requests.RequestException) -> Exception:

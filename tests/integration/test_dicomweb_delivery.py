@@ -5,7 +5,9 @@ environment, readable failures without the secret in them."""
 from __future__ import annotations
 
 import base64
+import http.server
 import json
+import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,6 +86,42 @@ def test_wrong_password_fails_readably_without_the_secret(
     monkeypatch.setenv("STOW_PASSWORD", PASSWORD)
     with pytest.raises(TransientError, match="unreachable"):
         send_files(dest, files, calling_ae_title="DICOM_NODE")
+
+
+def test_a_busy_server_is_asked_once_per_delivery_attempt(tmp_path: Path) -> None:
+    """HTTP 503 is transient and the request is sent once: ``[delivery]`` retries with its own
+    backoff and count (dicomweb-client's own retries, 2 + 4 + 8 + 16 s, are off)."""
+    posts: list[str] = []
+
+    class Busy(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            posts.append(self.path)
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer((procs.LOOPBACK, 0), Busy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        dest = DestinationSettings.model_validate({
+            "name": "busy", "type": "dicomweb", "url": f"http://{procs.LOOPBACK}:{server.server_port}/dicom-web",
+        })
+        with pytest.raises(TransientError, match="HTTP 503"):
+            send_files(dest, series_files(tmp_path, "stow-busy")[:1], calling_ae_title="DICOM_NODE")
+        assert posts == ["/dicom-web/studies/" + _study_of(tmp_path / "stow-busy")]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _study_of(folder: Path) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(next(folder.rglob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
 
 
 @pytest.mark.slow
