@@ -520,8 +520,10 @@ def test_late_instance_reprocesses_with_the_same_result_uids(tmp_path: Path) -> 
     SEG and SR carry the same SOP Instance UIDs, so the archive replaces the first results."""
     archive = start_archive(tmp_path / "archive")
     workdir = tmp_path / "node"
+    # The first 12 of 13 (ImagesInAcquisition) are processed after the incomplete grace, whose
+    # default of 60 s was the whole of this test's wait.
     config = node_config(workdir, idle_seconds=0.5, destinations=[destination(archive.port)],
-                         rules=[rule("ct", "ct-tissue", ["archive"])])
+                         rules=[rule("ct", "ct-tissue", ["archive"])], completion={"incomplete_grace_seconds": 0.5})
     node = start_node(workdir, config)
     try:
         catalog = catalog_of(node)

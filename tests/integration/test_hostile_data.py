@@ -323,7 +323,9 @@ def test_duplicate_sop_instance_uid_in_another_series_is_refused(tmp_path: Path)
     from dicom_node.demo import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets, write_datasets
 
     workdir = tmp_path / "node"
-    node = start_node(workdir, node_config(workdir, idle_seconds=0.5, rules=[rule("ct", "ct-tissue", [])]))
+    # B arrives 11 of 12 (ImagesInAcquisition): a short incomplete grace, not the default 60 s.
+    node = start_node(workdir, node_config(workdir, idle_seconds=0.5, rules=[rule("ct", "ct-tissue", [])],
+                                           completion={"incomplete_grace_seconds": 0.5}))
     try:
         phantom = make_chest_phantom(ChestSpec(slices=12))
         a = slice_datasets(phantom.hu, phantom.affine, SeriesInfo(seed="dup-a", patient_id="PAT-A"))
