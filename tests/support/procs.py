@@ -8,23 +8,56 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
 
 
+#: Ports handed out by :func:`free_port`: below Linux's ephemeral range (32768-60999), so no
+#: outgoing connection (storescu, a C-ECHO probe, an HTTP client) can take one between the check
+#: and the server binding it, as it could a port from ``bind(0)``.  Split in one block per
+#: pytest-xdist worker (``make test`` runs several), so two workers never get the same port.
+PORT_RANGE = (12000, 32000)
+PORT_BLOCKS = 8
+_next_port: dict[str, int] = {}
+
+
+def _port_block() -> tuple[int, int]:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # gw0, gw1, ...; gw0 without xdist
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    size = (PORT_RANGE[1] - PORT_RANGE[0]) // PORT_BLOCKS
+    start = PORT_RANGE[0] + (index % PORT_BLOCKS) * size
+    return start, size
+
+
 def free_port() -> int:
-    """A TCP port on the loopback interface that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
+    """A TCP port on the loopback interface that is free right now and that no other call in this
+    test run returns (see :data:`PORT_RANGE`).
+
+    Each process walks its worker's block from a random start (another test run on the same
+    machine starts elsewhere) and skips ports something is bound to.
+    """
+    start, size = _port_block()
+    key = f"{os.getpid()}-{start}"
+    offset = _next_port.setdefault(key, random.randrange(size))  # noqa: S311 - not cryptography
+    for step in range(size):
+        port = start + (offset + step) % size
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((LOOPBACK, port))
+            except OSError:
+                continue
+        _next_port[key] = offset + step + 1
+        return port
+    raise RuntimeError(f"no free port in {start}-{start + size - 1}")
 
 
 def wait_for_port(
@@ -99,6 +132,17 @@ def _spawn(
     return proc, log
 
 
+def _on_a_free_port(start: Callable[[int], Server], attempts: int = 3) -> Server:
+    """``start(port)`` on a :func:`free_port`; again on another if the server died before listening."""
+    for attempt in range(attempts):
+        try:
+            return start(free_port())
+        except RuntimeError:  # wait_for_port: the process exited (e.g. address already in use)
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def start_storescp(
     workdir: Path,
     *,
@@ -108,7 +152,9 @@ def start_storescp(
     extra_args: Sequence[str] = (),
 ) -> Server:
     """DCMTK ``storescp`` accepting everything, writing files into ``workdir/received``."""
-    port = port or free_port()
+    if port is None:  # a port taken by someone else in the meantime: try the next one
+        return _on_a_free_port(lambda p: start_storescp(workdir, ae_title=ae_title, port=p, nodelay=nodelay,
+                                                        extra_args=extra_args))
     out = workdir / "received"
     out.mkdir(parents=True, exist_ok=True)
     args = [
@@ -129,7 +175,8 @@ def start_storescp(
 
 def start_redis(workdir: Path, *, port: int | None = None) -> Server:
     """A throwaway ``redis-server`` (no persistence) on a free loopback port."""
-    port = port or free_port()
+    if port is None:
+        return _on_a_free_port(lambda p: start_redis(workdir, port=p))
     args = [
         "redis-server",
         "--port",
