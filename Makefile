@@ -9,6 +9,10 @@ PIP     = $(PY) -m pip --disable-pip-version-check
 # torch is pinned to the small CPU wheel on the test/CI path; pyproject keeps a range for users.
 CONSTRAINTS = -c constraints.txt
 PYTEST_ARGS ?=
+# The suite runs in 2 pytest-xdist processes, one test file each at a time (module fixtures such as
+# a shared node stay in one process): most of an integration test is waiting on real processes.
+# TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: run test install install-test viewer lint typecheck bench clean
 
@@ -47,7 +51,7 @@ run: install
 	$(VENV)/bin/dicom-node serve --config $(CONFIG)
 
 test: install-test viewer
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: install-test
 	$(VENV)/bin/ruff check dicom_node inference workers tests benchmarks
