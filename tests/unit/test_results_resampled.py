@@ -10,7 +10,9 @@ volume whose every voxel is a mask voxel of the source, at most half a pixel awa
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -154,6 +156,33 @@ def test_dcmqi_reads_the_resampled_seg_of_a_tilted_stack_onto_the_masks(
         assert centroid_shift(indices, segment.mask) <= 0.5
 
 
+def test_dcmqi_reads_the_resampled_seg_of_a_stack_sheared_both_ways_feet_first(
+    phantom: Phantom, tmp_path: Path
+) -> None:
+    """Slices acquired feet-ward and sheared along both the rows and the columns: the grid moves
+    planes both ways and dcmqi still gets the mask voxels."""
+    affine = quirks.tilted_affine(phantom.hu.shape, 3.5, 5.0, -12.0)
+    affine[:3, 0] = (1.2, 0.0, -5.0)  # 1.2 mm sideways per slice, towards the feet
+    affine[:3, 3] = phantom.affine[:3, 3]
+    datasets = slice_datasets(phantom.hu, affine, quirks.series_info("resampled-oblique"))
+    loaded = load_series(write_datasets(datasets, tmp_path / "ct"))
+    grid = orthogonal_grid(loaded.volume)
+    assert grid is not None and grid.shift[:, 0].max() > 0 and grid.shift[:, 1].max() > 0
+    # Grid voxel (k, 0, 0) of every plane lies on one line along the plane normal.
+    steps = np.diff(grid.positions, axis=0)
+    np.testing.assert_allclose(np.linalg.norm(steps, axis=1), grid.step, atol=1e-6)
+    np.testing.assert_allclose(steps / grid.step, np.broadcast_to(steps[0] / grid.step, steps.shape), atol=1e-9)
+    prediction = prediction_of(phantom)
+    # The loader stacks the slices along the plane normal: head-ward, the acquisition reversed.
+    np.testing.assert_allclose(loaded.volume.affine[:3, 0], -affine[:3, 0], atol=1e-3)
+    prediction = Prediction("m", "1", [Segment(s.label, s.mask[::-1].copy(), tracking_id=s.tracking_id)
+                                       for s in prediction.segments])
+    files, text = to_nrrd(encode(loaded, prediction)[KIND][0], tmp_path, "resampled")
+    assert [f.name for f in files] == ["1.nrrd", "2.nrrd"], text
+    for nrrd, segment in zip(files, prediction.segments, strict=True):
+        assert_on_the_mask(source_indices(nrrd, loaded.volume.affine), segment.mask, pixel_tolerance=0.5)
+
+
 @pytest.mark.parametrize("seg_type", ["BINARY", "LABELMAP"])
 def test_dcmqi_reads_the_resampled_seg_of_a_tilted_enhanced_mr(
     phantom: Phantom, tmp_path: Path, seg_type: str
@@ -168,22 +197,20 @@ def test_dcmqi_reads_the_resampled_seg_of_a_tilted_enhanced_mr(
     encoded = encode(loaded, prediction, segmentation_type=seg_type)
     files, text = to_nrrd(encoded[KIND][0], tmp_path, "resampled")
     assert "ERROR" not in text, text
-    assert files, text
-    image = sitk.GetArrayFromImage(sitk.ReadImage(str(files[0])))
-    for number, segment in enumerate(prediction.segments, start=1):
-        nrrd = tmp_path / f"label-{number}.nrrd"
-        if len(files) == 1:  # one label map holding every segment number
-            one = sitk.ReadImage(str(files[0]))
-            sitk.WriteImage(_label(one, image == number), str(nrrd))
-        else:
-            nrrd = files[number - 1]
+    if seg_type == "BINARY":  # one volume per segment
+        assert [f.name for f in files] == ["1.nrrd", "2.nrrd"], text
+        per_segment = files
+    else:  # one label map holding the segment numbers
+        assert [f.name for f in files] == ["1.nrrd"], text
+        labels = sitk.ReadImage(str(files[0]))
+        per_segment = []
+        for number in (1, 2):
+            one = sitk.GetImageFromArray((sitk.GetArrayFromImage(labels) == number).astype(np.uint8))
+            one.CopyInformation(labels)
+            per_segment.append(tmp_path / f"label-{number}.nrrd")
+            sitk.WriteImage(one, str(per_segment[-1]))
+    for nrrd, segment in zip(per_segment, prediction.segments, strict=True):
         assert_on_the_mask(source_indices(nrrd, loaded.volume.affine), segment.mask, pixel_tolerance=0.5)
-
-
-def _label(like: sitk.Image, mask: np.ndarray) -> sitk.Image:
-    out = sitk.GetImageFromArray(mask.astype(np.uint8))
-    out.CopyInformation(like)
-    return out
 
 
 def test_resampled_seg_is_valid_and_keeps_frame_of_reference_and_tracking(
@@ -254,3 +281,56 @@ def test_untilted_and_stacked_series_get_no_resampled_seg(phantom: Phantom, tmp_
     stacked = load_series(write_datasets(datasets, tmp_path / "stacked"))
     assert isinstance(stacked.volume, StackedVolume)
     assert encode(stacked, prediction)[KIND] == []
+
+
+@pytest.mark.slow
+def test_cornerstone_reads_the_tilted_seg_and_refuses_the_resampled_one(
+    phantom: Phantom, tmp_path: Path
+) -> None:
+    """OHIF's SEG reader (@cornerstonejs/adapters, as OHIF 3.13.2 bundles it) reads the
+    source-frame SEG of a tilted stack voxel for voxel on the right slices, and refuses the
+    resampled one (its frames are not the source's Rows x Columns): OHIF destinations get
+    ``seg``, dcmqi/Slicer destinations ``seg-resampled`` as well."""
+    from tests.unit.test_results_dcmjs import VIEWER, _node_modules
+
+    _node_modules()
+    loaded = tilted_series(phantom, TILT_DEG, tmp_path)
+    prediction = prediction_of(phantom)
+    encoded = encode(loaded, prediction)
+    sources = []
+    for k, (i, _) in enumerate(loaded.frame_refs):
+        path = tmp_path / f"source-{k:03d}.dcm"
+        loaded.sources[i].save_as(path, enforce_file_format=True)
+        sources.append(str(path))
+
+    def parse(seg: Dataset, name: str) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / f"{name}.dcm"
+        seg.save_as(path, enforce_file_format=True)
+        return subprocess.run([shutil.which("node") or "node", "parse_results.mjs", "--sources", *sources,
+                               "--results", str(path)], cwd=VIEWER, capture_output=True, text=True,
+                              timeout=120, check=False)
+
+    res = parse(encoded["seg"][0], "source")
+    assert res.returncode == 0, res.stderr[-3000:]
+    (summary,) = json.loads(res.stdout)
+    for number, segment in enumerate(prediction.segments, start=1):
+        got = summary["segments"][str(number)]
+        assert got["voxels"] == int(segment.mask.sum())
+        assert got["slices"] == np.flatnonzero(segment.mask.any(axis=(1, 2))).tolist()
+
+    res = parse(encoded[KIND][0], "resampled")
+    assert res.returncode != 0 and "different geometry dimensions (Rows and Columns)" in res.stderr
+
+
+def test_kos_references_the_resampled_seg(phantom: Phantom, tmp_path: Path) -> None:
+    """A KOS encoded with the resampled SEG lists it among the referenced results."""
+    loaded = tilted_series(phantom, TILT_DEG, tmp_path)
+    encoded = encode_outputs(prediction_of(phantom), loaded.volume, loaded.sources,
+                             loaded.frame_refs, ["seg", KIND, "kos"])
+    (kos,) = encoded["kos"]
+    referenced = {item.ReferencedSOPInstanceUID
+                  for study in kos.CurrentRequestedProcedureEvidenceSequence
+                  for series in study.ReferencedSeriesSequence
+                  for item in series.ReferencedSOPSequence}
+    assert encoded[KIND][0].SOPInstanceUID in referenced
+    assert encoded["seg"][0].SOPInstanceUID in referenced
