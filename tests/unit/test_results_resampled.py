@@ -183,12 +183,12 @@ def test_dcmqi_reads_the_resampled_seg_of_a_stack_sheared_both_ways_feet_first(
         assert_on_the_mask(source_indices(nrrd, loaded.volume.affine), segment.mask, pixel_tolerance=0.5)
 
 
-@pytest.mark.parametrize("seg_type", ["BINARY", "LABELMAP"])
+@pytest.mark.parametrize("seg_type", ["BINARY", "FRACTIONAL", "LABELMAP"])
 def test_dcmqi_reads_the_resampled_seg_of_a_tilted_enhanced_mr(
     phantom: Phantom, tmp_path: Path, seg_type: str
 ) -> None:
-    """An enhanced MR with its geometry only per frame, tilted: the resampled SEG (binary or
-    label map) converts to the mask voxels."""
+    """An enhanced MR with its geometry only per frame, tilted: the resampled SEG (binary,
+    fractional or label map) converts to the mask voxels."""
     loaded = tilted_series(phantom, TILT_DEG, tmp_path, enhanced=True)
     prediction = prediction_of(phantom)
     if seg_type == "LABELMAP":  # disjoint segments only
@@ -197,7 +197,7 @@ def test_dcmqi_reads_the_resampled_seg_of_a_tilted_enhanced_mr(
     encoded = encode(loaded, prediction, segmentation_type=seg_type)
     files, text = to_nrrd(encoded[KIND][0], tmp_path, "resampled")
     assert "ERROR" not in text, text
-    if seg_type == "BINARY":  # one volume per segment
+    if seg_type != "LABELMAP":  # one volume per segment
         assert [f.name for f in files] == ["1.nrrd", "2.nrrd"], text
         per_segment = files
     else:  # one label map holding the segment numbers
