@@ -149,7 +149,8 @@ def failed_delivery_attempts(catalog: Catalog) -> dict[str, int]:
 
 
 def unconfirmed_objects(catalog: Catalog) -> dict[str, int]:
-    """Per destination, the delivered objects a C-FIND did not find (``unconfirmed``)."""
+    """Per destination, the delivered objects a C-FIND or storage commitment did not confirm
+    (``unconfirmed``)."""
     out: dict[str, int] = {}
     with catalog.session() as s:
         rows = s.execute(
@@ -159,6 +160,22 @@ def unconfirmed_objects(catalog: Catalog) -> dict[str, int]:
         for destination, objects in rows:
             n = len([o for o in json.loads(objects or "[]") if o.get("outcome") == "unconfirmed"])
             out[destination] = out.get(destination, 0) + n
+    return out
+
+
+def confirmation_seconds(catalog: Catalog) -> dict[str, list[float]]:
+    """Per destination, the seconds from the C-STORE success to the confirmation (C-FIND or
+    storage commitment) of every confirmed object."""
+    out: dict[str, list[float]] = {}
+    with catalog.session() as s:
+        rows = s.execute(
+            select(DeliveryRow.destination, DeliveryRow.objects_json)
+            .where(DeliveryRow.objects_json.like('%"confirmation_seconds"%'))
+        )
+        for destination, objects in rows:
+            for o in json.loads(objects or "[]"):
+                if o.get("outcome") == "confirmed" and o.get("confirmation_seconds") is not None:
+                    out.setdefault(destination, []).append(float(o["confirmation_seconds"]))
     return out
 
 
