@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -249,3 +250,53 @@ def test_a_node_killed_before_the_report_completes_the_commitment_once(tmp_path:
         if node is not None:
             node.stop()
         server.stop()
+
+
+def test_a_report_on_the_same_association_is_taken(tmp_path: Path) -> None:
+    """An archive that accepts our SCP role and reports on the N-ACTION's own association
+    (played by a pynetdicom Storage Commitment SCP: Orthanc and dcm4chee-arc always open a new
+    one): the worker's wait takes the report, the loop confirms the objects."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StorageCommitmentPushModel,
+        StorageCommitmentPushModelInstance,
+    )
+
+    def on_action(event: Any) -> tuple[int, None]:
+        info, assoc = event.action_information, event.assoc
+
+        def report() -> None:
+            time.sleep(0.2)  # after the N-ACTION-RSP
+            ds = Dataset()
+            ds.TransactionUID = info.TransactionUID
+            ds.ReferencedSOPSequence = info.ReferencedSOPSequence
+            assoc.send_n_event_report(ds, 1, StorageCommitmentPushModel, StorageCommitmentPushModelInstance)
+        threading.Thread(target=report, daemon=True).start()
+        return 0x0000, None
+
+    scp = AE("ARCHIVE")
+    scp.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+    port = procs.free_port()
+    server = scp.start_server((procs.LOOPBACK, port), block=False, evt_handlers=[(evt.EVT_N_ACTION, on_action)])
+    node = NodeSide(tmp_path / "node")
+    try:
+        dest = DestinationSettings(name="orthanc", ae_title="ARCHIVE", host=procs.LOOPBACK, port=port,
+                                   commitment="storage-commitment", commitment_wait_seconds=5)
+        settings = Settings(listener=node.listener_settings, destinations=[dest])
+        files = series_files(tmp_path, "commit-same")[:2]
+        job_id = node.job(files)
+        from dicom_node.delivery.report import InstanceResult, SendReport
+
+        meta = [instance_from_file(f) for f in files]
+        sent = SendReport("orthanc", tuple(InstanceResult(f, m.sop_instance_uid, 0, sop_class_uid=m.sop_class_uid)
+                                           for f, m in zip(files, meta, strict=True)))
+        start_transaction(node.catalog, job_id, dest, sent, sent.records(), calling_ae_title="DICOM_NODE")
+        [row] = commitments.of_job(node.catalog, job_id)
+        assert row.state == commitments.REPORTED and row.requests == 1  # before any loop pass
+        [row] = node.settle(settings, job_id)
+        [delivery] = node.catalog.deliveries(job_id)
+        assert {o["outcome"] for o in delivery.objects} == {"confirmed"}
+    finally:
+        node.stop()
+        server.shutdown()
