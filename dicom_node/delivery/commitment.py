@@ -13,7 +13,8 @@ This module only speaks DICOM; the transaction's state lives in the catalog
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,9 +91,14 @@ def parse_report(event_type: int | None, info: Dataset) -> Report:
 
 
 def request(dest: DestinationSettings, transaction_uid: str, refs: Sequence[Reference], *,
-            calling_ae_title: str, wait_seconds: float, timeout: float = 30) -> Report | None:
+            calling_ae_title: str, wait_seconds: float, timeout: float = 30,
+            reported_elsewhere: Callable[[], bool] | None = None) -> Report | None:
     """Send one N-ACTION for ``refs``; return the report if it came on this association within
     ``wait_seconds``, else ``None`` (it will come on a new association, or never).
+
+    ``reported_elsewhere`` (polled every 0.25 s while waiting) ends the wait early when the
+    report already came on another association, so an archive that always reports on a new one
+    costs no waiting.
 
     Raises
     ------
@@ -131,8 +137,10 @@ def request(dest: DestinationSettings, transaction_uid: str, refs: Sequence[Refe
             raise TransientError(f"archive {where} sent no N-ACTION response (timed out or aborted)")
         if not statuses.is_success(code):
             raise TransientError(f"archive {where} answered the commitment request with {statuses.describe(code)}")
-        if wait_seconds > 0:
-            arrived.wait(wait_seconds)
+        deadline = time.monotonic() + wait_seconds
+        while not arrived.wait(min(0.25, max(deadline - time.monotonic(), 0))):
+            if time.monotonic() >= deadline or (reported_elsewhere is not None and reported_elsewhere()):
+                break
     finally:
         if assoc.is_established:
             assoc.release()

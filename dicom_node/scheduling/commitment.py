@@ -62,7 +62,8 @@ def request_now(catalog: Catalog, dest: DestinationSettings, row: CommitmentRow,
         return
     try:
         report = commitment.request(dest, row.transaction_uid, _refs(row), calling_ae_title=calling_ae_title,
-                                    wait_seconds=dest.commitment_wait_seconds)
+                                    wait_seconds=dest.commitment_wait_seconds,
+                                    reported_elsewhere=lambda: _reported(catalog, row.transaction_uid))
     except DicomNodeError as exc:
         commitments.request_failed(catalog, row.transaction_uid, str(exc))
         log.warning("commitment_request_failed", destination=dest.name, transaction_uid=row.transaction_uid,
@@ -70,6 +71,11 @@ def request_now(catalog: Catalog, dest: DestinationSettings, row: CommitmentRow,
         return
     if report is not None:
         commitments.record_report(catalog, report.transaction_uid, report.committed, report.failed, time.time())
+
+
+def _reported(catalog: Catalog, transaction_uid: str) -> bool:
+    current = commitments.get(catalog, transaction_uid)
+    return current is None or current.state != commitments.REQUESTED
 
 
 def _unconfirmed(row: CommitmentRow, reason: str) -> dict[str, dict[str, Any]]:

@@ -130,7 +130,10 @@ def _deliver_and_lose_one(node: NodeSide, server: procs.Server, dest: Destinatio
     assert orthanc_id is not None
     _rest(server, "DELETE", f"/instances/{orthanc_id}")
     assert orthanc_has(server, lost) is None
+    started = time.monotonic()
     start_transaction(node.catalog, job_id, dest, report, report.records(), calling_ae_title="DICOM_NODE")
+    # The wait on the N-ACTION's association ends as soon as the report came on another one.
+    assert time.monotonic() - started < dest.commitment_wait_seconds or dest.commitment_wait_seconds == 0
     return job_id, files, lost
 
 
@@ -140,11 +143,11 @@ def test_a_failed_commitment_is_sent_again_then_confirmed(tmp_path: Path,
     association to the listener) fails that one; the node sends it again, asks again, and both
     objects end ``confirmed`` with their confirmation time."""
     node, server = node_and_orthanc
-    dest = _dest(server, commitment_resends=1)
+    dest = _dest(server, commitment_resends=1, commitment_wait_seconds=5)
     settings = Settings(listener=node.listener_settings, destinations=[dest])
     job_id, _files, lost = _deliver_and_lose_one(node, server, dest, tmp_path, "commit-resend")
     first, second = node.settle(settings, job_id)
-    assert first.round == 0 and first.requests == 1
+    assert first.round == 0 and first.requests == 1 and first.reported_at is not None
     assert list(first.report["failed"]) == [lost]
     assert first.report["failed"][lost].endswith("(0x0112)"), first.report  # no such object instance
     assert [o["sop_instance_uid"] for o in second.objects] == [lost]
@@ -279,6 +282,7 @@ def test_a_report_on_the_same_association_is_taken(tmp_path: Path) -> None:
     scp.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
     port = procs.free_port()
     server = scp.start_server((procs.LOOPBACK, port), block=False, evt_handlers=[(evt.EVT_N_ACTION, on_action)])
+    assert server is not None
     node = NodeSide(tmp_path / "node")
     try:
         dest = DestinationSettings(name="orthanc", ae_title="ARCHIVE", host=procs.LOOPBACK, port=port,
