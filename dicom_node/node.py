@@ -124,6 +124,9 @@ class Node:
                                  metrics=self.metrics)
         self.completion = CompletionLoop(settings, self.catalog, queue)
         self.retention = RetentionLoop(settings, self.catalog)
+        from dicom_node.scheduling.commitment import CommitmentLoop
+
+        self.commitment = CommitmentLoop(settings, self.catalog)
         from dicom_node.delivery.probe import DestinationProber
 
         self.prober = DestinationProber(settings, interval=settings.delivery.probe_interval_seconds)
@@ -152,6 +155,7 @@ class Node:
         self.recorder.start()
         self.completion.start()
         self.retention.start()
+        self.commitment.start()
         self.prober.start()
         if self.worker is not None:
             self.worker.start()
@@ -169,6 +173,7 @@ class Node:
         self.recorder.stop()
         self.completion.stop()
         self.retention.stop()
+        self.commitment.stop()
         self.prober.stop()
         if self.worker is not None:
             self.worker.stop()

@@ -249,9 +249,23 @@ class DestinationSettings(_Section):
     ca_bundle: Path | None = None
     #: dicomweb: seconds to wait for the server's answer to one request.
     timeout_seconds: float = Field(60.0, gt=0)
-    #: dicom: how delivery is proven. ``none`` (a C-STORE success is the evidence) or ``find``
-    #: (after the C-STORE, an IMAGE-level C-FIND per delivered object: present = confirmed).
-    commitment: Literal["none", "find"] = "none"
+    #: dicom: how delivery is proven. ``none`` (a C-STORE success is the evidence), ``find``
+    #: (after the C-STORE, an IMAGE-level C-FIND per delivered object: present = confirmed) or
+    #: ``storage-commitment`` (an N-ACTION of the Storage Commitment Push Model after the C-STORE;
+    #: the archive's N-EVENT-REPORT, on the same or a new association, confirms each object).
+    commitment: Literal["none", "find", "storage-commitment"] = "none"
+    #: storage-commitment: seconds to keep the N-ACTION's association open for the archive's
+    #: N-EVENT-REPORT (0: release at once; the report then comes on a new association).
+    commitment_wait_seconds: float = Field(5.0, ge=0)
+    #: storage-commitment: seconds without a report after an N-ACTION before it is sent again
+    #: (same Transaction UID).
+    commitment_timeout_seconds: float = Field(300.0, gt=0)
+    #: storage-commitment: N-ACTION requests per transaction; after the last one times out, its
+    #: objects are ``unconfirmed``.
+    commitment_max_requests: int = Field(3, ge=1)
+    #: storage-commitment: times an object the archive reports failed is sent again (C-STORE and
+    #: a new commitment request) before it is ``unconfirmed`` with the archive's reason.
+    commitment_resends: int = Field(1, ge=0)
     #: find: seconds to wait after the C-STORE before the C-FIND (archives index asynchronously).
     find_delay_seconds: float = Field(2.0, ge=0)
     #: find: the archive's query SCP when it differs from the storage SCP (default: ae_title,
@@ -277,6 +291,9 @@ class DestinationSettings(_Section):
             raise ValueError(f"destination {self.name!r}: auth bearer needs token_env or token_file")
         if self.commitment == "find" and self.type != "dicom":
             raise ValueError(f"destination {self.name!r}: commitment \"find\" needs type dicom (C-FIND)")
+        if self.commitment == "storage-commitment" and self.type != "dicom":
+            raise ValueError(f"destination {self.name!r}: commitment \"storage-commitment\" needs type dicom "
+                             "(N-ACTION)")
         return self
 
     @property

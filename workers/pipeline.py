@@ -386,8 +386,15 @@ def _deliver(ctx: WorkerContext, job: JobRow) -> list[str]:
             ctx.catalog.record_delivery(job.id, name, ok=False, error=str(exc))
             raise PermanentError(f"destination {name} refused the results: {exc}") from exc
         # A class the destination refused at negotiation is recorded per object, not a failure.
-        objects = report.records() if dest.commitment == "none" else _confirmed(dest, report, calling)
-        ctx.catalog.record_delivery(job.id, name, ok=True, objects=objects)
+        if dest.commitment == "storage-commitment":
+            from dicom_node.scheduling.commitment import start_transaction
+
+            # Recorded with its transaction, then the N-ACTION; the node's commitment loop
+            # applies the archive's report (docs/architecture.md, "What done means").
+            start_transaction(ctx.catalog, job.id, dest, report, report.records(), calling_ae_title=calling)
+        else:
+            objects = report.records() if dest.commitment == "none" else _confirmed(dest, report, calling)
+            ctx.catalog.record_delivery(job.id, name, ok=True, objects=objects)
         log.info("results_sent", job_id=job.id, destination=name, files=report.sent,
                  refused=[r.refused for r in report.refused])
         if dest.type == "dicom" and job.generation > 1:
@@ -436,8 +443,11 @@ def _confirmed(dest: Any, report: Any, calling: str) -> list[dict[str, Any]]:
     from dicom_node.delivery.confirm import confirm_by_find
 
     sent = [r for r in report.results if r.refused is None]
+    stored_at = time.time()
     time.sleep(dest.find_delay_seconds)
     found = {c.sop_instance_uid: c for c in confirm_by_find(dest, [r.path for r in sent], calling_ae_title=calling)}
+    # Time from the C-STORE success to the C-FIND answer (dicom_node_delivery_confirmation_seconds).
+    seconds = round(time.time() - stored_at, 3)
     records = []
     for result in report.results:
         record = result.record()
@@ -445,6 +455,8 @@ def _confirmed(dest: Any, report: Any, calling: str) -> list[dict[str, Any]]:
         if check is not None:
             record["outcome"] = "confirmed" if check.confirmed else "unconfirmed"
             record["detail"] = check.reason if not check.confirmed else record["detail"]
+            if check.confirmed:
+                record["confirmation_seconds"] = seconds
             if not check.confirmed:
                 log.warning("delivery_unconfirmed", destination=dest.name,
                             sop_instance_uid=result.sop_instance_uid, reason=check.reason)

@@ -149,7 +149,8 @@ def failed_delivery_attempts(catalog: Catalog) -> dict[str, int]:
 
 
 def unconfirmed_objects(catalog: Catalog) -> dict[str, int]:
-    """Per destination, the delivered objects a C-FIND did not find (``unconfirmed``)."""
+    """Per destination, the delivered objects a C-FIND or storage commitment did not confirm
+    (``unconfirmed``)."""
     out: dict[str, int] = {}
     with catalog.session() as s:
         rows = s.execute(
@@ -198,6 +199,22 @@ def delivered_before(catalog: Catalog, job: JobRow, destination: str) -> set[str
 def destination_findings(catalog: Catalog, kind: str) -> dict[str, str]:
     """Destinations with a finding of ``kind``, and its detail (for ``/metrics``, ``/readyz``)."""
     return {f.destination: f.detail for f in catalog.destination_findings() if f.kind == kind}
+
+
+def confirmation_seconds(catalog: Catalog) -> dict[str, list[float]]:
+    """Per destination, the seconds from the C-STORE success to the confirmation (C-FIND or
+    storage commitment) of every confirmed object."""
+    out: dict[str, list[float]] = {}
+    with catalog.session() as s:
+        rows = s.execute(
+            select(DeliveryRow.destination, DeliveryRow.objects_json)
+            .where(DeliveryRow.objects_json.like('%"confirmation_seconds"%'))
+        )
+        for destination, objects in rows:
+            for o in json.loads(objects or "[]"):
+                if o.get("outcome") == "confirmed" and o.get("confirmation_seconds") is not None:
+                    out.setdefault(destination, []).append(float(o["confirmation_seconds"]))
+    return out
 
 
 def queues_of_live_workers(catalog: Catalog, seen_since: float) -> list[str]:

@@ -34,6 +34,7 @@ from dicom_node.catalog.tables import (
     QUEUE_OF_STATE,
     UNFINISHED,
     CatalogError,
+    CommitmentRow,
     DeliveryRow,
     DestinationFindingRow,
     InstanceRow,
@@ -458,6 +459,7 @@ class Catalog:
             for job_id in s.scalars(select(JobRow.id).where(JobRow.series_instance_uid == uid)):
                 s.query(JobEventRow).filter(JobEventRow.job_id == job_id).delete()
                 s.query(DeliveryRow).filter(DeliveryRow.job_id == job_id).delete()
+                s.query(CommitmentRow).filter(CommitmentRow.job_id == job_id).delete()
             s.query(JobRow).filter(JobRow.series_instance_uid == uid).delete()
             s.query(InstanceRow).filter(InstanceRow.series_instance_uid == uid).delete()
             s.query(SeriesRow).filter(SeriesRow.series_instance_uid == uid).delete()
@@ -593,10 +595,17 @@ class Catalog:
             return list(s.scalars(select(DeliveryRow).where(DeliveryRow.job_id == job_id).order_by(DeliveryRow.id)))
 
     def record_delivery(self, job_id: int, destination: str, *, ok: bool, error: str | None = None,
-                        objects: Sequence[Mapping[str, Any]] | None = None) -> DeliveryRow:
-        """Record one delivery attempt; ``objects`` are its per-object outcomes, when known."""
+                        objects: Sequence[Mapping[str, Any]] | None = None,
+                        commitment: CommitmentRow | None = None) -> DeliveryRow:
+        """Record one delivery attempt; ``objects`` are its per-object outcomes, when known.
+
+        ``commitment`` (a new Storage Commitment transaction) is written in the same database
+        transaction, so a delivery marked done always has the transaction that proves it.
+        """
         now = time.time()
         with self.session() as s:
+            if commitment is not None:
+                s.add(commitment)
             row = s.scalars(select(DeliveryRow).where(
                 DeliveryRow.job_id == job_id, DeliveryRow.destination == destination)).first()
             if row is None:

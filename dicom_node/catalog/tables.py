@@ -238,7 +238,8 @@ class DeliveryRow(Base):
 
     @property
     def confirmation(self) -> str | None:
-        """``confirmed`` / ``unconfirmed`` when a C-FIND verified the delivery, else ``None``."""
+        """``confirmed`` / ``unconfirmed`` once a C-FIND or storage commitment verified the delivery
+        (``unconfirmed`` when any object is), else ``None``."""
         outcomes = {o.get("outcome") for o in self.objects}
         if "unconfirmed" in outcomes:
             return "unconfirmed"
@@ -267,6 +268,46 @@ class DestinationFindingRow(Base):
     #: The job whose delivery showed it.
     job_id: Mapped[int | None] = mapped_column(Integer)
     found_at: Mapped[float] = mapped_column(Float)
+
+
+class CommitmentRow(Base):
+    """One Storage Commitment transaction (revision 0009_commitment).
+
+    ``state``: ``requested`` (written with the delivery, before the N-ACTION; ``requests``
+    counts the N-ACTIONs sent, ``requested_at`` is the last one), ``reported`` (the archive's
+    N-EVENT-REPORT is in ``report_json``, not applied yet), ``closed`` (applied to the
+    delivery's objects).  Every change is a compare-and-set on ``state`` (and ``requests``), so
+    a report that comes twice, or from a request sent again, is applied once.
+    """
+
+    __tablename__ = "commitments"
+
+    transaction_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[int] = mapped_column(Integer, index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    #: 0 for the first request; n for the n-th re-send of objects the archive reported failed.
+    round: Mapped[int] = mapped_column(Integer, default=0)
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+    #: ``[{"sop_class_uid", "sop_instance_uid", "path"}]``: the objects asked for.
+    objects_json: Mapped[str] = mapped_column(Text)
+    #: When the C-STORE of these objects succeeded (start of the confirmation time).
+    sent_at: Mapped[float] = mapped_column(Float)
+    requested_at: Mapped[float] = mapped_column(Float)
+    #: ``{"committed": [uid...], "failed": {uid: reason}}`` from the N-EVENT-REPORT.
+    report_json: Mapped[str | None] = mapped_column(Text)
+    reported_at: Mapped[float | None] = mapped_column(Float)
+    closed_at: Mapped[float | None] = mapped_column(Float)
+    #: Why the last N-ACTION could not be sent (association refused...), for the operator.
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    @property
+    def objects(self) -> list[dict[str, str]]:
+        return list(json.loads(self.objects_json))
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return dict(json.loads(self.report_json)) if self.report_json else {}
 
 
 class WorkerHeartbeatRow(Base):
