@@ -167,12 +167,17 @@ def ct_volume(slices: int, matrix: int) -> tuple[np.ndarray, np.ndarray]:
     spacing shrinks to keep the chest's length: a valid series of the wanted size.
     """
     rendered = min(slices, RENDERED_SLICES)
-    pixel = FOV_MM / matrix
-    spec = ChestSpec(slices=rendered, rows=matrix, columns=matrix, pixel_spacing=pixel,
-                     slice_spacing=LENGTH_MM / rendered)
-    base = make_chest_phantom(spec).hu
+    base = _rendered_chest(rendered, matrix)
     hu = base[(np.arange(slices) * rendered) // slices]
-    return hu, axial_affine(hu.shape, pixel, LENGTH_MM / slices)
+    return hu, axial_affine(hu.shape, FOV_MM / matrix, LENGTH_MM / slices)
+
+
+@functools.lru_cache(maxsize=4)
+def _rendered_chest(slices: int, matrix: int) -> np.ndarray:
+    """The chest rendered on ``slices`` slices (shared by the 300- and 1,000-slice series)."""
+    spec = ChestSpec(slices=slices, rows=matrix, columns=matrix, pixel_spacing=FOV_MM / matrix,
+                     slice_spacing=LENGTH_MM / slices)
+    return make_chest_phantom(spec).hu
 
 
 class Corpus:
