@@ -52,7 +52,9 @@ _STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 18
 #: Buckets of ``dicom_node_delivery_confirmation_seconds``: a C-FIND after its delay, an archive
 #: answering a storage commitment at once or after its own queue, a re-request after a time-out.
 CONFIRMATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
-_E2E_BUCKETS = (5, 10, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+#: From 0.5 s: a learned sender's series has its results within seconds (docs/performance.md),
+#: so p50 / p95 need buckets below the old idle timer.
+_E2E_BUCKETS = (0.5, 1, 1.5, 2, 3, 5, 10, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 #: Distinct calling AE titles kept as label values; more are counted as ``other`` so a peer
 #: inventing AE titles cannot blow up the series count.
 MAX_AE_LABELS = 64
@@ -299,7 +301,8 @@ class NodeMetrics:
         )
         self.end_to_end_seconds = Histogram(
             "dicom_node_end_to_end_seconds",
-            "Last instance received to results delivered, once per job.",
+            "Last instance received to results delivered, once per job, by model.",
+            ["model"],
             buckets=_E2E_BUCKETS,
             registry=r,
         )
@@ -409,7 +412,7 @@ class NodeMetrics:
             self.inference_seconds.labels(job.model).observe(inference)
         e2e = _interval(finished.last_instance_at, job.done_at)
         if e2e is not None:
-            self.end_to_end_seconds.observe(e2e)
+            self.end_to_end_seconds.labels(job.model).observe(e2e)
 
     # -- exposition --------------------------------------------------------------------------
 

@@ -138,7 +138,7 @@ class LateInstancePolicy(str, Enum):
 class CompletionSettings(_Section):
     #: A series is complete after this many seconds without a new instance.
     idle_seconds: float = Field(5.0, gt=0)
-    #: How often the completion loop looks at the catalog.
+    #: How often the completion loop looks at the catalog (and when an association grace ends).
     poll_seconds: float = Field(0.25, gt=0)
     late_instances: LateInstancePolicy = LateInstancePolicy.REPROCESS
     #: A sender whose last ``learn_min_series`` (or more) series each ended with the association

@@ -315,3 +315,43 @@ def unmatched_series(catalog: Catalog, limit: int = 100) -> tuple[int, list[Seri
         count = int(s.scalar(select(func.count()).select_from(SeriesRow).where(*where)) or 0)
         rows = list(s.scalars(select(SeriesRow).where(*where).order_by(SeriesRow.last_received_at.desc()).limit(limit)))
         return count, rows
+
+
+@dataclass(frozen=True)
+class DeliveredJob:
+    """A job done within a window, with what its end-to-end time and stages are computed from."""
+
+    job: JobRow
+    series: SeriesRow | None
+    last_instance_at: float | None
+
+
+def jobs_first_done_since(catalog: Catalog, since: float) -> list[DeliveredJob]:
+    """Jobs in state ``done`` whose results were delivered at or after ``since`` (epoch s), each
+    with its series and its last instance received before the job was created.
+
+    A job re-run after ``done`` is left out: its second delivery measures an operator's action,
+    not the way of a series through the node (the end-to-end histogram counts a job once too).
+    One statement, not one per job: the dashboard asks every few seconds.
+    """
+    last_instance = (
+        select(func.max(InstanceRow.received_at))
+        .where(InstanceRow.series_instance_uid == JobRow.series_instance_uid,
+               InstanceRow.received_at <= JobRow.created_at)
+        .correlate(JobRow)
+        .scalar_subquery()
+    )
+    done_events = (
+        select(func.count(JobEventRow.id))
+        .where(JobEventRow.job_id == JobRow.id, JobEventRow.state == JobState.DONE.value)
+        .correlate(JobRow)
+        .scalar_subquery()
+    )
+    with catalog.session() as s:
+        rows = s.execute(
+            select(JobRow, SeriesRow, last_instance)
+            .outerjoin(SeriesRow, SeriesRow.series_instance_uid == JobRow.series_instance_uid)
+            .where(JobRow.state == JobState.DONE.value, JobRow.done_at >= since, done_events <= 1)
+            .order_by(JobRow.done_at)
+        ).all()
+        return [DeliveredJob(job, series, None if last is None else float(last)) for job, series, last in rows]

@@ -25,6 +25,7 @@ from dicom_node.metrics import NodeMetrics
 from dicom_node.scheduling.jobs import JobQueue
 from dicom_node.settings import Settings
 from dicom_node.web.api import ApiContext, create_router
+from dicom_node.web.latency import create_latency_router
 from dicom_node.web.pages import create_pages_router
 
 #: A readiness check result: (passed, one sentence saying what was seen).
@@ -142,6 +143,7 @@ def create_app(
     app.state.ctx = ctx
     app.state.metrics = metrics
     app.include_router(create_router(ctx))
+    app.include_router(create_latency_router(ctx))
     app.include_router(create_pages_router(ctx))
     app.mount("/static", StaticFiles(directory=WEB_DIR / "static"), name="static")
 
