@@ -29,7 +29,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -127,6 +127,11 @@ class PeakMemory:
     kind: str
     peak_bytes: int
 
+    #: Reset the process's peak RSS per run (Linux).  The reset is process-wide: a tool that
+    #: reads ``VmHWM`` as the peak of a whole job or process (``benchmarks/worker.py``) turns
+    #: it off, and the runs then report ``rss_lifetime``.
+    reset_rss: ClassVar[bool] = True
+
     def as_dict(self) -> dict[str, Any]:
         """For the job's results (JSON)."""
         return {"device": self.device, "kind": self.kind, "peak_bytes": int(self.peak_bytes),
@@ -146,7 +151,7 @@ class PeakMemory:
                 torch.cuda.synchronize(device)
                 peak.peak_bytes = int(torch.cuda.max_memory_allocated(device))
             return
-        start_kib = _status_kib("VmRSS") if _reset_rss_peak() else None
+        start_kib = _status_kib("VmRSS") if cls.reset_rss and _reset_rss_peak() else None
         start_max = _maxrss_bytes()
         try:
             yield peak

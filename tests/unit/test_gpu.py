@@ -81,8 +81,11 @@ def test_evicted_model_frees_its_memory(device: str) -> None:
     assert isinstance(model, TinyThreshold)
     ref = weakref.ref(model.network)
     del model
+    allocated = torch.cuda.memory_allocated() if device == "cuda" else 0
     registry.get("b")
     assert ref() is None
+    if device == "cuda":  # a's weights left; b's (the same size) came
+        assert torch.cuda.memory_allocated() <= allocated
 
 
 def test_warm_model_runs_with_the_same_result() -> None:
@@ -202,6 +205,23 @@ def test_peak_memory_on_the_cpu_is_the_resident_growth_of_the_run() -> None:
     else:  # no reset available: the growth of the lifetime peak
         assert big.kind == "rss_lifetime" and big.peak_bytes >= 100 * 2**20
     assert big.as_dict()["peak_mib"] == round(big.peak_bytes / 2**20, 1)
+
+
+def test_a_tool_reading_the_process_peak_can_turn_the_reset_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``benchmarks/worker.py`` reads VmHWM as a whole job's peak: with ``reset_rss`` off a run
+    leaves it alone and reports the growth of the lifetime peak."""
+    monkeypatch.setattr(PeakMemory, "reset_rss", False)
+    before = resource_peak()
+    with PeakMemory.measure(torch.device("cpu")) as peak:
+        pass
+    assert peak.kind == "rss_lifetime" and peak.peak_bytes == 0
+    assert resource_peak() >= before
+
+
+def resource_peak() -> int:
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 @pytest.mark.gpu
