@@ -15,7 +15,8 @@ from tests.integration.test_end_to_end import storescu
 from tests.support import procs
 from tests.support.node import node_config, start_node, wait_until
 
-pytestmark = [pytest.mark.integration]
+# A node start, one small CT and a few API reads: ~10 s idle, 24 s at load average 8.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def get(port: int, path: str) -> Any:
