@@ -15,7 +15,7 @@ from tests.integration.test_end_to_end import storescu
 from tests.support import procs
 from tests.support.node import node_config, start_node, wait_until
 
-# A node start, one small CT and a few API reads: ~10 s idle, 24 s at load average 8.
+# A node start, one small CT and a few API reads: 24 s measured at load average 8.
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
