@@ -1,7 +1,7 @@
 """warm models per worker process
 
-Revision ID: 0008_gpu
-Revises: 0007
+Revision ID: 0009_gpu
+Revises: 0008_admin
 Create Date: 2026-12-06 21:45:00
 
 Each worker process reports the models it holds in memory (name, version, device, loaded and
@@ -15,8 +15,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0008_gpu'
-down_revision = '0007'
+revision = '0009_gpu'
+down_revision = '0008_admin'
 branch_labels = None
 depends_on = None
 
