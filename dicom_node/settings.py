@@ -184,6 +184,9 @@ class WorkerSettings(_Section):
     #: at most one more volume in memory per worker process.  ``auto``: only when the models run
     #: on a GPU (on the CPU, reading competes with the model for the same cores).
     prefetch: bool | Literal["auto"] = "auto"
+    #: Models each worker process keeps loaded (warm), least recently used dropped beyond it
+    #: (its GPU memory given back).  At start a process loads the first ones the rules name.
+    max_warm_models: int = Field(2, ge=1)
 
 
 class DeliverySettings(_Section):
@@ -385,6 +388,8 @@ class ModelLabelSettings(_Section):
 
 
 _NNUNET_KEYS = ("folds", "checkpoint", "orientation", "mirroring", "tile_step_size")
+#: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+_DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
 
 
 class ModelSettings(_Section):
@@ -407,6 +412,16 @@ class ModelSettings(_Section):
     mirroring: bool = True
     tile_step_size: float = Field(0.5, gt=0.0, le=1.0)
     labels: list[ModelLabelSettings] = Field(default_factory=list)
+    #: Where the model runs: ``auto`` (the worker's ``[worker] device``), ``cpu``, ``cuda``,
+    #: ``cuda:N``.  A worker without that device fails the model's jobs with the reason.
+    device: str = Field("auto", pattern=_DEVICE_PATTERN)
+    #: Patches per network call in the sliding window (MONAI's ``sw_batch_size``); default: the
+    #: bundle's own inferer setting, 1 for a TorchScript card.  Not for nnU-Net (one tile a call).
+    batch_size: int | None = Field(None, ge=1, le=256)
+    #: Mixed precision: float16 autocast on CUDA, off on the CPU.  Default: the bundle's own
+    #: ``amp`` (its inference config), the card's ``[inference] amp``.  Not for nnU-Net (it
+    #: always autocasts on CUDA).
+    amp: bool | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSettings:
@@ -419,6 +434,11 @@ class ModelSettings(_Section):
             wrong = [k for k in _NNUNET_KEYS if k in self.model_fields_set]
             if wrong:
                 raise ValueError(f"model {self.name!r}: {', '.join(wrong)} apply to nnunet models only")
+        else:
+            wrong = [k for k in ("batch_size", "amp") if getattr(self, k) is not None]
+            if wrong:
+                raise ValueError(f"model {self.name!r}: {', '.join(wrong)} do not apply to nnU-Net models "
+                                 f"(nnU-Net predicts one tile at a time, with autocast on CUDA)")
         if self.bundle is None and self.weights is not None:
             raise ValueError(f"model {self.name!r}: weights applies to bundle models only")
         if self.path is not None and self.labels:
@@ -440,10 +460,10 @@ class ModelSettings(_Section):
     def options(self) -> dict[str, Any]:
         """The kind's own loader options (for ``inference.user_models.configured_model_factory``)."""
         if self.kind == "monai-bundle":
-            return {"weights": self.weights}
+            return {"weights": self.weights, "batch_size": self.batch_size, "amp": self.amp}
         if self.kind == "nnunet":
             return {k: getattr(self, k) for k in _NNUNET_KEYS}
-        return {}
+        return {"batch_size": self.batch_size, "amp": self.amp}
 
     def factory(self) -> Any:
         """The registry factory of this model (MONAI / nnU-Net load when a worker calls it)."""

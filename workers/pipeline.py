@@ -21,6 +21,8 @@ from dicom_node.errors import PermanentError
 from dicom_node.ingest.spool import DEFAULT_ACCESS, FileAccess, write_durably
 from dicom_node.logs import remember_patients
 from dicom_node.settings import Settings
+from inference.gpu import PeakMemory
+from inference.model import Model
 from inference.registry import ModelRegistry
 from inference.stacks import StackedVolume, predict_stacked
 from workers.prefetch import Prefetcher
@@ -53,11 +55,11 @@ def build_context(settings: Settings) -> WorkerContext:
     from inference.user_models import entry_point_factories
 
     device = select_device(settings.worker.device)
-    registry = ModelRegistry(device)
+    registry = ModelRegistry(device, max_warm=settings.worker.max_warm_models)
     for name, factory in entry_point_factories().items():
         registry.register(name, factory)
     for spec in settings.models:
-        registry.register(spec.name, spec.factory())
+        registry.register(spec.name, spec.factory(), device=spec.device)
     check_series_slots(settings, registry.names)
     catalog = Catalog(settings.database.url)
     prefetch = settings.worker.prefetch
@@ -65,7 +67,8 @@ def build_context(settings: Settings) -> WorkerContext:
         # On the CPU the files would be read on the cores the model computes on: no gain.
         prefetch = device.type != "cpu"
     prefetcher = Prefetcher(catalog, registry.names) if prefetch else None
-    log.info("worker_context_ready", device=str(device), models=registry.names, prefetch=prefetch)
+    log.info("worker_context_ready", device=str(device), models=registry.names, prefetch=prefetch,
+             max_warm_models=registry.max_warm)
     return WorkerContext(settings, catalog, registry, prefetcher=prefetcher)
 
 
@@ -235,17 +238,19 @@ def _run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
     remember_patients(sources)
     check_copied_attributes(sources)
     t1 = time.perf_counter()
-    model = ctx.registry.get(job.model)
+    model, warm = get_model(ctx, job.model)
     if model.modalities and volume.modality not in model.modalities:
         raise PermanentError(
             f"model {model.name} accepts {'/'.join(sorted(model.modalities))}, "
             f"but the series is {volume.modality or 'of unknown modality'}"
         )
-    if isinstance(volume, StackedVolume):
-        # Stacks of different spacing: the model runs on each, results join slice for slice.
-        prediction = predict_stacked(model, volume)
-    else:
-        prediction = model.predict(volume)
+    t_model = time.perf_counter()
+    with PeakMemory.measure(ctx.registry.device_for(job.model)) as peak:
+        if isinstance(volume, StackedVolume):
+            # Stacks of different spacing: the model runs on each, results join slice for slice.
+            prediction = predict_stacked(model, volume)
+        else:
+            prediction = model.predict(volume)
     t2 = time.perf_counter()
     outputs = job_outputs(ctx.settings, job)
     # The encoders read only the geometry and the slices the images draw: keep those and free
@@ -273,13 +278,33 @@ def _run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
             results[f"{role}_sop_instance_uid"] = str(ds.SOPInstanceUID)
             results[f"{role}_series_instance_uid"] = str(ds.SeriesInstanceUID)
     t3 = time.perf_counter()
-    results["timings"] = {**load_timings, "inference_s": round(t2 - t1, 3), "encode_s": round(t3 - t2, 3)}
+    results["timings"] = {**load_timings, "inference_s": round(t2 - t1, 3), "encode_s": round(t3 - t2, 3),
+                          "model_load_s": round(t_model - t1, 3)}
+    # Warm: the model was in memory when the job came; cold: inference_s includes loading it.
+    results["model_warm"] = warm
+    results["memory"] = peak.as_dict()
     ctx.timings.update(load_wait=float(load_timings["load_wait_s"]), load=float(load_timings["load_s"]),
                        predict=t2 - t1, encode=t3 - t2)
     results["excluded"] = [list(e) for e in excluded][:50]
     bound.info("job_encoded", segments=len(prediction.segments), outputs=results["outputs"],
-               **results["timings"])
+               model_warm=warm, peak_memory_mib=results["memory"]["peak_mib"],
+               memory_kind=results["memory"]["kind"], **results["timings"])
     return results
+
+
+def get_model(ctx: WorkerContext, name: str) -> tuple[Model, bool]:
+    """The job's model from the process's warm models, and whether it was warm; a cold one is
+    loaded (evicting the least recently used beyond ``[worker] max_warm_models``) and logged."""
+    registry = ctx.registry
+    warm = registry.is_warm(name)
+    evicted = len(registry.evicted)
+    model = registry.get(name)
+    if not warm:
+        for gone in registry.evicted[evicted:]:
+            log.info("model_evicted", model=gone, max_warm_models=registry.max_warm)
+        log.info("model_loaded", model=name, device=str(registry.device_for(name)),
+                 warm=[w.name for w in registry.warm()])
+    return model, warm
 
 
 def notify_not_applied(ctx: WorkerContext, job: JobRow, reason: str) -> list[str]:

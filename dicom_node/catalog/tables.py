@@ -325,3 +325,11 @@ class WorkerHeartbeatRow(Base):
     current_job_id: Mapped[int | None] = mapped_column(Integer)
     current_model: Mapped[str | None] = mapped_column(String(128))
     current_since: Mapped[float | None] = mapped_column(Float)
+    #: JSON list of the models the process holds in memory (``workers.heartbeat``): name,
+    #: version, device, loaded_at, last_used, load_s, uses; least recently used first.
+    warm_models_json: Mapped[str | None] = mapped_column(Text)
+
+    @property
+    def warm_models(self) -> list[dict[str, Any]]:
+        """The decoded ``warm_models_json`` (empty when the process reported none)."""
+        return list(json.loads(self.warm_models_json)) if self.warm_models_json else []

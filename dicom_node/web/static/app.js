@@ -166,8 +166,9 @@ const DicomNode = (() => {
       const byHost = new Map();
       for (const w of q.workers) {
         const g = byHost.get(w.hostname);
-        if (!g) { byHost.set(w.hostname, {...w, pids: [w.pid]}); continue; }
+        if (!g) { byHost.set(w.hostname, {...w, pids: [w.pid], warm_models: [...(w.warm_models || [])]}); continue; }
         g.pids.push(w.pid);
+        g.warm_models = [...new Set([...g.warm_models, ...(w.warm_models || [])])];
         g.alive = g.alive || w.alive;
         g.last_seen = Math.max(g.last_seen, w.last_seen);
         g.queues = [...new Set([...g.queues, ...w.queues])];
@@ -177,11 +178,12 @@ const DicomNode = (() => {
       const rows = [...byHost.values()].map(w => el("tr", {class: w.alive ? "" : "stale", "data-hostname": w.hostname},
         el("td", {text: w.hostname}), el("td", {class: "num", text: w.pids.join(", ")}),
         el("td", {text: w.queues.join(", ")}), el("td", {text: w.device || ""}),
+        el("td", {class: "warm-models", text: w.warm_models.length ? w.warm_models.join(", ") : "none"}),
         el("td", {text: w.alive ? ago(w.last_seen) : `gone (${ago(w.last_seen)})`}),
         el("td", {}, w.current_job_id
           ? el("a", {href: `/jobs/${w.current_job_id}`, text: `#${w.current_job_id} ${w.current_model || ""} (${ago(w.current_since)})`})
           : "idle")));
-      if (!rows.length) rows.push(el("tr", {}, el("td", {colspan: "6", class: "error-text",
+      if (!rows.length) rows.push(el("tr", {}, el("td", {colspan: "7", class: "error-text",
         text: `no worker heartbeat in the last ${q.alive_within_s} s`})));
       fillBody(document.getElementById("workers-table"), rows);
     }
@@ -325,6 +327,12 @@ const DicomNode = (() => {
       if (!rows.length) rows.push(el("tr", {}, el("td", {colspan: "8", class: "muted", text: "no destinations"})));
       fillBody(document.getElementById("deliveries-table"), rows);
 
+      const mem = j.peak_memory;
+      document.getElementById("job-peak-memory").textContent = mem
+        ? `${mem.peak_mib} MiB on ${mem.device} (${mem.kind === "cuda_allocated" ? "GPU, allocated by PyTorch" : "process resident memory, growth over the run"})`
+        : "";
+      document.getElementById("job-model-warm").textContent = j.model_warm === null || j.model_warm === undefined
+        ? "" : (j.model_warm ? "warm (already loaded)" : "cold (loaded for this job)");
       const res = document.getElementById("results");
       const items = Object.entries(j.results).flatMap(([k, v]) =>
         [el("dt", {text: k}), el("dd", {class: k.endsWith("_uid") ? "uid" : "", text: typeof v === "object" ? JSON.stringify(v) : String(v)})]);
