@@ -9,7 +9,7 @@ and retention.  Other packages import from here; no other package speaks SQL.
 
 from sqlalchemy.exc import SQLAlchemyError as DatabaseError
 
-from dicom_node.catalog import queries
+from dicom_node.catalog import queries, shadow
 from dicom_node.catalog.store import Catalog, JobSpec, expected_instances
 from dicom_node.catalog.tables import (
     QUEUE_OF_STATE,
@@ -44,4 +44,5 @@ __all__ = [
     "WorkerHeartbeatRow",
     "expected_instances",
     "queries",
+    "shadow",
 ]
