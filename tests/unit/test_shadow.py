@@ -273,3 +273,36 @@ def test_a_promotion_is_recorded_as_an_event_once(tmp_path: Path) -> None:
     assert record_rule_modes(catalog, promoted.rules) == []
     events = build_report(catalog)["events"]
     assert [(e["rule"], e["old_mode"], e["new_mode"]) for e in events] == [("ct-trial", "shadow", "live")]
+
+
+def test_api_and_dashboard_show_shadow_jobs_and_the_comparison(tmp_path: Path) -> None:
+    """/api/jobs labels the shadow job ``done (shadow)`` with no end-to-end time (nothing was
+    delivered), /api/shadow gives the pair's figures and the dashboard has the shadow panel."""
+    from fastapi.testclient import TestClient
+
+    from dicom_node.web import create_app
+
+    settings, _ = _settings(tmp_path)
+    catalog = Catalog(settings.database.url)
+    catalog.record_instances([inst(1, 100.0)])
+    CompletionLoop(settings, catalog, MemoryQueue()).tick(now=106.0)
+    jobs = {j.model: j for j in catalog.list_jobs()}
+    volume = Volume(np.zeros(SHAPE, np.float32), np.eye(4), "CT")
+    lab = Label("body", ANATOMICAL_STRUCTURE, LUNG)
+    mask = _box(slice(0, 4), slice(0, 10), slice(0, 10))
+    for model in ("foreground", "ct-tissue"):
+        _finish(catalog, jobs[model].id, settings.outbox, Prediction(model, "1", [Segment(lab, mask)]), volume)
+    compare_pending(catalog, settings.outbox)
+    with TestClient(create_app(settings, catalog, MemoryQueue())) as client:
+        listed = {j["model"]: j for j in client.get("/api/jobs").json()}
+        assert listed["foreground"]["mode"] == "shadow" and listed["foreground"]["state_label"] == "done (shadow)"
+        assert listed["foreground"]["end_to_end_s"] is None
+        assert listed["ct-tissue"]["mode"] == "live" and listed["ct-tissue"]["state_label"] == "done"
+        body = client.get("/api/shadow").json()
+        (pair,) = body["pairs"]
+        assert (pair["shadow_model"], pair["live_model"], pair["mean_dice"]) == ("foreground", "ct-tissue", 1.0)
+        assert pair["series_list"][0]["series_instance_uid"] == jobs["foreground"].series_instance_uid
+        assert client.get("/api/shadow", params={"model": "other"}).json()["pairs"] == []
+        page = client.get("/").text
+        assert 'id="shadow-panel"' in page and "shadow.js" in page
+        assert "state-shadow" in client.get("/static/app.js").text
