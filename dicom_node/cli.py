@@ -126,6 +126,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     settings = _settings(args)
     data = settings.model_dump(mode="json")
     errors, warnings = _model_problems(settings)
+    warnings += [f"rule {r.name!r} is mode = \"shadow\": its destinations {r.destinations} are ignored "
+                 "(results stay in the node)" for r in settings.rules if r.mode == "shadow" and r.destinations]
     unreachable: list[str] = []
     if args.probe:
         from dicom_node.delivery import reachable
@@ -141,7 +143,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
             print(f"error: {line}", file=sys.stderr)
         return 2 if errors else 1
     summary = (f"configuration OK: AE {settings.listener.ae_title} on {settings.listener.host}:"
-               f"{settings.listener.port}, {len(settings.rules)} rule(s), "
+               f"{settings.listener.port}, {len(settings.rules)} rule(s)"
+               + (f" ({n} shadow)" if (n := sum(r.mode == "shadow" for r in settings.rules)) else "") + ", "
                f"{len(settings.destinations)} destination(s), broker {settings.broker.url.split('://')[0]}"
                + (", every destination answers" if args.probe else ""))
     _print(args, {**data, "warnings": warnings}, summary)

@@ -306,3 +306,13 @@ def test_api_and_dashboard_show_shadow_jobs_and_the_comparison(tmp_path: Path) -
         page = client.get("/").text
         assert 'id="shadow-panel"' in page and "shadow.js" in page
         assert "state-shadow" in client.get("/static/app.js").text
+
+
+def test_config_check_counts_shadow_rules_and_warns_of_ignored_destinations(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, cfg = _settings(tmp_path)
+    assert cli_main(["config", "check", "--config", str(cfg)]) == 0
+    out = capsys.readouterr()
+    assert "2 rule(s) (1 shadow)" in out.out
+    assert "rule 'ct-trial' is mode = \"shadow\": its destinations ['archive'] are ignored" in out.err
