@@ -125,8 +125,12 @@ def pairs_to_compare(catalog: Catalog, job: JobRow | None = None) -> list[tuple[
             query = query.where(JobRow.series_instance_uid == job.series_instance_uid,
                                 JobRow.generation == job.generation)
         shadows = list(s.scalars(query.order_by(JobRow.id)))
-        known = {(r.shadow_job_id, r.live_job_id) for r in s.scalars(select(ShadowComparisonRow).where(
-            ShadowComparisonRow.shadow_job_id.in_([j.id for j in shadows])))} if shadows else set()
+        # Two integer columns of every stored pair: no IN list that could pass SQLite's
+        # variable limit on a long trial.
+        stored = select(ShadowComparisonRow.shadow_job_id, ShadowComparisonRow.live_job_id)
+        if job is not None:
+            stored = stored.where(ShadowComparisonRow.series_instance_uid == job.series_instance_uid)
+        known = {(int(a), int(b)) for a, b in s.execute(stored)} if shadows else set()
         pairs: list[tuple[JobRow, JobRow]] = []
         for sh in shadows:
             lives = s.scalars(select(JobRow).where(
