@@ -1,6 +1,6 @@
 """``/api/shadow``: the agreement of shadow models with the live models (shadow mode).
 
-Its own router (and the dashboard's own panel, ``templates/_shadow_panel.html`` with
+Its own router (and the dashboard's own panel, ``templates/partials/shadow_panel.html`` with
 ``static/shadow.js``), so the shadow-mode views stay apart from the rest of the API.  It reads
 the comparisons stored by the workers (:mod:`dicom_node.shadow`); it never computes one, so a
 dashboard refresh costs one query.

@@ -1,7 +1,7 @@
 """Shadow mode: jobs.mode, shadow_comparisons, rule_modes, rule_mode_events.
 
 Revision ID: 0008_shadow
-Revises: 0007
+Revises: 0008_admin
 Create Date: 2026-12-06 21:45:00
 
 A rule with ``mode = "shadow"`` runs its models on live traffic and keeps the results in the
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0008_shadow"
-down_revision = "0007"
+down_revision = "0008_admin"
 branch_labels = None
 depends_on = None
 
