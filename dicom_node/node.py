@@ -24,6 +24,7 @@ from dicom_node.retention import RetentionLoop
 from dicom_node.scheduling.completion import CompletionLoop
 from dicom_node.scheduling.jobs import JobQueue, reconcile_jobs
 from dicom_node.settings import Settings
+from dicom_node.shadow import record_rule_modes
 
 if TYPE_CHECKING:
     from dicom_node.web import WebServer
@@ -151,6 +152,8 @@ class Node:
         # A series cut off by a crash waits a full idle period for its sender to resend the rest.
         self.catalog.restart_idle_clocks(time.time())
         requeued = reconcile_jobs(self.catalog, self.queue)
+        # A rule whose mode changed since the last start (a shadow model promoted): audited.
+        record_rule_modes(self.catalog, self.settings.rules)
         self.metrics.skip_history(self.catalog)
         self.recorder.start()
         self.completion.start()

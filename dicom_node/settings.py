@@ -358,6 +358,11 @@ class RuleSettings(_Section):
     #: A series short of its announced count after ``completion.incomplete_grace_seconds``:
     #: ``process`` it with a note (series, job events, log), or ``refuse`` it (note, no job).
     on_incomplete: Literal["process", "refuse"] = "process"
+    #: ``live``: results go to ``destinations``.  ``shadow``: the models run on the same traffic,
+    #: their results are encoded and kept in the node's outbox but never sent anywhere (the
+    #: rule's ``destinations`` are ignored), and they are compared with the live models that ran
+    #: on the same series (``dicom-node shadow report``).  Promoting is setting ``live`` again.
+    mode: Literal["live", "shadow"] = "live"
 
 
 class CodeSettings(_Section):

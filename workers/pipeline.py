@@ -273,6 +273,9 @@ def _run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
     results: dict[str, Any] = {"segments": len(prediction.segments),
                                "files": [str(outdir / m["file"]) for m in manifest],
                                "outputs": {n: len(d) for n, d in encoded.items()}}
+    kept = keep_prediction(ctx, job, prediction, volume, outdir, access)
+    if kept is not None:
+        results["prediction"] = str(kept)
     for role in ("seg", "sr"):
         for ds in encoded.get(role, [])[:1]:
             results[f"{role}_sop_instance_uid"] = str(ds.SOPInstanceUID)
@@ -305,6 +308,23 @@ def get_model(ctx: WorkerContext, name: str) -> tuple[Model, bool]:
         log.info("model_loaded", model=name, device=str(registry.device_for(name)),
                  warm=[w.name for w in registry.warm()])
     return model, warm
+
+
+def keep_prediction(ctx: WorkerContext, job: JobRow, prediction: Any, volume: Any, outdir: Path,
+                    access: FileAccess) -> Path | None:
+    """Save the prediction (``prediction.npz``) of a shadow job, or of a live job with a shadow
+    job on the same series, for their comparison (``dicom_node.shadow``); None otherwise.
+
+    Not listed in the manifest nor in ``files``: it is never sent anywhere.
+    """
+    from dicom_node.catalog.shadow import has_shadow_sibling
+    from dicom_node.results.agreement import PREDICTION_FILE, prediction_archive
+
+    if not (job.shadow or has_shadow_sibling(ctx.catalog, job)):
+        return None
+    path = outdir / PREDICTION_FILE
+    write_durably(path, [prediction_archive(prediction, volume)], access)
+    return path
 
 
 def notify_not_applied(ctx: WorkerContext, job: JobRow, reason: str) -> list[str]:

@@ -9,7 +9,7 @@ and retention.  Other packages import from here; no other package speaks SQL.
 
 from sqlalchemy.exc import SQLAlchemyError as DatabaseError
 
-from dicom_node.catalog import commitments, queries
+from dicom_node.catalog import commitments, queries, shadow
 from dicom_node.catalog.store import Catalog, JobSpec, expected_instances
 from dicom_node.catalog.tables import (
     KEEPS_FIRST_INSTANCE,
@@ -49,4 +49,5 @@ __all__ = [
     "commitments",
     "expected_instances",
     "queries",
+    "shadow",
 ]

@@ -243,7 +243,7 @@ class FinishedJob:
 
 def first_done_events(catalog: Catalog, after_event_id: int, batch: int) -> Iterator[tuple[int, FinishedJob | None]]:
     """The ``done`` events after ``after_event_id`` in order, each with its job when it is that
-    job's first ``done`` (None for a re-run's later one, or a job since deleted)."""
+    job's first ``done`` (None for a re-run's later one, a shadow job, or a job since deleted)."""
     last = after_event_id
     while True:
         with catalog.session() as s:
@@ -263,7 +263,8 @@ def first_done_events(catalog: Catalog, after_event_id: int, batch: int) -> Iter
                     )
                 )
                 job = s.get(JobRow, ev.job_id)
-                if earlier or job is None:
+                if earlier or job is None or job.mode == "shadow":
+                    # A shadow job delivers nothing: it must not count in delivery latencies.
                     found.append((ev.id, None))
                 else:
                     found.append((ev.id, FinishedJob(ev.id, job, s.get(SeriesRow, job.series_instance_uid),

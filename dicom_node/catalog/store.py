@@ -64,6 +64,8 @@ class JobSpec:
     model: str
     destinations: Sequence[str]
     priority: str = "normal"
+    #: ``live`` or ``shadow`` (the rule's ``mode``): a shadow job gets no destinations.
+    mode: str = "live"
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -155,7 +157,9 @@ def add_jobs(s: Session, specs: Iterable[JobSpec], now: float, detail: str | Non
     """Add the jobs of ``specs`` in session ``s`` (see :meth:`Catalog.create_jobs`); ``detail``
     is appended to each job's first event (e.g. "incomplete: received 24 of 48")."""
     ids: list[int] = []
-    for spec in specs:
+    # A model that a live and a shadow rule both give the series runs once, live: its results
+    # must reach the live rule's destinations.
+    for spec in sorted(specs, key=lambda sp: sp.mode == "shadow"):
         series = s.get(SeriesRow, spec.series_instance_uid)
         if series is None:
             raise CatalogError(f"unknown series {spec.series_instance_uid}")
@@ -166,6 +170,9 @@ def add_jobs(s: Session, specs: Iterable[JobSpec], now: float, detail: str | Non
         )).first()
         if existing is not None:
             continue
+        shadow = spec.mode == "shadow"
+        # A shadow job is never dispatched: no destinations, so no delivery rows either.
+        destinations = [] if shadow else list(spec.destinations)
         job = JobRow(
             series_instance_uid=spec.series_instance_uid,
             study_instance_uid=series.study_instance_uid,
@@ -173,17 +180,19 @@ def add_jobs(s: Session, specs: Iterable[JobSpec], now: float, detail: str | Non
             rule=spec.rule,
             model=spec.model,
             priority=spec.priority,
-            destinations_json=json.dumps(list(spec.destinations)),
+            destinations_json=json.dumps(destinations),
             generation=series.generation,
             state=JobState.RECEIVED.value,
             created_at=now,
             updated_at=now,
+            mode="shadow" if shadow else "live",
         )
         s.add(job)
         s.flush()
-        event = f"rule {spec.rule}" + (f"; {detail}" if detail else "")
+        event = f"rule {spec.rule}" + (" (shadow: results kept in the node, never sent)" if shadow else "")
+        event += f"; {detail}" if detail else ""
         s.add(JobEventRow(job_id=job.id, state=JobState.RECEIVED.value, at=now, detail=event))
-        for dest in spec.destinations:
+        for dest in destinations:
             s.add(DeliveryRow(job_id=job.id, destination=dest))
         ids.append(job.id)
     return ids

@@ -38,7 +38,9 @@ _TRANSITIONS: dict[JobState, set[JobState]] = {
     JobState.RECEIVED: {JobState.QUEUED, JobState.FAILED, JobState.CANCELLED},
     JobState.QUEUED: {JobState.QUEUED, JobState.RUNNING, JobState.FAILED, JobState.CANCELLED},
     JobState.RUNNING: {JobState.QUEUED, JobState.RUNNING, JobState.ENCODED, JobState.FAILED, JobState.CANCELLED},
-    JobState.ENCODED: {JobState.QUEUED, JobState.ENCODED, JobState.DELIVERING, JobState.FAILED, JobState.CANCELLED},
+    # encoded -> done: a shadow job, whose results are kept and never delivered.
+    JobState.ENCODED: {JobState.QUEUED, JobState.ENCODED, JobState.DELIVERING, JobState.DONE, JobState.FAILED,
+                       JobState.CANCELLED},
     JobState.DELIVERING: {JobState.QUEUED, JobState.DELIVERING, JobState.ENCODED, JobState.DONE,
                           JobState.FAILED, JobState.CANCELLED},
     JobState.DONE: {JobState.QUEUED, JobState.ENCODED},
@@ -192,6 +194,20 @@ class JobRow(Base):
     done_at: Mapped[float | None] = mapped_column(Float)
     failed_at: Mapped[float | None] = mapped_column(Float)
     results_json: Mapped[str] = mapped_column(Text, default="{}")
+    #: ``live`` or ``shadow`` (revision 0008): a shadow job's results stay in the outbox, it has
+    #: no destinations and no delivery rows, and it ends ``done`` straight from ``encoded``.
+    mode: Mapped[str] = mapped_column(String(8), default="live", server_default="live")
+
+    @property
+    def shadow(self) -> bool:
+        """True for a shadow job (results kept in the node, never dispatched)."""
+        return self.mode == "shadow"
+
+    @property
+    def state_label(self) -> str:
+        """The state as operators see it: ``done (shadow)`` for a finished shadow job, so it
+        never reads like a delivered result."""
+        return f"{self.state} (shadow)" if self.shadow else self.state
 
     @property
     def destinations(self) -> list[str]:

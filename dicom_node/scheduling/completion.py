@@ -200,7 +200,7 @@ class CompletionLoop:
         reason = decision.reason
         refused = [r for r in rules if decision.incomplete and r.on_incomplete == "refuse"]
         taken = [r for r in rules if r not in refused]
-        specs = [JobSpec(uid, rule.name, model, rule.destinations, rule.priority.value)
+        specs = [JobSpec(uid, rule.name, model, rule.destinations, rule.priority.value, rule.mode)
                  for rule in taken for model in rule.models]
         notes = []
         if decision.incomplete:

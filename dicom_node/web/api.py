@@ -81,6 +81,8 @@ class JobSummary(BaseModel):
     model: str
     priority: str
     state: str
+    mode: str = Field(default="live", description="live, or shadow: results kept in the node, never dispatched.")
+    state_label: str = Field(default="", description="The state as shown: 'done (shadow)' for a shadow job.")
     reason: str | None
     attempts: int
     generation: int
@@ -355,6 +357,8 @@ def _summary(
         model=job.model,
         priority=job.priority,
         state=job.state,
+        mode=job.mode,
+        state_label=job.state_label,
         reason=job.reason,
         attempts=job.attempts,
         generation=job.generation,
@@ -374,6 +378,7 @@ def _summary(
         end_to_end_s=(
             job.done_at - last_received
             if job.state == JobState.DONE.value
+            and not job.shadow  # a shadow job delivers nothing
             and job.done_at is not None
             and last_received is not None
             and job.done_at >= last_received

@@ -27,6 +27,7 @@ from dicom_node.settings import Settings
 from dicom_node.web.api import ApiContext, create_router
 from dicom_node.web.latency import create_latency_router
 from dicom_node.web.pages import create_pages_router
+from dicom_node.web.shadow import create_shadow_router
 
 #: A readiness check result: (passed, one sentence saying what was seen).
 Check = tuple[bool, str]
@@ -145,6 +146,7 @@ def create_app(
     app.include_router(create_router(ctx))
     app.include_router(create_latency_router(ctx))
     app.include_router(create_pages_router(ctx))
+    app.include_router(create_shadow_router(ctx))
     app.mount("/static", StaticFiles(directory=WEB_DIR / "static"), name="static")
 
     @app.get("/docs", include_in_schema=False)

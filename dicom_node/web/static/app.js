@@ -53,8 +53,11 @@ const DicomNode = (() => {
     return `next attempt at ${clock(t)}${wait > 0 ? ` (in ${duration(wait)})` : " (due)"}`;
   }
 
-  function stateBadge(state) {
-    return el("span", {class: `state state-${state}`, text: state});
+  function stateBadge(state, mode) {
+    // A shadow job reads "done (shadow)": its results stay in the node, never delivered.
+    const shadow = mode === "shadow";
+    return el("span", {class: `state state-${state}${shadow ? " state-shadow" : ""}`,
+                       text: shadow ? `${state} (shadow)` : state});
   }
 
   function uid(value) {
@@ -140,7 +143,7 @@ const DicomNode = (() => {
         el("td", {text: j.modality || ""}),
         el("td", {text: j.rule}),
         el("td", {text: j.model}),
-        el("td", {title: j.reason || ""}, stateBadge(j.state),
+        el("td", {title: j.reason || ""}, stateBadge(j.state, j.mode),
           j.state === "failed" && j.reason ? el("div", {class: "reason error-text", text: j.reason}) : "",
           j.next_attempt_at ? el("div", {class: "next-attempt muted", text: nextAttempt(j.next_attempt_at)}) : ""),
         el("td", {class: "num", text: duration(j.age_s)}),
@@ -283,8 +286,8 @@ const DicomNode = (() => {
     refresh = async () => {
       const j = await getJSON(`/api/jobs/${jobId}`);
       const badge = document.getElementById("job-state");
-      badge.textContent = j.state;
-      badge.className = `state state-${j.state}`;
+      badge.textContent = j.mode === "shadow" ? `${j.state} (shadow)` : j.state;
+      badge.className = `state state-${j.state}${j.mode === "shadow" ? " state-shadow" : ""}`;
       document.getElementById("job-attempts").textContent = String(j.attempts);
       retry.disabled = !tokenConfigured || !j.actions.includes("retry");
       cancel.disabled = !tokenConfigured || !j.actions.includes("cancel");
