@@ -30,10 +30,8 @@ from dicom_node.ingest.acceptor import (
     AssociationRequest,
     EventReportRequest,
     StoreRequest,
-    decode_command,
-    encode_response,
-    p_data_pdus,
 )
+from dicom_node.ingest.pdu import decode_command, encode_response, p_data_pdus
 from tests.conftest import require_tool
 from tests.support import procs
 
