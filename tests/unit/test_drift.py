@@ -1,0 +1,280 @@
+"""Drift monitoring: PSI maths, windows, scanners, many observations through the real catalog.
+
+The many-observations cases call the catalog and monitor functions directly (thousands of jobs
+in a second); ``tests/integration/test_drift_live.py`` drives a real node end to end.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from dicom_node.catalog import Catalog
+from dicom_node.catalog.drift import OTHER, observation_version, observations, record_observation, scanners
+from dicom_node.drift import psi
+from dicom_node.drift.features import input_features, noise_estimate, output_features
+from dicom_node.drift.monitor import DriftMonitor, evaluate, split_windows
+from dicom_node.drift.prometheus import DriftCollector
+from dicom_node.drift.scanners import normalise_protocol, scanner_identity
+from dicom_node.retention import collect_garbage
+from dicom_node.settings import DriftSettings, load_settings
+from inference.prediction import Label, Prediction, Segment
+from inference.volume import Volume
+
+DAY = 86400.0
+T0 = 1_780_000_000.0
+GE = {"Manufacturer": "GE MEDICAL SYSTEMS", "ManufacturerModelName": "Revolution", "StationName": "CT01",
+      "ProtocolName": "Chest 1.25mm"}
+SIEMENS = {"Manufacturer": "SIEMENS", "ManufacturerModelName": "SOMATOM Force", "StationName": "CTAWP99",
+           "ProtocolName": "Thorax Routine"}
+
+
+# -- PSI maths ---------------------------------------------------------------------------------
+
+
+def test_psi_of_identical_histograms_is_zero_and_grows_with_the_shift() -> None:
+    assert psi.psi([10, 20, 30], [1, 2, 3]) == pytest.approx(0.0, abs=1e-12)
+    small = psi.psi([50, 50], [55, 45])
+    large = psi.psi([50, 50], [90, 10])
+    # By hand: (0.55-0.5)ln(1.1) + (0.45-0.5)ln(0.9)
+    assert small == pytest.approx(0.05 * math.log(1.1) - 0.05 * math.log(0.9))
+    assert 0 < small < 0.1 < 0.25 < large
+
+
+def test_psi_floors_empty_bins_instead_of_dividing_by_zero() -> None:
+    value = psi.psi([100, 0], [0, 100])
+    assert math.isfinite(value) and value > 10
+
+
+def test_quantile_edges_make_equal_count_bins_and_merge_ties() -> None:
+    values = list(range(1000))
+    edges = psi.quantile_edges(values, 10)
+    assert len(edges) == 9
+    counts = psi._counts(values, edges)
+    assert counts == [100] * 10
+    assert psi.quantile_edges([120.0] * 50, 10) == [120.0]
+
+
+def test_numeric_psi_small_for_the_same_distribution_large_for_a_shift() -> None:
+    rng = np.random.default_rng(0)
+    baseline = rng.normal(10, 2, 500).tolist()
+    same = psi.numeric(baseline, rng.normal(10, 2, 300).tolist(), 10)
+    shifted = psi.numeric(baseline, rng.normal(13, 2, 300).tolist(), 10)
+    assert same.psi < 0.1
+    # Chance alone, 500 against 300 jobs, 10 bins: about (bins - 1) * (1/500 + 1/300) = 0.048 on
+    # average, far below the 0.25 alert (docs/models.md quotes these figures).
+    chance = [psi.numeric(rng.normal(10, 2, 500).tolist(), rng.normal(10, 2, 300).tolist(), 10).psi
+              for _ in range(100)]
+    assert 0.035 < float(np.mean(chance)) < 0.06 and max(chance) < 0.25
+    assert shifted.psi > 0.25
+    assert len(same.bins) == 10 and sum(same.baseline) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_constant_numeric_feature_is_stable_until_it_changes() -> None:
+    assert psi.numeric([120.0] * 40, [120.0] * 30).psi == 0.0
+    assert psi.numeric([120.0] * 40, [100.0] * 30).psi > 5
+
+
+def test_categorical_psi_by_category() -> None:
+    same = psi.categorical(["B30f"] * 80 + ["B45f"] * 20, ["B30f"] * 40 + ["B45f"] * 10)
+    new_kernel = psi.categorical(["B30f"] * 100, ["B30f"] * 20 + ["Br64"] * 30)
+    assert same.psi == pytest.approx(0.0, abs=1e-9)
+    assert new_kernel.bins == ["B30f", "Br64"] and new_kernel.psi > 1
+
+
+def test_categorical_folds_rare_categories() -> None:
+    many = [f"K{i}" for i in range(40)]
+    dist = psi.categorical(many, many)
+    assert len(dist.bins) == psi.MAX_CATEGORIES + 1 and dist.bins[-1] == "(other)"
+
+
+# -- scanners ------------------------------------------------------------------------------------
+
+
+def test_scanner_identity_normalises_protocol_and_labels_shortly() -> None:
+    a = scanner_identity(GE)
+    b = scanner_identity({**GE, "ProtocolName": "CHEST 2.5 mm"})
+    c = scanner_identity({**GE, "StationName": "CT02"})
+    assert normalise_protocol("Chest 1.25mm") == "chest mm"
+    assert a.key == b.key and a.key != c.key
+    assert a.label.startswith("CT01-") and len(a.label) <= 20
+    assert scanner_identity({**GE, "ProtocolName": None, "SeriesDescription": "Chest 3mm"}).protocol == "chest mm"
+    anonymous = scanner_identity({})
+    assert anonymous.label.startswith("unknown-")
+
+
+def test_scanners_past_the_cap_are_counted_as_other(tmp_path: Path) -> None:
+    catalog = Catalog(f"sqlite:///{tmp_path / 'c.db'}")
+    labels = []
+    for i in range(5):
+        scanner = scanner_identity({**GE, "StationName": f"CT{i:02d}"})
+        labels.append(record_observation(catalog, model="m", series_instance_uid=f"1.2.{i}", job_id=i, at=T0 + i,
+                                         seen_at=T0 + i, scanner=scanner, features={}, max_scanners=3))
+    assert labels[:3] == [scanner_identity({**GE, "StationName": f"CT{i:02d}"}).label for i in range(3)]
+    assert labels[3:] == [OTHER, OTHER]
+    assert [r.label for r in scanners(catalog)] == [*labels[:3], OTHER]
+
+
+def test_a_rerun_replaces_its_observation(tmp_path: Path) -> None:
+    catalog = Catalog(f"sqlite:///{tmp_path / 'c.db'}")
+    scanner = scanner_identity(GE)
+    for job_id, findings in ((1, 0), (2, 3)):
+        record_observation(catalog, model="m", series_instance_uid="1.2.3", job_id=job_id, at=T0, seen_at=T0,
+                           scanner=scanner, features={"output.findings": findings}, max_scanners=5)
+    (only,) = observations(catalog)
+    assert only.features == {"output.findings": 3}
+    assert observation_version(catalog)[1] == 1
+
+
+# -- features ------------------------------------------------------------------------------------
+
+
+def test_noise_estimate_follows_the_noise_not_the_edges() -> None:
+    rng = np.random.default_rng(0)
+    flat = np.zeros((10, 64, 64), np.float32)
+    flat[:, :, 32:] = 1000.0  # a strong edge
+    for sigma in (5.0, 40.0):
+        noisy = flat + rng.normal(0, sigma, flat.shape).astype(np.float32)
+        assert noise_estimate(noisy) == pytest.approx(sigma, rel=0.1)
+
+
+def test_features_of_a_job() -> None:
+    affine = np.diag([2.5, 0.7, 0.7, 1.0])
+    volume = Volume(np.zeros((4, 8, 8), np.float32), affine, "CT")
+    header = SimpleNamespace(SliceThickness="2.5", KVP="120", ConvolutionKernel=["B30f", "3"], PatientName="X^Y")
+    inputs = input_features([header], volume)
+    assert inputs == {"input.slice_thickness": 2.5, "input.kvp": 120.0, "input.kernel": "B30f\\3",
+                      "input.pixel_spacing": 0.7, "input.noise": 0.0}
+    mask = np.zeros((4, 8, 8), bool)
+    mask[1, 2:4, 2:4] = True
+    from inference.prediction import MORPHOLOGICALLY_ABNORMAL_STRUCTURE, SegmentKind
+
+    lesion = Label("Nodule", MORPHOLOGICALLY_ABNORMAL_STRUCTURE, MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
+                   SegmentKind.LESION)
+    pred = Prediction("m", "1", [Segment(lesion, mask, confidence=0.8, tracking_id="Nodule 1"),
+                                 Segment(lesion, mask, confidence=0.4, tracking_id="Nodule 2")])
+    out = output_features(pred, volume)
+    voxel_ml = 2.5 * 0.7 * 0.7 / 1000
+    assert out == {"output.findings": 2, "output.positive": "yes", "output.segments": 2,
+                   "output.volume_ml.nodule": round(8 * voxel_ml, 3), "output.confidence_max": 0.8,
+                   "output.confidence_mean": 0.6}
+    assert output_features(Prediction("m", "1"), volume)["output.positive"] == "no"
+
+
+# -- windows and the whole evaluation ------------------------------------------------------------
+
+
+def _obs(n: int) -> list[SimpleNamespace]:
+    return [SimpleNamespace(id=i, at=T0 + i * 3600.0, features={}) for i in range(n)]
+
+
+def test_windows_by_job_count_never_overlap() -> None:
+    s = DriftSettings(baseline_jobs=10, window_jobs=5, min_window_jobs=1)
+    baseline, recent, complete = split_windows(_obs(12), s, T0 + DAY)  # type: ignore[arg-type]
+    assert [o.id for o in baseline] == list(range(10)) and [o.id for o in recent] == [10, 11] and complete
+    baseline, recent, _ = split_windows(_obs(30), s, T0 + DAY)  # type: ignore[arg-type]
+    assert [o.id for o in recent] == [25, 26, 27, 28, 29]
+    _, _, complete = split_windows(_obs(9), s, T0)  # type: ignore[arg-type]
+    assert not complete
+
+
+def test_windows_by_days_and_by_a_baseline_date_range() -> None:
+    start = dt.datetime.fromtimestamp(T0, dt.UTC).date()
+    s = DriftSettings(baseline_start=start, baseline_end=start + dt.timedelta(days=1), window_days=0.5)
+    obs = _obs(72)  # 3 days, one per hour
+    now = T0 + 72 * 3600.0
+    baseline, recent, complete = split_windows(obs, s, now)  # type: ignore[arg-type]
+    day0 = dt.datetime(start.year, start.month, start.day, tzinfo=dt.UTC).timestamp()
+    assert baseline and all(day0 <= o.at < day0 + DAY for o in baseline) and complete
+    assert [o.at for o in recent] == [o.at for o in obs if o.at >= now - 0.5 * DAY]
+
+
+def _feed(catalog: Catalog, rng: np.random.Generator, *, start: int, n: int, shift: bool,
+          scanner: dict[str, str], t0: float = T0) -> None:
+    """``n`` jobs of one scanner: kernel, kVp, noise, findings; ``shift`` = a sharper kernel."""
+    identity = scanner_identity(scanner)
+    for i in range(start, start + n):
+        noise = rng.normal(30 if shift else 12, 2)
+        features = {
+            "input.kernel": "Br64" if shift else "B30f",
+            "input.kvp": 120.0,
+            "input.noise": round(float(noise), 2),
+            "input.slice_thickness": 1.25,
+            "output.findings": int(rng.poisson(2.5 if shift else 0.5)),
+            "output.positive": "yes" if rng.random() < (0.8 if shift else 0.3) else "no",
+        }
+        record_observation(catalog, model="ct-lung-nodules", series_instance_uid=f"2.25.{identity.key[:6]}.{i}",
+                           job_id=None, at=t0 + i * 600.0, seen_at=t0 + i * 600.0, scanner=identity,
+                           features=features, max_scanners=50)
+
+
+def test_many_jobs_two_scanners_only_the_shifted_one_drifts(tmp_path: Path) -> None:
+    catalog = Catalog(f"sqlite:///{tmp_path / 'c.db'}")
+    rng = np.random.default_rng(7)
+    settings = DriftSettings(baseline_jobs=300, window_jobs=200, min_window_jobs=50)
+    for scanner in (GE, SIEMENS):
+        _feed(catalog, rng, start=0, n=300, shift=False, scanner=scanner)
+    now = T0 + 300 * 600.0
+    report = evaluate(catalog, settings, now)
+    assert {p.status for p in report.pairs} == {"collecting"}
+    _feed(catalog, rng, start=300, n=200, shift=False, scanner=GE)
+    _feed(catalog, rng, start=300, n=200, shift=True, scanner=SIEMENS)
+    now = T0 + 500 * 600.0
+    monitor = DriftMonitor(catalog, settings)
+    report = monitor.report(now)
+    by_scanner = {p.scanner: p for p in report.pairs}
+    ge, siemens = by_scanner[scanner_identity(GE).label], by_scanner[scanner_identity(SIEMENS).label]
+    assert (ge.status, siemens.status) == ("stable", "drift")
+    assert (ge.baseline_n, ge.recent_n) == (300, 200)
+    psis = {f.feature: f.psi for f in siemens.features}
+    assert psis["input.kernel"] > 5 and psis["input.noise"] > 5 and psis["output.findings"] > 0.25
+    assert psis["input.kvp"] == 0.0 and psis["input.slice_thickness"] == 0.0
+    assert max(f.psi for f in ge.features) < settings.psi_alert
+    assert report.alerts == [siemens]
+    # The same report from the cache until an observation is added.
+    assert monitor.report(now + 1).pairs is report.pairs
+
+    registry = CollectorRegistry()
+    registry.register(DriftCollector(monitor))
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
+    alerts = {s.labels["scanner"]: s.value for s in families["dicom_node_drift_alert"].samples}
+    assert alerts == {ge.scanner: 0.0, siemens.scanner: 1.0}
+    kernel_psi = {s.labels["scanner"]: s.value for s in families["dicom_node_drift_psi"].samples
+                  if s.labels["feature"] == "input.kernel"}
+    assert kernel_psi[ge.scanner] == 0.0 and kernel_psi[siemens.scanner] > 5
+    assert {s.labels["scanner"] for s in families["dicom_node_scanner_last_seen_timestamp"].samples} == set(alerts)
+
+
+def test_a_scanner_that_stops_sending_is_flagged_silent(tmp_path: Path) -> None:
+    catalog = Catalog(f"sqlite:///{tmp_path / 'c.db'}")
+    rng = np.random.default_rng(3)
+    _feed(catalog, rng, start=0, n=20, shift=False, scanner=GE)
+    _feed(catalog, rng, start=0, n=20, shift=False, scanner=SIEMENS, t0=T0 + 7 * DAY)  # 7 days later
+    settings = DriftSettings(silent_scanner_days=5)
+    now = T0 + 7 * DAY + 20 * 600.0
+    silent = {s.label: s.silent for s in evaluate(catalog, settings, now).scanners}
+    assert silent == {scanner_identity(GE).label: True, scanner_identity(SIEMENS).label: False}
+    assert not any(s.silent for s in evaluate(catalog, DriftSettings(silent_scanner_days=0), now).scanners)
+
+
+def test_retention_removes_old_observations_but_keeps_the_baseline(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    catalog = Catalog(f"sqlite:///{db}")
+    rng = np.random.default_rng(5)
+    _feed(catalog, rng, start=0, n=400, shift=False, scanner=GE)  # 600 s apart: 2.8 days
+    settings = load_settings(overrides={"database": {"url": f"sqlite:///{db}"},
+                                        "storage": {"root": str(tmp_path / "spool")},
+                                        "drift": {"baseline_jobs": 100, "retention_days": 1}})
+    report = collect_garbage(settings, catalog, now=T0 + 400 * 600.0)
+    kept = observations(catalog)
+    cutoff = T0 + 400 * 600.0 - DAY
+    assert report.drift_observations == len([i for i in range(100, 400) if T0 + i * 600.0 < cutoff])
+    assert [o.at for o in kept[:100]] == [T0 + i * 600.0 for i in range(100)]
+    assert all(o.at >= cutoff for o in kept[100:])
