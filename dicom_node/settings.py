@@ -231,13 +231,15 @@ class DriftSettings(_Section):
     baseline_start: date | None = None
     baseline_end: date | None = None
     #: The recent window: the last this many jobs after the baseline ...
-    window_jobs: int = Field(100, ge=1)
+    window_jobs: int = Field(200, ge=1)
     #: ... or, when > 0, the jobs of the last this many days.
     window_days: float = Field(0.0, ge=0)
-    #: No PSI (status ``collecting``) until the recent window holds this many jobs.
-    min_window_jobs: int = Field(30, ge=1)
-    #: Quantile bins of a numeric feature, cut at the baseline's quantiles.
-    bins: int = Field(10, ge=2, le=50)
+    #: No PSI (status ``collecting``) until the recent window holds this many jobs: a PSI of
+    #: small windows is mostly chance (docs/models.md gives the figures).
+    min_window_jobs: int = Field(200, ge=1)
+    #: Quantile bins of a numeric feature, cut at the baseline's quantiles (plus one below and
+    #: one above the baseline's range).
+    bins: int = Field(5, ge=2, le=50)
     #: A feature whose population stability index exceeds this raises the pair's alert.
     psi_alert: float = Field(0.25, gt=0)
     #: A tracked scanner with no series for this many days is flagged silent (0: never).

@@ -1,9 +1,11 @@
 """The population stability index (PSI): how far a recent distribution moved from a baseline.
 
 ``PSI = sum over bins of (r_i - b_i) * ln(r_i / b_i)`` with ``b_i`` and ``r_i`` the shares of the
-baseline and the recent window in bin ``i`` (a share of 0 is floored at :data:`FLOOR` so an empty
-bin costs a finite amount).  Numeric values are binned at the baseline's quantiles (fixed by the
-baseline, so the recent window is measured against the baseline's own deciles); categorical
+baseline and the recent window in bin ``i``, each count plus :data:`SMOOTHING` (so an empty bin
+costs a finite amount).  Numeric values are binned at the baseline's quantiles (fixed by the
+baseline, so the recent window is measured against the baseline's own deciles), with one more
+bin below and one above the baseline's range (a value the baseline never had is seen even when
+the baseline was constant); categorical
 values (a convolution kernel, positive yes/no) have one bin per category.  The usual reading:
 below 0.1 stable, 0.1-0.25 a moderate shift, above 0.25 a significant one.
 
@@ -12,7 +14,6 @@ Pure functions over sequences: no catalog, no settings.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -20,8 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-#: Smallest share a bin is given (an empty bin would make ln(r/b) infinite).
-FLOOR = 1e-4
+#: Added to every bin's count before the shares are taken (additive smoothing): an empty bin
+#: would make ln(r/b) infinite, and a floor of a tiny share would make one stray value in a bin
+#: the baseline never filled cost as much as a real shift.
+SMOOTHING = 0.5
 #: Categories kept by name (the baseline's most frequent); the rest share one ``(other)`` bin.
 MAX_CATEGORIES = 12
 
@@ -45,23 +48,27 @@ def psi(baseline_counts: Sequence[float], recent_counts: Sequence[float]) -> flo
     r = np.asarray(recent_counts, dtype=float)
     if b.shape != r.shape or b.sum() <= 0 or r.sum() <= 0:
         raise ValueError("psi needs two non-empty histograms over the same bins")
-    bs = np.maximum(b / b.sum(), FLOOR)
-    rs = np.maximum(r / r.sum(), FLOOR)
+    bs = (b + SMOOTHING) / (b.sum() + SMOOTHING * b.size)
+    rs = (r + SMOOTHING) / (r.sum() + SMOOTHING * r.size)
     return float(np.sum((rs - bs) * np.log(rs / bs)))
 
 
 def quantile_edges(baseline: Sequence[float], bins: int) -> list[float]:
-    """The inner cut points of ``bins`` equal-count bins of ``baseline`` (ties merged)."""
+    """The baseline's minimum and the inner cut points of ``bins`` equal-count bins (ties
+    merged): the lower edges of the in-range bins."""
     values = np.asarray(baseline, dtype=float)
-    cuts = np.quantile(values, np.linspace(0.0, 1.0, bins + 1)[1:-1], method="linear")
+    cuts = np.quantile(values, np.linspace(0.0, 1.0, bins + 1)[:-1], method="linear")
     return sorted({float(c) for c in cuts})
 
 
-def _counts(values: Sequence[float], edges: Sequence[float]) -> list[int]:
-    # side="right": a value equal to a cut point goes to the bin above it, so a constant
-    # baseline (every kVp 120) fills exactly one bin.
-    index = np.searchsorted(np.asarray(edges), np.asarray(values, dtype=float), side="right")
-    return [int(n) for n in np.bincount(index, minlength=len(edges) + 1)]
+def _counts(values: Sequence[float], edges: Sequence[float], top: float) -> list[int]:
+    """Counts per bin: below the baseline's minimum, each ``[edge, next edge)`` (the last up to
+    and with ``top``, the baseline's maximum), above ``top``.  A constant baseline (every kVp
+    120) is one in-range bin, and a value it never had lands in a bin of its own."""
+    x = np.asarray(values, dtype=float)
+    index = np.searchsorted(np.asarray(edges), x, side="right")
+    index[x > top] = len(edges) + 1
+    return [int(n) for n in np.bincount(index, minlength=len(edges) + 2)]
 
 
 def _fmt(x: float) -> str:
@@ -69,11 +76,15 @@ def _fmt(x: float) -> str:
 
 
 def numeric(baseline: Sequence[float], recent: Sequence[float], bins: int = 10) -> Distribution:
-    """PSI of a numeric feature over the baseline's quantile bins."""
+    """PSI of a numeric feature over the baseline's quantile bins plus one bin below and one
+    above the baseline's range."""
     edges = quantile_edges(baseline, bins)
-    labels = ([f"< {_fmt(edges[0])}"] + [f"{_fmt(a)} - {_fmt(b)}" for a, b in itertools.pairwise(edges)]
-              + [f">= {_fmt(edges[-1])}"]) if edges else ["all"]
-    b, r = _counts(baseline, edges), _counts(recent, edges)
+    top = float(np.max(np.asarray(baseline, dtype=float)))
+    uppers = [*edges[1:], top]
+    labels = [f"< {_fmt(edges[0])}"]
+    labels += [f"{_fmt(a)} - {_fmt(b)}" if a != b else _fmt(a) for a, b in zip(edges, uppers, strict=True)]
+    labels.append(f"> {_fmt(top)}")
+    b, r = _counts(baseline, edges, top), _counts(recent, edges, top)
     return Distribution("numeric", labels, _shares(b), _shares(r), psi(b, r))
 
 

@@ -40,15 +40,16 @@ SIEMENS = {"Manufacturer": "SIEMENS", "ManufacturerModelName": "SOMATOM Force", 
 
 
 def test_psi_of_identical_histograms_is_zero_and_grows_with_the_shift() -> None:
-    assert psi.psi([10, 20, 30], [1, 2, 3]) == pytest.approx(0.0, abs=1e-12)
+    assert psi.psi([10, 20, 30], [10, 20, 30]) == pytest.approx(0.0, abs=1e-12)
     small = psi.psi([50, 50], [55, 45])
     large = psi.psi([50, 50], [90, 10])
-    # By hand: (0.55-0.5)ln(1.1) + (0.45-0.5)ln(0.9)
-    assert small == pytest.approx(0.05 * math.log(1.1) - 0.05 * math.log(0.9))
+    # By hand, with 0.5 added to every count: shares 0.5 / 0.5 against 55.5/101 and 45.5/101.
+    r1, r2 = 55.5 / 101, 45.5 / 101
+    assert small == pytest.approx((r1 - 0.5) * math.log(r1 / 0.5) + (r2 - 0.5) * math.log(r2 / 0.5))
     assert 0 < small < 0.1 < 0.25 < large
 
 
-def test_psi_floors_empty_bins_instead_of_dividing_by_zero() -> None:
+def test_psi_smooths_empty_bins_instead_of_dividing_by_zero() -> None:
     value = psi.psi([100, 0], [0, 100])
     assert math.isfinite(value) and value > 10
 
@@ -56,9 +57,9 @@ def test_psi_floors_empty_bins_instead_of_dividing_by_zero() -> None:
 def test_quantile_edges_make_equal_count_bins_and_merge_ties() -> None:
     values = list(range(1000))
     edges = psi.quantile_edges(values, 10)
-    assert len(edges) == 9
-    counts = psi._counts(values, edges)
-    assert counts == [100] * 10
+    assert len(edges) == 10 and edges[0] == 0
+    assert psi._counts(values, edges, 999) == [0] + [100] * 10 + [0]
+    assert psi._counts([-5, 1000], edges, 999) == [1] + [0] * 10 + [1]
     assert psi.quantile_edges([120.0] * 50, 10) == [120.0]
 
 
@@ -68,24 +69,27 @@ def test_numeric_psi_small_for_the_same_distribution_large_for_a_shift() -> None
     same = psi.numeric(baseline, rng.normal(10, 2, 300).tolist(), 10)
     shifted = psi.numeric(baseline, rng.normal(13, 2, 300).tolist(), 10)
     assert same.psi < 0.1
-    # Chance alone, 500 against 300 jobs, 10 bins: about (bins - 1) * (1/500 + 1/300) = 0.048 on
-    # average, far below the 0.25 alert (docs/models.md quotes these figures).
+    # Chance alone, 500 against 300 jobs, 10 bins: about (bins - 1) * (1/500 + 1/300) = 0.048,
+    # plus ~0.015 for the recent values beyond the baseline's range: far below the 0.25 alert
+    # (docs/models.md quotes these figures).
     chance = [psi.numeric(rng.normal(10, 2, 500).tolist(), rng.normal(10, 2, 300).tolist(), 10).psi
               for _ in range(100)]
-    assert 0.035 < float(np.mean(chance)) < 0.06 and max(chance) < 0.25
+    assert 0.04 < float(np.mean(chance)) < 0.08 and max(chance) < 0.25
     assert shifted.psi > 0.25
-    assert len(same.bins) == 10 and sum(same.baseline) == pytest.approx(1.0, abs=1e-3)
+    assert len(same.bins) == 12 and sum(same.baseline) == pytest.approx(1.0, abs=1e-3)
 
 
 def test_constant_numeric_feature_is_stable_until_it_changes() -> None:
-    assert psi.numeric([120.0] * 40, [120.0] * 30).psi == 0.0
+    assert psi.numeric([120.0] * 40, [120.0] * 30).psi == pytest.approx(0.0, abs=0.01)
     assert psi.numeric([120.0] * 40, [100.0] * 30).psi > 5
+    assert psi.numeric([120.0] * 40, [140.0] * 30).psi > 5
+    assert psi.numeric([120.0] * 40, [120.0] * 30).bins == ["< 120", "120", "> 120"]
 
 
 def test_categorical_psi_by_category() -> None:
     same = psi.categorical(["B30f"] * 80 + ["B45f"] * 20, ["B30f"] * 40 + ["B45f"] * 10)
     new_kernel = psi.categorical(["B30f"] * 100, ["B30f"] * 20 + ["Br64"] * 30)
-    assert same.psi == pytest.approx(0.0, abs=1e-9)
+    assert same.psi == pytest.approx(0.0, abs=1e-3)
     assert new_kernel.bins == ["B30f", "Br64"] and new_kernel.psi > 1
 
 
@@ -234,8 +238,8 @@ def test_many_jobs_two_scanners_only_the_shifted_one_drifts(tmp_path: Path) -> N
     assert (ge.status, siemens.status) == ("stable", "drift")
     assert (ge.baseline_n, ge.recent_n) == (300, 200)
     psis = {f.feature: f.psi for f in siemens.features}
-    assert psis["input.kernel"] > 5 and psis["input.noise"] > 5 and psis["output.findings"] > 0.25
-    assert psis["input.kvp"] == 0.0 and psis["input.slice_thickness"] == 0.0
+    assert psis["input.kernel"] > 3 and psis["input.noise"] > 3 and psis["output.findings"] > 0.25
+    assert psis["input.kvp"] < 0.01 and psis["input.slice_thickness"] < 0.01
     assert max(f.psi for f in ge.features) < settings.psi_alert
     assert report.alerts == [siemens]
     # The same report from the cache until an observation is added.
@@ -248,7 +252,7 @@ def test_many_jobs_two_scanners_only_the_shifted_one_drifts(tmp_path: Path) -> N
     assert alerts == {ge.scanner: 0.0, siemens.scanner: 1.0}
     kernel_psi = {s.labels["scanner"]: s.value for s in families["dicom_node_drift_psi"].samples
                   if s.labels["feature"] == "input.kernel"}
-    assert kernel_psi[ge.scanner] == 0.0 and kernel_psi[siemens.scanner] > 5
+    assert kernel_psi[ge.scanner] < 0.01 and kernel_psi[siemens.scanner] > 5
     assert {s.labels["scanner"] for s in families["dicom_node_scanner_last_seen_timestamp"].samples} == set(alerts)
 
 

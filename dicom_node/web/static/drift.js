@@ -44,7 +44,7 @@
     });
     root.append(svg("line", {x1: 0, x2: w, y1: h, y2: h, class: "drift-axis"}));
     root.append(svg("text", {x: 0, y: h + 12, class: "drift-tick"}, feature.bins[0]));
-    root.append(svg("text", {x: w, y: h + 12, class: "drift-tick", "text-anchor": "end"}, feature.bins[n - 1]));
+    if (n > 1) root.append(svg("text", {x: w, y: h + 12, class: "drift-tick", "text-anchor": "end"}, feature.bins[n - 1]));
     return root;
   }
 
@@ -57,7 +57,7 @@
 
   function pairRow(p) {
     const worst = p.features[0];
-    const every = el("details", {}, el("summary", {text: `${p.features.length} features`}),
+    const every = el("details", {open: p.alert ? "" : null}, el("summary", {text: `${p.features.length} features`}),
       el("ul", {class: "drift-features"}, ...p.features.map(f =>
         el("li", {class: f.alert ? "alert" : null, text: `${f.feature}: ${f.psi.toFixed(3)}`}))));
     return el("tr", {class: p.alert ? "drift-alert" : null, "data-model": p.model, "data-scanner": p.scanner},
@@ -67,7 +67,9 @@
       el("td", {class: "num", text: `${p.baseline_jobs} / ${p.recent_jobs}`}),
       el("td", {class: "num strong", text: p.max_psi === null ? "" : p.max_psi.toFixed(3)}),
       el("td", {text: worst ? worst.feature : ""}),
-      el("td", {}, worst ? histogram(worst) : el("span", {class: "muted", text: "collecting"})),
+      el("td", {}, worst ? el("figure", {class: "drift-figure"}, histogram(worst),
+        el("figcaption", {text: `${worst.feature}: PSI ${worst.psi.toFixed(3)}`}))
+        : el("span", {class: "muted", text: "collecting"})),
       el("td", {}, p.features.length ? every : ""));
   }
 
