@@ -282,3 +282,43 @@ def test_retention_removes_old_observations_but_keeps_the_baseline(tmp_path: Pat
     assert report.drift_observations == len([i for i in range(100, 400) if T0 + i * 600.0 < cutoff])
     assert [o.at for o in kept[:100]] == [T0 + i * 600.0 for i in range(100)]
     assert all(o.at >= cutoff for o in kept[100:])
+
+
+# -- the web app: /api/drift, /metrics, the panel ------------------------------------------------
+
+
+def test_api_metrics_and_dashboard_show_drift(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from dicom_node.web import create_app
+    from tests.support.queues import MemoryQueue
+
+    db = tmp_path / "c.db"
+    catalog = Catalog(f"sqlite:///{db}")
+    rng = np.random.default_rng(11)
+    for scanner, shift in ((GE, False), (SIEMENS, True)):
+        _feed(catalog, rng, start=0, n=40, shift=False, scanner=scanner)
+        _feed(catalog, rng, start=40, n=40, shift=shift, scanner=scanner)
+    settings = load_settings(overrides={"database": {"url": f"sqlite:///{db}"},
+                                        "storage": {"root": str(tmp_path / "spool")},
+                                        # Small windows: a chance PSI of 0.3 is common there (docs).
+                                        "drift": {"baseline_jobs": 40, "window_jobs": 40, "min_window_jobs": 40,
+                                                  "psi_alert": 1.0, "silent_scanner_days": 1}})
+    with TestClient(create_app(settings, catalog, MemoryQueue())) as client:
+        body = client.get("/api/drift").json()
+        assert body["alerts"] == 1 and body["baseline"] == "first 40 jobs"
+        first, second = body["pairs"]
+        assert (first["scanner"], first["status"], second["status"]) == (scanner_identity(SIEMENS).label, "drift",
+                                                                        "stable")
+        assert first["worst_feature"] in {"input.kernel", "input.noise"} and first["max_psi"] > 3
+        kernel = next(f for f in first["features"] if f["feature"] == "input.kernel")
+        assert kernel["bins"] == ["B30f", "Br64"] and kernel["baseline"][0] > 0.9 and kernel["recent"][1] > 0.9
+        # Observations are from T0 (2026), older than a day: both scanners are silent now.
+        assert body["silent"] == 2 and all(s["silent"] for s in body["scanners"])
+        metrics = client.get("/metrics").text
+        assert f'dicom_node_drift_alert{{model="ct-lung-nodules",scanner="{first["scanner"]}"}} 1.0' in metrics
+        assert f'dicom_node_scanner_silent{{scanner="{second["scanner"]}"}} 1.0' in metrics
+        page = client.get("/").text
+        assert 'id="drift-table"' in page and "/static/drift.js" in page
+        assert client.get("/static/drift.js").status_code == 200
+
