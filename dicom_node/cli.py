@@ -76,6 +76,13 @@ def _model_problems(settings: Settings) -> tuple[list[str], list[str]]:
     return errors, warnings
 
 
+def _output_warnings(settings: Settings) -> list[str]:
+    """Output lists that are valid but probably not what the admin meant."""
+    return [f"destination {dest.name!r} lists seg-resampled without seg: it gets no SEG for "
+            "untilted series (seg-resampled is made only for gantry-tilted stacks)"
+            for dest in settings.destinations if "seg-resampled" in dest.outputs and "seg" not in dest.outputs]
+
+
 def _print(args: argparse.Namespace, data: Any, text: str) -> None:
     if getattr(args, "json", False):
         print(json.dumps(data, indent=2, default=str))
@@ -126,6 +133,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     settings = _settings(args)
     data = settings.model_dump(mode="json")
     errors, warnings = _model_problems(settings)
+    warnings += _output_warnings(settings)
     unreachable: list[str] = []
     if args.probe:
         from dicom_node.delivery import reachable

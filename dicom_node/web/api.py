@@ -266,6 +266,18 @@ class Throughput(BaseModel):
 # -- helpers --------------------------------------------------------------------------------
 
 
+def _action_responses(not_found: str, conflict: str | None = None) -> dict[int | str, dict[str, Any]]:
+    """The error answers of an operator action: token checks, then what it acts on."""
+    responses: dict[int | str, dict[str, Any]] = {
+        401: {"description": "missing or wrong token"},
+        403: {"description": "no API token configured"},
+        404: {"description": not_found},
+    }
+    if conflict is not None:
+        responses[409] = {"description": conflict}
+    return responses
+
+
 def _summary(
     ctx: ApiContext, job: JobRow, series: SeriesRow | None, last_received: float | None, now: float
 ) -> JobSummary:
@@ -451,12 +463,7 @@ def create_router(ctx: ApiContext) -> APIRouter:
         tags=["jobs"],
         dependencies=authorized,
         summary="Queue a failed, cancelled or done job again",
-        responses={
-            401: {"description": "missing or wrong token"},
-            403: {"description": "no API token configured"},
-            404: {"description": "no such job"},
-            409: {"description": "the job is still unfinished"},
-        },
+        responses=_action_responses("no such job", conflict="the job is still unfinished"),
     )
     def retry_job(job_id: int) -> ActionResult:
         job = get_job_or_404(job_id)
@@ -483,12 +490,7 @@ def create_router(ctx: ApiContext) -> APIRouter:
         tags=["jobs"],
         dependencies=authorized,
         summary="Cancel an unfinished job (a worker skips it; a running model is not interrupted)",
-        responses={
-            401: {"description": "missing or wrong token"},
-            403: {"description": "no API token configured"},
-            404: {"description": "no such job"},
-            409: {"description": "the job is already finished"},
-        },
+        responses=_action_responses("no such job", conflict="the job is already finished"),
     )
     def cancel_job(job_id: int) -> ActionResult:
         job = get_job_or_404(job_id)
@@ -512,12 +514,7 @@ def create_router(ctx: ApiContext) -> APIRouter:
         dependencies=authorized,
         summary="Deliver a job's stored results again (no model run), to its destinations or to"
         " ?to=DEST",
-        responses={
-            401: {"description": "missing or wrong token"},
-            403: {"description": "no API token configured"},
-            404: {"description": "no such job or destination"},
-            409: {"description": "the job has no stored results"},
-        },
+        responses=_action_responses("no such job or destination", conflict="the job has no stored results"),
     )
     def resend_job(job_id: int, to: Annotated[list[str] | None, Query()] = None) -> OperatorResult:
         get_job_or_404(job_id)
@@ -536,12 +533,7 @@ def create_router(ctx: ApiContext) -> APIRouter:
         tags=["series"],
         dependencies=authorized,
         summary="Run a processed series' models again (or only ?model=M) as a new generation",
-        responses={
-            401: {"description": "missing or wrong token"},
-            403: {"description": "no API token configured"},
-            404: {"description": "no such series"},
-            409: {"description": "still receiving, or no model known for it"},
-        },
+        responses=_action_responses("no such series", conflict="still receiving, or no model known for it"),
     )
     def rerun_series(series_instance_uid: str, model: str | None = None) -> OperatorResult:
         if catalog.get_series(series_instance_uid) is None:
@@ -560,11 +552,7 @@ def create_router(ctx: ApiContext) -> APIRouter:
         dependencies=authorized,
         summary="Apply the routing rules again to a stored series (or every series of a study UID)"
         " as a new generation",
-        responses={
-            401: {"description": "missing or wrong token"},
-            403: {"description": "no API token configured"},
-            404: {"description": "no such series or study"},
-        },
+        responses=_action_responses("no such series or study"),
     )
     def reprocess_series(series_instance_uid: str) -> OperatorResult:
         try:

@@ -105,6 +105,22 @@ def test_config_check_catches_unknown_models_and_refused_modalities(
     assert "configuration OK" in capsys.readouterr().out
 
 
+def test_config_check_warns_of_a_resampled_seg_without_the_source_seg(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """seg-resampled is made only for tilted stacks: a destination listing it without seg would
+    get no SEG at all for most series, which `config check` says (a warning, exit 0)."""
+    dest = {"name": "slicer", "ae_title": "SLICER", "host": "127.0.0.1", "port": 11113}
+    config = _rules_config(tmp_path, [{"name": "ct", "match": {"Modality": "CT"}, "models": ["ct-tissue"]}],
+                           [{**dest, "outputs": ["seg-resampled", "sr"]}])
+    assert main(["config", "check", "--config", str(config)]) == 0
+    assert "warning: destination 'slicer' lists seg-resampled without seg" in capsys.readouterr().err
+    both = _rules_config(tmp_path, [{"name": "ct", "match": {"Modality": "CT"}, "models": ["ct-tissue"]}],
+                         [{**dest, "outputs": ["seg", "seg-resampled", "sr"]}])
+    assert main(["config", "check", "--config", str(both)]) == 0
+    assert "seg-resampled" not in capsys.readouterr().err
+
+
 def test_config_check_probe_echoes_every_destination(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], storescp_archive: Any
 ) -> None:
