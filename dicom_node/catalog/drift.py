@@ -113,6 +113,43 @@ def observations(catalog: Catalog) -> list[Observation]:
         return [Observation(i, m, sc, at, json.loads(f)) for i, m, sc, at, f in rows]
 
 
+def pairs(catalog: Catalog) -> list[tuple[str, int]]:
+    """Every (model, scanner id) with observations."""
+    with catalog.session() as s:
+        rows = s.execute(select(DriftObservationRow.model, DriftObservationRow.scanner_id).distinct())
+        return [(m, int(sid)) for m, sid in rows]
+
+
+def pair_observations(catalog: Catalog, model: str, scanner_id: int, *, first: int = 0, last: int = 0,
+                      since: float | None = None, between: tuple[float, float] | None = None) -> list[Observation]:
+    """The observations of one (model, scanner) that its windows can use, oldest first: its
+    ``first`` oldest, its ``last`` newest, those at or after ``since``, those inside ``between``
+    (all, when none of these is given).  Only these rows are read and parsed, so an evaluation
+    costs the windows' size, not the whole retained history."""
+    cols = (DriftObservationRow.id, DriftObservationRow.model, DriftObservationRow.scanner_id,
+            DriftObservationRow.at, DriftObservationRow.features_json)
+    pair = (DriftObservationRow.model == model, DriftObservationRow.scanner_id == scanner_id)
+    queries = []
+    if first:
+        queries.append(select(*cols).where(*pair).order_by(DriftObservationRow.id).limit(first))
+    if last:
+        queries.append(select(*cols).where(*pair).order_by(DriftObservationRow.id.desc()).limit(last))
+    if since is not None:
+        queries.append(select(*cols).where(*pair, DriftObservationRow.at >= since))
+    if between is not None:
+        queries.append(select(*cols).where(*pair, DriftObservationRow.at >= between[0],
+                                           DriftObservationRow.at < between[1]))
+    if not queries:
+        queries.append(select(*cols).where(*pair))
+    found: dict[int, Observation] = {}
+    with catalog.session() as s:
+        for q in queries:
+            for i, m, sc, at, f in s.execute(q):
+                if i not in found:
+                    found[i] = Observation(i, m, sc, at, json.loads(f))
+    return [found[i] for i in sorted(found)]
+
+
 def observation_version(catalog: Catalog) -> tuple[int, int]:
     """(newest id, count) of the observations: a cached evaluation is current while it is equal."""
     with catalog.session() as s:

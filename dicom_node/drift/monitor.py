@@ -14,7 +14,9 @@ gets its PSI (:mod:`dicom_node.drift.psi`) and the pair is ``drift`` when one ex
 ``silent_scanner_days``.
 
 :class:`DriftMonitor` caches the evaluation until a new observation arrives (the catalog's
-newest id and count), so ``/metrics`` scrapes and dashboard refreshes do not recompute it.
+newest id and count), and evaluates at most every 30 s, so ``/metrics`` scrapes and dashboard
+refreshes of a busy node do not recompute it each time; an evaluation reads only the rows its
+windows use.
 """
 
 from __future__ import annotations
@@ -175,11 +177,16 @@ def evaluate(catalog: Catalog, settings: DriftSettings, now: float | None = None
     now = time.time() if now is None else now
     scanner_rows = store.scanners(catalog)
     labels = {r.id: r.label for r in scanner_rows}
-    by_pair: dict[tuple[str, int], list[Observation]] = {}
-    for o in store.observations(catalog):
-        by_pair.setdefault((o.model, o.scanner_id), []).append(o)
-    pairs = [evaluate_pair(model, (sid, labels.get(sid, str(sid))), obs, settings, now)
-             for (model, sid), obs in sorted(by_pair.items(), key=lambda kv: (kv[0][0], labels.get(kv[0][1], "")))]
+    dates = baseline_range(settings)
+    pairs = []
+    for model, sid in sorted(store.pairs(catalog), key=lambda p: (p[0], labels.get(p[1], ""))):
+        # Only the rows the windows can use: the baseline (first jobs or its date range) and the
+        # recent window (last jobs or last days).
+        obs = store.pair_observations(
+            catalog, model, sid, first=0 if dates else settings.baseline_jobs,
+            last=0 if settings.window_days > 0 else settings.window_jobs,
+            since=now - settings.window_days * _DAY if settings.window_days > 0 else None, between=dates)
+        pairs.append(evaluate_pair(model, (sid, labels.get(sid, str(sid))), obs, settings, now))
     return DriftReport(now, pairs, scanner_status(scanner_rows, settings, now))
 
 
@@ -193,21 +200,27 @@ def scanner_status(rows: Sequence[Any], settings: DriftSettings, now: float) -> 
 class DriftMonitor:
     """The current :class:`DriftReport`, recomputed only when observations changed."""
 
-    def __init__(self, catalog: Catalog, settings: DriftSettings) -> None:
+    def __init__(self, catalog: Catalog, settings: DriftSettings, *, min_interval_s: float = 30.0) -> None:
         self.catalog = catalog
         self.settings = settings
+        #: A new evaluation at most this often (scrapes of a busy node come every few seconds,
+        #: each after new jobs: drift is a matter of days, not seconds).
+        self.min_interval_s = min_interval_s
         self._lock = threading.Lock()
         self._version: tuple[int, int] | None = None
         self._pairs: list[PairDrift] = []
         self._computed_at = 0.0
 
     def report(self, now: float | None = None) -> DriftReport:
-        """Pairs from the cache while no observation was added (and for at most an hour, so a
-        ``window_days`` window still slides); scanners' silence always as of ``now``."""
+        """Pairs from the cache while no observation was added or for ``min_interval_s`` after
+        the last evaluation (and for at most an hour, so a ``window_days`` window still slides);
+        scanners' silence always as of ``now``."""
         now = time.time() if now is None else now
         with self._lock:
             version = store.observation_version(self.catalog)
-            if version != self._version or now - self._computed_at > 3600 or now < self._computed_at:
+            age = now - self._computed_at
+            changed = version != self._version and (self._version is None or age >= self.min_interval_s)
+            if changed or age > 3600 or age < 0:
                 report = evaluate(self.catalog, self.settings, now)
                 self._version, self._pairs, self._computed_at = version, report.pairs, now
                 return report

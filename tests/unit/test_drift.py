@@ -242,8 +242,11 @@ def test_many_jobs_two_scanners_only_the_shifted_one_drifts(tmp_path: Path) -> N
     assert psis["input.kvp"] < 0.01 and psis["input.slice_thickness"] < 0.01
     assert max(f.psi for f in ge.features) < settings.psi_alert
     assert report.alerts == [siemens]
-    # The same report from the cache until an observation is added.
+    # The same report from the cache until an observation is added, and for 30 s after that.
     assert monitor.report(now + 1).pairs is report.pairs
+    _feed(catalog, rng, start=500, n=1, shift=True, scanner=SIEMENS)
+    assert monitor.report(now + 2).pairs is report.pairs
+    assert monitor.report(now + 31).pairs is not report.pairs
 
     registry = CollectorRegistry()
     registry.register(DriftCollector(monitor))
@@ -322,3 +325,17 @@ def test_api_metrics_and_dashboard_show_drift(tmp_path: Path) -> None:
         assert 'id="drift-table"' in page and "/static/drift.js" in page
         assert client.get("/static/drift.js").status_code == 200
 
+
+
+def test_evaluation_reads_the_date_range_baseline_and_the_last_days(tmp_path: Path) -> None:
+    catalog = Catalog(f"sqlite:///{tmp_path / 'c.db'}")
+    identity = scanner_identity(GE)
+    for i in range(72):  # one job an hour for three days
+        record_observation(catalog, model="m", series_instance_uid=f"1.2.{i}", job_id=i, at=T0 + i * 3600.0,
+                           seen_at=T0 + i * 3600.0, scanner=identity, features={"input.kvp": 120.0},
+                           max_scanners=5)
+    start = dt.datetime.fromtimestamp(T0, dt.UTC).date() + dt.timedelta(days=1)
+    settings = DriftSettings(baseline_start=start, baseline_end=start + dt.timedelta(days=1), window_days=0.5,
+                             min_window_jobs=5)
+    (pair,) = evaluate(catalog, settings, T0 + 72 * 3600.0).pairs
+    assert (pair.status, pair.baseline_n, pair.recent_n) == ("stable", 24, 12)
