@@ -339,3 +339,23 @@ def test_evaluation_reads_the_date_range_baseline_and_the_last_days(tmp_path: Pa
                              min_window_jobs=5)
     (pair,) = evaluate(catalog, settings, T0 + 72 * 3600.0).pairs
     assert (pair.status, pair.baseline_n, pair.recent_n) == ("stable", 24, 12)
+
+
+def test_recording_is_skipped_when_off_and_never_raises(tmp_path: Path) -> None:
+    from dicom_node.drift.record import capture_inputs, record_job
+
+    catalog = Catalog(f"sqlite:///{tmp_path / 'c.db'}")
+    volume = Volume(np.zeros((2, 4, 4), np.float32), np.eye(4), "CT")
+    header = SimpleNamespace(Manufacturer="GE", StationName="CT01", KVP="120")
+    assert capture_inputs(DriftSettings(enabled=False), [header], volume) is None
+    inputs = capture_inputs(DriftSettings(), [header], volume)
+    assert inputs is not None and inputs["headers"]["StationName"] == "CT01"
+    kwargs = {"job_id": 1, "model": "m", "series_instance_uid": "1.2.3", "prediction": Prediction("m", "1"),
+              "volume": volume}
+    # Broken inputs (a bug elsewhere) are logged, the job goes on.
+    assert record_job(catalog, DriftSettings(), inputs={"headers": {}}, **kwargs) is None  # type: ignore[arg-type]
+    assert observations(catalog) == []
+    label = record_job(catalog, DriftSettings(), inputs=inputs, **kwargs)  # type: ignore[arg-type]
+    assert label == scanner_identity({"Manufacturer": "GE", "StationName": "CT01"}).label
+    (obs,) = observations(catalog)
+    assert obs.features["input.kvp"] == 120.0 and obs.features["output.positive"] == "no"
