@@ -141,3 +141,44 @@ def screenshot_panel(tmp_path: Path, base: str, drifting: str) -> None:
             page.locator("#drift").screenshot(path=str(IMAGES / "drift-panel.png"))
         finally:
             context.close()
+
+
+def test_drift_catalog_on_postgresql() -> None:
+    """The drift SQL (scanner cap, re-run upsert, windows, retention) on PostgreSQL too."""
+    from dicom_node.catalog import Catalog
+    from dicom_node.catalog.drift import OTHER, observations, prune_observations, record_observation
+    from dicom_node.drift.monitor import evaluate
+    from dicom_node.settings import DriftSettings
+    from tests.conftest import REQUIRE_TOOLS
+    from tests.support.postgres import PostgresUnavailable, start_postgres
+
+    try:
+        server = start_postgres()
+    except PostgresUnavailable as exc:
+        if REQUIRE_TOOLS:
+            pytest.fail(f"{exc} (DICOM_NODE_REQUIRE_TOOLS=1)")
+        pytest.skip(str(exc))
+    try:
+        catalog = Catalog(server.create_database())
+        t0 = 1_780_000_000.0
+        labels = set()
+        for i in range(30):
+            scanner = scanner_identity({**STABLE, "StationName": f"CT{i % 3}"})
+            labels.add(record_observation(
+                catalog, model="m", series_instance_uid=f"1.2.{i}", job_id=i, at=t0 + i * 3600.0,
+                seen_at=t0 + i * 3600.0, scanner=scanner,
+                features={"input.kernel": "B30f" if i < 20 else "Br64", "input.kvp": 120.0}, max_scanners=2))
+        record_observation(catalog, model="m", series_instance_uid="1.2.0", job_id=99, at=t0, seen_at=t0,
+                           scanner=scanner_identity({**STABLE, "StationName": "CT0"}),
+                           features={"input.kernel": "B30f", "input.kvp": 120.0}, max_scanners=2)
+        assert OTHER in labels and len(labels) == 3 and len(observations(catalog)) == 30
+        report = evaluate(catalog, DriftSettings(baseline_jobs=5, window_jobs=3, min_window_jobs=3), t0 + 30 * 3600.0)
+        assert {p.scanner: p.status for p in report.pairs}[OTHER] == "drift"
+        removed = prune_observations(catalog, cutoff=t0 + 20 * 3600.0, keep_first=5)
+        # Per scanner (10 jobs each, every third hour): the first 5 are its baseline; of the rest,
+        # those before hour 20 go: hours 15, 18 (CT0), 16, 19 (CT1), 17 (other).
+        assert removed == 5 and len(observations(catalog)) == 25
+        catalog.close()
+    finally:
+        server.drop_databases()
+        server.stop()
