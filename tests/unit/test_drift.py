@@ -7,6 +7,7 @@ in a second); ``tests/integration/test_drift_live.py`` drives a real node end to
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -359,3 +360,25 @@ def test_recording_is_skipped_when_off_and_never_raises(tmp_path: Path) -> None:
     assert label == scanner_identity({"Manufacturer": "GE", "StationName": "CT01"}).label
     (obs,) = observations(catalog)
     assert obs.features["input.kvp"] == 120.0 and obs.features["output.positive"] == "no"
+
+
+def test_cli_prints_the_report_and_exits_1_on_drift(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dicom_node.cli import main
+    from tests.support.node import write_config
+
+    db = tmp_path / "c.db"
+    config = write_config(tmp_path / "n.toml", {
+        "database": {"url": f"sqlite:///{db}"}, "storage": {"root": str(tmp_path / "spool")},
+        "drift": {"baseline_jobs": 20, "window_jobs": 20, "min_window_jobs": 20, "psi_alert": 1.0,
+                  "silent_scanner_days": 0}})
+    catalog = Catalog(f"sqlite:///{db}")
+    assert main(["drift", "--config", str(config)]) == 0
+    assert "no observations yet" in capsys.readouterr().out
+    rng = np.random.default_rng(2)
+    _feed(catalog, rng, start=0, n=20, shift=False, scanner=SIEMENS)
+    _feed(catalog, rng, start=20, n=20, shift=True, scanner=SIEMENS)
+    assert main(["drift", "--config", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert scanner_identity(SIEMENS).label in out and " drift " in out
+    assert main(["drift", "--config", str(config), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["alerts"] == 1
