@@ -59,7 +59,12 @@ def _scanner_row(s: Session, scanner: ScannerIdentity, max_scanners: int, now: f
         if row is not None:
             return row
         scanner = ScannerIdentity(OTHER, OTHER)
-    row = DriftScannerRow(key=scanner.key, label=scanner.label, manufacturer=scanner.manufacturer[:64],
+    label = scanner.label
+    if s.scalar(select(func.count()).select_from(DriftScannerRow).where(DriftScannerRow.label == label)):
+        # Two identities with the same short label (same station name, same 6 hex digits): the
+        # metrics need distinct label values, so this one gets more of its key.
+        label = f"{label}{scanner.key[6:12]}"
+    row = DriftScannerRow(key=scanner.key, label=label, manufacturer=scanner.manufacturer[:64],
                           model_name=scanner.model_name[:64], station=scanner.station[:16],
                           protocol=scanner.protocol[:64], first_seen=now, last_seen=now)
     s.add(row)

@@ -127,6 +127,17 @@ def test_scanners_past_the_cap_are_counted_as_other(tmp_path: Path) -> None:
     assert [r.label for r in scanners(catalog)] == [*labels[:3], OTHER]
 
 
+def test_two_scanners_never_share_a_label(tmp_path: Path) -> None:
+    from dicom_node.catalog.drift import ScannerIdentity
+
+    catalog = Catalog(f"sqlite:///{tmp_path / 'c.db'}")
+    a = ScannerIdentity(key="a" * 40, label="CT01-aaaaaa")
+    b = ScannerIdentity(key="aaaaaa" + "b" * 34, label="CT01-aaaaaa")
+    labels = [record_observation(catalog, model="m", series_instance_uid=f"1.{i}", job_id=i, at=T0, seen_at=T0,
+                                 scanner=sc, features={}, max_scanners=5) for i, sc in enumerate((a, b))]
+    assert labels == ["CT01-aaaaaa", "CT01-aaaaaabbbbbb"]
+
+
 def test_a_rerun_replaces_its_observation(tmp_path: Path) -> None:
     catalog = Catalog(f"sqlite:///{tmp_path / 'c.db'}")
     scanner = scanner_identity(GE)
