@@ -57,6 +57,8 @@ def get(url: str) -> Any:
 
 def test_only_the_scanner_whose_input_shifted_drifts(tmp_path: Path) -> None:
     require_tool("storescu")
+    require_tool("chromium")
+    sync_playwright = require_playwright()
     web_port = free_port()
     config = node_config(
         tmp_path, idle_seconds=1.0,
@@ -111,7 +113,7 @@ def test_only_the_scanner_whose_input_shifted_drifts(tmp_path: Path) -> None:
         seen = {s.labels["scanner"] for s in families["dicom_node_scanner_last_seen_timestamp"].samples}
         assert seen == {stable, shifting}
 
-        screenshot_panel(tmp_path, base, shifting)
+        screenshot_panel(sync_playwright, tmp_path, base, shifting)
     except Exception:
         print(node.logs()[-6000:])
         raise
@@ -119,11 +121,8 @@ def test_only_the_scanner_whose_input_shifted_drifts(tmp_path: Path) -> None:
         node.stop()
 
 
-def screenshot_panel(tmp_path: Path, base: str, drifting: str) -> None:
+def screenshot_panel(sync_playwright: Any, tmp_path: Path, base: str, drifting: str) -> None:
     """The dashboard's drift panel in the Debian Chromium: the drifting row is highlighted."""
-    if shutil.which("chromium") is None:
-        return  # the API and metrics checks above are the proof; the picture is for the docs
-    sync_playwright = require_playwright()
     with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
             user_data_dir=str(tmp_path / "chromium-profile"), executable_path=shutil.which("chromium"),
