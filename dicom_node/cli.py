@@ -156,17 +156,28 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _job_dict(job: Any, deliveries: Sequence[Any] = ()) -> dict[str, Any]:
+def _study_date(da: str | None) -> str:
+    """A DA (``20261206``) as ``2026-12-06``; empty when unknown."""
+    return f"{da[:4]}-{da[4:6]}-{da[6:]}" if da else ""
+
+
+def _waiting(job: Any) -> bool:
+    """The job's deliveries may be waiting for a retry (``next_attempt_at`` means something)."""
+    return job.state in ("encoded", "delivering")
+
+
+def _job_dict(job: Any, deliveries: Sequence[Any] = (), series: Any = None) -> dict[str, Any]:
     return {
         "id": job.id, "state": job.state, "model": job.model, "rule": job.rule,
         "series_instance_uid": job.series_instance_uid, "study_instance_uid": job.study_instance_uid,
-        "modality": job.modality, "priority": job.priority, "attempts": job.attempts,
+        "modality": job.modality, "study_date": series.study_date if series is not None else None,
+        "priority": job.priority, "attempts": job.attempts,
         "reason": job.reason, "created_at": job.created_at, "updated_at": job.updated_at,
         "destinations": job.destinations, "results": job.results,
         "deliveries": [
             {"destination": d.destination, "state": d.state, "attempts": d.attempts,
              "last_error": d.last_error, "done_at": d.done_at, "confirmation": d.confirmation,
-             "objects": d.objects}
+             "next_attempt_at": d.next_attempt_at if _waiting(job) else None, "objects": d.objects}
             for d in deliveries
         ],
     }
@@ -176,7 +187,8 @@ def _series_dict(row: Any, routing: list[str] | None) -> dict[str, Any]:
     return {
         "series_instance_uid": row.series_instance_uid, "study_instance_uid": row.study_instance_uid,
         "modality": row.modality, "series_description": row.series_description,
-        "calling_ae_title": row.calling_ae_title, "instances": row.instance_count, "state": row.state,
+        "calling_ae_title": row.calling_ae_title, "study_date": row.study_date,
+        "instances": row.instance_count, "state": row.state,
         "generation": row.generation, "last_received_at": row.last_received_at, "note": row.note,
         "routing": routing,
     }
@@ -201,7 +213,8 @@ def cmd_series(args: argparse.Namespace) -> int:
     lines = []
     for r, d in zip(rows, data, strict=True):
         desc = " ".join(x for x in (r.modality, r.series_description and repr(r.series_description),
-                                    f"from {r.calling_ae_title}" if r.calling_ae_title else None) if x)
+                                    f"from {r.calling_ae_title}" if r.calling_ae_title else None,
+                                    f"study {_study_date(r.study_date)}" if r.study_date else None) if x)
         lines.append(f"{r.series_instance_uid}  {r.state:<9} {r.instance_count:>5} inst  gen {r.generation}  {desc}")
         for why in d["routing"] or []:
             lines.append(f"    no rule: {why}")
@@ -212,7 +225,7 @@ def cmd_series(args: argparse.Namespace) -> int:
     return 0
 
 
-def _delivery_line(d: Any) -> str:
+def _delivery_line(d: Any, waiting: bool = False) -> str:
     """``archive: done, 1 sent, 1 refused (refused: Segmentation Storage not accepted)``."""
     counts: dict[str, int] = {}
     for o in d.objects:
@@ -223,6 +236,10 @@ def _delivery_line(d: Any) -> str:
         text += ", " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     if details:
         text += f" ({'; '.join(details)})"
+    if waiting and d.next_attempt_at:
+        wait = d.next_attempt_at - time.time()
+        at = time.strftime("%H:%M:%S", time.localtime(d.next_attempt_at))
+        text += f", next attempt at {at}" + (f" (in {wait:.0f} s)" if wait > 0 else " (due)")
     return text
 
 
@@ -235,16 +252,19 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     now = time.time()
     lines = [f"{'ID':>5}  {'STATE':<10} {'MODEL':<16} {'AGE':>7}  SERIES / REASON"]
     deliveries = {job.id: catalog.deliveries(job.id) for job in jobs}
+    series = queries.series_by_uid(catalog, {j.series_instance_uid for j in jobs})
     for job in jobs:
         age = f"{now - job.created_at:.0f}s"
-        lines.append(f"{job.id:>5}  {job.state:<10} {job.model:<16} {age:>7}  {job.series_instance_uid}")
+        row = series.get(job.series_instance_uid)
+        study = f"  study {_study_date(row.study_date)}" if row is not None and row.study_date else ""
+        lines.append(f"{job.id:>5}  {job.state:<10} {job.model:<16} {age:>7}  {job.series_instance_uid}{study}")
         if job.reason:
             lines.append(f"{'':>36}{job.reason}")
-        lines.extend(f"{'':>36}{_delivery_line(d)}" for d in deliveries[job.id])
+        lines.extend(f"{'':>36}{_delivery_line(d, _waiting(job))}" for d in deliveries[job.id])
     text = "\n".join(lines) if jobs else "no jobs"
     if unmatched:
         text += f"\n{unmatched} series matched no rule (no job): dicom-node series --unmatched"
-    _print(args, [_job_dict(j, deliveries[j.id]) for j in jobs], text)
+    _print(args, [_job_dict(j, deliveries[j.id], series.get(j.series_instance_uid)) for j in jobs], text)
     return 0
 
 

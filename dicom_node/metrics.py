@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 
 from dicom_node.catalog import Catalog, JobRow, JobState, SeriesRow, queries
 from dicom_node.catalog.heartbeats import ALIVE_WITHIN_S
+from dicom_node.catalog.tables import KEEPS_FIRST_INSTANCE
 
 #: The stages of a job, in order, as the dashboard columns and the ``stage`` label name them.
 STAGES: tuple[str, ...] = (
@@ -173,7 +174,15 @@ class _CatalogCollector(Collector):
         )
         for destination, n in sorted(queries.unconfirmed_objects(self.catalog).items()):
             unconfirmed.add_metric([destination], float(n))
-        yield from (by_state, depth, oldest, failures, workers, unconfirmed)
+        keeps_first = GaugeMetricFamily(
+            "dicom_node_destination_keeps_first_instance",
+            "1 for a destination seen to keep the first object of a SOP Instance UID: a re-run's "
+            "corrected results (same UIDs) did not replace the earlier ones there.",
+            labels=["destination"],
+        )
+        for destination in sorted(queries.destination_findings(self.catalog, KEEPS_FIRST_INSTANCE)):
+            keeps_first.add_metric([destination], 1.0)
+        yield from (by_state, depth, oldest, failures, workers, unconfirmed, keeps_first)
         yield from self._senders()
         if self.free_mb is not None:
             yield GaugeMetricFamily(

@@ -138,7 +138,8 @@ class Node:
             app = create_app(settings, self.catalog, queue, metrics=self.metrics, destinations=self.prober.results,
                              readiness=readiness_checks(broker=broker_check, free_mb=self.spool.free_mb,
                                                         min_free_mb=settings.storage.min_free_mb,
-                                                        listener=self.listener.readiness))
+                                                        listener=self.listener.readiness),
+                             rejections=self.listener.rejections)
             self.web = WebServer(app, settings.web.host, settings.web.port)
 
     def start(self) -> None:

@@ -395,7 +395,44 @@ def _deliver(ctx: WorkerContext, job: JobRow) -> list[str]:
         ctx.catalog.record_delivery(job.id, name, ok=True, objects=objects)
         log.info("results_sent", job_id=job.id, destination=name, files=report.sent,
                  refused=[r.refused for r in report.refused])
+        if dest.type == "dicom" and job.generation > 1:
+            _check_overwrite(ctx, job, dest, report, calling)
     return pending
+
+
+def _check_overwrite(ctx: WorkerContext, job: JobRow, dest: Any, report: Any, calling: str) -> None:
+    """A re-run sent objects this destination already had (same SOP Instance UIDs, new content):
+    C-FIND which version it holds.  An archive that kept the first is warned about once (log,
+    job event, ``destination_findings`` row behind the metric, ``/readyz`` and the dashboard);
+    one seen replacing them clears the finding.  Never fails the delivery."""
+    from dicom_node.catalog import queries
+    from dicom_node.catalog.tables import KEEPS_FIRST_INSTANCE
+    from dicom_node.delivery.confirm import KEEPS_FIRST_FIX, check_overwrite
+
+    again = queries.delivered_before(ctx.catalog, job, dest.name)
+    paths = [r.path for r in report.results if r.refused is None and r.sop_instance_uid in again]
+    if not paths:
+        return
+    if dest.commitment != "find":  # _confirmed waited already
+        time.sleep(dest.find_delay_seconds)
+    try:
+        checks = check_overwrite(dest, paths, calling_ae_title=calling)
+    except Exception as exc:  # a check, never a reason to fail a delivered job
+        log.warning("overwrite_check_failed", job_id=job.id, destination=dest.name, error=str(exc))
+        return
+    kept = [c for c in checks if c.replaced is False]
+    if kept:
+        detail = (f"destination {dest.name} keeps the first object of a SOP Instance UID: after job {job.id} "
+                  f"(generation {job.generation}) {kept[0].detail}, so corrected re-runs do not show there; "
+                  f"fix: {KEEPS_FIRST_FIX}")
+        if ctx.catalog.record_destination_finding(dest.name, KEEPS_FIRST_INSTANCE, detail, job_id=job.id):
+            log.warning("destination_keeps_first_instance", job_id=job.id, destination=dest.name,
+                        objects=len(kept), detail=detail)
+    elif any(c.replaced for c in checks):
+        if ctx.catalog.clear_destination_finding(dest.name, KEEPS_FIRST_INSTANCE):
+            log.info("destination_replaces_instances", job_id=job.id, destination=dest.name)
+    else:
+        log.info("overwrite_check_unknown", job_id=job.id, destination=dest.name, detail=checks[0].detail)
 
 
 def _confirmed(dest: Any, report: Any, calling: str) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ produces the very same objects.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import structlog
@@ -150,6 +151,9 @@ def dispatch_task(task: NodeTask, job_id: int) -> str:
         return "failed"
     countdown = backoff_seconds(attempts, delivery.backoff_seconds, delivery.backoff_max_seconds)
     log.info("delivery_retry_scheduled", job_id=job_id, attempt=attempts, countdown=round(countdown, 2))
+    # Shown as "next attempt at" (dashboard, /api/jobs/{id}, dicom-node jobs); cleared by the
+    # attempt itself (Catalog.record_delivery).
+    ctx.catalog.schedule_delivery_retry(job_id, time.time() + countdown)
     # The task is registered with max_retries=None (Celery's default is 3, which ended the
     # retries silently before [delivery] max_attempts and left the job "delivering").
     raise task.retry(countdown=countdown)

@@ -12,11 +12,13 @@ from sqlalchemy.exc import SQLAlchemyError as DatabaseError
 from dicom_node.catalog import queries
 from dicom_node.catalog.store import Catalog, JobSpec, expected_instances
 from dicom_node.catalog.tables import (
+    KEEPS_FIRST_INSTANCE,
     QUEUE_OF_STATE,
     UNFINISHED,
     Base,
     CatalogError,
     DeliveryRow,
+    DestinationFindingRow,
     InstanceRow,
     JobEventRow,
     JobRow,
@@ -27,6 +29,7 @@ from dicom_node.catalog.tables import (
 )
 
 __all__ = [
+    "KEEPS_FIRST_INSTANCE",
     "QUEUE_OF_STATE",
     "UNFINISHED",
     "Base",
@@ -34,6 +37,7 @@ __all__ = [
     "CatalogError",
     "DatabaseError",
     "DeliveryRow",
+    "DestinationFindingRow",
     "InstanceRow",
     "JobEventRow",
     "JobRow",

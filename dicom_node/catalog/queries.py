@@ -162,6 +162,44 @@ def unconfirmed_objects(catalog: Catalog) -> dict[str, int]:
     return out
 
 
+def next_delivery_attempts(catalog: Catalog, job_ids: Collection[int]) -> dict[int, float]:
+    """Per job still delivering, the earliest scheduled retry of its deliveries (epoch s)."""
+    if not job_ids:
+        return {}
+    with catalog.session() as s:
+        rows = s.execute(
+            select(DeliveryRow.job_id, func.min(DeliveryRow.next_attempt_at))
+            .join(JobRow, JobRow.id == DeliveryRow.job_id)
+            .where(DeliveryRow.job_id.in_(list(job_ids)), DeliveryRow.next_attempt_at.is_not(None),
+                   JobRow.state.in_(["encoded", "delivering"]))
+            .group_by(DeliveryRow.job_id)
+        )
+        return {int(job_id): float(at) for job_id, at in rows if at is not None}
+
+
+def delivered_before(catalog: Catalog, job: JobRow, destination: str) -> set[str]:
+    """SOP Instance UIDs that earlier jobs of the same series and model delivered to
+    ``destination`` (a re-run sends them again: does the archive replace them?)."""
+    out: set[str] = set()
+    with catalog.session() as s:
+        rows = s.scalars(
+            select(DeliveryRow.objects_json)
+            .join(JobRow, JobRow.id == DeliveryRow.job_id)
+            .where(JobRow.series_instance_uid == job.series_instance_uid, JobRow.model == job.model,
+                   JobRow.id != job.id, DeliveryRow.destination == destination,
+                   DeliveryRow.done_at.is_not(None), DeliveryRow.objects_json.is_not(None))
+        )
+        for objects in rows:
+            out.update(o["sop_instance_uid"] for o in json.loads(objects or "[]")
+                       if o.get("outcome") in ("sent", "confirmed", "unconfirmed"))
+    return out
+
+
+def destination_findings(catalog: Catalog, kind: str) -> dict[str, str]:
+    """Destinations with a finding of ``kind``, and its detail (for ``/metrics``, ``/readyz``)."""
+    return {f.destination: f.detail for f in catalog.destination_findings() if f.kind == kind}
+
+
 def queues_of_live_workers(catalog: Catalog, seen_since: float) -> list[str]:
     """The comma-separated queue lists of the worker processes seen since ``seen_since``."""
     with catalog.session() as s:

@@ -35,6 +35,7 @@ from dicom_node.catalog.tables import (
     UNFINISHED,
     CatalogError,
     DeliveryRow,
+    DestinationFindingRow,
     InstanceRow,
     JobEventRow,
     JobRow,
@@ -121,6 +122,13 @@ def routing_json(attributes: Mapping[str, Any]) -> str:
             continue
         kept[keyword] = value if isinstance(value, int | float) else str(value)[:_ROUTING_VALUE_MAX]
     return json.dumps(kept, sort_keys=True)
+
+
+def study_date(attributes: Mapping[str, Any]) -> str | None:
+    """The StudyDate of one instance's ``attributes`` when it is a DA (``YYYYMMDD``), else None:
+    a free-text value from a non-conforming sender is not shown as a date."""
+    value = str(attributes.get("StudyDate") or "").strip()
+    return value if len(value) == 8 and value.isdigit() else None
 
 
 def expected_instances(attributes: Mapping[str, Any]) -> int | None:
@@ -261,6 +269,7 @@ class Catalog:
                         slice_thickness=_attr_float(attrs.get("SliceThickness")),
                         manufacturer=_attr_str(attrs.get("Manufacturer"), 128),
                         routing_json=routing_json(attrs),
+                        study_date=study_date(attrs),
                         calling_ae_title=inst.calling_ae_title,
                         instance_count=0,
                         expected_count=expected,
@@ -595,6 +604,7 @@ class Catalog:
                 s.add(row)
             row.attempts = (row.attempts or 0) + 1
             row.last_attempt_at = now
+            row.next_attempt_at = None
             if objects is not None:
                 row.objects_json = json.dumps([dict(o) for o in objects])
             if ok:
@@ -604,6 +614,49 @@ class Catalog:
                 row.state = "failed"
                 row.last_error = error
             return row
+
+    def schedule_delivery_retry(self, job_id: int, at: float) -> None:
+        """Record when the deliveries of the job not yet done are tried again (``at``, epoch s):
+        the dashboard's "next attempt at"."""
+        with self.session() as s:
+            for row in s.scalars(select(DeliveryRow).where(DeliveryRow.job_id == job_id,
+                                                           DeliveryRow.state != "done")):
+                row.next_attempt_at = at
+
+    # -- destination findings ---------------------------------------------------------------
+
+    def record_destination_finding(self, destination: str, kind: str, detail: str, *,
+                                   job_id: int | None = None) -> bool:
+        """Remember ``kind`` about ``destination``; True only the first time (warn once).
+
+        The job (when given) gets an event with ``detail``, the first time only.
+        """
+        now = time.time()
+        with self.session() as s:
+            if s.get(DestinationFindingRow, (destination, kind)) is not None:
+                return False
+            s.add(DestinationFindingRow(destination=destination, kind=kind, detail=detail, job_id=job_id,
+                                        found_at=now))
+            if job_id is not None:
+                job = s.get(JobRow, job_id)
+                if job is not None:
+                    s.add(JobEventRow(job_id=job_id, state=job.state, at=now, detail=detail))
+            return True
+
+    def clear_destination_finding(self, destination: str, kind: str) -> bool:
+        """Forget ``kind`` about ``destination`` (seen to be fixed); True if it was known."""
+        with self.session() as s:
+            row = s.get(DestinationFindingRow, (destination, kind))
+            if row is None:
+                return False
+            s.delete(row)
+            return True
+
+    def destination_findings(self) -> list[DestinationFindingRow]:
+        """Every finding, by destination then kind."""
+        with self.session() as s:
+            return list(s.scalars(select(DestinationFindingRow).order_by(
+                DestinationFindingRow.destination, DestinationFindingRow.kind)))
 
     def reopen_deliveries(self, job_id: int, destinations: Sequence[str] | None, *, reason: str) -> JobRow:
         """Make a ``done`` or ``failed`` job with encoded results deliver them again.
@@ -635,6 +688,7 @@ class Catalog:
                     row.state = "pending"
                     row.attempts = 0
                     row.last_error = None
+                    row.next_attempt_at = None
             job.state = JobState.ENCODED.value
             job.updated_at = now
             job.encoded_at = now
@@ -651,5 +705,6 @@ class Catalog:
                 q = q.where(DeliveryRow.state != "done")
             for row in s.scalars(q):
                 row.state = "pending"
+                row.next_attempt_at = None
                 if reset_attempts:
                     row.attempts = 0

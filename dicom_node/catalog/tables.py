@@ -97,6 +97,9 @@ class SeriesRow(Base):
     #: The series' routing attributes (``dicom_node.attributes.ROUTING_KEYWORDS``) as JSON, from
     #: its first instance; NULL for series recorded before they were kept.
     routing_json: Mapped[str | None] = mapped_column(Text)
+    #: StudyDate (DA, ``YYYYMMDD``) of the first instance, for people to recognise the study
+    #: (revision 0008_admin); NULL before it was kept or when the header has none.
+    study_date: Mapped[str | None] = mapped_column(String(8))
 
     def routing_attributes(self) -> dict[str, Any]:
         """The attributes routing rules may match on, by DICOM keyword."""
@@ -224,6 +227,9 @@ class DeliveryRow(Base):
     #: Per-object outcomes of the last attempt as a JSON list (``InstanceResult.record``): SOP
     #: instance UID, class name, ``sent``/``refused``/``confirmed``/``unconfirmed``, detail.
     objects_json: Mapped[str | None] = mapped_column(Text)
+    #: When the worker tries this delivery again after a transient failure (the retry's
+    #: countdown); NULL when no attempt is scheduled.
+    next_attempt_at: Mapped[float | None] = mapped_column(Float)
 
     @property
     def objects(self) -> list[dict[str, Any]]:
@@ -237,6 +243,30 @@ class DeliveryRow(Base):
         if "unconfirmed" in outcomes:
             return "unconfirmed"
         return "confirmed" if "confirmed" in outcomes else None
+
+
+#: ``DestinationFindingRow.kind`` of an archive that keeps the first object of a SOP Instance UID.
+KEEPS_FIRST_INSTANCE = "keeps_first_instance"
+
+
+class DestinationFindingRow(Base):
+    """Something learned once about a destination (``kind``), kept until it is seen to be gone.
+
+    ``keeps_first_instance``: the archive still held an earlier object after a re-run sent a
+    new one with the same SOP Instance UID (Orthanc ``OverwriteInstances`` false, dcm4chee-arc's
+    duplicate policy).  Written by the worker that found it, read by ``serve`` (dashboard,
+    ``/readyz``, ``/metrics``).
+    """
+
+    __tablename__ = "destination_findings"
+
+    destination: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: One sentence for the operator, with the fix.
+    detail: Mapped[str] = mapped_column(Text)
+    #: The job whose delivery showed it.
+    job_id: Mapped[int | None] = mapped_column(Integer)
+    found_at: Mapped[float] = mapped_column(Float)
 
 
 class WorkerHeartbeatRow(Base):

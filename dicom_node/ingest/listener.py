@@ -38,6 +38,7 @@ from dicom_node.ingest.acceptor import (
 )
 from dicom_node.ingest.events import AssociationSummary, IngestSink, StoredInstance
 from dicom_node.ingest.header import DataSetTooLargeError, UndecodableDatasetError, parse_header
+from dicom_node.ingest.rejections import RejectionLog
 from dicom_node.ingest.spool import Spool, SpoolWriteError
 from dicom_node.settings import ListenerSettings, StorageSettings, TlsSettings
 
@@ -222,6 +223,8 @@ class Listener:
     ) -> None:
         self.settings = settings
         self.metrics = metrics
+        #: The newest rejected association requests, for the dashboard (same process).
+        self.rejections = RejectionLog()
         self.reuse_port = reuse_port
         self.spool = spool
         self.sink = sink
@@ -333,6 +336,8 @@ class Listener:
             called_ae_title=request.called_ae_title, peer=f"{request.address}:{request.port}",
             reason=rejection.text,
         )
+        self.rejections.add(request.calling_ae_title, request.called_ae_title,
+                            f"{request.address}:{request.port}", rejection.text)
         if self.metrics is not None:
             self.metrics.association(request.calling_ae_title, "rejected")
 

@@ -28,6 +28,8 @@ from dicom_node.catalog import (
     queries,
 )
 from dicom_node.catalog.heartbeats import ALIVE_WITHIN_S, worker_statuses
+from dicom_node.catalog.tables import KEEPS_FIRST_INSTANCE
+from dicom_node.ingest.rejections import RejectionLog
 from dicom_node.metrics import (
     STAGE_DEFINITIONS,
     STAGES,
@@ -49,6 +51,9 @@ class ApiContext:
     settings: Settings
     catalog: Catalog
     queue: JobQueue
+    #: The listener's rejected associations (same process: ``serve`` runs the web server as a
+    #: thread beside the listener); None in an app built without a listener.
+    rejections: RejectionLog | None = None
 
 
 # -- response models ------------------------------------------------------------------------
@@ -62,6 +67,7 @@ class JobSummary(BaseModel):
     series_description: str | None = Field(default=None, description="Of the series (no patient data).")
     body_part_examined: str | None = None
     calling_ae_title: str | None = Field(default=None, description="The AE title that sent the series.")
+    study_date: str | None = Field(default=None, description="StudyDate of the series (YYYYMMDD), if known.")
     rule: str
     model: str
     priority: str
@@ -84,6 +90,9 @@ class JobSummary(BaseModel):
         + "; ".join(f"{k}: {v}" for k, v in STAGE_DEFINITIONS.items())
     )
     end_to_end_s: float | None = Field(description="Last instance received to results delivered.")
+    next_attempt_at: float | None = Field(
+        default=None, description="When a delivery that failed transiently is tried again (epoch s); "
+                                  "null when none is scheduled.")
 
 
 class JobEvent(BaseModel):
@@ -110,6 +119,9 @@ class Delivery(BaseModel):
     last_error: str | None
     last_attempt_at: float | None
     done_at: float | None
+    next_attempt_at: float | None = Field(
+        None, description="When this delivery is tried again after a transient failure (epoch s); "
+                          "null when no attempt is scheduled.")
     objects: list[DeliveredObject] = Field(
         default_factory=list, description="Per-object outcome of the last attempt.")
     confirmation: str | None = Field(
@@ -143,6 +155,7 @@ class UnmatchedSeries(BaseModel):
     modality: str | None
     series_description: str | None
     calling_ae_title: str | None
+    study_date: str | None = None
     instance_count: int
     generation: int
     completed_at: float | None
@@ -163,6 +176,7 @@ class SeriesSummary(BaseModel):
     body_part_examined: str | None
     series_description: str | None
     calling_ae_title: str | None
+    study_date: str | None = Field(None, description="StudyDate (YYYYMMDD) of its first instance, if known.")
     instance_count: int
     expected_count: int | None
     bytes_received: int
@@ -197,6 +211,23 @@ class DestinationHealth(BaseModel):
     failed: int
     pending: int
     failed_attempts: int
+    keeps_first_instance: str | None = Field(
+        None, description="Set (with the fix) when a re-run's results with the same SOP Instance UIDs did "
+                          "not replace the archive's earlier objects: a corrected result does not show there.")
+
+
+class RejectedAssociation(BaseModel):
+    at: float = Field(description="When the request was rejected (epoch s).")
+    calling_ae_title: str
+    called_ae_title: str
+    peer: str = Field(description="Address and port of the peer.")
+    reason: str = Field(description="The A-ASSOCIATE-RJ reason sent.")
+
+
+class RejectedAssociations(BaseModel):
+    total: int = Field(description="Rejections since the node started.")
+    kept: int = Field(description="At most this many of the newest are listed.")
+    rejections: list[RejectedAssociation] = Field(description="Newest first.")
 
 
 class QueueDepth(BaseModel):
@@ -279,7 +310,8 @@ def _action_responses(not_found: str, conflict: str | None = None) -> dict[int |
 
 
 def _summary(
-    ctx: ApiContext, job: JobRow, series: SeriesRow | None, last_received: float | None, now: float
+    ctx: ApiContext, job: JobRow, series: SeriesRow | None, last_received: float | None, now: float,
+    next_attempt_at: float | None = None,
 ) -> JobSummary:
     return JobSummary(
         id=job.id,
@@ -289,6 +321,7 @@ def _summary(
         series_description=series.series_description if series is not None else None,
         body_part_examined=series.body_part_examined if series is not None else None,
         calling_ae_title=series.calling_ae_title if series is not None else None,
+        study_date=series.study_date if series is not None else None,
         rule=job.rule,
         model=job.model,
         priority=job.priority,
@@ -315,12 +348,14 @@ def _summary(
             and job.done_at >= last_received
             else None
         ),
+        next_attempt_at=next_attempt_at,
     )
 
 
 def _summaries(ctx: ApiContext, jobs: list[JobRow]) -> list[JobSummary]:
     now = time.time()
     series = queries.series_by_uid(ctx.catalog, {j.series_instance_uid for j in jobs})
+    retries = queries.next_delivery_attempts(ctx.catalog, [j.id for j in jobs])
     out = []
     for job in jobs:
         row = series.get(job.series_instance_uid)
@@ -330,7 +365,7 @@ def _summaries(ctx: ApiContext, jobs: list[JobRow]) -> list[JobSummary]:
             if row is not None and row.last_received_at <= job.created_at
             else None
         )
-        out.append(_summary(ctx, job, row, last, now))
+        out.append(_summary(ctx, job, row, last, now, retries.get(job.id)))
     return out
 
 
@@ -342,6 +377,7 @@ def _series_summary(ctx: ApiContext, row: SeriesRow) -> SeriesSummary:
         body_part_examined=row.body_part_examined,
         series_description=row.series_description,
         calling_ae_title=row.calling_ae_title,
+        study_date=row.study_date,
         instance_count=row.instance_count,
         expected_count=row.expected_count,
         bytes_received=row.bytes_received,
@@ -436,7 +472,10 @@ def create_router(ctx: ApiContext) -> APIRouter:
         if history is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
         job, events, deliveries = history.job, history.events, history.deliveries
-        summary = _summary(ctx, job, history.series, history.last_instance_at, now)
+        waiting = job.state in (JobState.ENCODED.value, JobState.DELIVERING.value)
+        retries = [d.next_attempt_at for d in deliveries if waiting and d.next_attempt_at is not None]
+        summary = _summary(ctx, job, history.series, history.last_instance_at, now,
+                           min(retries) if retries else None)
         return JobDetail(
             **summary.model_dump(),
             events=[JobEvent(id=e.id, state=e.state, at=e.at, detail=e.detail) for e in events],
@@ -448,6 +487,7 @@ def create_router(ctx: ApiContext) -> APIRouter:
                     last_error=d.last_error,
                     last_attempt_at=d.last_attempt_at,
                     done_at=d.done_at,
+                    next_attempt_at=d.next_attempt_at if waiting else None,
                     objects=[DeliveredObject.model_validate(o) for o in d.objects],
                     confirmation=d.confirmation,
                 )
@@ -579,6 +619,7 @@ def create_router(ctx: ApiContext) -> APIRouter:
                     modality=r.modality,
                     series_description=r.series_description,
                     calling_ae_title=r.calling_ae_title,
+                    study_date=r.study_date,
                     instance_count=r.instance_count,
                     generation=r.generation,
                     completed_at=r.completed_at,
@@ -620,6 +661,23 @@ def create_router(ctx: ApiContext) -> APIRouter:
     )
     def destinations() -> list[DestinationHealth]:
         return destination_health(ctx.settings, catalog)
+
+    @router.get(
+        "/rejected-associations",
+        response_model=RejectedAssociations,
+        tags=["operations"],
+        summary="The newest association requests the listener rejected, and why",
+    )
+    def rejected_associations() -> RejectedAssociations:
+        log = ctx.rejections
+        if log is None:  # no listener in this process (an app built without one)
+            return RejectedAssociations(total=0, kept=0, rejections=[])
+        return RejectedAssociations(
+            total=log.total, kept=log.kept,
+            rejections=[RejectedAssociation(at=r.at, calling_ae_title=r.calling_ae_title,
+                                            called_ae_title=r.called_ae_title, peer=r.peer, reason=r.reason)
+                        for r in log.recent()],
+        )
 
     @router.get(
         "/queue",
@@ -765,6 +823,7 @@ def destination_health(settings: Settings, catalog: Catalog) -> list[Destination
                 st["last_failure_at"] = row.last_attempt_at
                 st["last_error"] = row.last_error
     configured = {d.name: d for d in settings.destinations}
+    keeps_first = queries.destination_findings(catalog, KEEPS_FIRST_INSTANCE)
     out = []
     for name in [*configured, *sorted(set(stats) - set(configured))]:
         st = stats.get(
@@ -796,6 +855,7 @@ def destination_health(settings: Settings, catalog: Catalog) -> list[Destination
                 host=dest.host if dest else None,
                 port=dest.port if dest else None,
                 status=health,
+                keeps_first_instance=keeps_first.get(name),
                 **st,
             )
         )

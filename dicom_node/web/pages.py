@@ -44,7 +44,8 @@ def create_pages_router(ctx: ApiContext) -> APIRouter:
         job = ctx.catalog.get_job(job_id)
         if job is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
-        return TEMPLATES.TemplateResponse(request, "job.html", {**common, "job": job})
+        series = ctx.catalog.get_series(job.series_instance_uid)
+        return TEMPLATES.TemplateResponse(request, "job.html", {**common, "job": job, "series": series})
 
     @router.get("/series/{series_instance_uid}", response_class=HTMLResponse)
     def series_page(request: Request, series_instance_uid: str) -> HTMLResponse:

@@ -212,3 +212,31 @@ def test_output_piped_into_head_ends_quietly(tmp_path: Path, config: Path) -> No
         capture_output=True, text=True, timeout=120, check=False,
     )
     assert "ID" in out.stdout and "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
+
+
+def test_jobs_shows_study_date_and_next_attempt(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """22.9: `jobs` names each job's study date and, for a delivery waiting to retry, when it is
+    tried next (also in --json)."""
+    import time
+
+    from dicom_node.catalog import Catalog, JobState
+    from tests.support.queues import MemoryQueue
+    from tests.unit.test_web_api import ROOT, encode, make_job, receive_series
+
+    catalog = Catalog(f"sqlite:///{tmp_path / 'node.db'}")
+    receive_series(catalog, f"{ROOT}.7", f"{ROOT}.7.1", start=time.time() - 30, study_date="20261205")
+    job_id = make_job(catalog, f"{ROOT}.7.1", destinations=["archive"])
+    encode(catalog, MemoryQueue(), job_id)
+    catalog.transition(job_id, JobState.DELIVERING)
+    catalog.record_delivery(job_id, "archive", ok=False, error="connection refused")
+    catalog.schedule_delivery_retry(job_id, time.time() + 120)
+    catalog.close()
+    assert main(["jobs", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"{ROOT}.7.1  study 2026-12-05" in out
+    assert "archive: failed, next attempt at " in out and "(in 1" in out
+    assert main(["jobs", "--json", "--config", str(config)]) == 0
+    [job] = json.loads(capsys.readouterr().out)
+    assert job["study_date"] == "20261205" and job["deliveries"][0]["next_attempt_at"] > time.time()

@@ -41,6 +41,18 @@ const DicomNode = (() => {
     return t ? `${duration(Math.max(0, Date.now() / 1000 - t))} ago` : "";
   }
 
+  function studyDate(da) {
+    // StudyDate is a DA (YYYYMMDD): shown as 2026-12-06, never reformatted into a locale's order.
+    return da && /^\d{8}$/.test(da) ? `${da.slice(0, 4)}-${da.slice(4, 6)}-${da.slice(6)}` : "";
+  }
+
+  function nextAttempt(t) {
+    // "next attempt at 21:40:03 (in 12 s)" for a delivery waiting for its retry.
+    if (!t) return "";
+    const wait = t - Date.now() / 1000;
+    return `next attempt at ${clock(t)}${wait > 0 ? ` (in ${duration(wait)})` : " (due)"}`;
+  }
+
   function stateBadge(state) {
     return el("span", {class: `state state-${state}`, text: state});
   }
@@ -123,13 +135,14 @@ const DicomNode = (() => {
         el("td", {}, el("a", {href: `/jobs/${j.id}`, text: `#${j.id}`})),
         el("td", {class: "uids"},
           el("div", {class: "study", text: j.series_description || "(no series description)"}),
-          el("div", {class: "study-sub", text: [j.modality, j.body_part_examined, j.calling_ae_title && `from ${j.calling_ae_title}`, `gen ${j.generation}`].filter(Boolean).join(" · ")}),
+          el("div", {class: "study-sub", text: [j.modality, j.body_part_examined, j.calling_ae_title && `from ${j.calling_ae_title}`, j.study_date && `study ${studyDate(j.study_date)}`, `gen ${j.generation}`].filter(Boolean).join(" · ")}),
           uid(j.study_instance_uid), el("br"), uid(j.series_instance_uid)),
         el("td", {text: j.modality || ""}),
         el("td", {text: j.rule}),
         el("td", {text: j.model}),
         el("td", {title: j.reason || ""}, stateBadge(j.state),
-          j.state === "failed" && j.reason ? el("div", {class: "reason error-text", text: j.reason}) : ""),
+          j.state === "failed" && j.reason ? el("div", {class: "reason error-text", text: j.reason}) : "",
+          j.next_attempt_at ? el("div", {class: "next-attempt muted", text: nextAttempt(j.next_attempt_at)}) : ""),
         el("td", {class: "num", text: duration(j.age_s)}),
         ...opts.stages.map(s => el("td", {class: "num", text: duration(j.stages[s])})),
         el("td", {class: "num strong", text: duration(j.end_to_end_s)}),
@@ -175,13 +188,16 @@ const DicomNode = (() => {
 
     async function refreshDestinations() {
       const ds = await getJSON("/api/destinations");
-      const rows = ds.map(d => el("tr", {},
+      const rows = ds.flatMap(d => [el("tr", {"data-destination": d.name},
         el("td", {text: d.name}),
         el("td", {text: d.configured ? `${d.ae_title}@${d.host}:${d.port}` : "(not configured)"}),
         el("td", {}, el("span", {class: `health health-${d.status}`, text: d.status})),
         el("td", {text: ago(d.last_success_at)}), el("td", {text: ago(d.last_failure_at)}),
         el("td", {class: "num", text: `${d.delivered} / ${d.failed} / ${d.pending}`}),
-        el("td", {class: "error-text", text: d.last_error || ""})));
+        el("td", {class: "error-text", text: d.last_error || ""})),
+        // An archive that keeps the first object of a SOP Instance UID hides corrected re-runs.
+        ...(d.keeps_first_instance ? [el("tr", {class: "warning-row", "data-keeps-first": d.name},
+          el("td", {colspan: "7", class: "reason warning-text", text: `Warning: ${d.keeps_first_instance}`}))] : [])]);
       if (!rows.length) rows.push(el("tr", {}, el("td", {colspan: "7", class: "muted", text: "no destinations configured"})));
       fillBody(document.getElementById("destinations-table"), rows);
     }
@@ -299,13 +315,14 @@ const DicomNode = (() => {
         return row;
       }));
 
-      const rows = j.deliveries.map(d => el("tr", {},
+      const rows = j.deliveries.map(d => el("tr", {"data-destination": d.destination},
         el("td", {text: d.destination}), el("td", {}, stateBadge(d.state), d.confirmation ? el("span", {class: "muted", text: ` ${d.confirmation}`}) : ""),
         el("td", {class: "num", text: String(d.attempts)}), el("td", {text: clock(d.last_attempt_at)}),
         el("td", {text: clock(d.done_at)}), el("td", {text: (d.objects || []).map(o =>
           `${o.sop_class || o.sop_instance_uid}: ${o.outcome}${o.detail && o.outcome !== "sent" ? ` (${o.detail})` : ""}`).join("; ")}),
-        el("td", {class: "error-text", text: d.last_error || ""})));
-      if (!rows.length) rows.push(el("tr", {}, el("td", {colspan: "7", class: "muted", text: "no destinations"})));
+        el("td", {class: "next-attempt", text: d.next_attempt_at ? nextAttempt(d.next_attempt_at) : ""}),
+        el("td", {class: "error-text reason", text: d.last_error || ""})));
+      if (!rows.length) rows.push(el("tr", {}, el("td", {colspan: "8", class: "muted", text: "no destinations"})));
       fillBody(document.getElementById("deliveries-table"), rows);
 
       const res = document.getElementById("results");
@@ -336,5 +353,5 @@ const DicomNode = (() => {
     }
   }
 
-  return {dashboard, jobPage, seriesPage, duration};
+  return {dashboard, jobPage, seriesPage, duration, clock, ago, el, fillBody, getJSON, every};
 })();

@@ -1,7 +1,7 @@
 """drift observations and scanners
 
 Revision ID: 0008_drift
-Revises: 0007
+Revises: 0008_admin
 Create Date: 2026-12-06 21:40:00
 
 Two new tables for the drift monitor (``dicom_node.drift``): ``drift_scanners`` (the bounded set of
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = '0008_drift'
-down_revision = '0007'
+down_revision = '0008_admin'
 branch_labels = None
 depends_on = None
 
