@@ -134,6 +134,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     data = settings.model_dump(mode="json")
     errors, warnings = _model_problems(settings)
     warnings += _output_warnings(settings)
+    warnings += [f"rule {r.name!r} is mode = \"shadow\": its destinations {r.destinations} are ignored "
+                 "(results stay in the node)" for r in settings.rules if r.mode == "shadow" and r.destinations]
     unreachable: list[str] = []
     if args.probe:
         from dicom_node.delivery import reachable
@@ -149,7 +151,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
             print(f"error: {line}", file=sys.stderr)
         return 2 if errors else 1
     summary = (f"configuration OK: AE {settings.listener.ae_title} on {settings.listener.host}:"
-               f"{settings.listener.port}, {len(settings.rules)} rule(s), "
+               f"{settings.listener.port}, {len(settings.rules)} rule(s)"
+               + (f" ({n} shadow)" if (n := sum(r.mode == "shadow" for r in settings.rules)) else "") + ", "
                f"{len(settings.destinations)} destination(s), broker {settings.broker.url.split('://')[0]}"
                + (", every destination answers" if args.probe else ""))
     _print(args, {**data, "warnings": warnings}, summary)
@@ -168,7 +171,8 @@ def _waiting(job: Any) -> bool:
 
 def _job_dict(job: Any, deliveries: Sequence[Any] = (), series: Any = None) -> dict[str, Any]:
     return {
-        "id": job.id, "state": job.state, "model": job.model, "rule": job.rule,
+        "id": job.id, "state": job.state, "state_label": job.state_label, "mode": job.mode,
+        "model": job.model, "rule": job.rule,
         "series_instance_uid": job.series_instance_uid, "study_instance_uid": job.study_instance_uid,
         "modality": job.modality, "study_date": series.study_date if series is not None else None,
         "priority": job.priority, "attempts": job.attempts,
@@ -255,9 +259,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     series = queries.series_by_uid(catalog, {j.series_instance_uid for j in jobs})
     for job in jobs:
         age = f"{now - job.created_at:.0f}s"
+        # A shadow job reads "done (shadow)": kept in the node, never delivered.
         row = series.get(job.series_instance_uid)
         study = f"  study {_study_date(row.study_date)}" if row is not None and row.study_date else ""
-        lines.append(f"{job.id:>5}  {job.state:<10} {job.model:<16} {age:>7}  {job.series_instance_uid}{study}")
+        lines.append(f"{job.id:>5}  {job.state_label:<10} {job.model:<16} {age:>7}  {job.series_instance_uid}{study}")
         if job.reason:
             lines.append(f"{'':>36}{job.reason}")
         lines.extend(f"{'':>36}{_delivery_line(d, _waiting(job))}" for d in deliveries[job.id])
@@ -313,6 +318,44 @@ def _series_action(args: argparse.Namespace, action: str) -> int:
         return 1
     _print(args, {"jobs": report.job_ids, "messages": report.lines}, "\n".join(report.lines))
     return 0 if report.job_ids else 1
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """``--since``: a duration back from now (``90m``, ``24h``, ``7d``) or a UTC date/time
+    (``2026-12-01``, ``2026-12-01T08:00``); returns a Unix time."""
+    import datetime as dt
+    import re
+
+    now = time.time() if now is None else now
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
+    if m:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+        return now - float(m.group(1)) * unit
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"--since {text!r}: give a duration (90m, 24h, 7d) or a date (2026-12-01)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.timestamp()
+
+
+def cmd_shadow_report(args: argparse.Namespace) -> int:
+    """Agreement of shadow models with the live models on the same series."""
+    from dicom_node.catalog import Catalog
+    from dicom_node.shadow import build_report, compare_pending, format_report
+
+    settings = _settings(args)
+    catalog = Catalog(settings.database.url)
+    since = parse_since(args.since) if args.since else None
+    # Pairs a worker did not compare (it died between the job's end and the comparison).
+    compare_pending(catalog, settings.outbox)
+    report = build_report(catalog, model=args.model, since=since)
+    if args.format == "json" or args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(format_report(report, series=not args.summary), end="")
+    return 0
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -629,6 +672,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("destination")
     p.add_argument("--capabilities", action="store_true",
                    help="propose each result class (SEG, SR, GSPS, KOS, SC) and list which it accepts")
+    shadow = sub.add_parser("shadow", help="shadow mode: compare shadow models with the live models")
+    shadow_sub = shadow.add_subparsers(dest="shadow_command", required=True)
+    p = shadow_sub.add_parser("report", help="agreement (Dice, volumes, findings) of shadow vs live models per series")
+    p.add_argument("--config", "-c", default=None, help="TOML file (default config/dicom-node.toml)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (= --format json)")
+    p.add_argument("--model", default=None, help="only comparisons where this model is the shadow or the live one")
+    p.add_argument("--since", default=None, help="only comparisons since: a duration (24h, 7d) or a UTC date")
+    p.add_argument("--format", choices=["text", "json"], default="text", help="text tables (default) or JSON")
+    p.add_argument("--summary", action="store_true", help="one block per model pair, without the per-series list")
+    p.set_defaults(func=cmd_shadow_report)
     rules = sub.add_parser("rules", help="routing rule commands")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)
     p = rules_sub.add_parser("test", help="show which rules match the series in a folder, and why")

@@ -9,7 +9,7 @@ and retention.  Other packages import from here; no other package speaks SQL.
 
 from sqlalchemy.exc import SQLAlchemyError as DatabaseError
 
-from dicom_node.catalog import queries
+from dicom_node.catalog import commitments, queries, shadow
 from dicom_node.catalog.store import Catalog, JobSpec, expected_instances
 from dicom_node.catalog.tables import (
     KEEPS_FIRST_INSTANCE,
@@ -46,6 +46,8 @@ __all__ = [
     "SeriesRow",
     "SeriesState",
     "WorkerHeartbeatRow",
+    "commitments",
     "expected_instances",
     "queries",
+    "shadow",
 ]

@@ -20,7 +20,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from dicom_node.catalog import Catalog
-from dicom_node.ingest.events import CATALOG_ATTRIBUTES, AssociationSummary, StoredInstance
+from dicom_node.ingest.events import CATALOG_ATTRIBUTES, AssociationSummary, CommitmentReport, StoredInstance
 
 log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
@@ -118,6 +118,15 @@ class CatalogRecorder:
 
     def association_ended(self, summary: AssociationSummary) -> None:
         self._put(summary)
+
+    def commitment_reported(self, report: CommitmentReport) -> str:
+        """:class:`~dicom_node.ingest.events.CommitmentSink`: keep the report in the catalog now,
+        on the association's thread, so the archive hears success only once it is durable (a
+        rare, small write; the node's commitment loop applies it)."""
+        from dicom_node.catalog import commitments
+
+        return commitments.record_report(self.catalog, report.transaction_uid, report.committed, report.failed,
+                                         report.received_at)
 
     def _put(self, item: object) -> None:
         with self._cv:

@@ -34,6 +34,7 @@ from dicom_node.catalog.tables import (
     QUEUE_OF_STATE,
     UNFINISHED,
     CatalogError,
+    CommitmentRow,
     DeliveryRow,
     DestinationFindingRow,
     InstanceRow,
@@ -63,6 +64,8 @@ class JobSpec:
     model: str
     destinations: Sequence[str]
     priority: str = "normal"
+    #: ``live`` or ``shadow`` (the rule's ``mode``): a shadow job gets no destinations.
+    mode: str = "live"
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -154,7 +157,9 @@ def add_jobs(s: Session, specs: Iterable[JobSpec], now: float, detail: str | Non
     """Add the jobs of ``specs`` in session ``s`` (see :meth:`Catalog.create_jobs`); ``detail``
     is appended to each job's first event (e.g. "incomplete: received 24 of 48")."""
     ids: list[int] = []
-    for spec in specs:
+    # A model that a live and a shadow rule both give the series runs once, live: its results
+    # must reach the live rule's destinations.
+    for spec in sorted(specs, key=lambda sp: sp.mode == "shadow"):
         series = s.get(SeriesRow, spec.series_instance_uid)
         if series is None:
             raise CatalogError(f"unknown series {spec.series_instance_uid}")
@@ -165,6 +170,9 @@ def add_jobs(s: Session, specs: Iterable[JobSpec], now: float, detail: str | Non
         )).first()
         if existing is not None:
             continue
+        shadow = spec.mode == "shadow"
+        # A shadow job is never dispatched: no destinations, so no delivery rows either.
+        destinations = [] if shadow else list(spec.destinations)
         job = JobRow(
             series_instance_uid=spec.series_instance_uid,
             study_instance_uid=series.study_instance_uid,
@@ -172,17 +180,19 @@ def add_jobs(s: Session, specs: Iterable[JobSpec], now: float, detail: str | Non
             rule=spec.rule,
             model=spec.model,
             priority=spec.priority,
-            destinations_json=json.dumps(list(spec.destinations)),
+            destinations_json=json.dumps(destinations),
             generation=series.generation,
             state=JobState.RECEIVED.value,
             created_at=now,
             updated_at=now,
+            mode="shadow" if shadow else "live",
         )
         s.add(job)
         s.flush()
-        event = f"rule {spec.rule}" + (f"; {detail}" if detail else "")
+        event = f"rule {spec.rule}" + (" (shadow: results kept in the node, never sent)" if shadow else "")
+        event += f"; {detail}" if detail else ""
         s.add(JobEventRow(job_id=job.id, state=JobState.RECEIVED.value, at=now, detail=event))
-        for dest in spec.destinations:
+        for dest in destinations:
             s.add(DeliveryRow(job_id=job.id, destination=dest))
         ids.append(job.id)
     return ids
@@ -458,6 +468,7 @@ class Catalog:
             for job_id in s.scalars(select(JobRow.id).where(JobRow.series_instance_uid == uid)):
                 s.query(JobEventRow).filter(JobEventRow.job_id == job_id).delete()
                 s.query(DeliveryRow).filter(DeliveryRow.job_id == job_id).delete()
+                s.query(CommitmentRow).filter(CommitmentRow.job_id == job_id).delete()
             s.query(JobRow).filter(JobRow.series_instance_uid == uid).delete()
             s.query(InstanceRow).filter(InstanceRow.series_instance_uid == uid).delete()
             s.query(SeriesRow).filter(SeriesRow.series_instance_uid == uid).delete()
@@ -593,10 +604,17 @@ class Catalog:
             return list(s.scalars(select(DeliveryRow).where(DeliveryRow.job_id == job_id).order_by(DeliveryRow.id)))
 
     def record_delivery(self, job_id: int, destination: str, *, ok: bool, error: str | None = None,
-                        objects: Sequence[Mapping[str, Any]] | None = None) -> DeliveryRow:
-        """Record one delivery attempt; ``objects`` are its per-object outcomes, when known."""
+                        objects: Sequence[Mapping[str, Any]] | None = None,
+                        commitment: CommitmentRow | None = None) -> DeliveryRow:
+        """Record one delivery attempt; ``objects`` are its per-object outcomes, when known.
+
+        ``commitment`` (a new Storage Commitment transaction) is written in the same database
+        transaction, so a delivery marked done always has the transaction that proves it.
+        """
         now = time.time()
         with self.session() as s:
+            if commitment is not None:
+                s.add(commitment)
             row = s.scalars(select(DeliveryRow).where(
                 DeliveryRow.job_id == job_id, DeliveryRow.destination == destination)).first()
             if row is None:

@@ -38,7 +38,9 @@ _TRANSITIONS: dict[JobState, set[JobState]] = {
     JobState.RECEIVED: {JobState.QUEUED, JobState.FAILED, JobState.CANCELLED},
     JobState.QUEUED: {JobState.QUEUED, JobState.RUNNING, JobState.FAILED, JobState.CANCELLED},
     JobState.RUNNING: {JobState.QUEUED, JobState.RUNNING, JobState.ENCODED, JobState.FAILED, JobState.CANCELLED},
-    JobState.ENCODED: {JobState.QUEUED, JobState.ENCODED, JobState.DELIVERING, JobState.FAILED, JobState.CANCELLED},
+    # encoded -> done: a shadow job, whose results are kept and never delivered.
+    JobState.ENCODED: {JobState.QUEUED, JobState.ENCODED, JobState.DELIVERING, JobState.DONE, JobState.FAILED,
+                       JobState.CANCELLED},
     JobState.DELIVERING: {JobState.QUEUED, JobState.DELIVERING, JobState.ENCODED, JobState.DONE,
                           JobState.FAILED, JobState.CANCELLED},
     JobState.DONE: {JobState.QUEUED, JobState.ENCODED},
@@ -192,6 +194,20 @@ class JobRow(Base):
     done_at: Mapped[float | None] = mapped_column(Float)
     failed_at: Mapped[float | None] = mapped_column(Float)
     results_json: Mapped[str] = mapped_column(Text, default="{}")
+    #: ``live`` or ``shadow`` (revision 0008): a shadow job's results stay in the outbox, it has
+    #: no destinations and no delivery rows, and it ends ``done`` straight from ``encoded``.
+    mode: Mapped[str] = mapped_column(String(8), default="live", server_default="live")
+
+    @property
+    def shadow(self) -> bool:
+        """True for a shadow job (results kept in the node, never dispatched)."""
+        return self.mode == "shadow"
+
+    @property
+    def state_label(self) -> str:
+        """The state as operators see it: ``done (shadow)`` for a finished shadow job, so it
+        never reads like a delivered result."""
+        return f"{self.state} (shadow)" if self.shadow else self.state
 
     @property
     def destinations(self) -> list[str]:
@@ -238,7 +254,8 @@ class DeliveryRow(Base):
 
     @property
     def confirmation(self) -> str | None:
-        """``confirmed`` / ``unconfirmed`` when a C-FIND verified the delivery, else ``None``."""
+        """``confirmed`` / ``unconfirmed`` once a C-FIND or storage commitment verified the delivery
+        (``unconfirmed`` when any object is), else ``None``."""
         outcomes = {o.get("outcome") for o in self.objects}
         if "unconfirmed" in outcomes:
             return "unconfirmed"
@@ -269,6 +286,46 @@ class DestinationFindingRow(Base):
     found_at: Mapped[float] = mapped_column(Float)
 
 
+class CommitmentRow(Base):
+    """One Storage Commitment transaction (revision 0009_commitment).
+
+    ``state``: ``requested`` (written with the delivery, before the N-ACTION; ``requests``
+    counts the N-ACTIONs sent, ``requested_at`` is the last one), ``reported`` (the archive's
+    N-EVENT-REPORT is in ``report_json``, not applied yet), ``closed`` (applied to the
+    delivery's objects).  Every change is a compare-and-set on ``state`` (and ``requests``), so
+    a report that comes twice, or from a request sent again, is applied once.
+    """
+
+    __tablename__ = "commitments"
+
+    transaction_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[int] = mapped_column(Integer, index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    #: 0 for the first request; n for the n-th re-send of objects the archive reported failed.
+    round: Mapped[int] = mapped_column(Integer, default=0)
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+    #: ``[{"sop_class_uid", "sop_instance_uid", "path"}]``: the objects asked for.
+    objects_json: Mapped[str] = mapped_column(Text)
+    #: When the C-STORE of these objects succeeded (start of the confirmation time).
+    sent_at: Mapped[float] = mapped_column(Float)
+    requested_at: Mapped[float] = mapped_column(Float)
+    #: ``{"committed": [uid...], "failed": {uid: reason}}`` from the N-EVENT-REPORT.
+    report_json: Mapped[str | None] = mapped_column(Text)
+    reported_at: Mapped[float | None] = mapped_column(Float)
+    closed_at: Mapped[float | None] = mapped_column(Float)
+    #: Why the last N-ACTION could not be sent (association refused...), for the operator.
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    @property
+    def objects(self) -> list[dict[str, str]]:
+        return list(json.loads(self.objects_json))
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return dict(json.loads(self.report_json)) if self.report_json else {}
+
+
 class WorkerHeartbeatRow(Base):
     __tablename__ = "worker_heartbeats"
 
@@ -284,6 +341,14 @@ class WorkerHeartbeatRow(Base):
     current_job_id: Mapped[int | None] = mapped_column(Integer)
     current_model: Mapped[str | None] = mapped_column(String(128))
     current_since: Mapped[float | None] = mapped_column(Float)
+    #: JSON list of the models the process holds in memory (``workers.heartbeat``): name,
+    #: version, device, loaded_at, last_used, load_s, uses; least recently used first.
+    warm_models_json: Mapped[str | None] = mapped_column(Text)
+
+    @property
+    def warm_models(self) -> list[dict[str, Any]]:
+        """The decoded ``warm_models_json`` (empty when the process reported none)."""
+        return list(json.loads(self.warm_models_json)) if self.warm_models_json else []
 
 
 class DriftScannerRow(Base):

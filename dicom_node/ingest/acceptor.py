@@ -18,8 +18,9 @@ Protocol (PS3.8 §9, the acceptor's path through the state machine of Table 9-10
 * the request is rejected (A-ASSOCIATE-RJ) for an unsupported protocol version or application
   context, a calling AE title not allowed, a wrong called AE title, or too many associations;
 * then P-DATA-TF PDUs carry DIMSE messages (command fragments, then data set fragments on the
-  same presentation context); C-ECHO and C-STORE are answered, C-CANCEL is ignored, any other
-  command gets 0x0211 (unrecognized operation);
+  same presentation context); C-ECHO and C-STORE are answered, so is N-EVENT-REPORT (an
+  archive's Storage Commitment report, when the handler takes it), C-CANCEL is ignored, any
+  other command gets 0x0211 (unrecognized operation);
 * A-RELEASE-RQ is answered with A-RELEASE-RP; A-ABORT ends the association; an unexpected or
   malformed PDU, a PDV on a context that was not accepted, or silence for ``network_timeout``
   is answered with A-ABORT (source: service provider, with the reason code).
@@ -90,6 +91,7 @@ ABORT_INVALID_PDU_PARAMETER: Final = 0x06
 C_STORE_RQ: Final = 0x0001
 C_ECHO_RQ: Final = 0x0030
 C_CANCEL_RQ: Final = 0x0FFF
+N_EVENT_REPORT_RQ: Final = 0x0100
 #: Command Data Set Type value meaning "no data set follows".
 NO_DATA_SET: Final = 0x0101
 #: Status for a DIMSE operation the SCP does not provide (PS3.7 §C.5).
@@ -193,6 +195,19 @@ class StoreRequest:
     dataset: bytes
 
 
+@dataclass(frozen=True)
+class EventReportRequest:
+    """An N-EVENT-REPORT request (PS3.7 10.1.1), e.g. a Storage Commitment result."""
+
+    message_id: int
+    affected_sop_class_uid: str
+    affected_sop_instance_uid: str
+    event_type_id: int | None
+    context: Context
+    #: The Event Information bytes as sent, in ``context.transfer_syntax`` (None: no data set).
+    dataset: bytes | None
+
+
 class ScpHandler(Protocol):
     """What the acceptor calls; every call runs on the association's thread."""
 
@@ -207,6 +222,9 @@ class ScpHandler(Protocol):
 
     def store(self, assoc: Association, request: StoreRequest) -> tuple[int, str | None]:
         """Return the status and an optional Error Comment (at most 64 characters are sent)."""
+
+    def event_report(self, assoc: Association, request: EventReportRequest) -> int:
+        """Return the N-EVENT-REPORT-RSP status."""
 
     def ended(self, assoc: Association, released: bool, reason: str) -> None: ...
 
@@ -247,6 +265,10 @@ class AcceptorConfig:
 
     #: SOP Class UID -> transfer syntaxes accepted for it.
     contexts: dict[str, tuple[str, ...]]
+    #: SOP classes whose SCP/SCU Role Selection we agree to (either role for the requestor):
+    #: Storage Commitment, where the archive opens the association as the SCP sending
+    #: N-EVENT-REPORTs.
+    role_classes: frozenset[str] = frozenset()
     #: Our Maximum Length Received (0 = unlimited).
     maximum_pdu_size: int = 0
     #: The whole A-ASSOCIATE-RQ must arrive within this many seconds of the connection.
@@ -299,6 +321,7 @@ def encode_response(
     sop_class_uid: str | None = None,
     sop_instance_uid: str | None = None,
     error_comment: str | None = None,
+    event_type_id: int | None = None,
 ) -> bytes:
     """A DIMSE response command set (Implicit VR Little Endian, group length first, PS3.7 §9.3).
 
@@ -316,6 +339,8 @@ def encode_response(
         parts.append(_element(0x0902, text + b" " if len(text) % 2 else text))
     if sop_instance_uid:
         parts.append(_element(0x1000, _uid_value(sop_instance_uid)))
+    if event_type_id is not None:
+        parts.append(_element(0x1002, struct.pack("<H", event_type_id)))
     body = b"".join(parts)
     return _element(0x0000, struct.pack("<I", len(body))) + body
 
@@ -580,6 +605,9 @@ class Acceptor:
         self._supported: list[PresentationContext] = [
             build_context(abstract, list(syntaxes)) for abstract, syntaxes in config.contexts.items()
         ]
+        for cx in self._supported:
+            if cx.abstract_syntax in config.role_classes:
+                cx.scu_role, cx.scp_role = True, True
         self._lock = threading.Lock()
         self._negotiated: OrderedDict[bytes, _Negotiated] = OrderedDict()
         self._active: dict[int, socket.socket] = {}
@@ -1123,13 +1151,23 @@ class _AssociationRun:
         elif command == C_ECHO_RQ:
             status = self.handler.echo(assoc)
             sop_class = sop_class or context.abstract_syntax
+        elif command == N_EVENT_REPORT_RQ:
+            status = self.handler.event_report(assoc, EventReportRequest(
+                message_id=message_id, affected_sop_class_uid=sop_class, affected_sop_instance_uid=sop_instance,
+                event_type_id=_us(fields.get(0x1002)), context=context, dataset=dataset,
+            ))
+            response = encode_response(command, message_id, status, sop_class_uid=sop_class or None,
+                                       sop_instance_uid=sop_instance or None,
+                                       event_type_id=_us(fields.get(0x1002)))
+            self.conn.send(p_data_pdus(message.context_id, response, assoc.peer_max_pdu))
+            return
         elif command == C_CANCEL_RQ:
             return
         elif command is None or command & 0x8000:
             raise _Abort(ABORT_UNEXPECTED_PDU, f"not a DIMSE request (command field {command})")
         else:
             status = UNRECOGNIZED_OPERATION
-            comment = "only C-STORE and C-ECHO are provided"
+            comment = "only C-STORE, C-ECHO and N-EVENT-REPORT are provided"
         response = encode_response(
             command, message_id, status, sop_class_uid=sop_class or None,
             sop_instance_uid=sop_instance or None, error_comment=comment,

@@ -27,7 +27,7 @@ from dicom_node.catalog import (
     SeriesRow,
     queries,
 )
-from dicom_node.catalog.heartbeats import ALIVE_WITHIN_S, worker_statuses
+from dicom_node.catalog.heartbeats import ALIVE_WITHIN_S, warm_by_model, worker_statuses
 from dicom_node.catalog.tables import KEEPS_FIRST_INSTANCE
 from dicom_node.ingest.rejections import RejectionLog
 from dicom_node.metrics import (
@@ -59,6 +59,15 @@ class ApiContext:
 # -- response models ------------------------------------------------------------------------
 
 
+class PeakMemory(BaseModel):
+    device: str = Field(description="cpu, cuda:0...")
+    kind: str = Field(description="cuda_allocated: peak bytes PyTorch allocated on the GPU during the run; "
+                                  "rss: growth of the worker process's peak resident memory over the run; "
+                                  "rss_lifetime: growth of the process's all-time peak (no per-job reset).")
+    peak_bytes: int
+    peak_mib: float
+
+
 class JobSummary(BaseModel):
     id: int
     series_instance_uid: str
@@ -72,6 +81,8 @@ class JobSummary(BaseModel):
     model: str
     priority: str
     state: str
+    mode: str = Field(default="live", description="live, or shadow: results kept in the node, never dispatched.")
+    state_label: str = Field(default="", description="The state as shown: 'done (shadow)' for a shadow job.")
     reason: str | None
     attempts: int
     generation: int
@@ -93,6 +104,11 @@ class JobSummary(BaseModel):
     next_attempt_at: float | None = Field(
         default=None, description="When a delivery that failed transiently is tried again (epoch s); "
                                   "null when none is scheduled.")
+    peak_memory: PeakMemory | None = Field(
+        None, description="Peak memory of the model run (null until the job was encoded).")
+    model_warm: bool | None = Field(
+        None, description="Whether the model was already loaded in the worker process (false: "
+                          "the inference time includes loading it).")
 
 
 class JobEvent(BaseModel):
@@ -248,6 +264,18 @@ class Worker(BaseModel):
     current_job_id: int | None
     current_model: str | None
     current_since: float | None
+    warm_models: list[str] = Field(
+        default_factory=list, description="Models the process holds in memory, least recently used first.")
+
+
+class WarmOn(BaseModel):
+    hostname: str
+    pid: int
+    device: str | None
+    version: str | None
+    loaded_at: float | None
+    last_used: float | None
+    uses: int | None = Field(description="Jobs (and warm-up) that used it since it was loaded.")
 
 
 class ModelInfo(BaseModel):
@@ -261,6 +289,9 @@ class ModelInfo(BaseModel):
     source: str | None = Field(description="Model folder ([[models]]) or entry point (plugin).")
     devices: list[str] = Field(description="Devices of the live inference workers that run it.")
     rules: list[str] = Field(description="Rules that name the model.")
+    warm: bool = Field(False, description="Loaded in at least one live worker process (else cold: "
+                                          "its next job loads it first).")
+    warm_on: list[WarmOn] = Field(default_factory=list, description="The worker processes holding it.")
     error: str | None = Field(None, description="Why the model's files cannot be read, if they cannot.")
 
 
@@ -326,6 +357,8 @@ def _summary(
         model=job.model,
         priority=job.priority,
         state=job.state,
+        mode=job.mode,
+        state_label=job.state_label,
         reason=job.reason,
         attempts=job.attempts,
         generation=job.generation,
@@ -340,9 +373,12 @@ def _summary(
         done_at=job.done_at,
         failed_at=job.failed_at,
         stages=stage_durations(job, series),
+        peak_memory=_peak_memory(job.results),
+        model_warm=job.results.get("model_warm") if isinstance(job.results.get("model_warm"), bool) else None,
         end_to_end_s=(
             job.done_at - last_received
             if job.state == JobState.DONE.value
+            and not job.shadow  # a shadow job delivers nothing
             and job.done_at is not None
             and last_received is not None
             and job.done_at >= last_received
@@ -350,6 +386,16 @@ def _summary(
         ),
         next_attempt_at=next_attempt_at,
     )
+
+
+def _peak_memory(results: dict[str, Any]) -> PeakMemory | None:
+    memory = results.get("memory") if results else None
+    if not isinstance(memory, dict):
+        return None
+    try:
+        return PeakMemory(**memory)
+    except ValueError:  # written by another version: shown in results, not here
+        return None
 
 
 def _summaries(ctx: ApiContext, jobs: list[JobRow]) -> list[JobSummary]:
@@ -714,6 +760,7 @@ def create_router(ctx: ApiContext) -> APIRouter:
                 current_job_id=w.current_job_id,
                 current_model=w.current_model,
                 current_since=w.current_since,
+                warm_models=[str(m.get("name")) for m in w.warm_models],
             )
             for w in worker_statuses(catalog, now=now)
         ]
@@ -742,7 +789,7 @@ def create_router(ctx: ApiContext) -> APIRouter:
         "/models",
         response_model=list[ModelInfo],
         tags=["operations"],
-        summary="Models the workers can run: versions, weights digests, devices, rules",
+        summary="Models the workers can run: versions, weights digests, devices, rules, warm or cold",
     )
     def models() -> list[ModelInfo]:
         return model_inventory(ctx.settings, catalog)
@@ -767,14 +814,16 @@ def model_inventory(settings: Settings, catalog: Catalog) -> list[ModelInfo]:
     from inference.errors import InferenceError
     from inference.formats import ENTRY_POINT_GROUP, builtin_descriptions, describe_configured
 
-    devices = sorted(
-        {w.device or "unknown" for w in worker_statuses(catalog) if w.alive and "inference" in w.queues}
-    )
+    workers = worker_statuses(catalog)
+    devices = sorted({w.device or "unknown" for w in workers if w.alive and "inference" in w.queues})
+    warm = warm_by_model(workers)
     found: dict[str, ModelInfo] = {}
 
     def add(name: str, kind: str, **info: Any) -> None:
         rules = [r.name for r in settings.rules if name in r.models]
-        found[name] = ModelInfo(name=name, kind=kind, devices=devices, rules=rules, **info)
+        on = [WarmOn(**w) for w in warm.get(name, [])]
+        found[name] = ModelInfo(name=name, kind=kind, devices=devices, rules=rules, warm=bool(on), warm_on=on,
+                                **info)
 
     for name, builtin_version in builtin_descriptions().items():
         add(name, "builtin", version=builtin_version, digest=None, source=None)

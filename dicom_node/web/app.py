@@ -28,7 +28,9 @@ from dicom_node.scheduling.jobs import JobQueue
 from dicom_node.settings import Settings
 from dicom_node.web.api import ApiContext, create_router
 from dicom_node.web.drift import create_drift_router
+from dicom_node.web.latency import create_latency_router
 from dicom_node.web.pages import create_pages_router
+from dicom_node.web.shadow import create_shadow_router
 
 #: A readiness check result: (passed, one sentence saying what was seen).
 Check = tuple[bool, str]
@@ -145,7 +147,9 @@ def create_app(
     app.state.ctx = ctx
     app.state.metrics = metrics
     app.include_router(create_router(ctx))
+    app.include_router(create_latency_router(ctx))
     app.include_router(create_pages_router(ctx))
+    app.include_router(create_shadow_router(ctx))
     drift = DriftMonitor(catalog, settings.drift)
     app.include_router(create_drift_router(drift))
     if settings.drift.enabled and not getattr(metrics, "drift_registered", False):

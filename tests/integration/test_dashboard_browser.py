@@ -154,7 +154,8 @@ def test_failed_job_is_listed_shown_and_retried(
     instance and the listener's rejected association."""
     catalog, queue, jobs = populated
     failed = jobs["failed"]
-    heartbeat.beat(catalog, "celery@gpu-01", 4243, queues=["inference", "dispatch"], device="cpu")
+    heartbeat.beat(catalog, "celery@gpu-01", 4243, queues=["inference", "dispatch"], device="cpu",
+                   warm_models=[{"name": "ct-tissue", "version": "1.0.0", "device": "cpu"}])
     receive_series(catalog, f"{ROOT}.9", f"{ROOT}.9.1", 5, start=time.time() - 50, modality="MR")
     catalog.mark_series_complete(f"{ROOT}.9.1", "idle", "no routing rule matched")
     server = WebServer(create_app(make_settings(tmp_path), catalog, queue, rejections=listener.rejections),
@@ -178,6 +179,8 @@ def test_failed_job_is_listed_shown_and_retried(
         # The worker's main process and its pool child are one worker: one row, both pids.
         workers = page.locator('#workers-table tbody tr[data-hostname="celery@gpu-01"]')
         assert workers.count() == 1 and "4242, 4243" in workers.inner_text()
+        # The pool child's warm model, in the worker's "warm models" column.
+        assert workers.locator(".warm-models").inner_text() == "ct-tissue"
         page.locator('#destinations-table tbody tr[data-destination="viewer"]', has_text="failing").wait_for()
         # 22.3: the series no rule matched has its own panel, with the reason.
         unmatched = page.locator(f'#unmatched-table tbody tr[data-series-uid="{ROOT}.9.1"]')

@@ -666,6 +666,51 @@ def test_destination_reachability_is_reported_without_making_the_node_unready(
         assert 'dicom_node_destination_reachable{destination="gone"} 0.0' in text
 
 
+def test_models_say_where_they_are_warm(client: TestClient, catalog: Catalog) -> None:
+    """/api/models: a model a live worker process holds is warm (with the process, its device
+    and version), the others cold; a stale process's models count for nothing; /api/queue
+    lists each process's warm models."""
+    now = time.time()
+    warm = [{"name": "foreground", "version": "1.0.0", "device": "cuda:0", "loaded_at": now - 50,
+             "last_used": now - 50, "load_s": 0.2, "uses": 1},
+            {"name": "ct-tissue", "version": "1.0.0", "device": "cuda:0", "loaded_at": now - 40,
+             "last_used": now - 5, "load_s": 0.1, "uses": 3, "secret": "dropped"}]
+    heartbeat.beat(catalog, "celery@gpu-01", 100, queues=["inference"], device="cuda:0")
+    heartbeat.beat(catalog, "celery@gpu-01", 101, queues=["inference"], device="cuda:0", warm_models=warm)
+    heartbeat.beat(catalog, "celery@old", 7, queues=["inference"], device="cpu", now=now - 120,
+                   warm_models=[{"name": "ct-lung-nodules", "device": "cpu"}])
+    models = {m["name"]: m for m in client.get("/api/models").json()}
+    assert models["ct-tissue"]["warm"] is True and models["foreground"]["warm"] is True
+    assert models["ct-lung-nodules"]["warm"] is False and models["ct-lung-nodules"]["warm_on"] == []
+    (on,) = models["ct-tissue"]["warm_on"]
+    assert (on["hostname"], on["pid"], on["device"], on["version"], on["uses"]) == (
+        "celery@gpu-01", 101, "cuda:0", "1.0.0", 3)
+    workers = {(w["hostname"], w["pid"]): w for w in client.get("/api/queue").json()["workers"]}
+    assert workers[("celery@gpu-01", 101)]["warm_models"] == ["foreground", "ct-tissue"]
+    assert workers[("celery@gpu-01", 100)]["warm_models"] == []
+    # A beat without the list (a process that cannot say) keeps the last one reported.
+    heartbeat.beat(catalog, "celery@gpu-01", 101, queues=["inference"], device="cuda:0")
+    statuses = {(w.hostname, w.pid): w for w in heartbeat.worker_statuses(catalog)}
+    assert [m["name"] for m in statuses[("celery@gpu-01", 101)].warm_models] == ["foreground", "ct-tissue"]
+
+
+def test_job_reports_its_peak_memory_and_warm_start(client: TestClient, catalog: Catalog, queue: MemoryQueue) -> None:
+    """The worker's ``memory`` and ``model_warm`` results are typed fields of /api/jobs."""
+    receive_series(catalog, f"{ROOT}.41", f"{ROOT}.41.1", start=time.time() - 30)
+    job_id = make_job(catalog, f"{ROOT}.41.1")
+    assert client.get(f"/api/jobs/{job_id}").json()["peak_memory"] is None
+    encode(catalog, queue, job_id)
+    job = catalog.get_job(job_id)
+    assert job is not None
+    catalog.set_results(job_id, {**job.results, "model_warm": False,
+                                 "memory": {"device": "cpu", "kind": "rss", "peak_bytes": 3 * 2**20, "peak_mib": 3.0}})
+    detail = client.get(f"/api/jobs/{job_id}").json()
+    assert detail["peak_memory"] == {"device": "cpu", "kind": "rss", "peak_bytes": 3 * 2**20, "peak_mib": 3.0}
+    assert detail["model_warm"] is False
+    (listed,) = [j for j in client.get("/api/jobs").json() if j["id"] == job_id]
+    assert listed["peak_memory"]["peak_mib"] == 3.0
+
+
 def test_study_date_and_next_attempt_of_a_delivery_waiting_to_retry(
     client: TestClient, catalog: Catalog, queue: MemoryQueue
 ) -> None:

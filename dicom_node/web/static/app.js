@@ -53,8 +53,11 @@ const DicomNode = (() => {
     return `next attempt at ${clock(t)}${wait > 0 ? ` (in ${duration(wait)})` : " (due)"}`;
   }
 
-  function stateBadge(state) {
-    return el("span", {class: `state state-${state}`, text: state});
+  function stateBadge(state, mode) {
+    // A shadow job reads "done (shadow)": its results stay in the node, never delivered.
+    const shadow = mode === "shadow";
+    return el("span", {class: `state state-${state}${shadow ? " state-shadow" : ""}`,
+                       text: shadow ? `${state} (shadow)` : state});
   }
 
   function uid(value) {
@@ -140,7 +143,7 @@ const DicomNode = (() => {
         el("td", {text: j.modality || ""}),
         el("td", {text: j.rule}),
         el("td", {text: j.model}),
-        el("td", {title: j.reason || ""}, stateBadge(j.state),
+        el("td", {title: j.reason || ""}, stateBadge(j.state, j.mode),
           j.state === "failed" && j.reason ? el("div", {class: "reason error-text", text: j.reason}) : "",
           j.next_attempt_at ? el("div", {class: "next-attempt muted", text: nextAttempt(j.next_attempt_at)}) : ""),
         el("td", {class: "num", text: duration(j.age_s)}),
@@ -166,8 +169,9 @@ const DicomNode = (() => {
       const byHost = new Map();
       for (const w of q.workers) {
         const g = byHost.get(w.hostname);
-        if (!g) { byHost.set(w.hostname, {...w, pids: [w.pid]}); continue; }
+        if (!g) { byHost.set(w.hostname, {...w, pids: [w.pid], warm_models: [...(w.warm_models || [])]}); continue; }
         g.pids.push(w.pid);
+        g.warm_models = [...new Set([...g.warm_models, ...(w.warm_models || [])])];
         g.alive = g.alive || w.alive;
         g.last_seen = Math.max(g.last_seen, w.last_seen);
         g.queues = [...new Set([...g.queues, ...w.queues])];
@@ -177,11 +181,12 @@ const DicomNode = (() => {
       const rows = [...byHost.values()].map(w => el("tr", {class: w.alive ? "" : "stale", "data-hostname": w.hostname},
         el("td", {text: w.hostname}), el("td", {class: "num", text: w.pids.join(", ")}),
         el("td", {text: w.queues.join(", ")}), el("td", {text: w.device || ""}),
+        el("td", {class: "warm-models", text: w.warm_models.length ? w.warm_models.join(", ") : "none"}),
         el("td", {text: w.alive ? ago(w.last_seen) : `gone (${ago(w.last_seen)})`}),
         el("td", {}, w.current_job_id
           ? el("a", {href: `/jobs/${w.current_job_id}`, text: `#${w.current_job_id} ${w.current_model || ""} (${ago(w.current_since)})`})
           : "idle")));
-      if (!rows.length) rows.push(el("tr", {}, el("td", {colspan: "6", class: "error-text",
+      if (!rows.length) rows.push(el("tr", {}, el("td", {colspan: "7", class: "error-text",
         text: `no worker heartbeat in the last ${q.alive_within_s} s`})));
       fillBody(document.getElementById("workers-table"), rows);
     }
@@ -281,8 +286,8 @@ const DicomNode = (() => {
     refresh = async () => {
       const j = await getJSON(`/api/jobs/${jobId}`);
       const badge = document.getElementById("job-state");
-      badge.textContent = j.state;
-      badge.className = `state state-${j.state}`;
+      badge.textContent = j.mode === "shadow" ? `${j.state} (shadow)` : j.state;
+      badge.className = `state state-${j.state}${j.mode === "shadow" ? " state-shadow" : ""}`;
       document.getElementById("job-attempts").textContent = String(j.attempts);
       retry.disabled = !tokenConfigured || !j.actions.includes("retry");
       cancel.disabled = !tokenConfigured || !j.actions.includes("cancel");
@@ -325,6 +330,12 @@ const DicomNode = (() => {
       if (!rows.length) rows.push(el("tr", {}, el("td", {colspan: "8", class: "muted", text: "no destinations"})));
       fillBody(document.getElementById("deliveries-table"), rows);
 
+      const mem = j.peak_memory;
+      document.getElementById("job-peak-memory").textContent = mem
+        ? `${mem.peak_mib} MiB on ${mem.device} (${mem.kind === "cuda_allocated" ? "GPU, allocated by PyTorch" : "process resident memory, growth over the run"})`
+        : "";
+      document.getElementById("job-model-warm").textContent = j.model_warm === null || j.model_warm === undefined
+        ? "" : (j.model_warm ? "warm (already loaded)" : "cold (loaded for this job)");
       const res = document.getElementById("results");
       const items = Object.entries(j.results).flatMap(([k, v]) =>
         [el("dt", {text: k}), el("dd", {class: k.endsWith("_uid") ? "uid" : "", text: typeof v === "object" ? JSON.stringify(v) : String(v)})]);

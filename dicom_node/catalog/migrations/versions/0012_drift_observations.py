@@ -1,7 +1,7 @@
 """drift observations and scanners
 
-Revision ID: 0008_drift
-Revises: 0008_admin
+Revision ID: 0012_drift
+Revises: 0011_shadow
 Create Date: 2026-12-06 21:40:00
 
 Two new tables for the drift monitor (``dicom_node.drift``): ``drift_scanners`` (the bounded set of
@@ -14,8 +14,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0008_drift'
-down_revision = '0008_admin'
+revision = '0012_drift'
+down_revision = '0011_shadow'
 branch_labels = None
 depends_on = None
 
