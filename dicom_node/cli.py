@@ -377,6 +377,31 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drift(args: argparse.Namespace) -> int:
+    """Drift per model and scanner and silent scanners; exit 1 when one drifts or went silent
+    (for a cron job or a monitoring check that has no Prometheus)."""
+    from dicom_node.catalog import Catalog
+    from dicom_node.drift.monitor import evaluate
+    from dicom_node.web.drift import drift_out
+
+    settings = _settings(args)
+    out = drift_out(evaluate(Catalog(settings.database.url), settings.drift), settings.drift)
+    lines = [f"baseline: {out.baseline}; recent: {out.window}; alert above PSI {out.psi_alert:g}"]
+    lines += [f"{'model':<20} {'scanner':<20} {'status':<10} {'jobs':>9} {'max PSI':>8}  drifting most"]
+    for p in out.pairs:
+        psi = "" if p.max_psi is None else f"{p.max_psi:.3f}"
+        lines.append(f"{p.model[:20]:<20} {p.scanner:<20} {p.status:<10} "
+                     f"{f'{p.baseline_jobs}/{p.recent_jobs}':>9} {psi:>8}  {p.worst_feature or ''}")
+    for sc in out.scanners:
+        if sc.silent:
+            lines.append(f"scanner {sc.label} ({sc.manufacturer} {sc.model_name} {sc.station}) is silent: "
+                         f"no series for {(time.time() - sc.last_seen) / 86400:.1f} days")
+    if not out.pairs:
+        lines.append("no observations yet: each job whose results are encoded adds one")
+    _print(args, out.model_dump(), "\n".join(lines))
+    return 1 if out.alerts or out.silent else 0
+
+
 def _own_listener(settings: Settings) -> DestinationSettings:
     """This node's listener as a destination (a wildcard bind address is reached on loopback)."""
     lst = settings.listener
@@ -632,6 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("gc", cmd_gc, "remove delivered series older than storage.retention_days")
     p.add_argument("--older-than-days", type=float, default=None, help="override storage.retention_days")
     p.add_argument("--dry-run", action="store_true", help="only report what would be removed")
+    add("drift", cmd_drift, "input and output drift per model and scanner (PSI), silent scanners; exit 1 on either")
     p = add("status", cmd_status, "one screen: listener, queue, workers, disk, recent failures")
     p = add("send", cmd_send, "send a folder of DICOM files to this node (or --to DEST), with a progress bar")
     p.add_argument("directory")

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import tomllib
+from datetime import date
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -219,6 +220,47 @@ class ResultsSettings(_Section):
         if bad:
             raise ValueError(f"series slots are 1..89, got {bad}")
         return value
+
+
+class DriftSettings(_Section):
+    """Input and output drift monitoring per model and scanner (``dicom_node.drift``)."""
+
+    #: Record each job's input and output features and evaluate drift.
+    enabled: bool = True
+    #: The baseline of a (model, scanner): its first this many jobs (unless ``baseline_start``).
+    baseline_jobs: int = Field(200, ge=1)
+    #: Instead of the first jobs, the jobs of this date range (``baseline_start <= day <
+    #: baseline_end``, UTC; both or neither).
+    baseline_start: date | None = None
+    baseline_end: date | None = None
+    #: The recent window: the last this many jobs after the baseline ...
+    window_jobs: int = Field(200, ge=1)
+    #: ... or, when > 0, the jobs of the last this many days.
+    window_days: float = Field(0.0, ge=0)
+    #: No PSI (status ``collecting``) until the recent window holds this many jobs: a PSI of
+    #: small windows is mostly chance (docs/models.md gives the figures).
+    min_window_jobs: int = Field(200, ge=1)
+    #: Quantile bins of a numeric feature, cut at the baseline's quantiles (plus one below and
+    #: one above the baseline's range).
+    bins: int = Field(5, ge=2, le=50)
+    #: A feature whose population stability index exceeds this raises the pair's alert.
+    psi_alert: float = Field(0.25, gt=0)
+    #: A tracked scanner with no series for this many days is flagged silent (0: never).
+    silent_scanner_days: float = Field(7.0, ge=0)
+    #: Scanners tracked one by one; later ones are counted together as ``other``.
+    max_scanners: int = Field(50, ge=1, le=1000)
+    #: Observations older than this are removed by the retention clean-up, except each pair's
+    #: baseline (0 keeps them).
+    retention_days: float = Field(365.0, ge=0)
+
+    @model_validator(mode="after")
+    def _baseline_range(self) -> DriftSettings:
+        if (self.baseline_start is None) != (self.baseline_end is None):
+            raise ValueError("give both baseline_start and baseline_end, or neither")
+        if self.baseline_start is not None and self.baseline_end is not None \
+                and self.baseline_end <= self.baseline_start:
+            raise ValueError("baseline_end must be after baseline_start")
+        return self
 
 
 class DestinationSettings(_Section):
@@ -510,6 +552,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     results: ResultsSettings = Field(default_factory=ResultsSettings)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
     destinations: list[DestinationSettings] = Field(default_factory=list)
     rules: list[RuleSettings] = Field(default_factory=list)
     models: list[ModelSettings] = Field(default_factory=list)

@@ -223,6 +223,7 @@ def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
 
 
 def _run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
+    from dicom_node.drift.record import capture_inputs, record_job
     from dicom_node.results import encode_outputs, rendered_slices
     from dicom_node.results.failures import ENCODING_INPUT_ERRORS, dicom_keywords, input_failure, raised_at
     from dicom_node.results.inputs import check_copied_attributes
@@ -252,6 +253,8 @@ def _run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
         else:
             prediction = model.predict(volume)
     t2 = time.perf_counter()
+    # Drift inputs (headers, noise) while the voxels are still here: they are freed below.
+    drift_inputs = capture_inputs(ctx.settings.drift, sources, volume)
     outputs = job_outputs(ctx.settings, job)
     # The encoders read only the geometry and the slices the images draw: keep those and free
     # the other voxels (4 bytes each) before encoding (``replace`` keeps a StackedVolume's
@@ -289,6 +292,8 @@ def _run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
     ctx.timings.update(load_wait=float(load_timings["load_wait_s"]), load=float(load_timings["load_s"]),
                        predict=t2 - t1, encode=t3 - t2)
     results["excluded"] = [list(e) for e in excluded][:50]
+    record_job(ctx.catalog, ctx.settings.drift, job_id=job.id, model=job.model,
+               series_instance_uid=job.series_instance_uid, inputs=drift_inputs, prediction=prediction, volume=volume)
     bound.info("job_encoded", segments=len(prediction.segments), outputs=results["outputs"],
                model_warm=warm, peak_memory_mib=results["memory"]["peak_mib"],
                memory_kind=results["memory"]["kind"], **results["timings"])

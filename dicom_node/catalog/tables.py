@@ -349,3 +349,53 @@ class WorkerHeartbeatRow(Base):
     def warm_models(self) -> list[dict[str, Any]]:
         """The decoded ``warm_models_json`` (empty when the process reported none)."""
         return list(json.loads(self.warm_models_json)) if self.warm_models_json else []
+
+
+class DriftScannerRow(Base):
+    """One scanner the drift monitor tracks (``dicom_node.drift``): a normalised (Manufacturer,
+    ManufacturerModelName, StationName, protocol), or the ``other`` row that takes every scanner
+    past ``drift.max_scanners`` so label cardinality stays bounded."""
+
+    __tablename__ = "drift_scanners"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    #: Hash of the normalised identity (``"other"`` for the overflow row); unique.
+    key: Mapped[str] = mapped_column(String(64), unique=True)
+    #: Short stable name for metrics and the dashboard (``CT01-3fa9c2``); never patient data.
+    label: Mapped[str] = mapped_column(String(40))
+    manufacturer: Mapped[str] = mapped_column(String(64), default="")
+    model_name: Mapped[str] = mapped_column(String(64), default="")
+    station: Mapped[str] = mapped_column(String(16), default="")
+    protocol: Mapped[str] = mapped_column(String(64), default="")
+    first_seen: Mapped[float] = mapped_column(Float)
+    #: Newest ``last_received_at`` of a series of this scanner that a job ran on.
+    last_seen: Mapped[float] = mapped_column(Float)
+
+
+class DriftObservationRow(Base):
+    """What one job's model saw and said, for drift: input and output features as JSON
+    (``{"input.kvp": 120, "input.kernel": "B30f", "output.findings": 2, ...}``).
+
+    One row per (model, series): a re-run replaces it.  Kept after the series is collected;
+    ``dicom_node.retention`` removes rows older than ``drift.retention_days`` except each
+    pair's baseline.
+    """
+
+    __tablename__ = "drift_observations"
+    __table_args__ = (
+        UniqueConstraint("model", "series_instance_uid", name="uq_drift_model_series"),
+        Index("ix_drift_pair", "model", "scanner_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(128))
+    scanner_id: Mapped[int] = mapped_column(Integer, ForeignKey("drift_scanners.id"))
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[int | None] = mapped_column(Integer)
+    #: When the job's results were encoded (epoch s): the time axis of the windows.
+    at: Mapped[float] = mapped_column(Float, index=True)
+    features_json: Mapped[str] = mapped_column(Text, default="{}")
+
+    @property
+    def features(self) -> dict[str, Any]:
+        return dict(json.loads(self.features_json))

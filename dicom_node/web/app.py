@@ -20,11 +20,14 @@ from dicom_node.catalog import Catalog, queries
 from dicom_node.catalog import heartbeats as heartbeat
 from dicom_node.catalog.tables import KEEPS_FIRST_INSTANCE
 from dicom_node.delivery.probe import Reachability
+from dicom_node.drift.monitor import DriftMonitor
+from dicom_node.drift.prometheus import DriftCollector
 from dicom_node.ingest.rejections import RejectionLog
 from dicom_node.metrics import NodeMetrics
 from dicom_node.scheduling.jobs import JobQueue
 from dicom_node.settings import Settings
 from dicom_node.web.api import ApiContext, create_router
+from dicom_node.web.drift import create_drift_router
 from dicom_node.web.latency import create_latency_router
 from dicom_node.web.pages import create_pages_router
 from dicom_node.web.shadow import create_shadow_router
@@ -147,6 +150,11 @@ def create_app(
     app.include_router(create_latency_router(ctx))
     app.include_router(create_pages_router(ctx))
     app.include_router(create_shadow_router(ctx))
+    drift = DriftMonitor(catalog, settings.drift)
+    app.include_router(create_drift_router(drift))
+    if settings.drift.enabled and not getattr(metrics, "drift_registered", False):
+        metrics.registry.register(DriftCollector(drift))
+        metrics.drift_registered = True  # type: ignore[attr-defined]
     app.mount("/static", StaticFiles(directory=WEB_DIR / "static"), name="static")
 
     @app.get("/docs", include_in_schema=False)
