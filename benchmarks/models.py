@@ -1,11 +1,14 @@
-"""Per-model inference time and peak memory on the CPU, and a MONAI bundle's overhead against
-the same network as a TorchScript card model: ``python -m benchmarks.models``.
+"""Per-model inference time and peak memory (on the CPU, and on CUDA where present), and a MONAI
+bundle's overhead against the same network as a TorchScript card model:
+``python -m benchmarks.models [--device auto|cpu|cuda:N]``.
 
 The tiny bundle and nnU-Net folder of ``tests.support.tiny_models`` are trained on the
 test phantom, then every model runs on one larger seeded chest phantom, each in its own child
 process that loads the model and the (pre-rendered) volume, then predicts ``--runs`` times:
 median wall time, the process's RSS with model and volume loaded, and its peak RSS during the
-predictions (``VmHWM``, reset through ``/proc/self/clear_refs`` after loading).
+predictions (``VmHWM``, reset through ``/proc/self/clear_refs`` after loading); and the peak a
+job records for the same predictions (``inference.gpu.PeakMemory``, "run peak": on CUDA the bytes
+PyTorch allocated on the device, on the CPU the growth of the resident set over the run).
 
 The overhead pair runs the same weights twice: as the bundle (MONAI's Orientationd, Spacingd
 to 4 x 4 x 5 mm, ScaleIntensityRanged, SlidingWindowInferer 32^3 overlap 0.25 gaussian,
@@ -89,11 +92,12 @@ def torchscript_folder(bundle: Path, out: Path) -> Path:
     return out
 
 
-def _child(kind: str, folder: str, data: str, runs: int, threads: int, queue: Any) -> None:
+def _child(kind: str, folder: str, data: str, runs: int, threads: int, device: str, queue: Any) -> None:
     torch.set_num_threads(threads)
     from inference import Volume
+    from inference.gpu import PeakMemory, resolve_device
 
-    cpu = torch.device("cpu")
+    cpu = resolve_device(device)  # the device every model of this run uses
     model: Any
     if kind == "builtin":
         from inference.registry import ModelRegistry
@@ -125,15 +129,17 @@ def _child(kind: str, folder: str, data: str, runs: int, threads: int, queue: An
     Path("/proc/self/clear_refs").write_text("5")
     times = []
     dice = {}
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        prediction = model.predict(volume)
-        times.append(time.perf_counter() - t0)
+    with PeakMemory.measure(cpu) as run_peak:  # what a job records (resets VmHWM again: same point)
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            prediction = model.predict(volume)
+            times.append(time.perf_counter() - t0)
     for seg in prediction.segments:
         truth = truths.get({"lungs": "lung"}.get(seg.label.name, seg.label.name))
         if truth is not None:
             dice[seg.label.name] = float(2 * (seg.mask & truth).sum() / (seg.mask.sum() + truth.sum()))
-    queue.put({"times": times, "peak_mib": _rss_mib("VmHWM"), "loaded_mib": loaded, "dice": dice})
+    queue.put({"times": times, "peak_mib": _rss_mib("VmHWM"), "loaded_mib": loaded, "dice": dice,
+               "run_peak_mib": run_peak.peak_bytes / 2**20, "run_peak_kind": run_peak.kind, "device": str(cpu)})
 
 
 def _rss_mib(field: str) -> float:
@@ -144,10 +150,10 @@ def _rss_mib(field: str) -> float:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def measure(kind: str, folder: str, data: Path, runs: int, threads: int) -> dict[str, Any]:
+def measure(kind: str, folder: str, data: Path, runs: int, threads: int, device: str = "cpu") -> dict[str, Any]:
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(kind, folder, str(data), runs, threads, queue))
+    proc = ctx.Process(target=_child, args=(kind, folder, str(data), runs, threads, device, queue))
     proc.start()
     result: dict[str, Any] = queue.get(timeout=3600)
     proc.join()
@@ -160,6 +166,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=192, help="rows and columns of the benchmark phantom")
     parser.add_argument("--slices", type=int, default=96)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help='"cpu" (default), "auto" (CUDA when present), "cuda:N"')
     args = parser.parse_args()
     # The benchmark phantom: the test phantom's anatomy at a finer grid.
     spec = ChestSpec(rows=args.size, columns=args.size, slices=args.slices,
@@ -177,7 +184,7 @@ def main() -> None:
         del phantom
         print(f"trained the tiny networks in {time.perf_counter() - t0:.0f} s")
         print(f"phantom {args.slices} x {args.size} x {args.size} = {args.slices * args.size**2 / 1e6:.1f} Mvoxels,"
-              f" {args.runs} runs, {args.threads} threads")
+              f" {args.runs} runs, {args.threads} threads, device {args.device}")
         cases = [
             ("ct-tissue (built-in)", "builtin", "ct-tissue"),
             ("TorchScript card, same network", "torchscript", str(ts)),
@@ -187,13 +194,15 @@ def main() -> None:
             ("nnU-Net, mirroring (8 passes)", "nnunet-mirroring", str(nnunet)),
         ]
         results = {}
-        print(f"{'model':34} {'median s':>9} {'min s':>7} {'max s':>7} {'loaded MiB':>11} {'peak MiB':>9}  Dice")
+        print(f"{'model':34} {'median s':>9} {'min s':>7} {'max s':>7} {'loaded MiB':>11} {'peak MiB':>9}"
+              f" {'run peak MiB':>13}  Dice")
         for title, kind, folder in cases:
-            r = measure(kind, folder, data, args.runs, args.threads)
+            r = measure(kind, folder, data, args.runs, args.threads, args.device)
             results[kind] = r
             dice = " ".join(f"{k} {v:.3f}" for k, v in sorted(r["dice"].items()))
+            run_peak = f"{r['run_peak_mib']:.0f} {'GPU' if r['run_peak_kind'] == 'cuda_allocated' else 'RSS'}"
             print(f"{title:34} {statistics.median(r['times']):9.2f} {min(r['times']):7.2f} {max(r['times']):7.2f}"
-                  f" {r['loaded_mib']:11.0f} {r['peak_mib']:9.0f}  {dice}")
+                  f" {r['loaded_mib']:11.0f} {r['peak_mib']:9.0f} {run_peak:>13}  {dice}")
         ratio = statistics.median(results["bundle"]["times"]) / statistics.median(results["torchscript"]["times"])
         ratio_ts = statistics.median(results["bundle-ts"]["times"]) / statistics.median(results["torchscript"]["times"])
         print(f"bundle overhead: bundle(model.pt) / TorchScript card = {ratio:.2f}x;"

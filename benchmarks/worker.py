@@ -143,7 +143,15 @@ def _status(key: str) -> int:
 
 
 def reset_peak_rss() -> bool:
-    """Restart ``VmHWM`` from the current RSS (Linux >= 4.0); False where that is not possible."""
+    """Restart ``VmHWM`` from the current RSS (Linux >= 4.0); False where that is not possible.
+
+    The pipeline's per-job peak (``inference.gpu.PeakMemory``) would reset it too, before each
+    prediction, and the whole job's peak read here would lose the load stage: it is turned off
+    (the jobs then record ``rss_lifetime``).
+    """
+    from inference.gpu import PeakMemory
+
+    PeakMemory.reset_rss = False
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:

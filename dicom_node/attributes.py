@@ -34,6 +34,8 @@ HEADER_ATTRIBUTES: tuple[HeaderAttribute, ...] = (
     HeaderAttribute("ImagesInAcquisition", routing=False),
     HeaderAttribute("NumberOfFrames", routing=False),
     HeaderAttribute("NumberOfTemporalPositions", routing=False),
+    # Shown with jobs and series so people recognise the study; not identifying on its own.
+    HeaderAttribute("StudyDate", routing=False),
 )
 
 #: Every keyword read from the header.

@@ -76,6 +76,13 @@ def _model_problems(settings: Settings) -> tuple[list[str], list[str]]:
     return errors, warnings
 
 
+def _output_warnings(settings: Settings) -> list[str]:
+    """Output lists that are valid but probably not what the admin meant."""
+    return [f"destination {dest.name!r} lists seg-resampled without seg: it gets no SEG for "
+            "untilted series (seg-resampled is made only for gantry-tilted stacks)"
+            for dest in settings.destinations if "seg-resampled" in dest.outputs and "seg" not in dest.outputs]
+
+
 def _print(args: argparse.Namespace, data: Any, text: str) -> None:
     if getattr(args, "json", False):
         print(json.dumps(data, indent=2, default=str))
@@ -126,6 +133,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     settings = _settings(args)
     data = settings.model_dump(mode="json")
     errors, warnings = _model_problems(settings)
+    warnings += _output_warnings(settings)
+    warnings += [f"rule {r.name!r} is mode = \"shadow\": its destinations {r.destinations} are ignored "
+                 "(results stay in the node)" for r in settings.rules if r.mode == "shadow" and r.destinations]
     unreachable: list[str] = []
     if args.probe:
         from dicom_node.delivery import reachable
@@ -141,24 +151,37 @@ def cmd_config_check(args: argparse.Namespace) -> int:
             print(f"error: {line}", file=sys.stderr)
         return 2 if errors else 1
     summary = (f"configuration OK: AE {settings.listener.ae_title} on {settings.listener.host}:"
-               f"{settings.listener.port}, {len(settings.rules)} rule(s), "
+               f"{settings.listener.port}, {len(settings.rules)} rule(s)"
+               + (f" ({n} shadow)" if (n := sum(r.mode == "shadow" for r in settings.rules)) else "") + ", "
                f"{len(settings.destinations)} destination(s), broker {settings.broker.url.split('://')[0]}"
                + (", every destination answers" if args.probe else ""))
     _print(args, {**data, "warnings": warnings}, summary)
     return 0
 
 
-def _job_dict(job: Any, deliveries: Sequence[Any] = ()) -> dict[str, Any]:
+def _study_date(da: str | None) -> str:
+    """A DA (``20261206``) as ``2026-12-06``; empty when unknown."""
+    return f"{da[:4]}-{da[4:6]}-{da[6:]}" if da else ""
+
+
+def _waiting(job: Any) -> bool:
+    """The job's deliveries may be waiting for a retry (``next_attempt_at`` means something)."""
+    return job.state in ("encoded", "delivering")
+
+
+def _job_dict(job: Any, deliveries: Sequence[Any] = (), series: Any = None) -> dict[str, Any]:
     return {
-        "id": job.id, "state": job.state, "model": job.model, "rule": job.rule,
+        "id": job.id, "state": job.state, "state_label": job.state_label, "mode": job.mode,
+        "model": job.model, "rule": job.rule,
         "series_instance_uid": job.series_instance_uid, "study_instance_uid": job.study_instance_uid,
-        "modality": job.modality, "priority": job.priority, "attempts": job.attempts,
+        "modality": job.modality, "study_date": series.study_date if series is not None else None,
+        "priority": job.priority, "attempts": job.attempts,
         "reason": job.reason, "created_at": job.created_at, "updated_at": job.updated_at,
         "destinations": job.destinations, "results": job.results,
         "deliveries": [
             {"destination": d.destination, "state": d.state, "attempts": d.attempts,
              "last_error": d.last_error, "done_at": d.done_at, "confirmation": d.confirmation,
-             "objects": d.objects}
+             "next_attempt_at": d.next_attempt_at if _waiting(job) else None, "objects": d.objects}
             for d in deliveries
         ],
     }
@@ -168,7 +191,8 @@ def _series_dict(row: Any, routing: list[str] | None) -> dict[str, Any]:
     return {
         "series_instance_uid": row.series_instance_uid, "study_instance_uid": row.study_instance_uid,
         "modality": row.modality, "series_description": row.series_description,
-        "calling_ae_title": row.calling_ae_title, "instances": row.instance_count, "state": row.state,
+        "calling_ae_title": row.calling_ae_title, "study_date": row.study_date,
+        "instances": row.instance_count, "state": row.state,
         "generation": row.generation, "last_received_at": row.last_received_at, "note": row.note,
         "routing": routing,
     }
@@ -193,7 +217,8 @@ def cmd_series(args: argparse.Namespace) -> int:
     lines = []
     for r, d in zip(rows, data, strict=True):
         desc = " ".join(x for x in (r.modality, r.series_description and repr(r.series_description),
-                                    f"from {r.calling_ae_title}" if r.calling_ae_title else None) if x)
+                                    f"from {r.calling_ae_title}" if r.calling_ae_title else None,
+                                    f"study {_study_date(r.study_date)}" if r.study_date else None) if x)
         lines.append(f"{r.series_instance_uid}  {r.state:<9} {r.instance_count:>5} inst  gen {r.generation}  {desc}")
         for why in d["routing"] or []:
             lines.append(f"    no rule: {why}")
@@ -204,7 +229,7 @@ def cmd_series(args: argparse.Namespace) -> int:
     return 0
 
 
-def _delivery_line(d: Any) -> str:
+def _delivery_line(d: Any, waiting: bool = False) -> str:
     """``archive: done, 1 sent, 1 refused (refused: Segmentation Storage not accepted)``."""
     counts: dict[str, int] = {}
     for o in d.objects:
@@ -215,6 +240,10 @@ def _delivery_line(d: Any) -> str:
         text += ", " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     if details:
         text += f" ({'; '.join(details)})"
+    if waiting and d.next_attempt_at:
+        wait = d.next_attempt_at - time.time()
+        at = time.strftime("%H:%M:%S", time.localtime(d.next_attempt_at))
+        text += f", next attempt at {at}" + (f" (in {wait:.0f} s)" if wait > 0 else " (due)")
     return text
 
 
@@ -227,16 +256,20 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     now = time.time()
     lines = [f"{'ID':>5}  {'STATE':<10} {'MODEL':<16} {'AGE':>7}  SERIES / REASON"]
     deliveries = {job.id: catalog.deliveries(job.id) for job in jobs}
+    series = queries.series_by_uid(catalog, {j.series_instance_uid for j in jobs})
     for job in jobs:
         age = f"{now - job.created_at:.0f}s"
-        lines.append(f"{job.id:>5}  {job.state:<10} {job.model:<16} {age:>7}  {job.series_instance_uid}")
+        # A shadow job reads "done (shadow)": kept in the node, never delivered.
+        row = series.get(job.series_instance_uid)
+        study = f"  study {_study_date(row.study_date)}" if row is not None and row.study_date else ""
+        lines.append(f"{job.id:>5}  {job.state_label:<10} {job.model:<16} {age:>7}  {job.series_instance_uid}{study}")
         if job.reason:
             lines.append(f"{'':>36}{job.reason}")
-        lines.extend(f"{'':>36}{_delivery_line(d)}" for d in deliveries[job.id])
+        lines.extend(f"{'':>36}{_delivery_line(d, _waiting(job))}" for d in deliveries[job.id])
     text = "\n".join(lines) if jobs else "no jobs"
     if unmatched:
         text += f"\n{unmatched} series matched no rule (no job): dicom-node series --unmatched"
-    _print(args, [_job_dict(j, deliveries[j.id]) for j in jobs], text)
+    _print(args, [_job_dict(j, deliveries[j.id], series.get(j.series_instance_uid)) for j in jobs], text)
     return 0
 
 
@@ -287,6 +320,44 @@ def _series_action(args: argparse.Namespace, action: str) -> int:
     return 0 if report.job_ids else 1
 
 
+def parse_since(text: str, now: float | None = None) -> float:
+    """``--since``: a duration back from now (``90m``, ``24h``, ``7d``) or a UTC date/time
+    (``2026-12-01``, ``2026-12-01T08:00``); returns a Unix time."""
+    import datetime as dt
+    import re
+
+    now = time.time() if now is None else now
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
+    if m:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+        return now - float(m.group(1)) * unit
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"--since {text!r}: give a duration (90m, 24h, 7d) or a date (2026-12-01)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.timestamp()
+
+
+def cmd_shadow_report(args: argparse.Namespace) -> int:
+    """Agreement of shadow models with the live models on the same series."""
+    from dicom_node.catalog import Catalog
+    from dicom_node.shadow import build_report, compare_pending, format_report
+
+    settings = _settings(args)
+    catalog = Catalog(settings.database.url)
+    since = parse_since(args.since) if args.since else None
+    # Pairs a worker did not compare (it died between the job's end and the comparison).
+    compare_pending(catalog, settings.outbox)
+    report = build_report(catalog, model=args.model, since=since)
+    if args.format == "json" or args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(format_report(report, series=not args.summary), end="")
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     from dicom_node.catalog import Catalog
     from dicom_node.retention import collect_garbage
@@ -304,6 +375,31 @@ def cmd_gc(args: argparse.Namespace) -> int:
            f"{verb} {len(report.series)} series ({report.files} files, {report.bytes / 1e6:.1f} MB, "
            f"{report.jobs} jobs) older than {days:g} days")
     return 0
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    """Drift per model and scanner and silent scanners; exit 1 when one drifts or went silent
+    (for a cron job or a monitoring check that has no Prometheus)."""
+    from dicom_node.catalog import Catalog
+    from dicom_node.drift.monitor import evaluate
+    from dicom_node.web.drift import drift_out
+
+    settings = _settings(args)
+    out = drift_out(evaluate(Catalog(settings.database.url), settings.drift), settings.drift)
+    lines = [f"baseline: {out.baseline}; recent: {out.window}; alert above PSI {out.psi_alert:g}"]
+    lines += [f"{'model':<20} {'scanner':<20} {'status':<10} {'jobs':>9} {'max PSI':>8}  drifting most"]
+    for p in out.pairs:
+        psi = "" if p.max_psi is None else f"{p.max_psi:.3f}"
+        lines.append(f"{p.model[:20]:<20} {p.scanner:<20} {p.status:<10} "
+                     f"{f'{p.baseline_jobs}/{p.recent_jobs}':>9} {psi:>8}  {p.worst_feature or ''}")
+    for sc in out.scanners:
+        if sc.silent:
+            lines.append(f"scanner {sc.label} ({sc.manufacturer} {sc.model_name} {sc.station}) is silent: "
+                         f"no series for {(time.time() - sc.last_seen) / 86400:.1f} days")
+    if not out.pairs:
+        lines.append("no observations yet: each job whose results are encoded adds one")
+    _print(args, out.model_dump(), "\n".join(lines))
+    return 1 if out.alerts or out.silent else 0
 
 
 def _own_listener(settings: Settings) -> DestinationSettings:
@@ -561,6 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("gc", cmd_gc, "remove delivered series older than storage.retention_days")
     p.add_argument("--older-than-days", type=float, default=None, help="override storage.retention_days")
     p.add_argument("--dry-run", action="store_true", help="only report what would be removed")
+    add("drift", cmd_drift, "input and output drift per model and scanner (PSI), silent scanners; exit 1 on either")
     p = add("status", cmd_status, "one screen: listener, queue, workers, disk, recent failures")
     p = add("send", cmd_send, "send a folder of DICOM files to this node (or --to DEST), with a progress bar")
     p.add_argument("directory")
@@ -575,6 +672,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("destination")
     p.add_argument("--capabilities", action="store_true",
                    help="propose each result class (SEG, SR, GSPS, KOS, SC) and list which it accepts")
+    shadow = sub.add_parser("shadow", help="shadow mode: compare shadow models with the live models")
+    shadow_sub = shadow.add_subparsers(dest="shadow_command", required=True)
+    p = shadow_sub.add_parser("report", help="agreement (Dice, volumes, findings) of shadow vs live models per series")
+    p.add_argument("--config", "-c", default=None, help="TOML file (default config/dicom-node.toml)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (= --format json)")
+    p.add_argument("--model", default=None, help="only comparisons where this model is the shadow or the live one")
+    p.add_argument("--since", default=None, help="only comparisons since: a duration (24h, 7d) or a UTC date")
+    p.add_argument("--format", choices=["text", "json"], default="text", help="text tables (default) or JSON")
+    p.add_argument("--summary", action="store_true", help="one block per model pair, without the per-series list")
+    p.set_defaults(func=cmd_shadow_report)
     rules = sub.add_parser("rules", help="routing rule commands")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)
     p = rules_sub.add_parser("test", help="show which rules match the series in a folder, and why")

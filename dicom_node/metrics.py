@@ -21,11 +21,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from dicom_node.catalog import Catalog, JobRow, JobState, SeriesRow, queries
 from dicom_node.catalog.heartbeats import ALIVE_WITHIN_S
+from dicom_node.catalog.tables import KEEPS_FIRST_INSTANCE
 
 #: The stages of a job, in order, as the dashboard columns and the ``stage`` label name them.
 STAGES: tuple[str, ...] = (
@@ -48,11 +49,20 @@ STAGE_DEFINITIONS: dict[str, str] = {
     "deliver": "results encoded to delivered to every destination (dispatch queue + C-STORE)",
 }
 _STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
-_E2E_BUCKETS = (5, 10, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+#: Buckets of ``dicom_node_delivery_confirmation_seconds``: a C-FIND after its delay, an archive
+#: answering a storage commitment at once or after its own queue, a re-request after a time-out.
+CONFIRMATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+#: From 0.5 s: a learned sender's series has its results within seconds (docs/performance.md),
+#: so p50 / p95 need buckets below the old idle timer.
+_E2E_BUCKETS = (0.5, 1, 1.5, 2, 3, 5, 10, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 #: Distinct calling AE titles kept as label values; more are counted as ``other`` so a peer
 #: inventing AE titles cannot blow up the series count.
 MAX_AE_LABELS = 64
 _BATCH = 500
+
+
+def _le(bound: float) -> str:
+    return str(float(bound))
 
 
 def _interval(start: float | None, end: float | None) -> float | None:
@@ -167,13 +177,22 @@ class _CatalogCollector(Collector):
             workers.add_metric([queue], n)
         unconfirmed = GaugeMetricFamily(
             "dicom_node_delivery_unconfirmed",
-            "Delivered objects a C-FIND verification did not find at the destination "
-            '(commitment = "find"), per destination.',
+            "Delivered objects a C-FIND verification did not find, or a storage commitment did not "
+            'confirm, at the destination (commitment = "find" / "storage-commitment"), per destination.',
             labels=["destination"],
         )
         for destination, n in sorted(queries.unconfirmed_objects(self.catalog).items()):
             unconfirmed.add_metric([destination], float(n))
-        yield from (by_state, depth, oldest, failures, workers, unconfirmed)
+        keeps_first = GaugeMetricFamily(
+            "dicom_node_destination_keeps_first_instance",
+            "1 for a destination seen to keep the first object of a SOP Instance UID: a re-run's "
+            "corrected results (same UIDs) did not replace the earlier ones there.",
+            labels=["destination"],
+        )
+        for destination in sorted(queries.destination_findings(self.catalog, KEEPS_FIRST_INSTANCE)):
+            keeps_first.add_metric([destination], 1.0)
+        yield from (by_state, depth, oldest, failures, workers, unconfirmed, keeps_first,
+                    self._confirmation())
         yield from self._senders()
         if self.free_mb is not None:
             yield GaugeMetricFamily(
@@ -188,6 +207,22 @@ class _CatalogCollector(Collector):
                 value=self.min_free_mb * 1024 * 1024,
             )
 
+
+    def _confirmation(self) -> HistogramMetricFamily:
+        """``dicom_node_delivery_confirmation_seconds``, built from the catalog at each scrape
+        (the confirmations happen in workers and in the commitment loop, not in this process)."""
+        family = HistogramMetricFamily(
+            "dicom_node_delivery_confirmation_seconds",
+            "Seconds from the C-STORE success to the confirmation of each confirmed object "
+            '(C-FIND for commitment = "find", the N-EVENT-REPORT for "storage-commitment"), '
+            "per destination.",
+            labels=["destination"],
+        )
+        for destination, values in sorted(queries.confirmation_seconds(self.catalog).items()):
+            buckets = [(_le(b), float(sum(1 for v in values if v <= b))) for b in CONFIRMATION_BUCKETS]
+            buckets.append(("+Inf", float(len(values))))
+            family.add_metric([destination], buckets, sum_value=sum(values))
+        return family
 
     def _senders(self) -> Iterator[Any]:
         """Per sender (calling AE title, rule): completion mode, split rate, history size."""
@@ -266,7 +301,8 @@ class NodeMetrics:
         )
         self.end_to_end_seconds = Histogram(
             "dicom_node_end_to_end_seconds",
-            "Last instance received to results delivered, once per job.",
+            "Last instance received to results delivered, once per job, by model.",
+            ["model"],
             buckets=_E2E_BUCKETS,
             registry=r,
         )
@@ -376,7 +412,7 @@ class NodeMetrics:
             self.inference_seconds.labels(job.model).observe(inference)
         e2e = _interval(finished.last_instance_at, job.done_at)
         if e2e is not None:
-            self.end_to_end_seconds.observe(e2e)
+            self.end_to_end_seconds.labels(job.model).observe(e2e)
 
     # -- exposition --------------------------------------------------------------------------
 

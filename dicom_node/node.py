@@ -24,6 +24,7 @@ from dicom_node.retention import RetentionLoop
 from dicom_node.scheduling.completion import CompletionLoop
 from dicom_node.scheduling.jobs import JobQueue, reconcile_jobs
 from dicom_node.settings import Settings
+from dicom_node.shadow import record_rule_modes
 
 if TYPE_CHECKING:
     from dicom_node.web import WebServer
@@ -124,6 +125,9 @@ class Node:
                                  metrics=self.metrics)
         self.completion = CompletionLoop(settings, self.catalog, queue)
         self.retention = RetentionLoop(settings, self.catalog)
+        from dicom_node.scheduling.commitment import CommitmentLoop
+
+        self.commitment = CommitmentLoop(settings, self.catalog)
         from dicom_node.delivery.probe import DestinationProber
 
         self.prober = DestinationProber(settings, interval=settings.delivery.probe_interval_seconds)
@@ -138,7 +142,8 @@ class Node:
             app = create_app(settings, self.catalog, queue, metrics=self.metrics, destinations=self.prober.results,
                              readiness=readiness_checks(broker=broker_check, free_mb=self.spool.free_mb,
                                                         min_free_mb=settings.storage.min_free_mb,
-                                                        listener=self.listener.readiness))
+                                                        listener=self.listener.readiness),
+                             rejections=self.listener.rejections)
             self.web = WebServer(app, settings.web.host, settings.web.port)
 
     def start(self) -> None:
@@ -147,10 +152,13 @@ class Node:
         # A series cut off by a crash waits a full idle period for its sender to resend the rest.
         self.catalog.restart_idle_clocks(time.time())
         requeued = reconcile_jobs(self.catalog, self.queue)
+        # A rule whose mode changed since the last start (a shadow model promoted): audited.
+        record_rule_modes(self.catalog, self.settings.rules)
         self.metrics.skip_history(self.catalog)
         self.recorder.start()
         self.completion.start()
         self.retention.start()
+        self.commitment.start()
         self.prober.start()
         if self.worker is not None:
             self.worker.start()
@@ -168,6 +176,7 @@ class Node:
         self.recorder.stop()
         self.completion.stop()
         self.retention.stop()
+        self.commitment.stop()
         self.prober.stop()
         if self.worker is not None:
             self.worker.stop()

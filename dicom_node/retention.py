@@ -14,6 +14,7 @@ find in the spool and process again).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import shutil
 import threading
@@ -42,6 +43,8 @@ class GcReport:
     files: int = 0
     bytes: int = 0
     dry_run: bool = False
+    #: Drift observations past ``drift.retention_days`` removed (each pair's baseline is kept).
+    drift_observations: int = 0
 
 
 def collectable_series(catalog: Catalog, cutoff: float) -> list[str]:
@@ -69,6 +72,26 @@ def _remove_empty_dirs(folder: Path, stop_at: Path) -> None:
         folder = folder.parent
 
 
+def prune_drift(settings: Settings, catalog: Catalog, now: float) -> int:
+    """Remove drift observations older than ``drift.retention_days``, keeping the baseline of
+    every (model, scanner): its first ``baseline_jobs`` and those of the baseline date range."""
+    from dicom_node.catalog.drift import prune_observations
+
+    drift = settings.drift
+    if drift.retention_days <= 0:
+        return 0
+    keep_between = None
+    if drift.baseline_start is not None and drift.baseline_end is not None:
+        start, end = (datetime.datetime(d.year, d.month, d.day, tzinfo=datetime.UTC).timestamp()
+                      for d in (drift.baseline_start, drift.baseline_end))
+        keep_between = (start, end)
+    removed = prune_observations(catalog, cutoff=now - drift.retention_days * _DAY,
+                                 keep_first=drift.baseline_jobs, keep_between=keep_between)
+    if removed:
+        log.info("drift_observations_collected", count=removed, retention_days=drift.retention_days)
+    return removed
+
+
 def collect_garbage(settings: Settings, catalog: Catalog, *, older_than_days: float | None = None,
                     now: float | None = None, dry_run: bool = False) -> GcReport:
     """Remove the spool files, outbox folders and catalog rows of every collectable series.
@@ -88,9 +111,11 @@ def collect_garbage(settings: Settings, catalog: Catalog, *, older_than_days: fl
     """
     days = settings.storage.retention_days if older_than_days is None else older_than_days
     report = GcReport(dry_run=dry_run)
+    now = time.time() if now is None else now
+    if not dry_run:
+        report.drift_observations = prune_drift(settings, catalog, now)
     if days <= 0:
         return report
-    now = time.time() if now is None else now
     cutoff = now - days * _DAY
     root = settings.storage.root
     for uid in collectable_series(catalog, cutoff):
@@ -137,8 +162,8 @@ class RetentionLoop:
 
     @property
     def enabled(self) -> bool:
-        """True when ``storage.retention_days`` asks for a clean-up."""
-        return self.settings.storage.retention_days > 0
+        """True when ``storage.retention_days`` or ``drift.retention_days`` asks for a clean-up."""
+        return self.settings.storage.retention_days > 0 or self.settings.drift.retention_days > 0
 
     def start(self) -> None:
         if self.enabled:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import tomllib
+from datetime import date
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -138,7 +139,7 @@ class LateInstancePolicy(str, Enum):
 class CompletionSettings(_Section):
     #: A series is complete after this many seconds without a new instance.
     idle_seconds: float = Field(5.0, gt=0)
-    #: How often the completion loop looks at the catalog.
+    #: How often the completion loop looks at the catalog (and when an association grace ends).
     poll_seconds: float = Field(0.25, gt=0)
     late_instances: LateInstancePolicy = LateInstancePolicy.REPROCESS
     #: A sender whose last ``learn_min_series`` (or more) series each ended with the association
@@ -184,6 +185,9 @@ class WorkerSettings(_Section):
     #: at most one more volume in memory per worker process.  ``auto``: only when the models run
     #: on a GPU (on the CPU, reading competes with the model for the same cores).
     prefetch: bool | Literal["auto"] = "auto"
+    #: Models each worker process keeps loaded (warm), least recently used dropped beyond it
+    #: (its GPU memory given back).  At start a process loads the first ones the rules name.
+    max_warm_models: int = Field(2, ge=1)
 
 
 class DeliverySettings(_Section):
@@ -218,6 +222,47 @@ class ResultsSettings(_Section):
         return value
 
 
+class DriftSettings(_Section):
+    """Input and output drift monitoring per model and scanner (``dicom_node.drift``)."""
+
+    #: Record each job's input and output features and evaluate drift.
+    enabled: bool = True
+    #: The baseline of a (model, scanner): its first this many jobs (unless ``baseline_start``).
+    baseline_jobs: int = Field(200, ge=1)
+    #: Instead of the first jobs, the jobs of this date range (``baseline_start <= day <
+    #: baseline_end``, UTC; both or neither).
+    baseline_start: date | None = None
+    baseline_end: date | None = None
+    #: The recent window: the last this many jobs after the baseline ...
+    window_jobs: int = Field(200, ge=1)
+    #: ... or, when > 0, the jobs of the last this many days.
+    window_days: float = Field(0.0, ge=0)
+    #: No PSI (status ``collecting``) until the recent window holds this many jobs: a PSI of
+    #: small windows is mostly chance (docs/models.md gives the figures).
+    min_window_jobs: int = Field(200, ge=1)
+    #: Quantile bins of a numeric feature, cut at the baseline's quantiles (plus one below and
+    #: one above the baseline's range).
+    bins: int = Field(5, ge=2, le=50)
+    #: A feature whose population stability index exceeds this raises the pair's alert.
+    psi_alert: float = Field(0.25, gt=0)
+    #: A tracked scanner with no series for this many days is flagged silent (0: never).
+    silent_scanner_days: float = Field(7.0, ge=0)
+    #: Scanners tracked one by one; later ones are counted together as ``other``.
+    max_scanners: int = Field(50, ge=1, le=1000)
+    #: Observations older than this are removed by the retention clean-up, except each pair's
+    #: baseline (0 keeps them).
+    retention_days: float = Field(365.0, ge=0)
+
+    @model_validator(mode="after")
+    def _baseline_range(self) -> DriftSettings:
+        if (self.baseline_start is None) != (self.baseline_end is None):
+            raise ValueError("give both baseline_start and baseline_end, or neither")
+        if self.baseline_start is not None and self.baseline_end is not None \
+                and self.baseline_end <= self.baseline_start:
+            raise ValueError("baseline_end must be after baseline_start")
+        return self
+
+
 class DestinationSettings(_Section):
     name: str
     #: How results reach it: ``dicom`` (C-STORE to ae_title@host:port) or ``dicomweb`` (STOW-RS to
@@ -249,9 +294,23 @@ class DestinationSettings(_Section):
     ca_bundle: Path | None = None
     #: dicomweb: seconds to wait for the server's answer to one request.
     timeout_seconds: float = Field(60.0, gt=0)
-    #: dicom: how delivery is proven. ``none`` (a C-STORE success is the evidence) or ``find``
-    #: (after the C-STORE, an IMAGE-level C-FIND per delivered object: present = confirmed).
-    commitment: Literal["none", "find"] = "none"
+    #: dicom: how delivery is proven. ``none`` (a C-STORE success is the evidence), ``find``
+    #: (after the C-STORE, an IMAGE-level C-FIND per delivered object: present = confirmed) or
+    #: ``storage-commitment`` (an N-ACTION of the Storage Commitment Push Model after the C-STORE;
+    #: the archive's N-EVENT-REPORT, on the same or a new association, confirms each object).
+    commitment: Literal["none", "find", "storage-commitment"] = "none"
+    #: storage-commitment: seconds to keep the N-ACTION's association open for the archive's
+    #: N-EVENT-REPORT (0: release at once; the report then comes on a new association).
+    commitment_wait_seconds: float = Field(5.0, ge=0)
+    #: storage-commitment: seconds without a report after an N-ACTION before it is sent again
+    #: (same Transaction UID).
+    commitment_timeout_seconds: float = Field(300.0, gt=0)
+    #: storage-commitment: N-ACTION requests per transaction; after the last one times out, its
+    #: objects are ``unconfirmed``.
+    commitment_max_requests: int = Field(3, ge=1)
+    #: storage-commitment: times an object the archive reports failed is sent again (C-STORE and
+    #: a new commitment request) before it is ``unconfirmed`` with the archive's reason.
+    commitment_resends: int = Field(1, ge=0)
     #: find: seconds to wait after the C-STORE before the C-FIND (archives index asynchronously).
     find_delay_seconds: float = Field(2.0, ge=0)
     #: find: the archive's query SCP when it differs from the storage SCP (default: ae_title,
@@ -277,6 +336,9 @@ class DestinationSettings(_Section):
             raise ValueError(f"destination {self.name!r}: auth bearer needs token_env or token_file")
         if self.commitment == "find" and self.type != "dicom":
             raise ValueError(f"destination {self.name!r}: commitment \"find\" needs type dicom (C-FIND)")
+        if self.commitment == "storage-commitment" and self.type != "dicom":
+            raise ValueError(f"destination {self.name!r}: commitment \"storage-commitment\" needs type dicom "
+                             "(N-ACTION)")
         return self
 
     @property
@@ -338,6 +400,11 @@ class RuleSettings(_Section):
     #: A series short of its announced count after ``completion.incomplete_grace_seconds``:
     #: ``process`` it with a note (series, job events, log), or ``refuse`` it (note, no job).
     on_incomplete: Literal["process", "refuse"] = "process"
+    #: ``live``: results go to ``destinations``.  ``shadow``: the models run on the same traffic,
+    #: their results are encoded and kept in the node's outbox but never sent anywhere (the
+    #: rule's ``destinations`` are ignored), and they are compared with the live models that ran
+    #: on the same series (``dicom-node shadow report``).  Promoting is setting ``live`` again.
+    mode: Literal["live", "shadow"] = "live"
 
 
 class CodeSettings(_Section):
@@ -368,6 +435,8 @@ class ModelLabelSettings(_Section):
 
 
 _NNUNET_KEYS = ("folds", "checkpoint", "orientation", "mirroring", "tile_step_size")
+#: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+_DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
 
 
 class ModelSettings(_Section):
@@ -390,6 +459,16 @@ class ModelSettings(_Section):
     mirroring: bool = True
     tile_step_size: float = Field(0.5, gt=0.0, le=1.0)
     labels: list[ModelLabelSettings] = Field(default_factory=list)
+    #: Where the model runs: ``auto`` (the worker's ``[worker] device``), ``cpu``, ``cuda``,
+    #: ``cuda:N``.  A worker without that device fails the model's jobs with the reason.
+    device: str = Field("auto", pattern=_DEVICE_PATTERN)
+    #: Patches per network call in the sliding window (MONAI's ``sw_batch_size``); default: the
+    #: bundle's own inferer setting, 1 for a TorchScript card.  Not for nnU-Net (one tile a call).
+    batch_size: int | None = Field(None, ge=1, le=256)
+    #: Mixed precision: float16 autocast on CUDA, off on the CPU.  Default: the bundle's own
+    #: ``amp`` (its inference config), the card's ``[inference] amp``.  Not for nnU-Net (it
+    #: always autocasts on CUDA).
+    amp: bool | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSettings:
@@ -402,6 +481,11 @@ class ModelSettings(_Section):
             wrong = [k for k in _NNUNET_KEYS if k in self.model_fields_set]
             if wrong:
                 raise ValueError(f"model {self.name!r}: {', '.join(wrong)} apply to nnunet models only")
+        else:
+            wrong = [k for k in ("batch_size", "amp") if getattr(self, k) is not None]
+            if wrong:
+                raise ValueError(f"model {self.name!r}: {', '.join(wrong)} do not apply to nnU-Net models "
+                                 f"(nnU-Net predicts one tile at a time, with autocast on CUDA)")
         if self.bundle is None and self.weights is not None:
             raise ValueError(f"model {self.name!r}: weights applies to bundle models only")
         if self.path is not None and self.labels:
@@ -423,10 +507,10 @@ class ModelSettings(_Section):
     def options(self) -> dict[str, Any]:
         """The kind's own loader options (for ``inference.user_models.configured_model_factory``)."""
         if self.kind == "monai-bundle":
-            return {"weights": self.weights}
+            return {"weights": self.weights, "batch_size": self.batch_size, "amp": self.amp}
         if self.kind == "nnunet":
             return {k: getattr(self, k) for k in _NNUNET_KEYS}
-        return {}
+        return {"batch_size": self.batch_size, "amp": self.amp}
 
     def factory(self) -> Any:
         """The registry factory of this model (MONAI / nnU-Net load when a worker calls it)."""
@@ -468,6 +552,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     results: ResultsSettings = Field(default_factory=ResultsSettings)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
     destinations: list[DestinationSettings] = Field(default_factory=list)
     rules: list[RuleSettings] = Field(default_factory=list)
     models: list[ModelSettings] = Field(default_factory=list)

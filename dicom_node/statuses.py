@@ -21,6 +21,24 @@ ELEMENTS_DISCARDED: Final = 0xB006
 DATASET_MISMATCH_WARNING: Final = 0xB007
 
 
+#: Failure Reasons of a Storage Commitment report's Failed SOP Sequence (PS3.4 J.3.3.1.1.2).
+COMMITMENT_FAILURE_REASONS: Final = {
+    0x0110: "processing failure",
+    0x0112: "no such object instance",
+    0x0213: "resource limitation",
+    0x0122: "referenced SOP class not supported",
+    0x0119: "class / instance conflict",
+    0x0131: "duplicate transaction UID",
+}
+
+
+def commitment_failure(code: int | None) -> str:
+    """``"no such object instance (0x0112)"``: a Failure Reason as the operator reads it."""
+    if code is None:
+        return "no failure reason given"
+    return f"{COMMITMENT_FAILURE_REASONS.get(code, 'failure')} (0x{code:04X})"
+
+
 def is_success(status: int) -> bool:
     """True for 0x0000."""
     return status == SUCCESS

@@ -36,3 +36,8 @@ def derived_uid(*parts: str) -> str:
     # A name-based UUID (RFC 4122 v5) under 2.25 (PS3.5 B.2).  pydicom's generate_uid ignores
     # entropy_srcs when prefix is None and returns a random UID, so it cannot be used here.
     return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, chr(0).join(['dicom-node', *parts])).int}"
+
+
+def random_uid() -> str:
+    """A new UID under the 2.25 root from a random UUID (PS3.5 B.2): Transaction UIDs."""
+    return f"2.25.{uuid.uuid4().int}"

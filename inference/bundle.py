@@ -20,7 +20,11 @@ What the node does with it, in order:
    (``diag(-1, -1, 1, 1)`` times the LPS one), no channel axis (``original_channel_dim =
    "no_channel"``) unless the loader had ``ensure_channel_first``; every other transform
    (orientation, spacing, intensity, cropping...) runs as the bundle defines it;
-4. run the bundle's ``inferer`` (e.g. ``SlidingWindowInferer``) with the network;
+4. run the bundle's ``inferer`` (e.g. ``SlidingWindowInferer``) with the network, under float16
+   autocast on CUDA when the bundle's inference config says ``amp`` (top-level ``amp`` or the
+   evaluator's ``amp``, as ``monai.bundle run evaluator`` would) or ``[[models]] amp`` does (off
+   on the CPU, see :mod:`inference.gpu`); ``[[models]] batch_size`` replaces the inferer's
+   ``sw_batch_size``;
 5. run the bundle's ``postprocessing`` minus its writers (``SaveImage``/``SaveImaged``): activation,
    ``Invertd`` back to the input grid, ``AsDiscreted``... as the bundle defines them;
 6. read the result: one channel is a label map (value = label index), several channels are
@@ -48,6 +52,7 @@ from inference.formats import (
     bundle_version,
     read_metadata,
 )
+from inference.gpu import autocast
 from inference.identity import weights_digest
 from inference.labels import LabelOverride, build_labels
 from inference.prediction import ML, VOLUME, Label, Measurement, Prediction, Segment
@@ -97,9 +102,15 @@ class MonaiBundleModel:
         version: str | None = None,
         labels: Sequence[LabelOverride] = (),
         weights: str | None = None,
+        batch_size: int | None = None,
+        amp: bool | None = None,
     ) -> None:
         self.files = bundle_files(root, weights)
         self.device = device
+        self._batch_size = batch_size
+        self._amp_setting = amp
+        #: Whether the inferer runs under autocast (float16 on CUDA; a no-op on the CPU).
+        self.amp = False
         self.name = name
         meta = read_metadata(self.files.metadata)
         self.version = version or bundle_version(meta)
@@ -136,6 +147,7 @@ class MonaiBundleModel:
                 self.network = self._network(parser)
                 preprocessing = parser.get_parsed_content("preprocessing")
                 self.inferer = parser.get_parsed_content("inferer")
+                self.amp = self._amp_setting if self._amp_setting is not None else self._bundle_amp(parser)
                 postprocessing = (
                     parser.get_parsed_content("postprocessing") if "postprocessing" in parser else None
                 )
@@ -143,6 +155,12 @@ class MonaiBundleModel:
                 raise
             except Exception as exc:
                 raise PermanentError(f"{where}: cannot build its components: {type(exc).__name__}: {exc}") from None
+        if self._batch_size is not None:
+            if not hasattr(self.inferer, "sw_batch_size"):
+                raise PermanentError(
+                    f"{where}: batch_size is set but its inferer ({type(self.inferer).__name__}) has no sliding window"
+                )
+            self.inferer.sw_batch_size = self._batch_size
         if not isinstance(preprocessing, Compose):
             preprocessing = Compose([preprocessing])
         loaders = [t for t in preprocessing.transforms if isinstance(t, LoadImaged | LoadImage)]
@@ -165,6 +183,20 @@ class MonaiBundleModel:
                 t for t in postprocessing.transforms if not isinstance(t, SaveImaged | SaveImage)
             )
         self.postprocessing = postprocessing
+
+    @staticmethod
+    def _bundle_amp(parser: Any) -> bool:
+        """The bundle's own ``amp``: top-level, else its evaluator's (Model Zoo style)."""
+        for key in ("amp", "evaluator#amp"):
+            if key in parser:
+                return bool(parser.get_parsed_content(key))
+        return False
+
+    @property
+    def batch_size(self) -> int | None:
+        """Patches per network call of the bundle's sliding window (None: not a sliding window)."""
+        value = getattr(self.inferer, "sw_batch_size", None)
+        return int(value) if value is not None else None
 
     def _network(self, parser: Any) -> torch.nn.Module:
         weights = self.files.weights
@@ -214,10 +246,12 @@ class MonaiBundleModel:
                 data = self.preprocessing({key: volume_to_metatensor(volume, channel_first=self.channel_first)})
                 image = data[key]
                 batch = (image if isinstance(image, torch.Tensor) else torch.as_tensor(image))[None].to(self.device)
-                pred = self.inferer(batch, self.network)
+                with autocast(self.device, self.amp):
+                    pred = self.inferer(batch, self.network)
                 if isinstance(pred, tuple | list):  # deep supervision heads: the first is the output
                     pred = pred[0]
-                data["pred"] = pred[0]
+                # float16 under autocast: the postprocessing (softmax, inverse resampling) in float32.
+                data["pred"] = pred[0].float()
                 if self.postprocessing is not None:
                     data = self.postprocessing(data)
         except torch.cuda.OutOfMemoryError as exc:

@@ -15,7 +15,7 @@ A model directory holds ``model.pt`` (``torch.jit.save``) and ``model.toml``::
     patch_size = [32, 64, 64]        # slices, rows, columns
     overlap = 0.25
     blend = "gaussian"               # or "uniform"
-    amp = true                       # float16 autocast on CUDA
+    amp = true                       # float16 autocast on CUDA (off on the CPU)
 
     [output]
     activation = "sigmoid"           # the network gives logits; "softmax" or "none" (probabilities)
@@ -38,7 +38,6 @@ import math
 import tomllib
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -51,6 +50,7 @@ from monai.inferers.utils import sliding_window_inference as monai_sliding_windo
 
 from inference.errors import PermanentError, TransientError
 from inference.formats import ENTRY_POINT_GROUP
+from inference.gpu import autocast
 from inference.identity import file_digest
 from inference.labels import LabelOverride
 from inference.model import Model
@@ -73,13 +73,6 @@ CARD_NAME = "model.toml"
 WEIGHTS_NAME = "model.pt"
 
 
-def _autocast(device: torch.device, amp: bool) -> AbstractContextManager[object]:
-    # Mixed precision only pays (and is only well supported) on CUDA.
-    if amp and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
-    return nullcontext()
-
-
 def sliding_window_inference(
     volume_tensor: torch.Tensor,
     patch_size: Sequence[int],
@@ -90,9 +83,10 @@ def sliding_window_inference(
     *,
     blend: Blend = "gaussian",
     pad_value: float | None = None,
+    batch_size: int = 1,
 ) -> torch.Tensor:
     """Run ``fn`` over overlapping patches of a volume and blend the outputs, with MONAI's
-    ``sliding_window_inference`` (one patch at a time).
+    ``sliding_window_inference`` (``batch_size`` patches per call of ``fn``).
 
     Parameters
     ----------
@@ -103,17 +97,22 @@ def sliding_window_inference(
     overlap:
         Fraction of a patch shared with its neighbour along each axis, in ``[0, 1)``.
     fn:
-        Maps a batch ``(1, channels, *patch_size)`` on ``device`` to ``(1, classes, *patch_size)``.
+        Maps a batch ``(n, channels, *patch_size)`` on ``device`` to ``(n, classes, *patch_size)``,
+        ``n`` up to ``batch_size``.
     device:
         Where ``fn`` runs (MONAI's ``sw_device``); patches move there one at a time, the blended
         output stays on the device of ``volume_tensor`` (a GPU volume stays on the GPU).
     amp:
-        Run ``fn`` under ``torch.autocast`` (float16), on CUDA only; ignored elsewhere.
+        Run ``fn`` under ``torch.autocast`` (float16), on CUDA only; ignored elsewhere
+        (:func:`inference.gpu.autocast`).
     blend:
         ``"gaussian"`` (MONAI's importance map, sigma = 0.125 x patch size: a patch's centre,
         where the network saw most context, weighs more than its edges) or ``"uniform"``.
     pad_value:
         Value used to pad a volume smaller than the patch; default the volume's minimum.
+    batch_size:
+        Patches per call (MONAI's ``sw_batch_size``): more keep a GPU busier, at the cost of
+        ``batch_size`` times the activation memory.
 
     Returns
     -------
@@ -132,22 +131,25 @@ def sliding_window_inference(
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     if blend not in ("gaussian", "uniform"):
         raise ValueError(f"blend must be 'gaussian' or 'uniform', got {blend!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
 
     def checked(batch: torch.Tensor) -> torch.Tensor:
         result = fn(batch)
-        if result.dim() != 5 or tuple(result.shape[2:]) != patch or result.shape[0] != 1:
+        n = batch.shape[0]
+        if result.dim() != 5 or tuple(result.shape[2:]) != patch or result.shape[0] != n:
             raise ValueError(
-                f"model output must be (1, classes, {', '.join(map(str, patch))}),"
+                f"model output must be ({n}, classes, {', '.join(map(str, patch))}),"
                 f" got {tuple(result.shape)}"
             )
         return result.float()
 
     fill = float(image.min()) if pad_value is None else pad_value
-    with torch.no_grad(), _autocast(device, amp):
+    with torch.no_grad(), autocast(device, amp):
         out = monai_sliding_window(
             image[None],
             roi_size=patch,
-            sw_batch_size=1,
+            sw_batch_size=batch_size,
             predictor=checked,
             overlap=overlap,
             mode="gaussian" if blend == "gaussian" else "constant",
@@ -408,9 +410,14 @@ class TorchScriptModel:
     kind = "torchscript"
 
     def __init__(
-        self, card: ModelCard, network: torch.jit.ScriptModule, device: torch.device, digest: str = ""
+        self, card: ModelCard, network: torch.jit.ScriptModule, device: torch.device, digest: str = "",
+        *, batch_size: int | None = None, amp: bool | None = None,
     ) -> None:
         self.card = card
+        #: Patches per network call (``[[models]] batch_size``; default 1).
+        self.batch_size = batch_size or 1
+        #: ``[[models]] amp`` when given, else the card's ``[inference] amp``.
+        self.amp = card.amp if amp is None else amp
         self.network = network
         self.device = device
         self.name = card.name
@@ -457,8 +464,9 @@ class TorchScriptModel:
                 card.overlap,
                 self._run,
                 self.device,
-                card.amp,
+                self.amp,
                 blend=card.blend,
+                batch_size=self.batch_size,
             )
         except torch.cuda.OutOfMemoryError as exc:
             raise TransientError(
@@ -498,8 +506,12 @@ class TorchScriptModel:
         )
 
 
-def load_user_model(path: Path, device: torch.device) -> TorchScriptModel:
-    """Load ``path/model.toml`` and ``path/model.pt`` onto ``device``; raise ``PermanentError``."""
+def load_user_model(
+    path: Path, device: torch.device, *, batch_size: int | None = None, amp: bool | None = None
+) -> TorchScriptModel:
+    """Load ``path/model.toml`` and ``path/model.pt`` onto ``device``; raise ``PermanentError``.
+
+    ``batch_size`` and ``amp`` (``[[models]]`` keys) override the default and the card."""
     path = Path(path)
     if not path.is_dir():
         raise CardError(f"model directory {path} does not exist")
@@ -518,7 +530,7 @@ def load_user_model(path: Path, device: torch.device) -> TorchScriptModel:
             f"model {card.name}: {weights} is not a TorchScript file: {exc}"
         ) from None
     network.eval()
-    return TorchScriptModel(card, network, device, file_digest(weights))
+    return TorchScriptModel(card, network, device, file_digest(weights), batch_size=batch_size, amp=amp)
 
 
 def user_model_factory(path: Path) -> ModelFactory:
@@ -540,8 +552,9 @@ def configured_model_factory(
 ) -> ModelFactory:
     """The factory of one ``[[models]]`` entry; MONAI and nnU-Net load only when it is called.
 
-    ``options`` are the kind's own keys: ``weights`` for a bundle; ``folds``, ``checkpoint``,
-    ``orientation``, ``mirroring``, ``tile_step_size`` for nnU-Net.
+    ``options`` are the kind's own keys: ``weights``, ``batch_size``, ``amp`` for a bundle;
+    ``folds``, ``checkpoint``, ``orientation``, ``mirroring``, ``tile_step_size`` for nnU-Net;
+    ``batch_size``, ``amp`` for a TorchScript folder.
     """
     if kind not in KINDS:
         raise PermanentError(f"unknown model kind {kind!r}; known: {', '.join(KINDS)}")
@@ -555,7 +568,7 @@ def configured_model_factory(
             from inference.nnunet import NnUNetModel
 
             return NnUNetModel(path, device, name=name, version=version, labels=labels, **options)
-        return load_user_model(path, device)
+        return load_user_model(path, device, **options)
 
     return factory
 

@@ -73,7 +73,7 @@ def create_celery_app(settings: Settings, *, with_tasks: bool = False) -> Celery
         from workers.tasks import register_tasks
 
         register_tasks(app)
-        install_heartbeat(app, settings.database.url)
+        install_heartbeat(app, settings.database.url, warm_models=warm_models)
         install_warm_up(settings)
         install_prompt_stop()
     return app
@@ -85,9 +85,11 @@ def rule_models(settings: Settings) -> list[str]:
 
 
 def warm_up(settings: Settings) -> list[str]:
-    """Build this process's worker context and create every model the rules use, so the first
-    job does not pay for the imports, the device and the model weights.  Returns the models
-    loaded; a model that cannot be created is logged and left to fail its job as before."""
+    """Build this process's worker context and create the models the rules use, so the first
+    job does not pay for the imports, the device and the model weights.  At most
+    ``[worker] max_warm_models`` of them, in rule order (more would only evict the first ones);
+    the others stay cold until a job needs them.  Returns the models loaded; a model that
+    cannot be created is logged and left to fail its job as before."""
     import time
 
     import structlog
@@ -106,14 +108,24 @@ def warm_up(settings: Settings) -> list[str]:
     import dicom_node.results.sr  # noqa: F401
 
     loaded = []
-    for name in rule_models(settings):
+    wanted = rule_models(settings)
+    for name in wanted[: settings.worker.max_warm_models]:
         try:
             ctx.registry.get(name)
             loaded.append(name)
         except Exception as exc:  # process boundary: a broken model fails its jobs, not the worker
             log.warning("model_warm_up_failed", model=name, error=f"{type(exc).__name__}: {exc}"[:300])
-    log.info("worker_warmed_up", models=loaded, seconds=round(time.monotonic() - started, 2))
+    log.info("worker_warmed_up", models=loaded, cold=wanted[settings.worker.max_warm_models:],
+             seconds=round(time.monotonic() - started, 2))
     return loaded
+
+
+def warm_models() -> list[dict[str, Any]]:
+    """The models this process holds warm (for its heartbeat), least recently used first."""
+    from workers.tasks import NodeTask
+
+    ctx = NodeTask._ctx
+    return [] if ctx is None else [w.as_dict() for w in ctx.registry.warm()]
 
 
 def install_warm_up(settings: Settings) -> None:

@@ -7,6 +7,8 @@ worker side.  Every worker process keeps its own row fresh from a daemon thread:
 - each pool child from ``worker_process_init`` (with ``--pool solo`` that is the main process,
   and one thread serves both),
 - ``task_prerun`` / ``task_postrun`` record the job a process is running and clear it after,
+- every beat (and every ``task_postrun``) carries the models the process holds warm, from the
+  ``warm_models`` callable ``workers.app`` gives (the model registry of the process),
 - ``worker_process_shutdown`` / ``worker_shutdown`` delete the rows (a killed process simply
   stops beating and ages out).
 
@@ -43,8 +45,12 @@ DEFAULT_INTERVAL_S = 5.0
 class _Heartbeats:
     """Signal handlers for one Celery app; state survives fork into pool children on purpose."""
 
-    def __init__(self, app: Celery, catalog_url: str, interval_s: float) -> None:
+    def __init__(
+        self, app: Celery, catalog_url: str, interval_s: float,
+        warm_models: Callable[[], list[dict[str, Any]]] | None = None,
+    ) -> None:
         self.app = app
+        self.warm_models = warm_models
         self.catalog_url = catalog_url
         self.interval_s = interval_s
         self.hostname: str | None = None
@@ -97,12 +103,22 @@ class _Heartbeats:
             self._broker_ok = True
         try:
             heartbeat.beat(
-                self.catalog(), self.hostname, os.getpid(), queues=self.queues, device=self.device
+                self.catalog(), self.hostname, os.getpid(), queues=self.queues, device=self.device,
+                warm_models=self._warm(),
             )
         except Exception as exc:  # thread boundary: the worker keeps working without its heartbeat
             log.warning(
                 "heartbeat_failed", hostname=self.hostname, error=f"{type(exc).__name__}: {exc}"
             )
+
+    def _warm(self) -> list[dict[str, Any]] | None:
+        if self.warm_models is None:
+            return None
+        try:
+            return self.warm_models()
+        except Exception as exc:  # the heartbeat must go on even if the registry cannot say
+            log.warning("heartbeat_warm_models_failed", error=f"{type(exc).__name__}: {exc}")
+            return None
 
     def _run(self) -> None:
         stop = self._stop
@@ -206,6 +222,7 @@ class _Heartbeats:
                 model,
                 queues=self.queues,
                 device=self.device,
+                warm_models=self._warm(),
             )
         except Exception as exc:  # never fail a task because the dashboard cannot be told
             log.warning(
@@ -222,10 +239,12 @@ class _Heartbeats:
 
 
 def install_heartbeat(
-    app: Celery, catalog_url: str, *, interval_s: float = DEFAULT_INTERVAL_S
+    app: Celery, catalog_url: str, *, interval_s: float = DEFAULT_INTERVAL_S,
+    warm_models: Callable[[], list[dict[str, Any]]] | None = None,
 ) -> None:
-    """Connect the heartbeat signal handlers for ``app`` (call once, on the worker side)."""
-    hb = _Heartbeats(app, catalog_url, interval_s)
+    """Connect the heartbeat signal handlers for ``app`` (call once, on the worker side);
+    ``warm_models`` says which models the calling process holds (reported with each beat)."""
+    hb = _Heartbeats(app, catalog_url, interval_s, warm_models)
     app.dicom_node_heartbeats = hb  # reachable for tests and debugging
     # weak=False: the handlers are bound methods of an object nothing else holds strongly.
     connections: list[tuple[Any, Callable[..., None]]] = [

@@ -21,6 +21,8 @@ from dicom_node.errors import PermanentError
 from dicom_node.ingest.spool import DEFAULT_ACCESS, FileAccess, write_durably
 from dicom_node.logs import remember_patients
 from dicom_node.settings import Settings
+from inference.gpu import PeakMemory
+from inference.model import Model
 from inference.registry import ModelRegistry
 from inference.stacks import StackedVolume, predict_stacked
 from workers.prefetch import Prefetcher
@@ -53,11 +55,11 @@ def build_context(settings: Settings) -> WorkerContext:
     from inference.user_models import entry_point_factories
 
     device = select_device(settings.worker.device)
-    registry = ModelRegistry(device)
+    registry = ModelRegistry(device, max_warm=settings.worker.max_warm_models)
     for name, factory in entry_point_factories().items():
         registry.register(name, factory)
     for spec in settings.models:
-        registry.register(spec.name, spec.factory())
+        registry.register(spec.name, spec.factory(), device=spec.device)
     check_series_slots(settings, registry.names)
     catalog = Catalog(settings.database.url)
     prefetch = settings.worker.prefetch
@@ -65,7 +67,8 @@ def build_context(settings: Settings) -> WorkerContext:
         # On the CPU the files would be read on the cores the model computes on: no gain.
         prefetch = device.type != "cpu"
     prefetcher = Prefetcher(catalog, registry.names) if prefetch else None
-    log.info("worker_context_ready", device=str(device), models=registry.names, prefetch=prefetch)
+    log.info("worker_context_ready", device=str(device), models=registry.names, prefetch=prefetch,
+             max_warm_models=registry.max_warm)
     return WorkerContext(settings, catalog, registry, prefetcher=prefetcher)
 
 
@@ -220,6 +223,7 @@ def run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
 
 
 def _run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
+    from dicom_node.drift.record import capture_inputs, record_job
     from dicom_node.results import encode_outputs, rendered_slices
     from dicom_node.results.failures import ENCODING_INPUT_ERRORS, dicom_keywords, input_failure, raised_at
     from dicom_node.results.inputs import check_copied_attributes
@@ -235,18 +239,22 @@ def _run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
     remember_patients(sources)
     check_copied_attributes(sources)
     t1 = time.perf_counter()
-    model = ctx.registry.get(job.model)
+    model, warm = get_model(ctx, job.model)
     if model.modalities and volume.modality not in model.modalities:
         raise PermanentError(
             f"model {model.name} accepts {'/'.join(sorted(model.modalities))}, "
             f"but the series is {volume.modality or 'of unknown modality'}"
         )
-    if isinstance(volume, StackedVolume):
-        # Stacks of different spacing: the model runs on each, results join slice for slice.
-        prediction = predict_stacked(model, volume)
-    else:
-        prediction = model.predict(volume)
+    t_model = time.perf_counter()
+    with PeakMemory.measure(ctx.registry.device_for(job.model)) as peak:
+        if isinstance(volume, StackedVolume):
+            # Stacks of different spacing: the model runs on each, results join slice for slice.
+            prediction = predict_stacked(model, volume)
+        else:
+            prediction = model.predict(volume)
     t2 = time.perf_counter()
+    # Drift inputs (headers, noise) while the voxels are still here: they are freed below.
+    drift_inputs = capture_inputs(ctx.settings.drift, sources, volume)
     outputs = job_outputs(ctx.settings, job)
     # The encoders read only the geometry and the slices the images draw: keep those and free
     # the other voxels (4 bytes each) before encoding (``replace`` keeps a StackedVolume's
@@ -268,18 +276,60 @@ def _run_inference(ctx: WorkerContext, job: JobRow) -> dict[str, Any]:
     results: dict[str, Any] = {"segments": len(prediction.segments),
                                "files": [str(outdir / m["file"]) for m in manifest],
                                "outputs": {n: len(d) for n, d in encoded.items()}}
+    kept = keep_prediction(ctx, job, prediction, volume, outdir, access)
+    if kept is not None:
+        results["prediction"] = str(kept)
     for role in ("seg", "sr"):
         for ds in encoded.get(role, [])[:1]:
             results[f"{role}_sop_instance_uid"] = str(ds.SOPInstanceUID)
             results[f"{role}_series_instance_uid"] = str(ds.SeriesInstanceUID)
     t3 = time.perf_counter()
-    results["timings"] = {**load_timings, "inference_s": round(t2 - t1, 3), "encode_s": round(t3 - t2, 3)}
+    results["timings"] = {**load_timings, "inference_s": round(t2 - t1, 3), "encode_s": round(t3 - t2, 3),
+                          "model_load_s": round(t_model - t1, 3)}
+    # Warm: the model was in memory when the job came; cold: inference_s includes loading it.
+    results["model_warm"] = warm
+    results["memory"] = peak.as_dict()
     ctx.timings.update(load_wait=float(load_timings["load_wait_s"]), load=float(load_timings["load_s"]),
                        predict=t2 - t1, encode=t3 - t2)
     results["excluded"] = [list(e) for e in excluded][:50]
+    record_job(ctx.catalog, ctx.settings.drift, job_id=job.id, model=job.model,
+               series_instance_uid=job.series_instance_uid, inputs=drift_inputs, prediction=prediction, volume=volume)
     bound.info("job_encoded", segments=len(prediction.segments), outputs=results["outputs"],
-               **results["timings"])
+               model_warm=warm, peak_memory_mib=results["memory"]["peak_mib"],
+               memory_kind=results["memory"]["kind"], **results["timings"])
     return results
+
+
+def get_model(ctx: WorkerContext, name: str) -> tuple[Model, bool]:
+    """The job's model from the process's warm models, and whether it was warm; a cold one is
+    loaded (evicting the least recently used beyond ``[worker] max_warm_models``) and logged."""
+    registry = ctx.registry
+    warm = registry.is_warm(name)
+    evicted = len(registry.evicted)
+    model = registry.get(name)
+    if not warm:
+        for gone in registry.evicted[evicted:]:
+            log.info("model_evicted", model=gone, max_warm_models=registry.max_warm)
+        log.info("model_loaded", model=name, device=str(registry.device_for(name)),
+                 warm=[w.name for w in registry.warm()])
+    return model, warm
+
+
+def keep_prediction(ctx: WorkerContext, job: JobRow, prediction: Any, volume: Any, outdir: Path,
+                    access: FileAccess) -> Path | None:
+    """Save the prediction (``prediction.npz``) of a shadow job, or of a live job with a shadow
+    job on the same series, for their comparison (``dicom_node.shadow``); None otherwise.
+
+    Not listed in the manifest nor in ``files``: it is never sent anywhere.
+    """
+    from dicom_node.catalog.shadow import has_shadow_sibling
+    from dicom_node.results.agreement import PREDICTION_FILE, prediction_archive
+
+    if not (job.shadow or has_shadow_sibling(ctx.catalog, job)):
+        return None
+    path = outdir / PREDICTION_FILE
+    write_durably(path, [prediction_archive(prediction, volume)], access)
+    return path
 
 
 def notify_not_applied(ctx: WorkerContext, job: JobRow, reason: str) -> list[str]:
@@ -386,11 +436,55 @@ def _deliver(ctx: WorkerContext, job: JobRow) -> list[str]:
             ctx.catalog.record_delivery(job.id, name, ok=False, error=str(exc))
             raise PermanentError(f"destination {name} refused the results: {exc}") from exc
         # A class the destination refused at negotiation is recorded per object, not a failure.
-        objects = report.records() if dest.commitment == "none" else _confirmed(dest, report, calling)
-        ctx.catalog.record_delivery(job.id, name, ok=True, objects=objects)
+        if dest.commitment == "storage-commitment":
+            from dicom_node.scheduling.commitment import start_transaction
+
+            # Recorded with its transaction, then the N-ACTION; the node's commitment loop
+            # applies the archive's report (docs/architecture.md, "What done means").
+            start_transaction(ctx.catalog, job.id, dest, report, report.records(), calling_ae_title=calling)
+        else:
+            objects = report.records() if dest.commitment == "none" else _confirmed(dest, report, calling)
+            ctx.catalog.record_delivery(job.id, name, ok=True, objects=objects)
         log.info("results_sent", job_id=job.id, destination=name, files=report.sent,
                  refused=[r.refused for r in report.refused])
+        if dest.type == "dicom" and job.generation > 1:
+            _check_overwrite(ctx, job, dest, report, calling)
     return pending
+
+
+def _check_overwrite(ctx: WorkerContext, job: JobRow, dest: Any, report: Any, calling: str) -> None:
+    """A re-run sent objects this destination already had (same SOP Instance UIDs, new content):
+    C-FIND which version it holds.  An archive that kept the first is warned about once (log,
+    job event, ``destination_findings`` row behind the metric, ``/readyz`` and the dashboard);
+    one seen replacing them clears the finding.  Never fails the delivery."""
+    from dicom_node.catalog import queries
+    from dicom_node.catalog.tables import KEEPS_FIRST_INSTANCE
+    from dicom_node.delivery.confirm import KEEPS_FIRST_FIX, check_overwrite
+
+    again = queries.delivered_before(ctx.catalog, job, dest.name)
+    paths = [r.path for r in report.results if r.refused is None and r.sop_instance_uid in again]
+    if not paths:
+        return
+    if dest.commitment != "find":  # _confirmed waited already
+        time.sleep(dest.find_delay_seconds)
+    try:
+        checks = check_overwrite(dest, paths, calling_ae_title=calling)
+    except Exception as exc:  # a check, never a reason to fail a delivered job
+        log.warning("overwrite_check_failed", job_id=job.id, destination=dest.name, error=str(exc))
+        return
+    kept = [c for c in checks if c.replaced is False]
+    if kept:
+        detail = (f"destination {dest.name} keeps the first object of a SOP Instance UID: after job {job.id} "
+                  f"(generation {job.generation}) {kept[0].detail}, so corrected re-runs do not show there; "
+                  f"fix: {KEEPS_FIRST_FIX}")
+        if ctx.catalog.record_destination_finding(dest.name, KEEPS_FIRST_INSTANCE, detail, job_id=job.id):
+            log.warning("destination_keeps_first_instance", job_id=job.id, destination=dest.name,
+                        objects=len(kept), detail=detail)
+    elif any(c.replaced for c in checks):
+        if ctx.catalog.clear_destination_finding(dest.name, KEEPS_FIRST_INSTANCE):
+            log.info("destination_replaces_instances", job_id=job.id, destination=dest.name)
+    else:
+        log.info("overwrite_check_unknown", job_id=job.id, destination=dest.name, detail=checks[0].detail)
 
 
 def _confirmed(dest: Any, report: Any, calling: str) -> list[dict[str, Any]]:
@@ -399,8 +493,11 @@ def _confirmed(dest: Any, report: Any, calling: str) -> list[dict[str, Any]]:
     from dicom_node.delivery.confirm import confirm_by_find
 
     sent = [r for r in report.results if r.refused is None]
+    stored_at = time.time()
     time.sleep(dest.find_delay_seconds)
     found = {c.sop_instance_uid: c for c in confirm_by_find(dest, [r.path for r in sent], calling_ae_title=calling)}
+    # Time from the C-STORE success to the C-FIND answer (dicom_node_delivery_confirmation_seconds).
+    seconds = round(time.time() - stored_at, 3)
     records = []
     for result in report.results:
         record = result.record()
@@ -408,6 +505,8 @@ def _confirmed(dest: Any, report: Any, calling: str) -> list[dict[str, Any]]:
         if check is not None:
             record["outcome"] = "confirmed" if check.confirmed else "unconfirmed"
             record["detail"] = check.reason if not check.confirmed else record["detail"]
+            if check.confirmed:
+                record["confirmation_seconds"] = seconds
             if not check.confirmed:
                 log.warning("delivery_unconfirmed", destination=dest.name,
                             sop_instance_uid=result.sop_instance_uid, reason=check.reason)

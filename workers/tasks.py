@@ -7,6 +7,7 @@ produces the very same objects.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import structlog
@@ -124,6 +125,8 @@ def dispatch_task(task: NodeTask, job_id: int) -> str:
     if job is None or job.state not in (JobState.ENCODED.value, JobState.DELIVERING.value):
         log.info("dispatch_skipped", job_id=job_id, state=job.state if job else None)
         return "skipped"
+    if job.shadow:
+        return finish_shadow(ctx, job_id)
     job = ctx.catalog.transition(job_id, JobState.DELIVERING, expect=(JobState.ENCODED, JobState.DELIVERING))
     delivery = ctx.settings.delivery
     try:
@@ -140,8 +143,9 @@ def dispatch_task(task: NodeTask, job_id: int) -> str:
                 ctx.catalog.record_delivery(job_id, d.destination, ok=False, error=error)
         pending = [error]
     if not pending:
-        ctx.catalog.transition(job_id, JobState.DONE)
+        done = ctx.catalog.transition(job_id, JobState.DONE)
         log.info("job_done", job_id=job_id)
+        compare_shadow(ctx, done)
         return "done"
     attempts = max((d.attempts for d in ctx.catalog.deliveries(job_id) if d.state != "done"), default=1)
     reason = "; ".join(pending)
@@ -150,9 +154,37 @@ def dispatch_task(task: NodeTask, job_id: int) -> str:
         return "failed"
     countdown = backoff_seconds(attempts, delivery.backoff_seconds, delivery.backoff_max_seconds)
     log.info("delivery_retry_scheduled", job_id=job_id, attempt=attempts, countdown=round(countdown, 2))
+    # Shown as "next attempt at" (dashboard, /api/jobs/{id}, dicom-node jobs); cleared by the
+    # attempt itself (Catalog.record_delivery).
+    ctx.catalog.schedule_delivery_retry(job_id, time.time() + countdown)
     # The task is registered with max_retries=None (Celery's default is 3, which ended the
     # retries silently before [delivery] max_attempts and left the job "delivering").
     raise task.retry(countdown=countdown)
+
+
+def finish_shadow(ctx: WorkerContext, job_id: int) -> str:
+    """A shadow job is done once encoded: nothing is dispatched, no delivery is recorded (also
+    when an operator's resend or retry, or the reconciliation, queued it for dispatch)."""
+    try:
+        job = ctx.catalog.transition(job_id, JobState.DONE, expect=(JobState.ENCODED, JobState.DELIVERING),
+                                     reason="shadow: results kept in the node, not dispatched")
+    except CatalogError as exc:
+        log.info("dispatch_skipped", job_id=job_id, error=str(exc))
+        return "skipped"
+    log.info("job_done", job_id=job_id, mode="shadow")
+    compare_shadow(ctx, job)
+    return "done"
+
+
+def compare_shadow(ctx: WorkerContext, job: Any) -> None:
+    """Compare a just-done job with the done jobs of the other mode on its series (shadow mode);
+    a failure is logged, never the job's: the comparison is an observation, not a result."""
+    from dicom_node.shadow import compare_job
+
+    try:
+        compare_job(ctx.catalog, ctx.settings.outbox, job)
+    except Exception:  # process boundary: the job is done whatever the comparison does
+        log.exception("shadow_compare_failed", job_id=job.id)
 
 
 def register_tasks(app: Celery) -> None:

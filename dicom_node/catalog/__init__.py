@@ -9,14 +9,16 @@ and retention.  Other packages import from here; no other package speaks SQL.
 
 from sqlalchemy.exc import SQLAlchemyError as DatabaseError
 
-from dicom_node.catalog import queries
+from dicom_node.catalog import commitments, queries, shadow
 from dicom_node.catalog.store import Catalog, JobSpec, expected_instances
 from dicom_node.catalog.tables import (
+    KEEPS_FIRST_INSTANCE,
     QUEUE_OF_STATE,
     UNFINISHED,
     Base,
     CatalogError,
     DeliveryRow,
+    DestinationFindingRow,
     InstanceRow,
     JobEventRow,
     JobRow,
@@ -27,6 +29,7 @@ from dicom_node.catalog.tables import (
 )
 
 __all__ = [
+    "KEEPS_FIRST_INSTANCE",
     "QUEUE_OF_STATE",
     "UNFINISHED",
     "Base",
@@ -34,6 +37,7 @@ __all__ = [
     "CatalogError",
     "DatabaseError",
     "DeliveryRow",
+    "DestinationFindingRow",
     "InstanceRow",
     "JobEventRow",
     "JobRow",
@@ -42,6 +46,8 @@ __all__ = [
     "SeriesRow",
     "SeriesState",
     "WorkerHeartbeatRow",
+    "commitments",
     "expected_instances",
     "queries",
+    "shadow",
 ]

@@ -10,9 +10,11 @@ created by the schema migrations like every other table.
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import delete, select
 
@@ -37,6 +39,17 @@ class WorkerStatus:
     current_job_id: int | None
     current_model: str | None
     current_since: float | None
+    #: Models the process holds in memory, least recently used first: ``name``, ``version``,
+    #: ``device``, ``loaded_at``, ``last_used``, ``load_s``, ``uses``.
+    warm_models: tuple[Mapping[str, Any], ...] = field(default=())
+
+
+#: Keys of a warm-model entry the catalog keeps (anything else a worker sends is dropped).
+WARM_MODEL_KEYS = ("name", "version", "device", "loaded_at", "last_used", "load_s", "uses")
+
+
+def _warm_json(models: Sequence[Mapping[str, Any]]) -> str:
+    return json.dumps([{k: m.get(k) for k in WARM_MODEL_KEYS} for m in models])
 
 
 def beat(
@@ -46,10 +59,13 @@ def beat(
     *,
     queues: Sequence[str],
     device: str | None,
+    warm_models: Sequence[Mapping[str, Any]] | None = None,
     now: float | None = None,
 ) -> None:
-    """Record that process ``pid`` of worker ``hostname`` is alive now."""
+    """Record that process ``pid`` of worker ``hostname`` is alive now (and, when given, the
+    models it holds warm)."""
     now = time.time() if now is None else now
+    warm = None if warm_models is None else _warm_json(warm_models)
     with catalog.session() as s:
         row = s.get(WorkerHeartbeatRow, (hostname, pid))
         if row is None:
@@ -61,6 +77,7 @@ def beat(
                     device=device,
                     started_at=now,
                     last_seen=now,
+                    warm_models_json=warm,
                 )
             )
             return
@@ -68,6 +85,8 @@ def beat(
         row.queues = ",".join(queues)
         if device is not None:
             row.device = device
+        if warm is not None:
+            row.warm_models_json = warm
 
 
 def set_current_job(
@@ -79,11 +98,12 @@ def set_current_job(
     *,
     queues: Sequence[str],
     device: str | None,
+    warm_models: Sequence[Mapping[str, Any]] | None = None,
     now: float | None = None,
 ) -> None:
     """Record the job process ``pid`` started (``job_id=None``: it finished and is idle)."""
     now = time.time() if now is None else now
-    beat(catalog, hostname, pid, queues=queues, device=device, now=now)
+    beat(catalog, hostname, pid, queues=queues, device=device, warm_models=warm_models, now=now)
     with catalog.session() as s:
         row = s.get(WorkerHeartbeatRow, (hostname, pid))
         if row is not None:
@@ -131,9 +151,26 @@ def worker_statuses(
             current_job_id=r.current_job_id,
             current_model=r.current_model,
             current_since=r.current_since,
+            warm_models=tuple(r.warm_models),
         )
         for r in rows
     ]
+
+
+def warm_by_model(workers: Sequence[WorkerStatus]) -> dict[str, list[dict[str, Any]]]:
+    """Model name -> where it is warm: one entry per live process holding it (``hostname``,
+    ``pid``, ``device``, ``version``, ``loaded_at``, ``last_used``, ``uses``)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for w in workers:
+        if not w.alive:
+            continue
+        for m in w.warm_models:
+            name = str(m.get("name"))
+            out.setdefault(name, []).append({
+                "hostname": w.hostname, "pid": w.pid, "device": m.get("device"), "version": m.get("version"),
+                "loaded_at": m.get("loaded_at"), "last_used": m.get("last_used"), "uses": m.get("uses"),
+            })
+    return out
 
 
 def alive_workers(

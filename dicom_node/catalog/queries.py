@@ -149,7 +149,8 @@ def failed_delivery_attempts(catalog: Catalog) -> dict[str, int]:
 
 
 def unconfirmed_objects(catalog: Catalog) -> dict[str, int]:
-    """Per destination, the delivered objects a C-FIND did not find (``unconfirmed``)."""
+    """Per destination, the delivered objects a C-FIND or storage commitment did not confirm
+    (``unconfirmed``)."""
     out: dict[str, int] = {}
     with catalog.session() as s:
         rows = s.execute(
@@ -159,6 +160,60 @@ def unconfirmed_objects(catalog: Catalog) -> dict[str, int]:
         for destination, objects in rows:
             n = len([o for o in json.loads(objects or "[]") if o.get("outcome") == "unconfirmed"])
             out[destination] = out.get(destination, 0) + n
+    return out
+
+
+def next_delivery_attempts(catalog: Catalog, job_ids: Collection[int]) -> dict[int, float]:
+    """Per job still delivering, the earliest scheduled retry of its deliveries (epoch s)."""
+    if not job_ids:
+        return {}
+    with catalog.session() as s:
+        rows = s.execute(
+            select(DeliveryRow.job_id, func.min(DeliveryRow.next_attempt_at))
+            .join(JobRow, JobRow.id == DeliveryRow.job_id)
+            .where(DeliveryRow.job_id.in_(list(job_ids)), DeliveryRow.next_attempt_at.is_not(None),
+                   JobRow.state.in_(["encoded", "delivering"]))
+            .group_by(DeliveryRow.job_id)
+        )
+        return {int(job_id): float(at) for job_id, at in rows if at is not None}
+
+
+def delivered_before(catalog: Catalog, job: JobRow, destination: str) -> set[str]:
+    """SOP Instance UIDs that earlier jobs of the same series and model delivered to
+    ``destination`` (a re-run sends them again: does the archive replace them?)."""
+    out: set[str] = set()
+    with catalog.session() as s:
+        rows = s.scalars(
+            select(DeliveryRow.objects_json)
+            .join(JobRow, JobRow.id == DeliveryRow.job_id)
+            .where(JobRow.series_instance_uid == job.series_instance_uid, JobRow.model == job.model,
+                   JobRow.id != job.id, DeliveryRow.destination == destination,
+                   DeliveryRow.done_at.is_not(None), DeliveryRow.objects_json.is_not(None))
+        )
+        for objects in rows:
+            out.update(o["sop_instance_uid"] for o in json.loads(objects or "[]")
+                       if o.get("outcome") in ("sent", "confirmed", "unconfirmed"))
+    return out
+
+
+def destination_findings(catalog: Catalog, kind: str) -> dict[str, str]:
+    """Destinations with a finding of ``kind``, and its detail (for ``/metrics``, ``/readyz``)."""
+    return {f.destination: f.detail for f in catalog.destination_findings() if f.kind == kind}
+
+
+def confirmation_seconds(catalog: Catalog) -> dict[str, list[float]]:
+    """Per destination, the seconds from the C-STORE success to the confirmation (C-FIND or
+    storage commitment) of every confirmed object."""
+    out: dict[str, list[float]] = {}
+    with catalog.session() as s:
+        rows = s.execute(
+            select(DeliveryRow.destination, DeliveryRow.objects_json)
+            .where(DeliveryRow.objects_json.like('%"confirmation_seconds"%'))
+        )
+        for destination, objects in rows:
+            for o in json.loads(objects or "[]"):
+                if o.get("outcome") == "confirmed" and o.get("confirmation_seconds") is not None:
+                    out.setdefault(destination, []).append(float(o["confirmation_seconds"]))
     return out
 
 
@@ -188,7 +243,7 @@ class FinishedJob:
 
 def first_done_events(catalog: Catalog, after_event_id: int, batch: int) -> Iterator[tuple[int, FinishedJob | None]]:
     """The ``done`` events after ``after_event_id`` in order, each with its job when it is that
-    job's first ``done`` (None for a re-run's later one, or a job since deleted)."""
+    job's first ``done`` (None for a re-run's later one, a shadow job, or a job since deleted)."""
     last = after_event_id
     while True:
         with catalog.session() as s:
@@ -208,7 +263,8 @@ def first_done_events(catalog: Catalog, after_event_id: int, batch: int) -> Iter
                     )
                 )
                 job = s.get(JobRow, ev.job_id)
-                if earlier or job is None:
+                if earlier or job is None or job.mode == "shadow":
+                    # A shadow job delivers nothing: it must not count in delivery latencies.
                     found.append((ev.id, None))
                 else:
                     found.append((ev.id, FinishedJob(ev.id, job, s.get(SeriesRow, job.series_instance_uid),
@@ -260,3 +316,43 @@ def unmatched_series(catalog: Catalog, limit: int = 100) -> tuple[int, list[Seri
         count = int(s.scalar(select(func.count()).select_from(SeriesRow).where(*where)) or 0)
         rows = list(s.scalars(select(SeriesRow).where(*where).order_by(SeriesRow.last_received_at.desc()).limit(limit)))
         return count, rows
+
+
+@dataclass(frozen=True)
+class DeliveredJob:
+    """A job done within a window, with what its end-to-end time and stages are computed from."""
+
+    job: JobRow
+    series: SeriesRow | None
+    last_instance_at: float | None
+
+
+def jobs_first_done_since(catalog: Catalog, since: float) -> list[DeliveredJob]:
+    """Jobs in state ``done`` whose results were delivered at or after ``since`` (epoch s), each
+    with its series and its last instance received before the job was created.
+
+    A job re-run after ``done`` is left out: its second delivery measures an operator's action,
+    not the way of a series through the node (the end-to-end histogram counts a job once too).
+    One statement, not one per job: the dashboard asks every few seconds.
+    """
+    last_instance = (
+        select(func.max(InstanceRow.received_at))
+        .where(InstanceRow.series_instance_uid == JobRow.series_instance_uid,
+               InstanceRow.received_at <= JobRow.created_at)
+        .correlate(JobRow)
+        .scalar_subquery()
+    )
+    done_events = (
+        select(func.count(JobEventRow.id))
+        .where(JobEventRow.job_id == JobRow.id, JobEventRow.state == JobState.DONE.value)
+        .correlate(JobRow)
+        .scalar_subquery()
+    )
+    with catalog.session() as s:
+        rows = s.execute(
+            select(JobRow, SeriesRow, last_instance)
+            .outerjoin(SeriesRow, SeriesRow.series_instance_uid == JobRow.series_instance_uid)
+            .where(JobRow.state == JobState.DONE.value, JobRow.done_at >= since, done_events <= 1)
+            .order_by(JobRow.done_at)
+        ).all()
+        return [DeliveredJob(job, series, None if last is None else float(last)) for job, series, last in rows]

@@ -20,7 +20,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from dicom_node.catalog import Catalog
-from dicom_node.ingest.events import CATALOG_ATTRIBUTES, AssociationSummary, StoredInstance
+from dicom_node.ingest.events import CATALOG_ATTRIBUTES, AssociationSummary, CommitmentReport, StoredInstance
 
 log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
@@ -87,19 +87,30 @@ class CatalogRecorder:
         An instance UID is unique worldwide; two series claiming one are a sender's error (or
         an attack).  Storing the second would point the catalog row of the first patient's
         instance at the second patient's file.  One lock makes concurrent associations agree.
+
+        The catalog is asked outside the lock (a SELECT held under it serialised every
+        association behind one query); the claims are read again under the lock before
+        deciding, so two associations racing for one UID still agree on a single owner.
         """
         wanted = (study_instance_uid, series_instance_uid)
         with self._claims_lock:
             owner = self._claims.get(sop_instance_uid)
-            if owner is None:
-                owner = self.catalog.owner_of_instance(sop_instance_uid)
-            if owner is not None and owner != wanted:
-                return owner
-            self._claims[sop_instance_uid] = wanted
-            self._claims.move_to_end(sop_instance_uid)
-            while len(self._claims) > self.MAX_CLAIMS:
-                self._claims.popitem(last=False)
-            return None
+            if owner is not None:
+                return self._settle(sop_instance_uid, wanted, owner)
+        stored = self.catalog.owner_of_instance(sop_instance_uid)
+        with self._claims_lock:
+            return self._settle(sop_instance_uid, wanted, self._claims.get(sop_instance_uid) or stored)
+
+    def _settle(self, sop_instance_uid: str, wanted: tuple[str, str],
+                owner: tuple[str, str] | None) -> tuple[str, str] | None:
+        """Under the claims lock: the other owner, or None having claimed the UID for ``wanted``."""
+        if owner is not None and owner != wanted:
+            return owner
+        self._claims[sop_instance_uid] = wanted
+        self._claims.move_to_end(sop_instance_uid)
+        while len(self._claims) > self.MAX_CLAIMS:
+            self._claims.popitem(last=False)
+        return None
 
     # IngestSink
     def instance_stored(self, instance: StoredInstance) -> None:
@@ -107,6 +118,15 @@ class CatalogRecorder:
 
     def association_ended(self, summary: AssociationSummary) -> None:
         self._put(summary)
+
+    def commitment_reported(self, report: CommitmentReport) -> str:
+        """:class:`~dicom_node.ingest.events.CommitmentSink`: keep the report in the catalog now,
+        on the association's thread, so the archive hears success only once it is durable (a
+        rare, small write; the node's commitment loop applies it)."""
+        from dicom_node.catalog import commitments
+
+        return commitments.record_report(self.catalog, report.transaction_uid, report.committed, report.failed,
+                                         report.received_at)
 
     def _put(self, item: object) -> None:
         with self._cv:

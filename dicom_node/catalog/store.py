@@ -34,7 +34,9 @@ from dicom_node.catalog.tables import (
     QUEUE_OF_STATE,
     UNFINISHED,
     CatalogError,
+    CommitmentRow,
     DeliveryRow,
+    DestinationFindingRow,
     InstanceRow,
     JobEventRow,
     JobRow,
@@ -62,6 +64,8 @@ class JobSpec:
     model: str
     destinations: Sequence[str]
     priority: str = "normal"
+    #: ``live`` or ``shadow`` (the rule's ``mode``): a shadow job gets no destinations.
+    mode: str = "live"
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -123,6 +127,13 @@ def routing_json(attributes: Mapping[str, Any]) -> str:
     return json.dumps(kept, sort_keys=True)
 
 
+def study_date(attributes: Mapping[str, Any]) -> str | None:
+    """The StudyDate of one instance's ``attributes`` when it is a DA (``YYYYMMDD``), else None:
+    a free-text value from a non-conforming sender is not shown as a date."""
+    value = str(attributes.get("StudyDate") or "").strip()
+    return value if len(value) == 8 and value.isdigit() else None
+
+
 def expected_instances(attributes: Mapping[str, Any]) -> int | None:
     """How many instances a series announces, from the attributes of one of them (or None).
 
@@ -146,7 +157,9 @@ def add_jobs(s: Session, specs: Iterable[JobSpec], now: float, detail: str | Non
     """Add the jobs of ``specs`` in session ``s`` (see :meth:`Catalog.create_jobs`); ``detail``
     is appended to each job's first event (e.g. "incomplete: received 24 of 48")."""
     ids: list[int] = []
-    for spec in specs:
+    # A model that a live and a shadow rule both give the series runs once, live: its results
+    # must reach the live rule's destinations.
+    for spec in sorted(specs, key=lambda sp: sp.mode == "shadow"):
         series = s.get(SeriesRow, spec.series_instance_uid)
         if series is None:
             raise CatalogError(f"unknown series {spec.series_instance_uid}")
@@ -157,6 +170,9 @@ def add_jobs(s: Session, specs: Iterable[JobSpec], now: float, detail: str | Non
         )).first()
         if existing is not None:
             continue
+        shadow = spec.mode == "shadow"
+        # A shadow job is never dispatched: no destinations, so no delivery rows either.
+        destinations = [] if shadow else list(spec.destinations)
         job = JobRow(
             series_instance_uid=spec.series_instance_uid,
             study_instance_uid=series.study_instance_uid,
@@ -164,17 +180,19 @@ def add_jobs(s: Session, specs: Iterable[JobSpec], now: float, detail: str | Non
             rule=spec.rule,
             model=spec.model,
             priority=spec.priority,
-            destinations_json=json.dumps(list(spec.destinations)),
+            destinations_json=json.dumps(destinations),
             generation=series.generation,
             state=JobState.RECEIVED.value,
             created_at=now,
             updated_at=now,
+            mode="shadow" if shadow else "live",
         )
         s.add(job)
         s.flush()
-        event = f"rule {spec.rule}" + (f"; {detail}" if detail else "")
+        event = f"rule {spec.rule}" + (" (shadow: results kept in the node, never sent)" if shadow else "")
+        event += f"; {detail}" if detail else ""
         s.add(JobEventRow(job_id=job.id, state=JobState.RECEIVED.value, at=now, detail=event))
-        for dest in spec.destinations:
+        for dest in destinations:
             s.add(DeliveryRow(job_id=job.id, destination=dest))
         ids.append(job.id)
     return ids
@@ -261,6 +279,7 @@ class Catalog:
                         slice_thickness=_attr_float(attrs.get("SliceThickness")),
                         manufacturer=_attr_str(attrs.get("Manufacturer"), 128),
                         routing_json=routing_json(attrs),
+                        study_date=study_date(attrs),
                         calling_ae_title=inst.calling_ae_title,
                         instance_count=0,
                         expected_count=expected,
@@ -449,6 +468,7 @@ class Catalog:
             for job_id in s.scalars(select(JobRow.id).where(JobRow.series_instance_uid == uid)):
                 s.query(JobEventRow).filter(JobEventRow.job_id == job_id).delete()
                 s.query(DeliveryRow).filter(DeliveryRow.job_id == job_id).delete()
+                s.query(CommitmentRow).filter(CommitmentRow.job_id == job_id).delete()
             s.query(JobRow).filter(JobRow.series_instance_uid == uid).delete()
             s.query(InstanceRow).filter(InstanceRow.series_instance_uid == uid).delete()
             s.query(SeriesRow).filter(SeriesRow.series_instance_uid == uid).delete()
@@ -584,10 +604,17 @@ class Catalog:
             return list(s.scalars(select(DeliveryRow).where(DeliveryRow.job_id == job_id).order_by(DeliveryRow.id)))
 
     def record_delivery(self, job_id: int, destination: str, *, ok: bool, error: str | None = None,
-                        objects: Sequence[Mapping[str, Any]] | None = None) -> DeliveryRow:
-        """Record one delivery attempt; ``objects`` are its per-object outcomes, when known."""
+                        objects: Sequence[Mapping[str, Any]] | None = None,
+                        commitment: CommitmentRow | None = None) -> DeliveryRow:
+        """Record one delivery attempt; ``objects`` are its per-object outcomes, when known.
+
+        ``commitment`` (a new Storage Commitment transaction) is written in the same database
+        transaction, so a delivery marked done always has the transaction that proves it.
+        """
         now = time.time()
         with self.session() as s:
+            if commitment is not None:
+                s.add(commitment)
             row = s.scalars(select(DeliveryRow).where(
                 DeliveryRow.job_id == job_id, DeliveryRow.destination == destination)).first()
             if row is None:
@@ -595,6 +622,7 @@ class Catalog:
                 s.add(row)
             row.attempts = (row.attempts or 0) + 1
             row.last_attempt_at = now
+            row.next_attempt_at = None
             if objects is not None:
                 row.objects_json = json.dumps([dict(o) for o in objects])
             if ok:
@@ -604,6 +632,49 @@ class Catalog:
                 row.state = "failed"
                 row.last_error = error
             return row
+
+    def schedule_delivery_retry(self, job_id: int, at: float) -> None:
+        """Record when the deliveries of the job not yet done are tried again (``at``, epoch s):
+        the dashboard's "next attempt at"."""
+        with self.session() as s:
+            for row in s.scalars(select(DeliveryRow).where(DeliveryRow.job_id == job_id,
+                                                           DeliveryRow.state != "done")):
+                row.next_attempt_at = at
+
+    # -- destination findings ---------------------------------------------------------------
+
+    def record_destination_finding(self, destination: str, kind: str, detail: str, *,
+                                   job_id: int | None = None) -> bool:
+        """Remember ``kind`` about ``destination``; True only the first time (warn once).
+
+        The job (when given) gets an event with ``detail``, the first time only.
+        """
+        now = time.time()
+        with self.session() as s:
+            if s.get(DestinationFindingRow, (destination, kind)) is not None:
+                return False
+            s.add(DestinationFindingRow(destination=destination, kind=kind, detail=detail, job_id=job_id,
+                                        found_at=now))
+            if job_id is not None:
+                job = s.get(JobRow, job_id)
+                if job is not None:
+                    s.add(JobEventRow(job_id=job_id, state=job.state, at=now, detail=detail))
+            return True
+
+    def clear_destination_finding(self, destination: str, kind: str) -> bool:
+        """Forget ``kind`` about ``destination`` (seen to be fixed); True if it was known."""
+        with self.session() as s:
+            row = s.get(DestinationFindingRow, (destination, kind))
+            if row is None:
+                return False
+            s.delete(row)
+            return True
+
+    def destination_findings(self) -> list[DestinationFindingRow]:
+        """Every finding, by destination then kind."""
+        with self.session() as s:
+            return list(s.scalars(select(DestinationFindingRow).order_by(
+                DestinationFindingRow.destination, DestinationFindingRow.kind)))
 
     def reopen_deliveries(self, job_id: int, destinations: Sequence[str] | None, *, reason: str) -> JobRow:
         """Make a ``done`` or ``failed`` job with encoded results deliver them again.
@@ -635,6 +706,7 @@ class Catalog:
                     row.state = "pending"
                     row.attempts = 0
                     row.last_error = None
+                    row.next_attempt_at = None
             job.state = JobState.ENCODED.value
             job.updated_at = now
             job.encoded_at = now
@@ -651,5 +723,6 @@ class Catalog:
                 q = q.where(DeliveryRow.state != "done")
             for row in s.scalars(q):
                 row.state = "pending"
+                row.next_attempt_at = None
                 if reset_attempts:
                     row.attempts = 0

@@ -38,7 +38,9 @@ _TRANSITIONS: dict[JobState, set[JobState]] = {
     JobState.RECEIVED: {JobState.QUEUED, JobState.FAILED, JobState.CANCELLED},
     JobState.QUEUED: {JobState.QUEUED, JobState.RUNNING, JobState.FAILED, JobState.CANCELLED},
     JobState.RUNNING: {JobState.QUEUED, JobState.RUNNING, JobState.ENCODED, JobState.FAILED, JobState.CANCELLED},
-    JobState.ENCODED: {JobState.QUEUED, JobState.ENCODED, JobState.DELIVERING, JobState.FAILED, JobState.CANCELLED},
+    # encoded -> done: a shadow job, whose results are kept and never delivered.
+    JobState.ENCODED: {JobState.QUEUED, JobState.ENCODED, JobState.DELIVERING, JobState.DONE, JobState.FAILED,
+                       JobState.CANCELLED},
     JobState.DELIVERING: {JobState.QUEUED, JobState.DELIVERING, JobState.ENCODED, JobState.DONE,
                           JobState.FAILED, JobState.CANCELLED},
     JobState.DONE: {JobState.QUEUED, JobState.ENCODED},
@@ -97,6 +99,9 @@ class SeriesRow(Base):
     #: The series' routing attributes (``dicom_node.attributes.ROUTING_KEYWORDS``) as JSON, from
     #: its first instance; NULL for series recorded before they were kept.
     routing_json: Mapped[str | None] = mapped_column(Text)
+    #: StudyDate (DA, ``YYYYMMDD``) of the first instance, for people to recognise the study
+    #: (revision 0008_admin); NULL before it was kept or when the header has none.
+    study_date: Mapped[str | None] = mapped_column(String(8))
 
     def routing_attributes(self) -> dict[str, Any]:
         """The attributes routing rules may match on, by DICOM keyword."""
@@ -189,6 +194,20 @@ class JobRow(Base):
     done_at: Mapped[float | None] = mapped_column(Float)
     failed_at: Mapped[float | None] = mapped_column(Float)
     results_json: Mapped[str] = mapped_column(Text, default="{}")
+    #: ``live`` or ``shadow`` (revision 0008): a shadow job's results stay in the outbox, it has
+    #: no destinations and no delivery rows, and it ends ``done`` straight from ``encoded``.
+    mode: Mapped[str] = mapped_column(String(8), default="live", server_default="live")
+
+    @property
+    def shadow(self) -> bool:
+        """True for a shadow job (results kept in the node, never dispatched)."""
+        return self.mode == "shadow"
+
+    @property
+    def state_label(self) -> str:
+        """The state as operators see it: ``done (shadow)`` for a finished shadow job, so it
+        never reads like a delivered result."""
+        return f"{self.state} (shadow)" if self.shadow else self.state
 
     @property
     def destinations(self) -> list[str]:
@@ -224,6 +243,9 @@ class DeliveryRow(Base):
     #: Per-object outcomes of the last attempt as a JSON list (``InstanceResult.record``): SOP
     #: instance UID, class name, ``sent``/``refused``/``confirmed``/``unconfirmed``, detail.
     objects_json: Mapped[str | None] = mapped_column(Text)
+    #: When the worker tries this delivery again after a transient failure (the retry's
+    #: countdown); NULL when no attempt is scheduled.
+    next_attempt_at: Mapped[float | None] = mapped_column(Float)
 
     @property
     def objects(self) -> list[dict[str, Any]]:
@@ -232,11 +254,76 @@ class DeliveryRow(Base):
 
     @property
     def confirmation(self) -> str | None:
-        """``confirmed`` / ``unconfirmed`` when a C-FIND verified the delivery, else ``None``."""
+        """``confirmed`` / ``unconfirmed`` once a C-FIND or storage commitment verified the delivery
+        (``unconfirmed`` when any object is), else ``None``."""
         outcomes = {o.get("outcome") for o in self.objects}
         if "unconfirmed" in outcomes:
             return "unconfirmed"
         return "confirmed" if "confirmed" in outcomes else None
+
+
+#: ``DestinationFindingRow.kind`` of an archive that keeps the first object of a SOP Instance UID.
+KEEPS_FIRST_INSTANCE = "keeps_first_instance"
+
+
+class DestinationFindingRow(Base):
+    """Something learned once about a destination (``kind``), kept until it is seen to be gone.
+
+    ``keeps_first_instance``: the archive still held an earlier object after a re-run sent a
+    new one with the same SOP Instance UID (Orthanc ``OverwriteInstances`` false, dcm4chee-arc's
+    duplicate policy).  Written by the worker that found it, read by ``serve`` (dashboard,
+    ``/readyz``, ``/metrics``).
+    """
+
+    __tablename__ = "destination_findings"
+
+    destination: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: One sentence for the operator, with the fix.
+    detail: Mapped[str] = mapped_column(Text)
+    #: The job whose delivery showed it.
+    job_id: Mapped[int | None] = mapped_column(Integer)
+    found_at: Mapped[float] = mapped_column(Float)
+
+
+class CommitmentRow(Base):
+    """One Storage Commitment transaction (revision 0009_commitment).
+
+    ``state``: ``requested`` (written with the delivery, before the N-ACTION; ``requests``
+    counts the N-ACTIONs sent, ``requested_at`` is the last one), ``reported`` (the archive's
+    N-EVENT-REPORT is in ``report_json``, not applied yet), ``closed`` (applied to the
+    delivery's objects).  Every change is a compare-and-set on ``state`` (and ``requests``), so
+    a report that comes twice, or from a request sent again, is applied once.
+    """
+
+    __tablename__ = "commitments"
+
+    transaction_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[int] = mapped_column(Integer, index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    #: 0 for the first request; n for the n-th re-send of objects the archive reported failed.
+    round: Mapped[int] = mapped_column(Integer, default=0)
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+    #: ``[{"sop_class_uid", "sop_instance_uid", "path"}]``: the objects asked for.
+    objects_json: Mapped[str] = mapped_column(Text)
+    #: When the C-STORE of these objects succeeded (start of the confirmation time).
+    sent_at: Mapped[float] = mapped_column(Float)
+    requested_at: Mapped[float] = mapped_column(Float)
+    #: ``{"committed": [uid...], "failed": {uid: reason}}`` from the N-EVENT-REPORT.
+    report_json: Mapped[str | None] = mapped_column(Text)
+    reported_at: Mapped[float | None] = mapped_column(Float)
+    closed_at: Mapped[float | None] = mapped_column(Float)
+    #: Why the last N-ACTION could not be sent (association refused...), for the operator.
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    @property
+    def objects(self) -> list[dict[str, str]]:
+        return list(json.loads(self.objects_json))
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return dict(json.loads(self.report_json)) if self.report_json else {}
 
 
 class WorkerHeartbeatRow(Base):
@@ -254,3 +341,61 @@ class WorkerHeartbeatRow(Base):
     current_job_id: Mapped[int | None] = mapped_column(Integer)
     current_model: Mapped[str | None] = mapped_column(String(128))
     current_since: Mapped[float | None] = mapped_column(Float)
+    #: JSON list of the models the process holds in memory (``workers.heartbeat``): name,
+    #: version, device, loaded_at, last_used, load_s, uses; least recently used first.
+    warm_models_json: Mapped[str | None] = mapped_column(Text)
+
+    @property
+    def warm_models(self) -> list[dict[str, Any]]:
+        """The decoded ``warm_models_json`` (empty when the process reported none)."""
+        return list(json.loads(self.warm_models_json)) if self.warm_models_json else []
+
+
+class DriftScannerRow(Base):
+    """One scanner the drift monitor tracks (``dicom_node.drift``): a normalised (Manufacturer,
+    ManufacturerModelName, StationName, protocol), or the ``other`` row that takes every scanner
+    past ``drift.max_scanners`` so label cardinality stays bounded."""
+
+    __tablename__ = "drift_scanners"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    #: Hash of the normalised identity (``"other"`` for the overflow row); unique.
+    key: Mapped[str] = mapped_column(String(64), unique=True)
+    #: Short stable name for metrics and the dashboard (``CT01-3fa9c2``); never patient data.
+    label: Mapped[str] = mapped_column(String(40))
+    manufacturer: Mapped[str] = mapped_column(String(64), default="")
+    model_name: Mapped[str] = mapped_column(String(64), default="")
+    station: Mapped[str] = mapped_column(String(16), default="")
+    protocol: Mapped[str] = mapped_column(String(64), default="")
+    first_seen: Mapped[float] = mapped_column(Float)
+    #: Newest ``last_received_at`` of a series of this scanner that a job ran on.
+    last_seen: Mapped[float] = mapped_column(Float)
+
+
+class DriftObservationRow(Base):
+    """What one job's model saw and said, for drift: input and output features as JSON
+    (``{"input.kvp": 120, "input.kernel": "B30f", "output.findings": 2, ...}``).
+
+    One row per (model, series): a re-run replaces it.  Kept after the series is collected;
+    ``dicom_node.retention`` removes rows older than ``drift.retention_days`` except each
+    pair's baseline.
+    """
+
+    __tablename__ = "drift_observations"
+    __table_args__ = (
+        UniqueConstraint("model", "series_instance_uid", name="uq_drift_model_series"),
+        Index("ix_drift_pair", "model", "scanner_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(128))
+    scanner_id: Mapped[int] = mapped_column(Integer, ForeignKey("drift_scanners.id"))
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[int | None] = mapped_column(Integer)
+    #: When the job's results were encoded (epoch s): the time axis of the windows.
+    at: Mapped[float] = mapped_column(Float, index=True)
+    features_json: Mapped[str] = mapped_column(Text, default="{}")
+
+    @property
+    def features(self) -> dict[str, Any]:
+        return dict(json.loads(self.features_json))

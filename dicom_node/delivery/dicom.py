@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 from pydicom import dcmread
@@ -150,11 +151,14 @@ def _rejection(assoc: Association) -> tuple[bool, A_ASSOCIATE | None]:
 
 
 def _associate(
-    ae: TunedAE, dest: DestinationSettings, contexts: list[PresentationContext]
+    ae: TunedAE, dest: DestinationSettings, contexts: list[PresentationContext], **extra: Any
 ) -> Association:
-    """Open an association or raise :class:`TransientError` saying why it failed."""
+    """Open an association or raise :class:`TransientError` saying why it failed.
+
+    ``extra`` goes to ``AE.associate`` (``ext_neg``, ``evt_handlers``).
+    """
     assert dest.port is not None  # the settings require host and port for a dicom destination
-    assoc = ae.associate(dest.host, dest.port, contexts=contexts, ae_title=dest.ae_title, max_pdu=0)
+    assoc = ae.associate(dest.host, dest.port, contexts=contexts, ae_title=dest.ae_title, max_pdu=0, **extra)
     if assoc.is_established:
         return assoc
     where = _describe(dest)

@@ -18,8 +18,9 @@ Protocol (PS3.8 §9, the acceptor's path through the state machine of Table 9-10
 * the request is rejected (A-ASSOCIATE-RJ) for an unsupported protocol version or application
   context, a calling AE title not allowed, a wrong called AE title, or too many associations;
 * then P-DATA-TF PDUs carry DIMSE messages (command fragments, then data set fragments on the
-  same presentation context); C-ECHO and C-STORE are answered, C-CANCEL is ignored, any other
-  command gets 0x0211 (unrecognized operation);
+  same presentation context); C-ECHO and C-STORE are answered, so is N-EVENT-REPORT (an
+  archive's Storage Commitment report, when the handler takes it), C-CANCEL is ignored, any
+  other command gets 0x0211 (unrecognized operation);
 * A-RELEASE-RQ is answered with A-RELEASE-RP; A-ABORT ends the association; an unexpected or
   malformed PDU, a PDV on a context that was not accepted, or silence for ``network_timeout``
   is answered with A-ABORT (source: service provider, with the reason code).
@@ -31,13 +32,12 @@ import contextlib
 import errno
 import socket
 import ssl
-import struct
 import threading
 import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Final, Protocol, cast
+from typing import Final, Protocol
 
 import structlog
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
@@ -50,9 +50,43 @@ from pynetdicom.pdu_primitives import (
     SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import PresentationContext, build_context, negotiate_as_acceptor
-from pynetdicom.utils import decode_bytes, set_ae
 
-from dicom_node.dimse import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, arm_quickack, tune_socket
+from dicom_node.dimse import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, tune_socket
+from dicom_node.ingest.connection import (
+    Abort,
+    Closed,
+    Connection,
+    DeadlineExceeded,
+)
+from dicom_node.ingest.pdu import (
+    A_ABORT_PDU,
+    A_ASSOCIATE_AC_PDU,
+    A_ASSOCIATE_RQ_PDU,
+    A_RELEASE_RP_PDU,
+    A_RELEASE_RQ_PDU,
+    ABORT_INVALID_PDU_PARAMETER,
+    ABORT_NOT_SPECIFIED,
+    ABORT_UNEXPECTED_PDU,
+    ABORT_UNRECOGNIZED_PDU,
+    C_CANCEL_RQ,
+    C_ECHO_RQ,
+    C_STORE_RQ,
+    N_EVENT_REPORT_RQ,
+    NO_DATA_SET,
+    P_DATA_TF_PDU,
+    PDU_HEADER,
+    PDV_HEADER,
+    RELEASE_RP,
+    UNRECOGNIZED_OPERATION,
+    abort_pdu,
+    decode_ae_title,
+    decode_command,
+    decode_text,
+    decode_us,
+    encode_response,
+    p_data_pdus,
+    reject_pdu,
+)
 
 APPLICATION_CONTEXT_NAME: Final = "1.2.840.10008.3.1.1.1"
 
@@ -71,50 +105,12 @@ _ACCEPT_BACKOFF: Final = (0.05, 1.0)
 #: Readiness stays failed this long after the last failed ``accept()``.
 _UNREADY_AFTER_FAILURE_S: Final = 5.0
 
-# PDU types (PS3.8 §9.3.1).
-A_ASSOCIATE_RQ_PDU: Final = 0x01
-A_ASSOCIATE_AC_PDU: Final = 0x02
-A_ASSOCIATE_RJ_PDU: Final = 0x03
-P_DATA_TF_PDU: Final = 0x04
-A_RELEASE_RQ_PDU: Final = 0x05
-A_RELEASE_RP_PDU: Final = 0x06
-A_ABORT_PDU: Final = 0x07
-
-# A-ABORT reasons when the source is the service provider (PS3.8 Table 9-26).
-ABORT_NOT_SPECIFIED: Final = 0x00
-ABORT_UNRECOGNIZED_PDU: Final = 0x01
-ABORT_UNEXPECTED_PDU: Final = 0x02
-ABORT_INVALID_PDU_PARAMETER: Final = 0x06
-
-# DIMSE command fields (PS3.7 §E.1).
-C_STORE_RQ: Final = 0x0001
-C_ECHO_RQ: Final = 0x0030
-C_CANCEL_RQ: Final = 0x0FFF
-#: Command Data Set Type value meaning "no data set follows".
-NO_DATA_SET: Final = 0x0101
-#: Status for a DIMSE operation the SCP does not provide (PS3.7 §C.5).
-UNRECOGNIZED_OPERATION: Final = 0x0211
-
 #: Largest A-ASSOCIATE-RQ accepted by default (128 contexts x 13 syntaxes is 46 KiB).
 _MAX_REQUEST_PDU: Final = 64 << 10
 #: Cap on a P-DATA-TF PDU when our maximum PDU length is "unlimited" (0).
 _MAX_DATA_PDU: Final = 64 << 20
-#: Size of the read-ahead buffer once associated; larger PDU bodies are read into their own
-#: buffer, which grows with what has arrived (a declared length commits no memory).
-_BUFFER: Final = 256 << 10
-#: The read-ahead buffer of a connection not associated yet (it holds an A-ASSOCIATE-RQ).
-_SMALL_BUFFER: Final = 16 << 10
-#: A PDU body read into its own buffer starts at this size and doubles as bytes arrive.
-_BODY_STEP: Final = 1 << 20
 #: Largest DIMSE command set (a C-STORE-RQ's is ~200 bytes).
 _MAX_COMMAND: Final = 64 << 10
-#: A deadline is met within this much: the kernel's receive timeout is set again only when
-#: it would run this much past the deadline (not before every receive).
-_DEADLINE_SLACK: Final = 0.05
-_DIMSE_PHASE: Final = "DIMSE message not complete within dimse_timeout"
-_HEADER = struct.Struct(">BxI")
-_PDV_HEADER = struct.Struct(">IBB")
-_ELEMENT_HEADER = struct.Struct("<HHI")
 
 
 class AssociationRejected(Exception):
@@ -127,18 +123,6 @@ class AssociationRejected(Exception):
     def __init__(self, result: int, source: int, reason: int, text: str) -> None:
         super().__init__(text)
         self.result, self.source, self.reason, self.text = result, source, reason, text
-
-
-class _Abort(Exception):
-    """Internal: abort the association with ``reason`` (source: service provider)."""
-
-    def __init__(self, reason: int, text: str) -> None:
-        super().__init__(text)
-        self.reason = reason
-
-
-class _Closed(Exception):
-    """Internal: the peer closed the connection."""
 
 
 @dataclass(frozen=True)
@@ -193,6 +177,19 @@ class StoreRequest:
     dataset: bytes
 
 
+@dataclass(frozen=True)
+class EventReportRequest:
+    """An N-EVENT-REPORT request (PS3.7 10.1.1), e.g. a Storage Commitment result."""
+
+    message_id: int
+    affected_sop_class_uid: str
+    affected_sop_instance_uid: str
+    event_type_id: int | None
+    context: Context
+    #: The Event Information bytes as sent, in ``context.transfer_syntax`` (None: no data set).
+    dataset: bytes | None
+
+
 class ScpHandler(Protocol):
     """What the acceptor calls; every call runs on the association's thread."""
 
@@ -207,6 +204,9 @@ class ScpHandler(Protocol):
 
     def store(self, assoc: Association, request: StoreRequest) -> tuple[int, str | None]:
         """Return the status and an optional Error Comment (at most 64 characters are sent)."""
+
+    def event_report(self, assoc: Association, request: EventReportRequest) -> int:
+        """Return the N-EVENT-REPORT-RSP status."""
 
     def ended(self, assoc: Association, released: bool, reason: str) -> None: ...
 
@@ -247,6 +247,10 @@ class AcceptorConfig:
 
     #: SOP Class UID -> transfer syntaxes accepted for it.
     contexts: dict[str, tuple[str, ...]]
+    #: SOP classes whose SCP/SCU Role Selection we agree to (either role for the requestor):
+    #: Storage Commitment, where the archive opens the association as the SCP sending
+    #: N-EVENT-REPORTs.
+    role_classes: frozenset[str] = frozenset()
     #: Our Maximum Length Received (0 = unlimited).
     maximum_pdu_size: int = 0
     #: The whole A-ASSOCIATE-RQ must arrive within this many seconds of the connection.
@@ -262,276 +266,6 @@ class AcceptorConfig:
     max_pending: int = 64
     #: Largest A-ASSOCIATE-RQ PDU (bytes of its body).
     max_request_pdu: int = _MAX_REQUEST_PDU
-
-
-# -- encoding ----------------------------------------------------------------------------------
-def _pdu(pdu_type: int, body: bytes) -> bytes:
-    return _HEADER.pack(pdu_type, len(body)) + body
-
-
-def abort_pdu(reason: int, source: int = 2) -> bytes:
-    """An A-ABORT PDU (source 2: service provider, 0: service user)."""
-    return _pdu(A_ABORT_PDU, bytes((0, 0, source, reason)))
-
-
-def reject_pdu(result: int, source: int, reason: int) -> bytes:
-    """An A-ASSOCIATE-RJ PDU."""
-    return _pdu(A_ASSOCIATE_RJ_PDU, bytes((0, result, source, reason)))
-
-
-RELEASE_RP: Final = _pdu(A_RELEASE_RP_PDU, b"\x00" * 4)
-
-
-def _element(element: int, value: bytes) -> bytes:
-    return _ELEMENT_HEADER.pack(0x0000, element, len(value)) + value
-
-
-def _uid_value(uid: str) -> bytes:
-    value = uid.encode("ascii", "replace")
-    return value + b"\x00" if len(value) % 2 else value
-
-
-def encode_response(
-    command_field: int,
-    message_id: int,
-    status: int,
-    *,
-    sop_class_uid: str | None = None,
-    sop_instance_uid: str | None = None,
-    error_comment: str | None = None,
-) -> bytes:
-    """A DIMSE response command set (Implicit VR Little Endian, group length first, PS3.7 §9.3).
-
-    ``command_field`` is the request's; the response's is ``command_field | 0x8000``.
-    """
-    parts = []
-    if sop_class_uid:
-        parts.append(_element(0x0002, _uid_value(sop_class_uid)))
-    parts.append(_element(0x0100, struct.pack("<H", command_field | 0x8000)))
-    parts.append(_element(0x0120, struct.pack("<H", message_id)))
-    parts.append(_element(0x0800, struct.pack("<H", NO_DATA_SET)))
-    parts.append(_element(0x0900, struct.pack("<H", status)))
-    if error_comment:
-        text = error_comment[:64].encode("ascii", "replace").replace(b"\\", b"/")
-        parts.append(_element(0x0902, text + b" " if len(text) % 2 else text))
-    if sop_instance_uid:
-        parts.append(_element(0x1000, _uid_value(sop_instance_uid)))
-    body = b"".join(parts)
-    return _element(0x0000, struct.pack("<I", len(body))) + body
-
-
-def p_data_pdus(context_id: int, command: bytes, peer_max_pdu: int) -> bytes:
-    """``command`` as P-DATA-TF PDUs, one PDV each, none longer than ``peer_max_pdu``."""
-    room = peer_max_pdu - 6 if peer_max_pdu else len(command)
-    room = max(room, 2)
-    out = []
-    for start in range(0, len(command), room):
-        fragment = command[start:start + room]
-        last = start + room >= len(command)
-        pdv = _PDV_HEADER.pack(len(fragment) + 2, context_id, 0x03 if last else 0x01) + fragment
-        out.append(_pdu(P_DATA_TF_PDU, pdv))
-    return b"".join(out)
-
-
-def decode_command(data: bytes) -> dict[int, bytes]:
-    """The elements of a DIMSE command set (Implicit VR Little Endian, group 0000) by element.
-
-    Raises
-    ------
-    ValueError
-        When an element runs past the end or is not in group 0000.
-    """
-    out: dict[int, bytes] = {}
-    offset, end = 0, len(data)
-    while offset < end:
-        if offset + 8 > end:
-            raise ValueError("command set truncated inside an element header")
-        group, element, length = _ELEMENT_HEADER.unpack_from(data, offset)
-        offset += 8
-        if group != 0x0000 or offset + length > end:
-            raise ValueError(f"bad command element ({group:04X},{element:04X}) length {length}")
-        out[element] = data[offset:offset + length]
-        offset += length
-    return out
-
-
-def _ae_title(raw: bytes | bytearray, which: str) -> str:
-    """An AE title field read as pynetdicom reads it (ASCII, or its fallback codecs; leading and
-    trailing spaces not significant) and validated the same way.
-
-    Raises
-    ------
-    ValueError
-        For a title of spaces only, or one with characters an AE title may not hold.
-    """
-    value = decode_bytes(bytes(raw)).strip()
-    if not value:
-        raise ValueError(f"Invalid '{which} AE Title' value - must not consist entirely of spaces")
-    return cast(str, set_ae(value, f"{which} AE Title", False, False))
-
-
-def _text(value: bytes | None) -> str:
-    return value.rstrip(b"\x00 ").decode("ascii", "replace") if value else ""
-
-
-def _us(value: bytes | None) -> int | None:
-    return struct.unpack("<H", value)[0] if value is not None and len(value) == 2 else None
-
-
-# -- the association ---------------------------------------------------------------------------
-class DeadlineExceeded(TimeoutError):
-    """A phase of the association (negotiation, a DIMSE message, idle) ran past its deadline."""
-
-
-class _Connection:
-    """Reads whole PDUs from a socket with few system calls, each phase within its deadline.
-
-    Memory follows what has arrived: the read-ahead buffer is small until the association is
-    accepted (:meth:`associated`), and a PDU body larger than it is read into a buffer that
-    grows (doubling) with the bytes received, never to the length the header declares.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self._buf = bytearray(_SMALL_BUFFER)
-        self._view = memoryview(self._buf)
-        self._start = 0
-        self._end = 0
-        self._deadline = float("inf")
-        self._phase = ""
-        #: The receive timeout set in the kernel (seconds; inf: none).
-        self._rcv = float("inf")
-        #: Whether any byte has arrived yet.
-        self.anything = False
-        #: Seconds: when the next byte arrives, the deadline becomes then + this (a DIMSE
-        #: message's deadline starts with its first byte).
-        self._arm: float | None = None
-
-    def associated(self) -> None:
-        """Use the full read-ahead buffer from now on."""
-        if len(self._buf) < _BUFFER:
-            buf = bytearray(_BUFFER)
-            size = self._end - self._start
-            buf[:size] = self._view[self._start:self._end]
-            self._view.release()
-            self._buf, self._view, self._start, self._end = buf, memoryview(buf), 0, size
-
-    def set_timeout(self, seconds: float | None) -> None:
-        """Make each blocking send give up after ``seconds`` (``TimeoutError``), and receives
-        too until a deadline is set (:meth:`set_deadline`).
-
-        A plain TCP socket stays in blocking mode and gets the timeout from the kernel
-        (``SO_RCVTIMEO``/``SO_SNDTIMEO``): with Python's own timeout every ``recv`` and ``send``
-        is preceded by a ``poll``, two system calls - and two hand-overs of the GIL among the
-        association threads - instead of one.  TLS sockets keep Python's timeout.
-        """
-        if seconds is not None and seconds <= 0:
-            seconds = None  # no timeout
-        self._rcv = float("inf") if seconds is None else seconds
-        if seconds is None or isinstance(self.sock, ssl.SSLSocket):
-            self.sock.settimeout(seconds)
-            return
-        self.sock.settimeout(None)
-        timeval = self._timeval(seconds)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-
-    @staticmethod
-    def _timeval(seconds: float) -> bytes:
-        seconds = max(seconds, 0.001)
-        whole = int(seconds)
-        return struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
-
-    def _set_receive_timeout(self, seconds: float) -> None:
-        self._rcv = seconds
-        if isinstance(self.sock, ssl.SSLSocket):
-            self.sock.settimeout(None if seconds == float("inf") else seconds)
-        elif seconds == float("inf"):
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", 0, 0))
-        else:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._timeval(seconds))
-
-    def set_deadline(self, deadline: float | None, phase: str) -> None:
-        """Every receive from now on must end by ``deadline`` (``time.monotonic()``; None:
-        none), else :class:`DeadlineExceeded` naming ``phase``: a peer trickling one byte at a
-        time no longer restarts a timeout with each byte."""
-        self._deadline = float("inf") if deadline is None else deadline
-        self._phase = phase
-
-    def _recv_into(self, view: memoryview) -> int:
-        arm_quickack(self.sock)
-        expired = False
-        while True:
-            remaining = self._deadline - time.monotonic()
-            if remaining <= 0:
-                raise DeadlineExceeded(self._phase)
-            if expired or self._rcv > remaining + _DEADLINE_SLACK:
-                self._set_receive_timeout(remaining)
-            try:
-                n = self.sock.recv_into(view)
-            except (BlockingIOError, TimeoutError):  # the receive timeout ran out
-                expired = True
-                continue
-            if not n:
-                raise _Closed
-            self.anything = True
-            if self._arm is not None:
-                self.set_deadline(time.monotonic() + self._arm, _DIMSE_PHASE)
-                self._arm = None
-            return n
-
-    def _fill(self, need: int) -> None:
-        while self._end - self._start < need:
-            if self._start == self._end:
-                self._start = self._end = 0
-            elif len(self._buf) - self._start < need:
-                size = self._end - self._start
-                self._buf[:size] = self._buf[self._start:self._end]
-                self._start, self._end = 0, size
-            self._end += self._recv_into(self._view[self._end:])
-
-    def read_pdu(self, limit: int, within: float | None = None) -> tuple[int, bytes | bytearray]:
-        """The next PDU's type and body; PDUs longer than ``limit`` abort the association.
-
-        ``within``: from its first byte, this PDU - and the DIMSE message it may begin - must
-        arrive within this many seconds (until then the deadline set before applies).
-        """
-        if within is not None:
-            if self._end > self._start:  # its first byte is here already
-                self.set_deadline(time.monotonic() + within, _DIMSE_PHASE)
-            else:
-                self._arm = within
-        try:
-            self._fill(6)
-        finally:
-            self._arm = None
-        pdu_type, length = _HEADER.unpack_from(self._buf, self._start)
-        self._start += 6
-        if length > limit:
-            raise _Abort(ABORT_INVALID_PDU_PARAMETER, f"PDU of {length} bytes (limit {limit})")
-        buffered = self._end - self._start
-        if buffered >= length:
-            body = bytes(self._view[self._start:self._start + length])
-            self._start += length
-            return pdu_type, body
-        # Larger than what is buffered: read the rest into the body's own buffer, which grows
-        # with what arrives (a header declaring 64 MiB commits nothing before the bytes come).
-        big = bytearray(max(buffered, min(length, _BODY_STEP)))
-        big[:buffered] = self._view[self._start:self._end]
-        self._start = self._end = 0
-        got = buffered
-        while got < length:
-            if got == len(big):
-                big.extend(bytes(min(len(big), length - got)))
-            with memoryview(big) as view:
-                got += self._recv_into(view[got:])
-        return pdu_type, big
-
-    def send(self, data: bytes) -> None:
-        try:
-            self.sock.sendall(data)
-        except BlockingIOError:  # SO_SNDTIMEO ran out
-            raise TimeoutError("send timed out") from None
 
 
 class _Message:
@@ -580,6 +314,9 @@ class Acceptor:
         self._supported: list[PresentationContext] = [
             build_context(abstract, list(syntaxes)) for abstract, syntaxes in config.contexts.items()
         ]
+        for cx in self._supported:
+            if cx.abstract_syntax in config.role_classes:
+                cx.scu_role, cx.scp_role = True, True
         self._lock = threading.Lock()
         self._negotiated: OrderedDict[bytes, _Negotiated] = OrderedDict()
         self._active: dict[int, socket.socket] = {}
@@ -827,7 +564,7 @@ class _AssociationRun:
         self.handler = acceptor.handler
         self.sock = sock
         self.addr = addr
-        self.conn = _Connection(sock)
+        self.conn = Connection(sock)
         self.limit = (
             self.config.maximum_pdu_size + 6 if self.config.maximum_pdu_size else _MAX_DATA_PDU
         )
@@ -843,7 +580,7 @@ class _AssociationRun:
         )
         try:
             pdu_type, body = self.conn.read_pdu(config.max_request_pdu)
-        except (_Closed, ConnectionError):
+        except (Closed, ConnectionError):
             return  # a port probe or a health check: nothing to say
         except TimeoutError:
             self.handler.connection_failed(
@@ -853,7 +590,7 @@ class _AssociationRun:
             )
             self._send_quietly(abort_pdu(ABORT_NOT_SPECIFIED))
             return
-        except _Abort as exc:
+        except Abort as exc:
             self.handler.connection_failed(address, str(exc))
             self._send_quietly(abort_pdu(exc.reason))
             return
@@ -890,7 +627,7 @@ class _AssociationRun:
     def _negotiate(self, address: str, body: bytes | bytearray) -> Association | None:
         key = bytes(body[_FIXED_PART:])
         try:
-            called, calling = _ae_title(body[4:20], "Called"), _ae_title(body[20:36], "Calling")
+            called, calling = decode_ae_title(body[4:20], "Called"), decode_ae_title(body[20:36], "Calling")
             negotiated = self.acceptor._remembered(key) if len(body) > _FIXED_PART else None
             if negotiated is None:
                 negotiated = self._decode_request(body)
@@ -918,7 +655,7 @@ class _AssociationRun:
             self._send_quietly(reject_pdu(rejection.result, rejection.source, rejection.reason))
             return None
         ac = b"".join((
-            _HEADER.pack(A_ASSOCIATE_AC_PDU, _FIXED_PART + len(negotiated.ac_items)),
+            PDU_HEADER.pack(A_ASSOCIATE_AC_PDU, _FIXED_PART + len(negotiated.ac_items)),
             b"\x00\x01\x00\x00",
             called.encode("ascii").ljust(16, b" "),
             calling.encode("ascii").ljust(16, b" "),
@@ -941,7 +678,7 @@ class _AssociationRun:
             Whatever pynetdicom raises on bytes that are not a valid request.
         """
         rq_pdu = A_ASSOCIATE_RQ()
-        rq_pdu.decode(_HEADER.pack(A_ASSOCIATE_RQ_PDU, len(body)) + bytes(body))
+        rq_pdu.decode(PDU_HEADER.pack(A_ASSOCIATE_RQ_PDU, len(body)) + bytes(body))
         primitive = rq_pdu.to_primitive()
         items = primitive.user_information
         max_length = next((i for i in items if isinstance(i, MaximumLengthNotification)), None)
@@ -1016,16 +753,16 @@ class _AssociationRun:
                     message = self._p_data(assoc, message, body)
                 elif pdu_type == A_RELEASE_RQ_PDU:
                     if message is not None:
-                        raise _Abort(ABORT_UNEXPECTED_PDU, "A-RELEASE-RQ inside a DIMSE message")
+                        raise Abort(ABORT_UNEXPECTED_PDU, "A-RELEASE-RQ inside a DIMSE message")
                     self._send_quietly(RELEASE_RP)
                     return True, "released"
                 elif pdu_type == A_ABORT_PDU:
                     return False, "aborted by the peer"
                 elif A_ASSOCIATE_RQ_PDU <= pdu_type <= A_RELEASE_RP_PDU:
-                    raise _Abort(ABORT_UNEXPECTED_PDU, f"unexpected PDU type 0x{pdu_type:02X}")
+                    raise Abort(ABORT_UNEXPECTED_PDU, f"unexpected PDU type 0x{pdu_type:02X}")
                 else:
-                    raise _Abort(ABORT_UNRECOGNIZED_PDU, f"unrecognized PDU type 0x{pdu_type:02X}")
-        except _Abort as exc:
+                    raise Abort(ABORT_UNRECOGNIZED_PDU, f"unrecognized PDU type 0x{pdu_type:02X}")
+        except Abort as exc:
             self._send_quietly(abort_pdu(exc.reason))
             return False, f"aborted: {exc}"
         except DeadlineExceeded as exc:
@@ -1035,7 +772,7 @@ class _AssociationRun:
         except TimeoutError:
             self._send_quietly(abort_pdu(ABORT_NOT_SPECIFIED))
             return False, f"aborted: a send timed out ({config.network_timeout or 0:g} s)"
-        except (_Closed, ConnectionError):
+        except (Closed, ConnectionError):
             if self.acceptor.closing:
                 return False, "aborted: the listener is stopping"
             return False, "connection closed by the peer without release"
@@ -1048,16 +785,16 @@ class _AssociationRun:
         view = memoryview(body)
         offset, end = 0, len(body)
         if end < 6:
-            raise _Abort(ABORT_INVALID_PDU_PARAMETER, "P-DATA-TF without a PDV")
+            raise Abort(ABORT_INVALID_PDU_PARAMETER, "P-DATA-TF without a PDV")
         while offset < end:
             if offset + 6 > end:
-                raise _Abort(ABORT_INVALID_PDU_PARAMETER, "PDV header truncated")
-            item_length, context_id, control = _PDV_HEADER.unpack_from(body, offset)
+                raise Abort(ABORT_INVALID_PDU_PARAMETER, "PDV header truncated")
+            item_length, context_id, control = PDV_HEADER.unpack_from(body, offset)
             stop = offset + 4 + item_length
             if item_length < 2 or stop > end:
-                raise _Abort(ABORT_INVALID_PDU_PARAMETER, f"PDV length {item_length} out of range")
+                raise Abort(ABORT_INVALID_PDU_PARAMETER, f"PDV length {item_length} out of range")
             if context_id not in assoc.contexts:
-                raise _Abort(
+                raise Abort(
                     ABORT_INVALID_PDU_PARAMETER, f"PDV on presentation context {context_id}, not accepted"
                 )
             fragment = view[offset + 6:stop]
@@ -1065,20 +802,20 @@ class _AssociationRun:
             if message is None:
                 message = _Message(context_id)
             elif context_id != message.context_id:
-                raise _Abort(ABORT_UNEXPECTED_PDU, "PDV on another presentation context mid-message")
+                raise Abort(ABORT_UNEXPECTED_PDU, "PDV on another presentation context mid-message")
             if control & 0x01:  # command fragment
                 if message.dataset is not None:
-                    raise _Abort(ABORT_UNEXPECTED_PDU, "command fragment inside a data set")
+                    raise Abort(ABORT_UNEXPECTED_PDU, "command fragment inside a data set")
                 message.command.append(fragment)
                 message.size += len(fragment)
                 if message.size > _MAX_COMMAND:
-                    raise _Abort(ABORT_INVALID_PDU_PARAMETER, f"command set over {_MAX_COMMAND} bytes")
+                    raise Abort(ABORT_INVALID_PDU_PARAMETER, f"command set over {_MAX_COMMAND} bytes")
                 if control & 0x02:
                     try:
                         message.fields = decode_command(b"".join(message.command))
                     except ValueError as exc:
-                        raise _Abort(ABORT_INVALID_PDU_PARAMETER, f"command set: {exc}") from None
-                    if _us(message.fields.get(0x0800)) == NO_DATA_SET:
+                        raise Abort(ABORT_INVALID_PDU_PARAMETER, f"command set: {exc}") from None
+                    if decode_us(message.fields.get(0x0800)) == NO_DATA_SET:
                         self._dispatch(assoc, message, None)
                         message = None
                     else:
@@ -1086,11 +823,11 @@ class _AssociationRun:
                         message.size = 0
             else:
                 if message.dataset is None:
-                    raise _Abort(ABORT_UNEXPECTED_PDU, "data set fragment before its command")
+                    raise Abort(ABORT_UNEXPECTED_PDU, "data set fragment before its command")
                 message.dataset.append(fragment)
                 message.size += len(fragment)
                 if self.config.max_message_bytes and message.size > self.config.max_message_bytes:
-                    raise _Abort(
+                    raise Abort(
                         ABORT_NOT_SPECIFIED,
                         f"data set over max_instance_mb ({self.config.max_message_bytes >> 20} MiB)",
                     )
@@ -1103,19 +840,19 @@ class _AssociationRun:
 
     def _dispatch(self, assoc: Association, message: _Message, dataset: bytes | None) -> None:
         fields = message.fields
-        command = _us(fields.get(0x0100))
-        message_id = _us(fields.get(0x0110)) or 0
+        command = decode_us(fields.get(0x0100))
+        message_id = decode_us(fields.get(0x0110)) or 0
         context = assoc.contexts[message.context_id]
         comment: str | None = None
-        sop_class = _text(fields.get(0x0002))
-        sop_instance = _text(fields.get(0x1000))
+        sop_class = decode_text(fields.get(0x0002))
+        sop_instance = decode_text(fields.get(0x1000))
         if command == C_STORE_RQ and dataset is not None:
             request = StoreRequest(
                 message_id=message_id,
                 affected_sop_class_uid=sop_class,
                 affected_sop_instance_uid=sop_instance,
-                priority=_us(fields.get(0x0700)) or 0,
-                move_originator_ae_title=_text(fields.get(0x1030)) or None,
+                priority=decode_us(fields.get(0x0700)) or 0,
+                move_originator_ae_title=decode_text(fields.get(0x1030)) or None,
                 context=context,
                 dataset=dataset,
             )
@@ -1123,13 +860,23 @@ class _AssociationRun:
         elif command == C_ECHO_RQ:
             status = self.handler.echo(assoc)
             sop_class = sop_class or context.abstract_syntax
+        elif command == N_EVENT_REPORT_RQ:
+            status = self.handler.event_report(assoc, EventReportRequest(
+                message_id=message_id, affected_sop_class_uid=sop_class, affected_sop_instance_uid=sop_instance,
+                event_type_id=decode_us(fields.get(0x1002)), context=context, dataset=dataset,
+            ))
+            response = encode_response(command, message_id, status, sop_class_uid=sop_class or None,
+                                       sop_instance_uid=sop_instance or None,
+                                       event_type_id=decode_us(fields.get(0x1002)))
+            self.conn.send(p_data_pdus(message.context_id, response, assoc.peer_max_pdu))
+            return
         elif command == C_CANCEL_RQ:
             return
         elif command is None or command & 0x8000:
-            raise _Abort(ABORT_UNEXPECTED_PDU, f"not a DIMSE request (command field {command})")
+            raise Abort(ABORT_UNEXPECTED_PDU, f"not a DIMSE request (command field {command})")
         else:
             status = UNRECOGNIZED_OPERATION
-            comment = "only C-STORE and C-ECHO are provided"
+            comment = "only C-STORE, C-ECHO and N-EVENT-REPORT are provided"
         response = encode_response(
             command, message_id, status, sop_class_uid=sop_class or None,
             sop_instance_uid=sop_instance or None, error_comment=comment,

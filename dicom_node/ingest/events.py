@@ -47,6 +47,28 @@ class AssociationSummary:
     ended_at: float
 
 
+@dataclass(frozen=True)
+class CommitmentReport:
+    """A Storage Commitment N-EVENT-REPORT an archive sent to the listener (PS3.4 J.3.3)."""
+
+    transaction_uid: str
+    #: 1: every object committed; 2: some failed.
+    event_type: int
+    committed: tuple[str, ...]
+    #: SOP Instance UID -> the archive's failure reason, readable.
+    failed: dict[str, str]
+    calling_ae_title: str
+    received_at: float
+
+
+class CommitmentSink(Protocol):
+    """Optional side of a sink: keeps Storage Commitment reports durably before they are answered."""
+
+    def commitment_reported(self, report: CommitmentReport) -> str:
+        """Record ``report``; return ``recorded``, ``duplicate`` or ``unknown`` (no such transaction)."""
+        ...
+
+
 class IngestSink(Protocol):
     """Receives listener events; implementations must be thread-safe and must not block long."""
 

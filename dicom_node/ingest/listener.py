@@ -14,7 +14,9 @@ unmodified DCMTK senders do not stall 40 ms per instance on delayed ACKs.
 
 from __future__ import annotations
 
+import os
 import resource
+import signal
 import socket
 import ssl
 import struct
@@ -34,10 +36,12 @@ from dicom_node.ingest.acceptor import (
     Association,
     AssociationRejected,
     AssociationRequest,
+    EventReportRequest,
     StoreRequest,
 )
-from dicom_node.ingest.events import AssociationSummary, IngestSink, StoredInstance
+from dicom_node.ingest.events import AssociationSummary, CommitmentReport, IngestSink, StoredInstance
 from dicom_node.ingest.header import DataSetTooLargeError, UndecodableDatasetError, parse_header
+from dicom_node.ingest.rejections import RejectionLog
 from dicom_node.ingest.spool import Spool, SpoolWriteError
 from dicom_node.settings import ListenerSettings, StorageSettings, TlsSettings
 
@@ -59,6 +63,9 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
 )
 
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
+#: Storage Commitment Push Model: archives send their N-EVENT-REPORT to the listener on a new
+#: association, as the SCP of this class (SCP/SCU Role Selection accepted either way).
+STORAGE_COMMITMENT_SOP_CLASS = "1.2.840.10008.1.20.1"
 
 
 def _meta_element(tag_element: int, vr: bytes, value: bytes) -> bytes:
@@ -186,6 +193,7 @@ class ListenerMetrics(Protocol):
 def _contexts() -> dict[str, tuple[str, ...]]:
     contexts = {str(cx.abstract_syntax): TRANSFER_SYNTAXES for cx in AllStoragePresentationContexts}
     contexts[VERIFICATION_SOP_CLASS] = TRANSFER_SYNTAXES[:3]
+    contexts[STORAGE_COMMITMENT_SOP_CLASS] = TRANSFER_SYNTAXES[:3]
     return contexts
 
 
@@ -222,6 +230,8 @@ class Listener:
     ) -> None:
         self.settings = settings
         self.metrics = metrics
+        #: The newest rejected association requests, for the dashboard (same process).
+        self.rejections = RejectionLog()
         self.reuse_port = reuse_port
         self.spool = spool
         self.sink = sink
@@ -241,6 +251,7 @@ class Listener:
         s = self.settings
         config = AcceptorConfig(
             contexts=_contexts(),
+            role_classes=frozenset({STORAGE_COMMITMENT_SOP_CLASS}),
             maximum_pdu_size=s.maximum_pdu_size,
             acse_timeout=s.acse_timeout,
             network_timeout=s.network_timeout,
@@ -333,6 +344,8 @@ class Listener:
             called_ae_title=request.called_ae_title, peer=f"{request.address}:{request.port}",
             reason=rejection.text,
         )
+        self.rejections.add(request.calling_ae_title, request.called_ae_title,
+                            f"{request.address}:{request.port}", rejection.text)
         if self.metrics is not None:
             self.metrics.association(request.calling_ae_title, "rejected")
 
@@ -370,6 +383,38 @@ class Listener:
     def echo(self, assoc: Association) -> int:
         """Handle a C-ECHO request: always ``0x0000`` (Success)."""
         cast(_AssociationState, assoc.user_data).log.debug("echo_answered")
+        return statuses.SUCCESS
+
+    def event_report(self, assoc: Association, request: EventReportRequest) -> int:
+        """Handle an N-EVENT-REPORT: a Storage Commitment result from an archive.
+
+        Answered with success once the sink has recorded it durably (a report for a transaction
+        the catalog does not know, or already has, is answered with success too and logged: the
+        archive has nothing to do about it); a report that cannot be read or recorded gets
+        0x0110 (processing failure), so the archive may send it again.
+        """
+        log = cast(_AssociationState, assoc.user_data).log
+        record = getattr(self.sink, "commitment_reported", None)
+        if request.affected_sop_class_uid != STORAGE_COMMITMENT_SOP_CLASS or record is None:
+            log.warning("event_report_refused", sop_class=request.affected_sop_class_uid)
+            return 0x0211  # unrecognized operation: only storage commitment reports are taken
+        if os.environ.get("DICOM_NODE_CRASH_POINT") == "commitment_report":
+            # Test hook (as dicom_node.scheduling.completion.crash_point): die before the report is
+            # kept or answered, i.e. between the store and the report (crash tests).
+            os.kill(os.getpid(), signal.SIGKILL)
+        try:
+            report = _commitment_report(request, assoc.calling_ae_title)
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+            log.warning("commitment_report_unreadable", error=str(exc))
+            return 0x0110
+        try:
+            outcome = record(report)
+        except Exception:
+            log.exception("sink_failed", sink_event="commitment_reported")
+            return 0x0110
+        (log.info if outcome == "recorded" else log.warning)(
+            "commitment_report_received", transaction_uid=report.transaction_uid, event_type=report.event_type,
+            committed=len(report.committed), failed=len(report.failed), outcome=outcome)
         return statuses.SUCCESS
 
     def store(self, assoc: Association, request: StoreRequest) -> tuple[int, str | None]:
@@ -525,3 +570,26 @@ class Listener:
         state.series.add(series)
         state.stored += 1
         return statuses.SUCCESS
+
+
+def _commitment_report(request: EventReportRequest, calling_ae_title: str) -> CommitmentReport:
+    """Decode the Event Information of a Storage Commitment N-EVENT-REPORT (PS3.4 Table J.3-2)."""
+    from io import BytesIO
+
+    from pydicom.filereader import read_dataset
+
+    if request.dataset is None:
+        raise ValueError("N-EVENT-REPORT without Event Information")
+    syntax = request.context.transfer_syntax
+    info = read_dataset(BytesIO(request.dataset), is_implicit_VR=syntax == "1.2.840.10008.1.2",
+                        is_little_endian=syntax != "1.2.840.10008.1.2.2")
+    uid = str(info.get("TransactionUID", "") or "")
+    if not uid:
+        raise ValueError("N-EVENT-REPORT without a Transaction UID")
+    committed = tuple(str(i.get("ReferencedSOPInstanceUID", "")) for i in info.get("ReferencedSOPSequence", []))
+    failed = {}
+    for item in info.get("FailedSOPSequence", []):
+        code = item.get("FailureReason")
+        failed[str(item.get("ReferencedSOPInstanceUID", ""))] = statuses.commitment_failure(
+            None if code is None else int(code))
+    return CommitmentReport(uid, int(request.event_type_id or 0), committed, failed, calling_ae_title, time.time())

@@ -39,6 +39,7 @@ SERIES_OFFSETS: dict[str, int] = {
     "sc": 5,
     "notice-sr": 6,
     "notice-sc": 7,
+    "seg-resampled": 8,
 }
 #: Model blocks 1..89: with the default base 9000, Series Numbers 9011..9897 (below 9901).
 SERIES_SLOTS = 89

@@ -18,7 +18,7 @@ from dicom_node.results.common import contributing_equipment, fill_type2, lo, se
 from dicom_node.results.context import EncodeContext
 
 #: Results a KOS points at, in this order (those that were encoded in the same job).
-REFERENCED_OUTPUTS = ("seg", "sr", "gsps", "sc")
+REFERENCED_OUTPUTS = ("seg", "sr", "seg-resampled", "gsps", "sc")
 #: Longest Key Object Description (a TEXT item is UT, viewers show about this much).
 _DESCRIPTION_MAX = 1024
 

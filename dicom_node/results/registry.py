@@ -92,6 +92,12 @@ def _seg(ctx: EncodeContext) -> list[Dataset]:
     return encode_seg_output(ctx)
 
 
+def _seg_resampled(ctx: EncodeContext) -> list[Dataset]:
+    from dicom_node.results import resampled
+
+    return resampled.encode(ctx)
+
+
 def _sr(ctx: EncodeContext) -> list[Dataset]:
     from dicom_node.results.segsr import encode_sr_output
 
@@ -120,6 +126,9 @@ register(OutputType("seg", _seg, (SEGMENTATION,),
                     "Segmentation: the masks, overlaid by OHIF, 3D Slicer, Cornerstone viewers"))
 register(OutputType("sr", _sr, (COMPREHENSIVE_3D_SR,),
                     "TID 1500 Measurement Report referencing the SEG segments", needs=("seg",)))
+register(OutputType("seg-resampled", _seg_resampled, (SEGMENTATION,),
+                    "Segmentation of a gantry-tilted stack on an orthogonal grid (dcmqi, 3D Slicer); "
+                    "none for an untilted stack, whose seg already is"))
 register(OutputType("gsps", _gsps, (GSPS,),
                     "Presentation state: outlines, centres and measurements drawn on the images"))
 register(OutputType("sc", _sc, (SECONDARY_CAPTURE,),

@@ -1,6 +1,7 @@
 """Completion: decide when a series is complete, route it and queue its jobs.
 
-A series still receiving is complete (checked every ``completion.poll_seconds``):
+A series still receiving is complete (checked every ``completion.poll_seconds``, and when an
+association grace ends):
 
 * **by count** when the associations that carried it are released and the instance count
   reached the expected count: the series' own (ImagesInAcquisition, times
@@ -81,6 +82,8 @@ class CompletionLoop:
         # Stale jobs are looked for a few times per ``requeue_after_seconds`` (at most every minute).
         self._sweep_every = min(60.0, max(0.5, settings.worker.requeue_after_seconds / 4))
         self._next_sweep = time.monotonic() + self._sweep_every
+        #: When the earliest association grace still running ends (epoch s; None: none runs).
+        self._grace_ends: float | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -89,8 +92,18 @@ class CompletionLoop:
         self._stop.set()
         self._thread.join(timeout=10)
 
+    def pause(self, now: float | None = None) -> float:
+        """Seconds to sleep before the next tick: ``poll_seconds``, or less when an association
+        grace ends sooner, so a learned sender's series completes at release + grace, not at
+        the next poll after it (up to ``poll_seconds`` later: 0.25 s by default)."""
+        poll = self.settings.completion.poll_seconds
+        if self._grace_ends is None:
+            return poll
+        now = time.time() if now is None else now
+        return min(poll, max(0.005, self._grace_ends - now))
+
     def _run(self) -> None:
-        while not self._stop.wait(self.settings.completion.poll_seconds):
+        while not self._stop.wait(self.pause()):
             try:
                 self.tick()
             except Exception:  # process boundary: keep completing series after a hiccup
@@ -158,6 +171,7 @@ class CompletionLoop:
         now = time.time() if now is None else now
         queued: list[int] = []
         rows = receiving_series(self.catalog)
+        self._grace_ends = None
         if not rows:
             return queued
         senders = self.senders()
@@ -165,16 +179,28 @@ class CompletionLoop:
             rules = matching_rules(self.settings.rules, series.routing_attributes())
             decision = self.decide(series, rules, senders, now)
             if decision is None:
+                self._note_grace(series, now)
                 continue
             queued += self._complete(series, rules, decision)
         return queued
+
+    def _note_grace(self, row: SeriesRow, now: float) -> None:
+        """Remember when ``row``'s association grace ends, if it is released, has no count and
+        the grace is still running (the next tick is timed for it: see :meth:`pause`)."""
+        if row.released_at is None or (row.open_associations or 0) > 0 or row.released_at < row.last_received_at:
+            return
+        if row.expected_count is not None:
+            return
+        ends = row.released_at + self.settings.completion.association_grace_seconds
+        if ends > now and (self._grace_ends is None or ends < self._grace_ends):
+            self._grace_ends = ends
 
     def _complete(self, series: SeriesRow, rules: list[RuleSettings], decision: Decision) -> list[int]:
         uid = series.series_instance_uid
         reason = decision.reason
         refused = [r for r in rules if decision.incomplete and r.on_incomplete == "refuse"]
         taken = [r for r in rules if r not in refused]
-        specs = [JobSpec(uid, rule.name, model, rule.destinations, rule.priority.value)
+        specs = [JobSpec(uid, rule.name, model, rule.destinations, rule.priority.value, rule.mode)
                  for rule in taken for model in rule.models]
         notes = []
         if decision.incomplete:

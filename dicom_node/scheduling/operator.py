@@ -111,11 +111,15 @@ def resend(catalog: Catalog, queue: JobQueue, settings: Settings, target: str, *
         job = catalog.get_job(int(target))
         if job is None:
             raise CatalogError(f"unknown job {target}")
+        if job.shadow:
+            raise CatalogError(f"job {job.id} is a shadow job: its results are kept in the node and never "
+                               "sent (promote its rule with mode = \"live\" and rerun the series)")
         jobs = [job]
     else:
         if catalog.get_series(target) is None:
             raise CatalogError(f"unknown series {target}")
-        jobs = jobs_with_results(catalog, target)
+        # Shadow jobs' results are never sent, not even by an operator.
+        jobs = [j for j in jobs_with_results(catalog, target) if not j.shadow]
         if not jobs:
             raise CatalogError(f"series {target} has no finished job with stored results "
                                "(use 'dicom-node rerun' to run its models again)")
@@ -138,7 +142,8 @@ def _previous_specs(catalog: Catalog, series: SeriesRow) -> dict[str, JobSpec]:
     """The (rule, destinations, priority) each model last ran with on ``series``, by model."""
     specs: dict[str, JobSpec] = {}
     for job in queries.jobs_of_series(catalog, series.series_instance_uid):  # oldest first: newest wins
-        specs[job.model] = JobSpec(series.series_instance_uid, job.rule, job.model, job.destinations, job.priority)
+        specs[job.model] = JobSpec(series.series_instance_uid, job.rule, job.model, job.destinations, job.priority,
+                                   job.mode)
     return specs
 
 
@@ -150,7 +155,7 @@ def _matching_specs(settings: Settings, series: SeriesRow) -> tuple[list[JobSpec
         reasons.append(f"{'MATCH' if result.matched else 'no'} {rule.name}: {'; '.join(result.reasons)}")
         if result.matched:
             specs += [JobSpec(series.series_instance_uid, rule.name, model, rule.destinations,
-                              rule.priority.value) for model in rule.models]
+                              rule.priority.value, rule.mode) for model in rule.models]
     return specs, reasons
 
 
@@ -191,7 +196,7 @@ def rerun(catalog: Catalog, queue: JobQueue, settings: Settings, series_uid: str
         specs = [previous[model]]
     else:
         named = [s for s in matching if s.model == model] or [
-            JobSpec(series_uid, rule.name, model, rule.destinations, rule.priority.value)
+            JobSpec(series_uid, rule.name, model, rule.destinations, rule.priority.value, rule.mode)
             for rule in settings.rules if model in rule.models][:1]
         if not named:
             raise CatalogError(f"no job and no routing rule names model {model!r}: its destinations are unknown")

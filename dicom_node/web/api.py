@@ -27,7 +27,9 @@ from dicom_node.catalog import (
     SeriesRow,
     queries,
 )
-from dicom_node.catalog.heartbeats import ALIVE_WITHIN_S, worker_statuses
+from dicom_node.catalog.heartbeats import ALIVE_WITHIN_S, warm_by_model, worker_statuses
+from dicom_node.catalog.tables import KEEPS_FIRST_INSTANCE
+from dicom_node.ingest.rejections import RejectionLog
 from dicom_node.metrics import (
     STAGE_DEFINITIONS,
     STAGES,
@@ -49,9 +51,21 @@ class ApiContext:
     settings: Settings
     catalog: Catalog
     queue: JobQueue
+    #: The listener's rejected associations (same process: ``serve`` runs the web server as a
+    #: thread beside the listener); None in an app built without a listener.
+    rejections: RejectionLog | None = None
 
 
 # -- response models ------------------------------------------------------------------------
+
+
+class PeakMemory(BaseModel):
+    device: str = Field(description="cpu, cuda:0...")
+    kind: str = Field(description="cuda_allocated: peak bytes PyTorch allocated on the GPU during the run; "
+                                  "rss: growth of the worker process's peak resident memory over the run; "
+                                  "rss_lifetime: growth of the process's all-time peak (no per-job reset).")
+    peak_bytes: int
+    peak_mib: float
 
 
 class JobSummary(BaseModel):
@@ -62,10 +76,13 @@ class JobSummary(BaseModel):
     series_description: str | None = Field(default=None, description="Of the series (no patient data).")
     body_part_examined: str | None = None
     calling_ae_title: str | None = Field(default=None, description="The AE title that sent the series.")
+    study_date: str | None = Field(default=None, description="StudyDate of the series (YYYYMMDD), if known.")
     rule: str
     model: str
     priority: str
     state: str
+    mode: str = Field(default="live", description="live, or shadow: results kept in the node, never dispatched.")
+    state_label: str = Field(default="", description="The state as shown: 'done (shadow)' for a shadow job.")
     reason: str | None
     attempts: int
     generation: int
@@ -84,6 +101,14 @@ class JobSummary(BaseModel):
         + "; ".join(f"{k}: {v}" for k, v in STAGE_DEFINITIONS.items())
     )
     end_to_end_s: float | None = Field(description="Last instance received to results delivered.")
+    next_attempt_at: float | None = Field(
+        default=None, description="When a delivery that failed transiently is tried again (epoch s); "
+                                  "null when none is scheduled.")
+    peak_memory: PeakMemory | None = Field(
+        None, description="Peak memory of the model run (null until the job was encoded).")
+    model_warm: bool | None = Field(
+        None, description="Whether the model was already loaded in the worker process (false: "
+                          "the inference time includes loading it).")
 
 
 class JobEvent(BaseModel):
@@ -110,6 +135,9 @@ class Delivery(BaseModel):
     last_error: str | None
     last_attempt_at: float | None
     done_at: float | None
+    next_attempt_at: float | None = Field(
+        None, description="When this delivery is tried again after a transient failure (epoch s); "
+                          "null when no attempt is scheduled.")
     objects: list[DeliveredObject] = Field(
         default_factory=list, description="Per-object outcome of the last attempt.")
     confirmation: str | None = Field(
@@ -143,6 +171,7 @@ class UnmatchedSeries(BaseModel):
     modality: str | None
     series_description: str | None
     calling_ae_title: str | None
+    study_date: str | None = None
     instance_count: int
     generation: int
     completed_at: float | None
@@ -163,6 +192,7 @@ class SeriesSummary(BaseModel):
     body_part_examined: str | None
     series_description: str | None
     calling_ae_title: str | None
+    study_date: str | None = Field(None, description="StudyDate (YYYYMMDD) of its first instance, if known.")
     instance_count: int
     expected_count: int | None
     bytes_received: int
@@ -197,6 +227,23 @@ class DestinationHealth(BaseModel):
     failed: int
     pending: int
     failed_attempts: int
+    keeps_first_instance: str | None = Field(
+        None, description="Set (with the fix) when a re-run's results with the same SOP Instance UIDs did "
+                          "not replace the archive's earlier objects: a corrected result does not show there.")
+
+
+class RejectedAssociation(BaseModel):
+    at: float = Field(description="When the request was rejected (epoch s).")
+    calling_ae_title: str
+    called_ae_title: str
+    peer: str = Field(description="Address and port of the peer.")
+    reason: str = Field(description="The A-ASSOCIATE-RJ reason sent.")
+
+
+class RejectedAssociations(BaseModel):
+    total: int = Field(description="Rejections since the node started.")
+    kept: int = Field(description="At most this many of the newest are listed.")
+    rejections: list[RejectedAssociation] = Field(description="Newest first.")
 
 
 class QueueDepth(BaseModel):
@@ -217,6 +264,18 @@ class Worker(BaseModel):
     current_job_id: int | None
     current_model: str | None
     current_since: float | None
+    warm_models: list[str] = Field(
+        default_factory=list, description="Models the process holds in memory, least recently used first.")
+
+
+class WarmOn(BaseModel):
+    hostname: str
+    pid: int
+    device: str | None
+    version: str | None
+    loaded_at: float | None
+    last_used: float | None
+    uses: int | None = Field(description="Jobs (and warm-up) that used it since it was loaded.")
 
 
 class ModelInfo(BaseModel):
@@ -230,6 +289,9 @@ class ModelInfo(BaseModel):
     source: str | None = Field(description="Model folder ([[models]]) or entry point (plugin).")
     devices: list[str] = Field(description="Devices of the live inference workers that run it.")
     rules: list[str] = Field(description="Rules that name the model.")
+    warm: bool = Field(False, description="Loaded in at least one live worker process (else cold: "
+                                          "its next job loads it first).")
+    warm_on: list[WarmOn] = Field(default_factory=list, description="The worker processes holding it.")
     error: str | None = Field(None, description="Why the model's files cannot be read, if they cannot.")
 
 
@@ -266,8 +328,21 @@ class Throughput(BaseModel):
 # -- helpers --------------------------------------------------------------------------------
 
 
+def _action_responses(not_found: str, conflict: str | None = None) -> dict[int | str, dict[str, Any]]:
+    """The error answers of an operator action: token checks, then what it acts on."""
+    responses: dict[int | str, dict[str, Any]] = {
+        401: {"description": "missing or wrong token"},
+        403: {"description": "no API token configured"},
+        404: {"description": not_found},
+    }
+    if conflict is not None:
+        responses[409] = {"description": conflict}
+    return responses
+
+
 def _summary(
-    ctx: ApiContext, job: JobRow, series: SeriesRow | None, last_received: float | None, now: float
+    ctx: ApiContext, job: JobRow, series: SeriesRow | None, last_received: float | None, now: float,
+    next_attempt_at: float | None = None,
 ) -> JobSummary:
     return JobSummary(
         id=job.id,
@@ -277,10 +352,13 @@ def _summary(
         series_description=series.series_description if series is not None else None,
         body_part_examined=series.body_part_examined if series is not None else None,
         calling_ae_title=series.calling_ae_title if series is not None else None,
+        study_date=series.study_date if series is not None else None,
         rule=job.rule,
         model=job.model,
         priority=job.priority,
         state=job.state,
+        mode=job.mode,
+        state_label=job.state_label,
         reason=job.reason,
         attempts=job.attempts,
         generation=job.generation,
@@ -295,20 +373,35 @@ def _summary(
         done_at=job.done_at,
         failed_at=job.failed_at,
         stages=stage_durations(job, series),
+        peak_memory=_peak_memory(job.results),
+        model_warm=job.results.get("model_warm") if isinstance(job.results.get("model_warm"), bool) else None,
         end_to_end_s=(
             job.done_at - last_received
             if job.state == JobState.DONE.value
+            and not job.shadow  # a shadow job delivers nothing
             and job.done_at is not None
             and last_received is not None
             and job.done_at >= last_received
             else None
         ),
+        next_attempt_at=next_attempt_at,
     )
+
+
+def _peak_memory(results: dict[str, Any]) -> PeakMemory | None:
+    memory = results.get("memory") if results else None
+    if not isinstance(memory, dict):
+        return None
+    try:
+        return PeakMemory(**memory)
+    except ValueError:  # written by another version: shown in results, not here
+        return None
 
 
 def _summaries(ctx: ApiContext, jobs: list[JobRow]) -> list[JobSummary]:
     now = time.time()
     series = queries.series_by_uid(ctx.catalog, {j.series_instance_uid for j in jobs})
+    retries = queries.next_delivery_attempts(ctx.catalog, [j.id for j in jobs])
     out = []
     for job in jobs:
         row = series.get(job.series_instance_uid)
@@ -318,7 +411,7 @@ def _summaries(ctx: ApiContext, jobs: list[JobRow]) -> list[JobSummary]:
             if row is not None and row.last_received_at <= job.created_at
             else None
         )
-        out.append(_summary(ctx, job, row, last, now))
+        out.append(_summary(ctx, job, row, last, now, retries.get(job.id)))
     return out
 
 
@@ -330,6 +423,7 @@ def _series_summary(ctx: ApiContext, row: SeriesRow) -> SeriesSummary:
         body_part_examined=row.body_part_examined,
         series_description=row.series_description,
         calling_ae_title=row.calling_ae_title,
+        study_date=row.study_date,
         instance_count=row.instance_count,
         expected_count=row.expected_count,
         bytes_received=row.bytes_received,
@@ -424,7 +518,10 @@ def create_router(ctx: ApiContext) -> APIRouter:
         if history is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
         job, events, deliveries = history.job, history.events, history.deliveries
-        summary = _summary(ctx, job, history.series, history.last_instance_at, now)
+        waiting = job.state in (JobState.ENCODED.value, JobState.DELIVERING.value)
+        retries = [d.next_attempt_at for d in deliveries if waiting and d.next_attempt_at is not None]
+        summary = _summary(ctx, job, history.series, history.last_instance_at, now,
+                           min(retries) if retries else None)
         return JobDetail(
             **summary.model_dump(),
             events=[JobEvent(id=e.id, state=e.state, at=e.at, detail=e.detail) for e in events],
@@ -436,6 +533,7 @@ def create_router(ctx: ApiContext) -> APIRouter:
                     last_error=d.last_error,
                     last_attempt_at=d.last_attempt_at,
                     done_at=d.done_at,
+                    next_attempt_at=d.next_attempt_at if waiting else None,
                     objects=[DeliveredObject.model_validate(o) for o in d.objects],
                     confirmation=d.confirmation,
                 )
@@ -451,12 +549,7 @@ def create_router(ctx: ApiContext) -> APIRouter:
         tags=["jobs"],
         dependencies=authorized,
         summary="Queue a failed, cancelled or done job again",
-        responses={
-            401: {"description": "missing or wrong token"},
-            403: {"description": "no API token configured"},
-            404: {"description": "no such job"},
-            409: {"description": "the job is still unfinished"},
-        },
+        responses=_action_responses("no such job", conflict="the job is still unfinished"),
     )
     def retry_job(job_id: int) -> ActionResult:
         job = get_job_or_404(job_id)
@@ -483,12 +576,7 @@ def create_router(ctx: ApiContext) -> APIRouter:
         tags=["jobs"],
         dependencies=authorized,
         summary="Cancel an unfinished job (a worker skips it; a running model is not interrupted)",
-        responses={
-            401: {"description": "missing or wrong token"},
-            403: {"description": "no API token configured"},
-            404: {"description": "no such job"},
-            409: {"description": "the job is already finished"},
-        },
+        responses=_action_responses("no such job", conflict="the job is already finished"),
     )
     def cancel_job(job_id: int) -> ActionResult:
         job = get_job_or_404(job_id)
@@ -512,12 +600,7 @@ def create_router(ctx: ApiContext) -> APIRouter:
         dependencies=authorized,
         summary="Deliver a job's stored results again (no model run), to its destinations or to"
         " ?to=DEST",
-        responses={
-            401: {"description": "missing or wrong token"},
-            403: {"description": "no API token configured"},
-            404: {"description": "no such job or destination"},
-            409: {"description": "the job has no stored results"},
-        },
+        responses=_action_responses("no such job or destination", conflict="the job has no stored results"),
     )
     def resend_job(job_id: int, to: Annotated[list[str] | None, Query()] = None) -> OperatorResult:
         get_job_or_404(job_id)
@@ -536,12 +619,7 @@ def create_router(ctx: ApiContext) -> APIRouter:
         tags=["series"],
         dependencies=authorized,
         summary="Run a processed series' models again (or only ?model=M) as a new generation",
-        responses={
-            401: {"description": "missing or wrong token"},
-            403: {"description": "no API token configured"},
-            404: {"description": "no such series"},
-            409: {"description": "still receiving, or no model known for it"},
-        },
+        responses=_action_responses("no such series", conflict="still receiving, or no model known for it"),
     )
     def rerun_series(series_instance_uid: str, model: str | None = None) -> OperatorResult:
         if catalog.get_series(series_instance_uid) is None:
@@ -560,11 +638,7 @@ def create_router(ctx: ApiContext) -> APIRouter:
         dependencies=authorized,
         summary="Apply the routing rules again to a stored series (or every series of a study UID)"
         " as a new generation",
-        responses={
-            401: {"description": "missing or wrong token"},
-            403: {"description": "no API token configured"},
-            404: {"description": "no such series or study"},
-        },
+        responses=_action_responses("no such series or study"),
     )
     def reprocess_series(series_instance_uid: str) -> OperatorResult:
         try:
@@ -591,6 +665,7 @@ def create_router(ctx: ApiContext) -> APIRouter:
                     modality=r.modality,
                     series_description=r.series_description,
                     calling_ae_title=r.calling_ae_title,
+                    study_date=r.study_date,
                     instance_count=r.instance_count,
                     generation=r.generation,
                     completed_at=r.completed_at,
@@ -634,6 +709,23 @@ def create_router(ctx: ApiContext) -> APIRouter:
         return destination_health(ctx.settings, catalog)
 
     @router.get(
+        "/rejected-associations",
+        response_model=RejectedAssociations,
+        tags=["operations"],
+        summary="The newest association requests the listener rejected, and why",
+    )
+    def rejected_associations() -> RejectedAssociations:
+        log = ctx.rejections
+        if log is None:  # no listener in this process (an app built without one)
+            return RejectedAssociations(total=0, kept=0, rejections=[])
+        return RejectedAssociations(
+            total=log.total, kept=log.kept,
+            rejections=[RejectedAssociation(at=r.at, calling_ae_title=r.calling_ae_title,
+                                            called_ae_title=r.called_ae_title, peer=r.peer, reason=r.reason)
+                        for r in log.recent()],
+        )
+
+    @router.get(
         "/queue",
         response_model=QueueStatus,
         tags=["operations"],
@@ -668,6 +760,7 @@ def create_router(ctx: ApiContext) -> APIRouter:
                 current_job_id=w.current_job_id,
                 current_model=w.current_model,
                 current_since=w.current_since,
+                warm_models=[str(m.get("name")) for m in w.warm_models],
             )
             for w in worker_statuses(catalog, now=now)
         ]
@@ -696,7 +789,7 @@ def create_router(ctx: ApiContext) -> APIRouter:
         "/models",
         response_model=list[ModelInfo],
         tags=["operations"],
-        summary="Models the workers can run: versions, weights digests, devices, rules",
+        summary="Models the workers can run: versions, weights digests, devices, rules, warm or cold",
     )
     def models() -> list[ModelInfo]:
         return model_inventory(ctx.settings, catalog)
@@ -721,14 +814,16 @@ def model_inventory(settings: Settings, catalog: Catalog) -> list[ModelInfo]:
     from inference.errors import InferenceError
     from inference.formats import ENTRY_POINT_GROUP, builtin_descriptions, describe_configured
 
-    devices = sorted(
-        {w.device or "unknown" for w in worker_statuses(catalog) if w.alive and "inference" in w.queues}
-    )
+    workers = worker_statuses(catalog)
+    devices = sorted({w.device or "unknown" for w in workers if w.alive and "inference" in w.queues})
+    warm = warm_by_model(workers)
     found: dict[str, ModelInfo] = {}
 
     def add(name: str, kind: str, **info: Any) -> None:
         rules = [r.name for r in settings.rules if name in r.models]
-        found[name] = ModelInfo(name=name, kind=kind, devices=devices, rules=rules, **info)
+        on = [WarmOn(**w) for w in warm.get(name, [])]
+        found[name] = ModelInfo(name=name, kind=kind, devices=devices, rules=rules, warm=bool(on), warm_on=on,
+                                **info)
 
     for name, builtin_version in builtin_descriptions().items():
         add(name, "builtin", version=builtin_version, digest=None, source=None)
@@ -777,6 +872,7 @@ def destination_health(settings: Settings, catalog: Catalog) -> list[Destination
                 st["last_failure_at"] = row.last_attempt_at
                 st["last_error"] = row.last_error
     configured = {d.name: d for d in settings.destinations}
+    keeps_first = queries.destination_findings(catalog, KEEPS_FIRST_INSTANCE)
     out = []
     for name in [*configured, *sorted(set(stats) - set(configured))]:
         st = stats.get(
@@ -808,6 +904,7 @@ def destination_health(settings: Settings, catalog: Catalog) -> list[Destination
                 host=dest.host if dest else None,
                 port=dest.port if dest else None,
                 status=health,
+                keeps_first_instance=keeps_first.get(name),
                 **st,
             )
         )

@@ -18,12 +18,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dicom_node.catalog import Catalog, queries
 from dicom_node.catalog import heartbeats as heartbeat
+from dicom_node.catalog.tables import KEEPS_FIRST_INSTANCE
 from dicom_node.delivery.probe import Reachability
+from dicom_node.drift.monitor import DriftMonitor
+from dicom_node.drift.prometheus import DriftCollector
+from dicom_node.ingest.rejections import RejectionLog
 from dicom_node.metrics import NodeMetrics
 from dicom_node.scheduling.jobs import JobQueue
 from dicom_node.settings import Settings
 from dicom_node.web.api import ApiContext, create_router
+from dicom_node.web.drift import create_drift_router
+from dicom_node.web.latency import create_latency_router
 from dicom_node.web.pages import create_pages_router
+from dicom_node.web.shadow import create_shadow_router
 
 #: A readiness check result: (passed, one sentence saying what was seen).
 Check = tuple[bool, str]
@@ -103,6 +110,7 @@ def create_app(
     metrics: NodeMetrics | None = None,
     readiness: Readiness | None = None,
     destinations: Callable[[], Mapping[str, Reachability]] | None = None,
+    rejections: RejectionLog | None = None,
 ) -> FastAPI:
     """Build the web app.
 
@@ -120,6 +128,9 @@ def create_app(
         The last reachability of each destination (:class:`DestinationProber`), reported by
         ``/readyz`` and ``/metrics`` without making the node unready: an archive that is down
         does not stop the node from receiving, and delivery retries.
+    rejections : RejectionLog, optional
+        The listener's rejected association requests (``/api/rejected-associations``, the
+        dashboard's panel); the listener runs in the same process.
     """
     if metrics is None:
         metrics = NodeMetrics(catalog)
@@ -132,11 +143,18 @@ def create_app(
         description="Operations API of a dicom-node: jobs, series, deliveries, queues and workers. "
         "Mutating calls need 'Authorization: Bearer <web.api_token>'.",
     )
-    ctx = ApiContext(settings, catalog, queue)
+    ctx = ApiContext(settings, catalog, queue, rejections)
     app.state.ctx = ctx
     app.state.metrics = metrics
     app.include_router(create_router(ctx))
+    app.include_router(create_latency_router(ctx))
     app.include_router(create_pages_router(ctx))
+    app.include_router(create_shadow_router(ctx))
+    drift = DriftMonitor(catalog, settings.drift)
+    app.include_router(create_drift_router(drift))
+    if settings.drift.enabled and not getattr(metrics, "drift_registered", False):
+        metrics.registry.register(DriftCollector(drift))
+        metrics.drift_registered = True  # type: ignore[attr-defined]
     app.mount("/static", StaticFiles(directory=WEB_DIR / "static"), name="static")
 
     @app.get("/docs", include_in_schema=False)
@@ -181,6 +199,10 @@ def create_app(
                 name: {"reachable": r.reachable, "detail": r.detail, "checked_at": r.checked_at}
                 for name, r in sorted(destinations().items())
             }
+        # Not a readiness failure (the node works), but the archive hides corrected re-runs.
+        keeps_first = queries.destination_findings(catalog, KEEPS_FIRST_INSTANCE) if checks["database"][0] else {}
+        if keeps_first:
+            body["warnings"] = {name: {"keeps_first_instance": detail} for name, detail in sorted(keeps_first.items())}
         return JSONResponse(body, status_code=503 if failing else 200)
 
     @app.get(

@@ -17,6 +17,7 @@ from dicom_node.catalog import JobState, queries
 from dicom_node.metrics import STAGE_DEFINITIONS, STAGES
 from dicom_node.scheduling.routing import deciding_reasons
 from dicom_node.web.api import ApiContext
+from dicom_node.web.latency import LATENCY_STAGES
 
 TEMPLATES = Jinja2Templates(directory=Path(__file__).resolve().parent / "templates")
 
@@ -29,6 +30,7 @@ def create_pages_router(ctx: ApiContext) -> APIRouter:
         "states": [s.value for s in JobState],
         "stages": STAGES,
         "stage_definitions": STAGE_DEFINITIONS,
+        "latency_stages": LATENCY_STAGES,
         "token_configured": bool(ctx.settings.web.api_token),
     }
 
@@ -44,7 +46,8 @@ def create_pages_router(ctx: ApiContext) -> APIRouter:
         job = ctx.catalog.get_job(job_id)
         if job is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
-        return TEMPLATES.TemplateResponse(request, "job.html", {**common, "job": job})
+        series = ctx.catalog.get_series(job.series_instance_uid)
+        return TEMPLATES.TemplateResponse(request, "job.html", {**common, "job": job, "series": series})
 
     @router.get("/series/{series_instance_uid}", response_class=HTMLResponse)
     def series_page(request: Request, series_instance_uid: str) -> HTMLResponse:

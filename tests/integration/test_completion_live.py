@@ -101,20 +101,25 @@ def get(port: int, path: str) -> str:
         return str(reply.read().decode())
 
 
-def test_learned_sender_gets_results_within_model_time_plus_2_s(
+def test_learned_sender_gets_results_within_work_time_plus_2_s(
     tmp_path: Path, archive: procs.Server, phantom: Any,
 ) -> None:
     """storescu, one association per series, no ImagesInAcquisition, idle_seconds = 6: the
     first 5 series (the default minimum history) wait for the idle timer; then the sender is
     learned and the 6th series is complete within 2 s of its last instance (reason
-    ``learned``; the idle timer would have taken 6 s) and its SEG + SR are at the archive
-    within the worker's compute time + 2 s.
+    ``learned``; the idle timer would have taken 6 s) and its SEG + SR are at the archive within 2 s
+    plus the worker's own work.
 
-    The worker's compute time here is load + model + encode (``results.timings``): on this
-    shared 2-core machine (load average 10-13 while the tests ran) loading and encoding a
-    30-slice series took 0.6 to 1.7 s instead of 0.25 s, so "model time + 2 s" is a speed target
-    for ``benchmarks/latency.py`` (docs/performance.md), while this test proves that no timer
-    and no broker poll stands between the last instance and the results."""
+    The bound, as docs/performance.md ("The 2 s budget") defines it: everything between the
+    last instance and the results at the archive that is *not* the worker reading the series
+    (``load_s``), running the model (``inference_s``) and encoding SEG + SR (``encode_s``), as
+    the worker measures them (``results.timings``), is at most 2 s: the completion wait
+    (release + 0.5 s grace + poll), the queue hops, the catalog writes and the C-STORE.  Load and
+    encode are CPU work, not waiting: on a quiet machine they are 0.1 + 0.6 s for this series
+    (1.38 s end to end with a 0.03 s model: "model time + 2 s" holds literally), under the
+    load of this shared 2-core machine (load average 9) they took 0.16 + 2.47 s, and no
+    timer or poll the node could drop would win that back.  The issue's literal figure (model
+    time + 2 s) is measured, not asserted, by ``benchmarks/latency.py`` on a quiet machine."""
     cfg = config(tmp_path, archive)
     node = start_node(tmp_path / "node", cfg)
     catalog = catalog_of(node)
@@ -138,18 +143,19 @@ def test_learned_sender_gets_results_within_model_time_plus_2_s(
         assert row is not None and row.completion_reason == "learned"
         with catalog.session() as s:
             last = max(s.scalars(select(InstanceRow.received_at).where(InstanceRow.series_instance_uid == uid)))
-        model_s = float(job.results["timings"]["inference_s"])
         assert job.done_at is not None
-        end_to_end = job.done_at - last
         assert row.completed_at is not None and job.queued_at and job.running_at and job.encoded_at
-        print(f"learned sender: last instance -> delivered {end_to_end:.3f} s, model {model_s:.3f} s; "
-              f"complete +{row.completed_at - last:.3f}, queued +{job.queued_at - last:.3f}, "
-              f"running +{job.running_at - last:.3f}, encoded +{job.encoded_at - last:.3f}, "
-              f"timings {job.results['timings']}; storescu run {time.time() - sent:.1f} s")
         timings = job.results["timings"]
-        compute_s = model_s + float(timings["load_s"]) + float(timings["encode_s"])
+        work = {stage: float(timings[key]) for stage, key in
+                (("load", "load_s"), ("model", "inference_s"), ("encode", "encode_s"))}
+        end_to_end = job.done_at - last
+        waiting = end_to_end - sum(work.values())
+        print(f"learned sender: last instance -> delivered {end_to_end:.3f} s = work {work} + waiting "
+              f"{waiting:.3f} s; model + {end_to_end - work['model']:.3f} s; complete +{row.completed_at - last:.3f}, "
+              f"queued +{job.queued_at - last:.3f}, running +{job.running_at - last:.3f}, "
+              f"encoded +{job.encoded_at - last:.3f}; storescu run {time.time() - sent:.1f} s")
         assert row.completed_at - last <= 2.0  # release + 0.5 s grace + poll (1 s under load), not 6 s idle
-        assert end_to_end <= compute_s + 2.0, node.logs()[-4000:]
+        assert waiting <= 2.0, node.logs()[-4000:]
         got = archived(archive)
         assert any(ds.ReferencedSeriesSequence[0].SeriesInstanceUID == uid for ds in got.get(SEG_CLASS, []))
         assert any(any(ev.ReferencedSeriesSequence[0].SeriesInstanceUID == uid

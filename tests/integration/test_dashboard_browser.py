@@ -1,5 +1,7 @@
 """The dashboard in a real headless Chromium: a failed job is listed, its page shows the timeline,
-and the Retry button re-queues it through the token-protected API."""
+and the Retry button re-queues it through the token-protected API; study dates, the next attempt
+of a delivery waiting to retry, an archive that keeps the first instance, and the associations a
+real listener rejected are shown."""
 
 from __future__ import annotations
 
@@ -11,15 +13,21 @@ from typing import Any
 
 import pytest
 
-from dicom_node.catalog import Catalog, JobState
+from dicom_node.catalog import KEEPS_FIRST_INSTANCE, Catalog, JobState
 from dicom_node.catalog import heartbeats as heartbeat
+from dicom_node.ingest.listener import Listener
+from dicom_node.ingest.spool import Spool
 from dicom_node.scheduling.jobs import queue_job
+from dicom_node.settings import ListenerSettings, StorageSettings
 from dicom_node.web import WebServer, create_app
 from tests.conftest import require_playwright, require_tool
+from tests.support import procs
 from tests.support.queues import MemoryQueue
+from tests.support.sinks import CollectingSink
 from tests.unit.test_web_api import (
     ROOT,
     TOKEN,
+    encode,
     fail_delivery,
     make_job,
     make_settings,
@@ -42,6 +50,29 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
 ]
 CRASH = "model crashed: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+ARCHIVE_DOWN = "association with ARCHIVE@127.0.0.1:4242 failed: connection refused"
+KEEPS_FIRST = ("destination viewer keeps the first object of a SOP Instance UID: after job 1 (generation 2) "
+               "VIEWER@127.0.0.1:4243 still holds the object created 20261206 101010.000001, not the one "
+               'sent (created 20261206 111111.000002), so corrected re-runs do not show there; fix: Orthanc: '
+               '"OverwriteInstances": true; dcm4chee-arc: Overwrite Policy (dcmOverwritePolicy) ALWAYS, '
+               "or SAME_SOURCE when only the node sends these objects")
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[Listener]:
+    """A real DICOM listener (AE DICOM_NODE, only PACS may call) that rejected one stranger's
+    C-ECHO (DCMTK echoscu) and accepted PACS's."""
+    require_tool("echoscu")
+    storage = StorageSettings(root=tmp_path / "listener-spool", min_free_mb=0)
+    settings = ListenerSettings(port=procs.free_port(), allowed_calling_ae_titles=["PACS"])
+    node = Listener(settings, Spool(storage.root), CollectingSink(), storage)
+    node.start()
+    try:
+        for calling in ("INTRUDER", "PACS"):
+            procs.run_tool(["echoscu", "-aet", calling, "-aec", "DICOM_NODE", procs.LOOPBACK, str(node.port)])
+        yield node
+    finally:
+        node.stop()
 
 
 
@@ -74,9 +105,10 @@ def populated(tmp_path: Path) -> Iterator[tuple[Catalog, MemoryQueue, dict[str, 
     queue = MemoryQueue()
     now = time.time()
     receive_series(catalog, f"{ROOT}.1", f"{ROOT}.1.1", 120, start=now - 300, step=0.5)
-    receive_series(catalog, f"{ROOT}.2", f"{ROOT}.2.1", 60, start=now - 200, step=0.5)
+    receive_series(catalog, f"{ROOT}.2", f"{ROOT}.2.1", 60, start=now - 200, step=0.5, study_date="20261205")
     receive_series(catalog, f"{ROOT}.3", f"{ROOT}.3.1", 40, start=now - 100, step=0.5)
     receive_series(catalog, f"{ROOT}.4", f"{ROOT}.4.1", 30, start=now - 60, step=0.5)
+    receive_series(catalog, f"{ROOT}.5", f"{ROOT}.5.1", 20, start=now - 40, step=0.5, study_date="20261206")
     jobs = {
         "done": make_job(catalog, f"{ROOT}.1.1", destinations=["archive", "viewer"]),
         "failed": make_job(catalog, f"{ROOT}.2.1", model="lung-nodules", priority="urgent"),
@@ -84,6 +116,7 @@ def populated(tmp_path: Path) -> Iterator[tuple[Catalog, MemoryQueue, dict[str, 
             catalog, f"{ROOT}.3.1", model="foreground", destinations=["viewer"]
         ),
         "queued": make_job(catalog, f"{ROOT}.4.1"),
+        "retrying": make_job(catalog, f"{ROOT}.5.1", destinations=["archive"]),
     }
     run_to_done(catalog, queue, jobs["done"])
     queue_job(catalog, queue, jobs["failed"])
@@ -97,6 +130,12 @@ def populated(tmp_path: Path) -> Iterator[tuple[Catalog, MemoryQueue, dict[str, 
         "association rejected by VIEWER@127.0.0.1:4243: called AE title not recognised",
     )
     queue_job(catalog, queue, jobs["queued"])
+    # Delivering, its first attempt failed, the worker's retry countdown recorded (workers.tasks).
+    encode(catalog, queue, jobs["retrying"])
+    catalog.transition(jobs["retrying"], JobState.DELIVERING)
+    catalog.record_delivery(jobs["retrying"], "archive", ok=False, error=ARCHIVE_DOWN)
+    catalog.schedule_delivery_retry(jobs["retrying"], now + 600)
+    catalog.record_destination_finding("viewer", KEEPS_FIRST_INSTANCE, KEEPS_FIRST, job_id=jobs["done"])
     heartbeat.beat(catalog, "celery@gpu-01", 4242, queues=["inference", "dispatch"], device="cpu")
     queue.inference.clear()
     queue.dispatch.clear()
@@ -107,15 +146,20 @@ def populated(tmp_path: Path) -> Iterator[tuple[Catalog, MemoryQueue, dict[str, 
 
 
 def test_failed_job_is_listed_shown_and_retried(
-    tmp_path: Path, browser_page: Any, populated: tuple[Catalog, MemoryQueue, dict[str, int]]
+    tmp_path: Path, browser_page: Any, populated: tuple[Catalog, MemoryQueue, dict[str, int]],
+    listener: Listener,
 ) -> None:
-    """The dashboard lists the failed job, its page shows timeline and error, Retry re-queues it."""
+    """The dashboard lists the failed job, its page shows timeline and error, Retry re-queues it;
+    the panels show study dates, the next delivery attempt, the destination that keeps the first
+    instance and the listener's rejected association."""
     catalog, queue, jobs = populated
     failed = jobs["failed"]
-    heartbeat.beat(catalog, "celery@gpu-01", 4243, queues=["inference", "dispatch"], device="cpu")
+    heartbeat.beat(catalog, "celery@gpu-01", 4243, queues=["inference", "dispatch"], device="cpu",
+                   warm_models=[{"name": "ct-tissue", "version": "1.0.0", "device": "cpu"}])
     receive_series(catalog, f"{ROOT}.9", f"{ROOT}.9.1", 5, start=time.time() - 50, modality="MR")
     catalog.mark_series_complete(f"{ROOT}.9.1", "idle", "no routing rule matched")
-    server = WebServer(create_app(make_settings(tmp_path), catalog, queue), "127.0.0.1", 0)
+    server = WebServer(create_app(make_settings(tmp_path), catalog, queue, rejections=listener.rejections),
+                       "127.0.0.1", 0)
     server.start()
     page = browser_page
     try:
@@ -124,7 +168,8 @@ def test_failed_job_is_listed_shown_and_retried(
         row.wait_for()
         assert row.get_attribute("data-state") == "failed"
         assert "lung-nodules" in row.inner_text() and f"{ROOT}.2.1" in row.inner_text()
-        assert "CT · from CT1 · gen 1" in row.inner_text()  # the series named, not only UID tails
+        # The series named (with its study date), not only UID tails.
+        assert "CT · from CT1 · study 2026-12-05 · gen 1" in row.inner_text()
         reason = row.locator(".reason")
         assert reason.inner_text() == CRASH  # the whole reason, wrapped, never cut
         assert reason.evaluate(  # nothing overflows, and it takes more than one line
@@ -134,12 +179,31 @@ def test_failed_job_is_listed_shown_and_retried(
         # The worker's main process and its pool child are one worker: one row, both pids.
         workers = page.locator('#workers-table tbody tr[data-hostname="celery@gpu-01"]')
         assert workers.count() == 1 and "4242, 4243" in workers.inner_text()
-        page.locator("#destinations-table tbody tr", has_text="failing").wait_for()
+        # The pool child's warm model, in the worker's "warm models" column.
+        assert workers.locator(".warm-models").inner_text() == "ct-tissue"
+        page.locator('#destinations-table tbody tr[data-destination="viewer"]', has_text="failing").wait_for()
         # 22.3: the series no rule matched has its own panel, with the reason.
         unmatched = page.locator(f'#unmatched-table tbody tr[data-series-uid="{ROOT}.9.1"]')
         unmatched.wait_for()
         assert "MR" in unmatched.inner_text() and "no routing rule is configured" in unmatched.inner_text()
         assert page.locator("#unmatched-count").inner_text() == "(1)"
+        # 22.9: a delivery waiting for its retry says when; a finished job says nothing of it.
+        retrying = page.locator(f'#jobs-table tbody tr[data-job-id="{jobs["retrying"]}"]')
+        retrying.locator(".next-attempt").wait_for()
+        assert retrying.locator(".next-attempt").inner_text().startswith("next attempt at ")
+        assert "(in 9 min" in retrying.locator(".next-attempt").inner_text()
+        assert page.locator(f'#jobs-table tbody tr[data-job-id="{jobs["done"]}"] .next-attempt').count() == 0
+        # 22.4: the archive that keeps the first instance, with the fix, under its destination.
+        warning = page.locator('#destinations-table tr[data-keeps-first="viewer"]')
+        warning.wait_for()
+        assert "OverwriteInstances" in warning.inner_text() and "dcmOverwritePolicy" in warning.inner_text()
+        # 22.9: the association the real listener rejected: who, from where, why; not PACS's.
+        rejected = page.locator('#rejected-table tbody tr[data-calling-ae="INTRUDER"]')
+        rejected.wait_for()
+        assert "calling AE title not recognized" in rejected.inner_text()
+        assert "DICOM_NODE" in rejected.inner_text() and "127.0.0.1:" in rejected.inner_text()
+        assert page.locator('#rejected-table tbody tr[data-calling-ae="PACS"]').count() == 0
+        assert page.locator("#rejected-count").inner_text() == "(1 since start)"
 
         page.select_option("#state-filter", "failed")
         page.wait_for_function(
@@ -152,9 +216,16 @@ def test_failed_job_is_listed_shown_and_retried(
         ARTIFACTS.mkdir(exist_ok=True)
         page.select_option("#state-filter", "")
         page.wait_for_function(
-            "() => document.querySelectorAll('#jobs-table tbody tr').length === 4"
+            "() => document.querySelectorAll('#jobs-table tbody tr').length === 5"
         )
         page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+
+        page.goto(server.url + f"/jobs/{jobs['retrying']}")
+        delivery = page.locator('#deliveries-table tbody tr[data-destination="archive"]')
+        delivery.locator(".next-attempt", has_text="next attempt at").wait_for()
+        assert ARCHIVE_DOWN in delivery.inner_text()
+        page.goto(server.url + "/")
+        row.wait_for()
 
         row.locator("a").click()
         page.wait_for_url(f"**/jobs/{failed}")
@@ -336,5 +407,11 @@ def test_series_page_shows_the_series_and_reruns_it(
         page.goto(server.url + f"/series/{ROOT}.9.1")
         assert "no routing rule is configured" in page.locator("#series-routing").inner_text()
         assert page.locator("#series-jobs-table tbody").inner_text().strip() == "no job"
+
+        # 22.9: the study date on the series page and on its job's page.
+        page.goto(server.url + f"/series/{ROOT}.2.1")
+        assert page.locator("#series-study-date").inner_text() == "2026-12-05"
+        page.goto(server.url + f"/jobs/{jobs['failed']}")
+        assert page.locator("#job-study-date").inner_text() == "2026-12-05"
     finally:
         server.stop()

@@ -432,11 +432,16 @@ def test_archive_down_is_retried_with_backoff_then_failed_and_retried_by_cli(tmp
         storescu(node.port, series_files(tmp_path, "down-1"))
         job = wait_job(node, catalog, first, ("delivering",))
         wait_until(lambda: catalog.deliveries(job.id)[0].attempts >= 2, 60, interval=0.05, what="two attempts")
+        # 22.9: while it waits, the worker's countdown is the delivery's "next attempt at".
+        scheduled = wait_until(lambda: catalog.deliveries(job.id)[0].next_attempt_at, 30, interval=0.02,
+                               what="a scheduled next attempt")
+        assert time.time() - 0.5 < scheduled < time.time() + 1.0 + 0.5
         archive = start_archive(tmp_path / "archive", port=port)
         job = wait_job(node, catalog, first, ("done", "failed"))
         assert job.state == "done", job.reason
         [delivery] = catalog.deliveries(job.id)
         assert delivery.state == "done" and 3 <= delivery.attempts <= 4
+        assert delivery.next_attempt_at is None  # the attempt that succeeded cleared it
         starts = [e.at for e in catalog.job_events(job.id) if e.state == "delivering"]
         gaps = [b - a for a, b in itertools.pairwise(starts)]
         # uniform(0.5, 1) * min(1.0, 0.5 * 2**(n-1)): at least 0.25 s, then 0.5 s; ceiling 1 s.
@@ -452,6 +457,7 @@ def test_archive_down_is_retried_with_backoff_then_failed_and_retried_by_cli(tmp
         assert job.state == "failed"
         assert "delivery failed after 4 attempts" in (job.reason or "")
         assert f"ARCHIVE@127.0.0.1:{port}" in (job.reason or "")
+        assert catalog.deliveries(job.id)[0].next_attempt_at is None  # no attempt after the last
         archive = start_archive(tmp_path / "archive2", port=port)
         res = cli(node, "retry", str(job.id))
         assert res.returncode == 0 and f"job {job.id} is now encoded" in res.stdout, res.stdout + res.stderr

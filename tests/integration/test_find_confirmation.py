@@ -122,6 +122,10 @@ def test_a_job_is_confirmed_by_find_at_the_archive_query_scp(tmp_path: Path, ort
         assert queries.unconfirmed_objects(catalog) == {"early": 2}
         exposition = NodeMetrics(catalog).exposition().decode()
         assert 'dicom_node_delivery_unconfirmed{destination="early"} 2.0' in exposition
+        # Only confirmed objects have a confirmation time: the archive's two, none of early's.
+        assert 'dicom_node_delivery_confirmation_seconds_count{destination="archive"} 2.0' in exposition
+        assert 'dicom_node_delivery_confirmation_seconds_count{destination="early"}' not in exposition
+        assert all(0.5 <= o["confirmation_seconds"] < 60 for o in archive_objects)
     finally:
         if node is not None:
             node.stop()

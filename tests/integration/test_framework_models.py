@@ -1,9 +1,12 @@
 """A MONAI bundle and an nnU-Net v2 result folder, trained here on the chest phantom, run as
-[[models]]: directly on a Volume, and end to end (storescu -> node -> SEG + SR -> storescp)."""
+[[models]]: directly on a Volume, and end to end (storescu -> node -> SEG + SR -> storescp);
+and the bundle's GPU settings on each device this machine has: its own AMP (autocast on CUDA,
+a no-op on the CPU, masks still right) and ``batch_size`` reaching MONAI's sliding window."""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import urllib.request
 from collections.abc import Iterator
@@ -26,6 +29,7 @@ from dicom_node.demo import (
 from dicom_node.results.common import device_uid
 from inference import PermanentError, Volume
 from inference.bundle import MonaiBundleModel
+from inference.gpu import amp_dtype
 from inference.identity import file_digest, weights_digest
 from inference.labels import LabelOverride
 from inference.model import Model
@@ -242,3 +246,95 @@ def test_bundle_and_nnunet_run_on_the_device_the_worker_gives(folders: dict[str,
         assert next(net.parameters()).device.type == "cuda"
         for a, b in zip(on_gpu.predict(volume).segments, on_cpu.predict(volume).segments, strict=True):
             assert dice(a.mask, b.mask) > 0.99
+
+
+# -- GPU settings: the bundle's own AMP and [[models]] batch_size, on each device -----------------
+
+CUDA_PARAM = pytest.param(
+    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+)
+DEVICES = ["cpu", CUDA_PARAM]
+
+
+class Recorder(torch.nn.Module):
+    """The bundle's network, wrapped to count its calls and record each batch's size and the
+    dtype its output came out in (float16 under CUDA autocast)."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network = network
+        self.batches: list[int] = []
+        self.dtypes: list[torch.dtype] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.network(x)
+        self.batches.append(int(x.shape[0]))
+        self.dtypes.append(out.dtype)
+        return out  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory, folders: dict[str, Path]) -> dict[str, Path]:
+    """The tiny bundle as trained, and a copy whose inference config declares AMP the Model Zoo
+    way (its evaluator's ``"amp": true``)."""
+    plain = folders["bundle"]
+    amp = tmp_path_factory.mktemp("gpu-bundles") / "amp"
+    shutil.copytree(plain, amp)
+    config = json.loads((amp / "configs" / "inference.json").read_text())
+    config["evaluator"] = {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataset",
+                           "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing",
+                           "amp": True}
+    (amp / "configs" / "inference.json").write_text(json.dumps(config, indent=2))
+    return {"plain": plain, "amp": amp}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bundle_amp_autocasts_on_cuda_and_is_a_no_op_on_the_cpu(
+    bundles: dict[str, Path], phantom: Phantom, device: str
+) -> None:
+    """The bundle that declares AMP runs its network under float16 autocast on CUDA and in
+    float32 on the CPU; its masks match the phantom's truth and the masks without AMP."""
+    dev = torch.device(device)
+    volume = Volume(phantom.hu, phantom.affine, "CT")
+    declared = MonaiBundleModel(bundles["amp"], dev, name="amp")
+    assert declared.amp is True
+    assert MonaiBundleModel(bundles["plain"], dev, name="plain").amp is False
+    overridden = MonaiBundleModel(bundles["amp"], dev, name="off", amp=False)
+    assert overridden.amp is False
+    recorder = Recorder(declared.network)
+    declared.network = recorder
+    with_amp = declared.predict(volume)
+    assert recorder.batches and set(recorder.dtypes) == {amp_dtype(dev, True) or torch.float32}
+    check_phantom(with_amp, phantom)
+    without = overridden.predict(volume)
+    for a, b in zip(with_amp.segments, without.segments, strict=True):
+        if dev.type == "cpu":
+            assert np.array_equal(a.mask, b.mask)  # a no-op: bit for bit the same
+        else:
+            assert dice(a.mask, b.mask) > 0.99  # float16 logits: a few border voxels may flip
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batch_size_reaches_the_bundle_sliding_window(
+    bundles: dict[str, Path], phantom: Phantom, device: str
+) -> None:
+    """Unset, the bundle's own ``sw_batch_size`` (2) holds; ``batch_size = 3`` replaces it: the
+    network sees batches of 3 and is called ceil(windows / 3) times, with the same masks."""
+    dev = torch.device(device)
+    volume = Volume(phantom.hu, phantom.affine, "CT")
+    own = MonaiBundleModel(bundles["plain"], dev, name="own")
+    assert own.batch_size == 2
+    runs = {}
+    for batch_size in (1, 3):
+        model = MonaiBundleModel(bundles["plain"], dev, name=f"b{batch_size}", batch_size=batch_size)
+        assert model.batch_size == batch_size and model.inferer.sw_batch_size == batch_size
+        recorder = Recorder(model.network)
+        model.network = recorder
+        runs[batch_size] = (model.predict(volume), recorder.batches)
+    windows = len(runs[1][1])
+    assert windows > 3 and set(runs[1][1]) == {1}
+    calls = runs[3][1]
+    assert sum(calls) == windows and len(calls) == math.ceil(windows / 3) and max(calls) == 3
+    for a, b in zip(runs[1][0].segments, runs[3][0].segments, strict=True):
+        assert np.array_equal(a.mask, b.mask)
+    check_phantom(runs[3][0], phantom)

@@ -233,3 +233,59 @@ def make_nnunet(root: Path, phantom: Phantom, *, steps: int = 200, folds: tuple[
             root / f"fold_{fold}" / "checkpoint_final.pth",
         )
     return root
+
+
+# -- tiny models for the warm-model cache ----------------------------------------------------
+
+
+class TinyThreshold:
+    """A :class:`~inference.model.Model` with real weights on its device and nothing to train:
+    a 1x1x1 convolution whose weight is the threshold, marking voxels above ``level``.
+
+    Small enough that a test can create, evict and re-create many on CPU or GPU; each instance
+    counts how often it predicted, so a test sees which instance (warm or new) ran a job.
+    """
+
+    version = "1.0.0"
+    modalities: frozenset[str] = frozenset()
+
+    def __init__(self, name: str, device: torch.device, level: float = 0.0) -> None:
+        import torch
+
+        from inference.prediction import Code, Label
+
+        self.name = name
+        self.device = device
+        self.level = level
+        self.network = torch.nn.Conv3d(1, 1, 1, bias=False).to(device)
+        self.level = level
+        with torch.no_grad():
+            self.network.weight.fill_(1.0)
+        self.labels = (Label(name, Code("85756007", "SCT", "Tissue"), Code("85756007", "SCT", "Tissue")),)
+        self.predictions = 0
+
+    def predict(self, volume: Any) -> Any:
+        import torch
+
+        from inference.prediction import Prediction, Segment
+
+        self.predictions += 1
+        with torch.no_grad():
+            image = torch.as_tensor(np.asarray(volume.array, dtype=np.float32), device=self.device)
+            mask = (self.network(image[None, None])[0, 0] > self.level).cpu().numpy()
+        return Prediction(self.name, self.version, [Segment(label=self.labels[0], mask=mask)])
+
+
+def tiny_factories(*names: str, created: list[str] | None = None) -> dict[str, Any]:
+    """Registry factories of :class:`TinyThreshold` models named ``names``; each creation is
+    appended to ``created`` (so a test sees cold starts)."""
+
+    def factory_for(name: str) -> Any:
+        def factory(device: torch.device) -> TinyThreshold:
+            if created is not None:
+                created.append(name)
+            return TinyThreshold(name, device)
+
+        return factory
+
+    return {name: factory_for(name) for name in names}

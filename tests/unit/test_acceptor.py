@@ -28,16 +28,16 @@ from dicom_node.ingest.acceptor import (
     Association,
     AssociationRejected,
     AssociationRequest,
+    EventReportRequest,
     StoreRequest,
-    decode_command,
-    encode_response,
-    p_data_pdus,
 )
+from dicom_node.ingest.pdu import decode_command, encode_response, p_data_pdus
 from tests.conftest import require_tool
 from tests.support import procs
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 VERIFICATION = "1.2.840.10008.1.1"
+COMMITMENT = "1.2.840.10008.1.20.1"
 
 
 def _pynetdicom_store_rsp(status: int, message_id: int, sop_class: str | None, sop_instance: str | None,
@@ -136,6 +136,7 @@ class _Recorder:
     def __init__(self) -> None:
         self.events: list[tuple[str, str]] = []
         self.stored: list[StoreRequest] = []
+        self.reports: list[EventReportRequest] = []
         self.done = threading.Event()
 
     def check(self, request: AssociationRequest, active: int) -> None:
@@ -155,6 +156,10 @@ class _Recorder:
         self.stored.append(request)
         return 0, None
 
+    def event_report(self, assoc: Association, request: EventReportRequest) -> int:
+        self.reports.append(request)
+        return 0
+
     def ended(self, assoc: Association, released: bool, reason: str) -> None:
         self.events.append(("ended", reason))
         self.done.set()
@@ -171,8 +176,9 @@ def served() -> Iterator[tuple[Acceptor, _Recorder]]:
     handler = _Recorder()
     acceptor = Acceptor(
         ("127.0.0.1", 0),
-        AcceptorConfig(contexts={CT: (ExplicitVRLittleEndian,), VERIFICATION: (ExplicitVRLittleEndian,)},
-                       acse_timeout=5, network_timeout=5),
+        AcceptorConfig(contexts={CT: (ExplicitVRLittleEndian,), VERIFICATION: (ExplicitVRLittleEndian,),
+                                 COMMITMENT: (ExplicitVRLittleEndian,)},
+                       role_classes=frozenset({COMMITMENT}), acse_timeout=5, network_timeout=5),
         handler,
     )
     yield acceptor, handler
@@ -213,6 +219,28 @@ def _associate(port: int) -> socket.socket:
     sock.sendall(_request_pdu())
     assert _read_pdu(sock)[0] == 0x02  # A-ASSOCIATE-AC
     return sock
+
+
+def test_storage_commitment_report_with_role_selection_is_answered(served: tuple[Acceptor, _Recorder]) -> None:
+    """An archive opening an association as the SCP of Storage Commitment (Role Selection:
+    SCP only) gets that role, and its N-EVENT-REPORT reaches the handler and is answered."""
+    from pynetdicom.presentation import build_role
+
+    acceptor, handler = served
+    ae = AE("ARCHIVE")
+    ae.add_requested_context(COMMITMENT, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", acceptor.port, ext_neg=[build_role(COMMITMENT, scu_role=False, scp_role=True)])
+    assert assoc.is_established
+    [cx] = assoc.accepted_contexts
+    assert cx.as_scp and not cx.as_scu  # the role the archive asked for
+    info = Dataset()
+    info.TransactionUID = "1.2.3.4"
+    status, _ = assoc.send_n_event_report(info, 1, COMMITMENT, "1.2.840.10008.1.20.1.1")
+    assoc.release()
+    assert status is not None and status.Status == 0 and status.EventTypeID == 1
+    [report] = handler.reports
+    assert (report.affected_sop_class_uid, report.event_type_id) == (COMMITMENT, 1)
+    assert report.dataset is not None and b"1.2.3.4" in report.dataset
 
 
 def test_wrong_application_context_and_unknown_caller_are_rejected(served: tuple[Acceptor, _Recorder]) -> None:

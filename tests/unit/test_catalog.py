@@ -289,3 +289,36 @@ def test_an_instance_uid_of_another_series_never_repoints_the_row(catalog: Catal
     assert recorder.claim(STUDY, SERIES, first.sop_instance_uid) is None  # a re-send: fine
     assert recorder.claim(STUDY, "1.2.3.7", "1.2.3.7.1") is None
     assert recorder.claim(STUDY, "1.2.3.8", "1.2.3.7.1") == (STUDY, "1.2.3.7")  # claimed, not yet written
+
+
+def test_associations_racing_for_one_instance_uid_agree_on_one_owner(
+    catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The catalog is asked outside the claims lock: 8 threads claiming one new UID for 8
+    different series, all past the catalog query before any decides, leave exactly one owner;
+    the other seven are told that owner."""
+    import threading
+
+    recorder = CatalogRecorder(catalog)
+    asked = threading.Barrier(8)
+    real = catalog.owner_of_instance
+
+    def slow_owner(uid: str) -> tuple[str, str] | None:
+        answer = real(uid)
+        asked.wait(timeout=10)  # every thread has its (empty) answer before any decides
+        return answer
+
+    monkeypatch.setattr(catalog, "owner_of_instance", slow_owner)
+    answers: dict[int, tuple[str, str] | None] = {}
+
+    def claim(n: int) -> None:
+        answers[n] = recorder.claim(STUDY, f"1.2.3.50.{n}", "1.2.3.50.99")
+
+    threads = [threading.Thread(target=claim, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    winners = [n for n, owner in answers.items() if owner is None]
+    assert len(answers) == 8 and len(winners) == 1
+    assert {owner for owner in answers.values() if owner is not None} == {(STUDY, f"1.2.3.50.{winners[0]}")}

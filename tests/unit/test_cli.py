@@ -105,6 +105,22 @@ def test_config_check_catches_unknown_models_and_refused_modalities(
     assert "configuration OK" in capsys.readouterr().out
 
 
+def test_config_check_warns_of_a_resampled_seg_without_the_source_seg(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """seg-resampled is made only for tilted stacks: a destination listing it without seg would
+    get no SEG at all for most series, which `config check` says (a warning, exit 0)."""
+    dest = {"name": "slicer", "ae_title": "SLICER", "host": "127.0.0.1", "port": 11113}
+    config = _rules_config(tmp_path, [{"name": "ct", "match": {"Modality": "CT"}, "models": ["ct-tissue"]}],
+                           [{**dest, "outputs": ["seg-resampled", "sr"]}])
+    assert main(["config", "check", "--config", str(config)]) == 0
+    assert "warning: destination 'slicer' lists seg-resampled without seg" in capsys.readouterr().err
+    both = _rules_config(tmp_path, [{"name": "ct", "match": {"Modality": "CT"}, "models": ["ct-tissue"]}],
+                         [{**dest, "outputs": ["seg", "seg-resampled", "sr"]}])
+    assert main(["config", "check", "--config", str(both)]) == 0
+    assert "seg-resampled" not in capsys.readouterr().err
+
+
 def test_config_check_probe_echoes_every_destination(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], storescp_archive: Any
 ) -> None:
@@ -196,3 +212,31 @@ def test_output_piped_into_head_ends_quietly(tmp_path: Path, config: Path) -> No
         capture_output=True, text=True, timeout=120, check=False,
     )
     assert "ID" in out.stdout and "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
+
+
+def test_jobs_shows_study_date_and_next_attempt(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """22.9: `jobs` names each job's study date and, for a delivery waiting to retry, when it is
+    tried next (also in --json)."""
+    import time
+
+    from dicom_node.catalog import Catalog, JobState
+    from tests.support.queues import MemoryQueue
+    from tests.unit.test_web_api import ROOT, encode, make_job, receive_series
+
+    catalog = Catalog(f"sqlite:///{tmp_path / 'node.db'}")
+    receive_series(catalog, f"{ROOT}.7", f"{ROOT}.7.1", start=time.time() - 30, study_date="20261205")
+    job_id = make_job(catalog, f"{ROOT}.7.1", destinations=["archive"])
+    encode(catalog, MemoryQueue(), job_id)
+    catalog.transition(job_id, JobState.DELIVERING)
+    catalog.record_delivery(job_id, "archive", ok=False, error="connection refused")
+    catalog.schedule_delivery_retry(job_id, time.time() + 120)
+    catalog.close()
+    assert main(["jobs", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"{ROOT}.7.1  study 2026-12-05" in out
+    assert "archive: failed, next attempt at " in out and "(in 1" in out
+    assert main(["jobs", "--json", "--config", str(config)]) == 0
+    [job] = json.loads(capsys.readouterr().out)
+    assert job["study_date"] == "20261205" and job["deliveries"][0]["next_attempt_at"] > time.time()

@@ -221,3 +221,22 @@ def test_history_is_bounded(h: Harness) -> None:
     learn(h, 7)
     with h.catalog.session() as s:
         assert len(s.scalars(select(SenderHistoryRow)).all()) == 4
+
+
+def test_next_tick_is_timed_for_the_end_of_an_association_grace(tmp_path: Path) -> None:
+    """With a 1 s poll, a learned sender's series released at 400.1 s is ticked at 400.6 s
+    (release + 0.5 s grace), not at the next poll; with no grace running the pause is the poll."""
+    h = Harness(tmp_path, extra="poll_seconds = 1.0")
+    try:
+        learn(h, 3)
+        assert h.loop.pause(now=400.0) == 1.0
+        h.send("1.3", 400.0)
+        assert h.loop.tick(now=400.2) == []
+        assert h.loop.pause(now=400.2) == pytest.approx(0.4)  # 400.1 + 0.5 - 400.2
+        assert h.loop.pause(now=400.7) == 0.005  # overdue: tick at once
+        assert len(h.loop.tick(now=400.6)) == 1 and h.reason("1.3") == "learned"
+        assert h.loop.pause(now=400.6) == 1.0
+        h.send("1.4", 500.0, ImagesInAcquisition=5)  # a count it has not reached: no grace to wait for
+        assert h.loop.tick(now=500.2) == [] and h.loop.pause(now=500.2) == 1.0
+    finally:
+        h.close()

@@ -12,7 +12,7 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import UID, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from dicom_node.demo import Phantom, write_datasets
-from dicom_node.imaging import loading
+from dicom_node.imaging import pixels
 from dicom_node.imaging.loading import SeriesError, load_series
 from tests.support import quirks
 
@@ -31,7 +31,7 @@ def _stack(phantom: Phantom, seed: str) -> list[Dataset]:
 
 
 def _with_threads(monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
-    monkeypatch.setattr(loading, "DECODE_THREADS", threads)
+    monkeypatch.setattr(pixels, "DECODE_THREADS", threads)
 
 
 def _truncate_frame(ds: Dataset) -> None:

@@ -130,17 +130,20 @@ def test_metrics_after_jobs_went_through_all_states(tmp_path: Path, catalog: Cat
     assert value(parsed, "dicom_node_stage_seconds_sum", stage="inference") == pytest.approx(
         2 * TIMINGS["inference_s"]
     )
-    assert value(parsed, "dicom_node_end_to_end_seconds_count") == 2
+    assert value(parsed, "dicom_node_end_to_end_seconds_count", model="ct-tissue") == 1
+    assert value(parsed, "dicom_node_end_to_end_seconds_count", model="foreground") == 1
     # Job A's last instance came at start + 2 s, job B's at start + 8 s; both done just now.
-    e2e_sum = value(parsed, "dicom_node_end_to_end_seconds_sum")
+    e2e_sum = sum(value(parsed, "dicom_node_end_to_end_seconds_sum", model=m) for m in ("ct-tissue", "foreground"))
     assert (20 - 2) + (20 - 8) <= e2e_sum < (20 - 2) + (20 - 8) + 10
-    assert value(parsed, "dicom_node_end_to_end_seconds_bucket", le="+Inf") == 2
+    assert value(parsed, "dicom_node_end_to_end_seconds_bucket", le="+Inf", model="ct-tissue") == 1
+    # Buckets from 0.5 s: job A (about 18 s) is above 15 s, below 30 s.
+    assert value(parsed, "dicom_node_end_to_end_seconds_bucket", le="0.5", model="ct-tissue") == 0
     assert value(parsed, "dicom_node_inference_seconds_count", model="ct-tissue") == 1
     assert (
         value(parsed, "dicom_node_inference_seconds_sum", model="foreground")
         == TIMINGS["inference_s"]
     )
-    assert again[("dicom_node_end_to_end_seconds_count", ())] == 2
+    assert again[("dicom_node_end_to_end_seconds_count", (("model", "ct-tissue"),))] == 1
     assert again[("dicom_node_stage_seconds_count", (("stage", "deliver"),))] == 2
 
     assert value(parsed, "dicom_node_jobs", state="done") == 2
@@ -171,8 +174,9 @@ def test_each_job_is_observed_once(catalog: Catalog) -> None:
     catalog.transition(job_id, JobState.DELIVERING)
     catalog.transition(job_id, JobState.DONE)
     assert metrics.observe_finished_jobs() == 0
-    e2e = {s.name: s.value for s in metrics.end_to_end_seconds.collect()[0].samples}
-    assert e2e["dicom_node_end_to_end_seconds_count"] == 1
+    e2e = [s.value for s in metrics.end_to_end_seconds.collect()[0].samples
+           if s.name == "dicom_node_end_to_end_seconds_count"]
+    assert e2e == [1]
 
     receive_series(catalog, f"{ROOT}.6", f"{ROOT}.6.1", 2, start=time.time() - 10)
     other = make_job(catalog, f"{ROOT}.6.1")

@@ -58,7 +58,8 @@ mirroring = false
 """))
     bundle, nnunet = s.models
     assert bundle.kind == "monai-bundle" and bundle.source == tmp_path / "models" / "spleen_ct_segmentation"
-    assert bundle.options() == {"weights": None} and bundle.labels[0].type is not None
+    assert bundle.options() == {"weights": None, "batch_size": None, "amp": None}
+    assert bundle.labels[0].type is not None and bundle.device == "auto"
     assert nnunet.kind == "nnunet"
     assert nnunet.source == Path("/models/Dataset291/nnUNetTrainerNoMirroring__nnUNetPlans__3d_fullres")
     assert nnunet.options() == {"folds": [0], "checkpoint": "checkpoint_best.pth", "orientation": "RAS",
@@ -77,6 +78,10 @@ mirroring = false
         ('name = "m"\nbundle = "b"\nlabels = [{ index = 1, type = { value = "1", scheme = "SCT", meaning = "x" } }]\n',
          r"label 1: give both category and type"),
         ('name = "m"\nnnunet = "n"\norientation = "LPS"\n', r"models\.0\.orientation"),
+        ('name = "m"\nnnunet = "n"\nbatch_size = 2\n', r"batch_size do not apply to nnU-Net models"),
+        ('name = "m"\nnnunet = "n"\namp = false\n', r"amp do not apply to nnU-Net models"),
+        ('name = "m"\nbundle = "b"\ndevice = "gpu0"\n', r"models\.0\.device"),
+        ('name = "m"\nbundle = "b"\nbatch_size = 0\n', r"models\.0\.batch_size"),
     ],
 )
 def test_wrong_model_entries_name_the_problem(tmp_path: Path, body: str, message: str) -> None:

@@ -55,7 +55,8 @@ def test_a_destination_gets_every_output_type_by_default(tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("outputs", "message"),
     [
-        (["seg", "pdf"], r"destinations.0.outputs: .*unknown output types \['pdf'\]; known: seg, sr, gsps, sc, kos"),
+        (["seg", "pdf"],
+         r"destinations.0.outputs: .*unknown output types \['pdf'\]; known: seg, sr, seg-resampled, gsps, sc, kos"),
         ([], r"destinations.0.outputs: .*at least one of seg, sr"),
     ],
 )

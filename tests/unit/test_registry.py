@@ -84,10 +84,13 @@ def _dotted(node: ast.expr) -> str:
 
 
 def test_only_select_device_calls_torch_cuda() -> None:
-    """Nothing in the inference package but select_device calls torch.cuda or .cuda()."""
+    """Nothing in the inference package but select_device and ``inference/gpu.py`` (device
+    choice, autocast, peak memory, freeing the cache) calls torch.cuda or .cuda()."""
     root = Path(inference.__file__).parent
     offenders = []
     for path in sorted(root.rglob("*.py")):
+        if path == root / "gpu.py":
+            continue
         tree = ast.parse(path.read_text(), filename=str(path))
         allowed: set[int] = set()
         for node in ast.walk(tree):

@@ -61,10 +61,11 @@ def save(ds: Dataset, path: Path) -> Path:
 
 
 def test_registry_names_order_and_needs() -> None:
-    """The five output types are registered in encoding order; an SR pulls its SEG in; a KOS
-    comes after everything it references; unknown names are refused with the known ones."""
-    assert reg.output_names() == ["seg", "sr", "gsps", "sc", "kos"]
-    assert set(reg.DEFAULT_OUTPUTS) == set(reg.output_names())
+    """The six output types are registered in encoding order; the defaults are all but the
+    opt-in ``seg-resampled``; an SR pulls its SEG in; a KOS comes after everything it
+    references; unknown names are refused with the known ones."""
+    assert reg.output_names() == ["seg", "sr", "seg-resampled", "gsps", "sc", "kos"]
+    assert set(reg.DEFAULT_OUTPUTS) == set(reg.output_names()) - {"seg-resampled"}
     assert reg.closure(["sr"]) == ["seg", "sr"]
     assert reg.closure(["kos", "gsps"]) == ["gsps", "kos"]
     with pytest.raises(KeyError, match="unknown output type 'pdf'; known: seg, sr"):

@@ -70,9 +70,15 @@ def test_environment_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         ("[[rules]]\nname='r'\nmodels=['m']\nmatch={SeriesDescription='/([/'}\n", r"bad regular expression"),
         ("[listener\n", r"not valid TOML"),
         ("[[destinations]]\nname='a'\nae_title='A'\nhost='h'\nport=104\ncommitment='storage'\n",
-         r"destinations\.0\.commitment: .*'none' or 'find'"),
+         r"destinations\.0\.commitment: .*'none', 'find' or 'storage-commitment'"),
         ("[[destinations]]\nname='w'\ntype='dicomweb'\nurl='https://pacs/dicom-web'\ncommitment='find'\n",
          r"commitment \"find\" needs type dicom"),
+        ("[[destinations]]\nname='w'\ntype='dicomweb'\nurl='https://pacs/dicom-web'\n"
+         "commitment='storage-commitment'\n",
+         r"commitment \"storage-commitment\" needs type dicom"),
+        ("[[destinations]]\nname='a'\nae_title='A'\nhost='h'\nport=104\ncommitment='storage-commitment'\n"
+         "commitment_max_requests=0\n",
+         r"destinations\.0\.commitment_max_requests: .*greater than or equal to 1"),
     ],
 )
 def test_invalid_config_names_the_key(tmp_path: Path, toml: str, message: str) -> None:

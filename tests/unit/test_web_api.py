@@ -59,8 +59,10 @@ def receive_series(
     start: float,
     step: float = 1.0,
     modality: str = "CT",
+    study_date: str | None = None,
 ) -> None:
     """Record ``n`` instances of one series, received ``step`` seconds apart from ``start``."""
+    dated = {"StudyDate": study_date} if study_date else {}
     catalog.record_instances(
         [
             StoredInstance(
@@ -74,7 +76,7 @@ def receive_series(
                 "CT1",
                 "assoc-1",
                 start + i * step,
-                {"Modality": modality, "InstanceNumber": i + 1},
+                {"Modality": modality, "InstanceNumber": i + 1, **dated},
             )
             for i in range(n)
         ]
@@ -562,6 +564,7 @@ def test_openapi_documents_every_endpoint(client: TestClient) -> None:
         "/api/series",
         "/api/series/{series_instance_uid}",
         "/api/destinations",
+        "/api/rejected-associations",
         "/api/queue",
         "/api/throughput",
         "/healthz",
@@ -661,3 +664,123 @@ def test_destination_reachability_is_reported_without_making_the_node_unready(
         text = c.get("/metrics").text
         assert 'dicom_node_destination_reachable{destination="archive"} 1.0' in text
         assert 'dicom_node_destination_reachable{destination="gone"} 0.0' in text
+
+
+def test_models_say_where_they_are_warm(client: TestClient, catalog: Catalog) -> None:
+    """/api/models: a model a live worker process holds is warm (with the process, its device
+    and version), the others cold; a stale process's models count for nothing; /api/queue
+    lists each process's warm models."""
+    now = time.time()
+    warm = [{"name": "foreground", "version": "1.0.0", "device": "cuda:0", "loaded_at": now - 50,
+             "last_used": now - 50, "load_s": 0.2, "uses": 1},
+            {"name": "ct-tissue", "version": "1.0.0", "device": "cuda:0", "loaded_at": now - 40,
+             "last_used": now - 5, "load_s": 0.1, "uses": 3, "secret": "dropped"}]
+    heartbeat.beat(catalog, "celery@gpu-01", 100, queues=["inference"], device="cuda:0")
+    heartbeat.beat(catalog, "celery@gpu-01", 101, queues=["inference"], device="cuda:0", warm_models=warm)
+    heartbeat.beat(catalog, "celery@old", 7, queues=["inference"], device="cpu", now=now - 120,
+                   warm_models=[{"name": "ct-lung-nodules", "device": "cpu"}])
+    models = {m["name"]: m for m in client.get("/api/models").json()}
+    assert models["ct-tissue"]["warm"] is True and models["foreground"]["warm"] is True
+    assert models["ct-lung-nodules"]["warm"] is False and models["ct-lung-nodules"]["warm_on"] == []
+    (on,) = models["ct-tissue"]["warm_on"]
+    assert (on["hostname"], on["pid"], on["device"], on["version"], on["uses"]) == (
+        "celery@gpu-01", 101, "cuda:0", "1.0.0", 3)
+    workers = {(w["hostname"], w["pid"]): w for w in client.get("/api/queue").json()["workers"]}
+    assert workers[("celery@gpu-01", 101)]["warm_models"] == ["foreground", "ct-tissue"]
+    assert workers[("celery@gpu-01", 100)]["warm_models"] == []
+    # A beat without the list (a process that cannot say) keeps the last one reported.
+    heartbeat.beat(catalog, "celery@gpu-01", 101, queues=["inference"], device="cuda:0")
+    statuses = {(w.hostname, w.pid): w for w in heartbeat.worker_statuses(catalog)}
+    assert [m["name"] for m in statuses[("celery@gpu-01", 101)].warm_models] == ["foreground", "ct-tissue"]
+
+
+def test_job_reports_its_peak_memory_and_warm_start(client: TestClient, catalog: Catalog, queue: MemoryQueue) -> None:
+    """The worker's ``memory`` and ``model_warm`` results are typed fields of /api/jobs."""
+    receive_series(catalog, f"{ROOT}.41", f"{ROOT}.41.1", start=time.time() - 30)
+    job_id = make_job(catalog, f"{ROOT}.41.1")
+    assert client.get(f"/api/jobs/{job_id}").json()["peak_memory"] is None
+    encode(catalog, queue, job_id)
+    job = catalog.get_job(job_id)
+    assert job is not None
+    catalog.set_results(job_id, {**job.results, "model_warm": False,
+                                 "memory": {"device": "cpu", "kind": "rss", "peak_bytes": 3 * 2**20, "peak_mib": 3.0}})
+    detail = client.get(f"/api/jobs/{job_id}").json()
+    assert detail["peak_memory"] == {"device": "cpu", "kind": "rss", "peak_bytes": 3 * 2**20, "peak_mib": 3.0}
+    assert detail["model_warm"] is False
+    (listed,) = [j for j in client.get("/api/jobs").json() if j["id"] == job_id]
+    assert listed["peak_memory"]["peak_mib"] == 3.0
+
+
+def test_study_date_and_next_attempt_of_a_delivery_waiting_to_retry(
+    client: TestClient, catalog: Catalog, queue: MemoryQueue
+) -> None:
+    """22.9: a job shows its series' StudyDate; a delivery whose attempt failed transiently shows
+    when it is tried next (job and delivery), and stops showing it once the job is finished."""
+    now = time.time()
+    receive_series(catalog, f"{ROOT}.7", f"{ROOT}.7.1", start=now - 30, study_date="20261205")
+    job_id = make_job(catalog, f"{ROOT}.7.1", destinations=["archive"])
+    encode(catalog, queue, job_id)
+    catalog.transition(job_id, JobState.DELIVERING)
+    catalog.record_delivery(job_id, "archive", ok=False, error="connection refused")
+    catalog.schedule_delivery_retry(job_id, now + 60)
+    detail = client.get(f"/api/jobs/{job_id}").json()
+    assert detail["study_date"] == "20261205"
+    assert detail["next_attempt_at"] == pytest.approx(now + 60)
+    assert [d["next_attempt_at"] for d in detail["deliveries"]] == [pytest.approx(now + 60)]
+    [listed] = [j for j in client.get("/api/jobs").json() if j["id"] == job_id]
+    assert listed["next_attempt_at"] == pytest.approx(now + 60) and listed["study_date"] == "20261205"
+    assert client.get(f"/api/series/{ROOT}.7.1").json()["study_date"] == "20261205"
+    catalog.record_delivery(job_id, "archive", ok=True)  # the attempt itself clears it
+    assert client.get(f"/api/jobs/{job_id}").json()["deliveries"][0]["next_attempt_at"] is None
+    catalog.schedule_delivery_retry(job_id, now + 60)
+    catalog.transition(job_id, JobState.CANCELLED, reason="cancelled")
+    assert client.get(f"/api/jobs/{job_id}").json()["next_attempt_at"] is None
+
+
+def test_a_study_date_that_is_not_a_date_is_not_kept(catalog: Catalog) -> None:
+    """Only a DA (YYYYMMDD) is kept: a free-text value from a non-conforming sender is dropped."""
+    receive_series(catalog, f"{ROOT}.8", f"{ROOT}.8.1", start=time.time(), study_date="yesterday")
+    series = catalog.get_series(f"{ROOT}.8.1")
+    assert series is not None and series.study_date is None
+
+
+def test_keeps_first_instance_finding_is_recorded_once_and_shown(
+    client: TestClient, catalog: Catalog, queue: MemoryQueue
+) -> None:
+    """22.4: a finding is recorded once (one job event), shown on /api/destinations, /readyz and
+    /metrics, and gone from all three once cleared."""
+    from dicom_node.catalog import KEEPS_FIRST_INSTANCE
+
+    receive_series(catalog, f"{ROOT}.1", f"{ROOT}.1.1", start=time.time() - 30)
+    job_id = make_job(catalog, f"{ROOT}.1.1")
+    assert catalog.record_destination_finding("viewer", KEEPS_FIRST_INSTANCE, "keeps the first; fix: X", job_id=job_id)
+    assert not catalog.record_destination_finding("viewer", KEEPS_FIRST_INSTANCE, "again", job_id=job_id)
+    assert [e.detail for e in catalog.job_events(job_id)].count("keeps the first; fix: X") == 1
+    health = {d["name"]: d for d in client.get("/api/destinations").json()}
+    assert health["viewer"]["keeps_first_instance"] == "keeps the first; fix: X"
+    assert health["archive"]["keeps_first_instance"] is None
+    assert client.get("/readyz").json()["warnings"] == {"viewer": {"keeps_first_instance": "keeps the first; fix: X"}}
+    assert 'dicom_node_destination_keeps_first_instance{destination="viewer"} 1.0' in client.get("/metrics").text
+    assert catalog.clear_destination_finding("viewer", KEEPS_FIRST_INSTANCE)
+    assert "warnings" not in client.get("/readyz").json()
+    assert "dicom_node_destination_keeps_first_instance{" not in client.get("/metrics").text
+
+
+def test_rejected_associations_are_listed_newest_first_and_bounded(
+    settings: Settings, catalog: Catalog, queue: MemoryQueue
+) -> None:
+    """22.9: /api/rejected-associations lists the newest rejections first, at most ``kept``, with
+    the total since start; an app without a listener lists none."""
+    from dicom_node.ingest.rejections import RejectionLog
+
+    log = RejectionLog(kept=3)
+    for i in range(5):
+        log.add(f"AE{i}", "DICOM_NODE", f"10.0.0.{i}:104", "calling AE title not recognized", at=1000.0 + i)
+    with TestClient(create_app(settings, catalog, queue, rejections=log)) as c:
+        body = c.get("/api/rejected-associations").json()
+    assert body["total"] == 5 and body["kept"] == 3
+    assert [r["calling_ae_title"] for r in body["rejections"]] == ["AE4", "AE3", "AE2"]
+    assert body["rejections"][0] == {"at": 1004.0, "calling_ae_title": "AE4", "called_ae_title": "DICOM_NODE",
+                                     "peer": "10.0.0.4:104", "reason": "calling AE title not recognized"}
+    with TestClient(create_app(settings, catalog, queue)) as c:
+        assert c.get("/api/rejected-associations").json() == {"total": 0, "kept": 0, "rejections": []}

@@ -41,8 +41,23 @@ const DicomNode = (() => {
     return t ? `${duration(Math.max(0, Date.now() / 1000 - t))} ago` : "";
   }
 
-  function stateBadge(state) {
-    return el("span", {class: `state state-${state}`, text: state});
+  function studyDate(da) {
+    // StudyDate is a DA (YYYYMMDD): shown as 2026-12-06, never reformatted into a locale's order.
+    return da && /^\d{8}$/.test(da) ? `${da.slice(0, 4)}-${da.slice(4, 6)}-${da.slice(6)}` : "";
+  }
+
+  function nextAttempt(t) {
+    // "next attempt at 21:40:03 (in 12 s)" for a delivery waiting for its retry.
+    if (!t) return "";
+    const wait = t - Date.now() / 1000;
+    return `next attempt at ${clock(t)}${wait > 0 ? ` (in ${duration(wait)})` : " (due)"}`;
+  }
+
+  function stateBadge(state, mode) {
+    // A shadow job reads "done (shadow)": its results stay in the node, never delivered.
+    const shadow = mode === "shadow";
+    return el("span", {class: `state state-${state}${shadow ? " state-shadow" : ""}`,
+                       text: shadow ? `${state} (shadow)` : state});
   }
 
   function uid(value) {
@@ -123,13 +138,14 @@ const DicomNode = (() => {
         el("td", {}, el("a", {href: `/jobs/${j.id}`, text: `#${j.id}`})),
         el("td", {class: "uids"},
           el("div", {class: "study", text: j.series_description || "(no series description)"}),
-          el("div", {class: "study-sub", text: [j.modality, j.body_part_examined, j.calling_ae_title && `from ${j.calling_ae_title}`, `gen ${j.generation}`].filter(Boolean).join(" · ")}),
+          el("div", {class: "study-sub", text: [j.modality, j.body_part_examined, j.calling_ae_title && `from ${j.calling_ae_title}`, j.study_date && `study ${studyDate(j.study_date)}`, `gen ${j.generation}`].filter(Boolean).join(" · ")}),
           uid(j.study_instance_uid), el("br"), uid(j.series_instance_uid)),
         el("td", {text: j.modality || ""}),
         el("td", {text: j.rule}),
         el("td", {text: j.model}),
-        el("td", {title: j.reason || ""}, stateBadge(j.state),
-          j.state === "failed" && j.reason ? el("div", {class: "reason error-text", text: j.reason}) : ""),
+        el("td", {title: j.reason || ""}, stateBadge(j.state, j.mode),
+          j.state === "failed" && j.reason ? el("div", {class: "reason error-text", text: j.reason}) : "",
+          j.next_attempt_at ? el("div", {class: "next-attempt muted", text: nextAttempt(j.next_attempt_at)}) : ""),
         el("td", {class: "num", text: duration(j.age_s)}),
         ...opts.stages.map(s => el("td", {class: "num", text: duration(j.stages[s])})),
         el("td", {class: "num strong", text: duration(j.end_to_end_s)}),
@@ -153,8 +169,9 @@ const DicomNode = (() => {
       const byHost = new Map();
       for (const w of q.workers) {
         const g = byHost.get(w.hostname);
-        if (!g) { byHost.set(w.hostname, {...w, pids: [w.pid]}); continue; }
+        if (!g) { byHost.set(w.hostname, {...w, pids: [w.pid], warm_models: [...(w.warm_models || [])]}); continue; }
         g.pids.push(w.pid);
+        g.warm_models = [...new Set([...g.warm_models, ...(w.warm_models || [])])];
         g.alive = g.alive || w.alive;
         g.last_seen = Math.max(g.last_seen, w.last_seen);
         g.queues = [...new Set([...g.queues, ...w.queues])];
@@ -164,24 +181,28 @@ const DicomNode = (() => {
       const rows = [...byHost.values()].map(w => el("tr", {class: w.alive ? "" : "stale", "data-hostname": w.hostname},
         el("td", {text: w.hostname}), el("td", {class: "num", text: w.pids.join(", ")}),
         el("td", {text: w.queues.join(", ")}), el("td", {text: w.device || ""}),
+        el("td", {class: "warm-models", text: w.warm_models.length ? w.warm_models.join(", ") : "none"}),
         el("td", {text: w.alive ? ago(w.last_seen) : `gone (${ago(w.last_seen)})`}),
         el("td", {}, w.current_job_id
           ? el("a", {href: `/jobs/${w.current_job_id}`, text: `#${w.current_job_id} ${w.current_model || ""} (${ago(w.current_since)})`})
           : "idle")));
-      if (!rows.length) rows.push(el("tr", {}, el("td", {colspan: "6", class: "error-text",
+      if (!rows.length) rows.push(el("tr", {}, el("td", {colspan: "7", class: "error-text",
         text: `no worker heartbeat in the last ${q.alive_within_s} s`})));
       fillBody(document.getElementById("workers-table"), rows);
     }
 
     async function refreshDestinations() {
       const ds = await getJSON("/api/destinations");
-      const rows = ds.map(d => el("tr", {},
+      const rows = ds.flatMap(d => [el("tr", {"data-destination": d.name},
         el("td", {text: d.name}),
         el("td", {text: d.configured ? `${d.ae_title}@${d.host}:${d.port}` : "(not configured)"}),
         el("td", {}, el("span", {class: `health health-${d.status}`, text: d.status})),
         el("td", {text: ago(d.last_success_at)}), el("td", {text: ago(d.last_failure_at)}),
         el("td", {class: "num", text: `${d.delivered} / ${d.failed} / ${d.pending}`}),
-        el("td", {class: "error-text", text: d.last_error || ""})));
+        el("td", {class: "error-text", text: d.last_error || ""})),
+        // An archive that keeps the first object of a SOP Instance UID hides corrected re-runs.
+        ...(d.keeps_first_instance ? [el("tr", {class: "warning-row", "data-keeps-first": d.name},
+          el("td", {colspan: "7", class: "reason warning-text", text: `Warning: ${d.keeps_first_instance}`}))] : [])]);
       if (!rows.length) rows.push(el("tr", {}, el("td", {colspan: "7", class: "muted", text: "no destinations configured"})));
       fillBody(document.getElementById("destinations-table"), rows);
     }
@@ -265,8 +286,8 @@ const DicomNode = (() => {
     refresh = async () => {
       const j = await getJSON(`/api/jobs/${jobId}`);
       const badge = document.getElementById("job-state");
-      badge.textContent = j.state;
-      badge.className = `state state-${j.state}`;
+      badge.textContent = j.mode === "shadow" ? `${j.state} (shadow)` : j.state;
+      badge.className = `state state-${j.state}${j.mode === "shadow" ? " state-shadow" : ""}`;
       document.getElementById("job-attempts").textContent = String(j.attempts);
       retry.disabled = !tokenConfigured || !j.actions.includes("retry");
       cancel.disabled = !tokenConfigured || !j.actions.includes("cancel");
@@ -299,15 +320,22 @@ const DicomNode = (() => {
         return row;
       }));
 
-      const rows = j.deliveries.map(d => el("tr", {},
+      const rows = j.deliveries.map(d => el("tr", {"data-destination": d.destination},
         el("td", {text: d.destination}), el("td", {}, stateBadge(d.state), d.confirmation ? el("span", {class: "muted", text: ` ${d.confirmation}`}) : ""),
         el("td", {class: "num", text: String(d.attempts)}), el("td", {text: clock(d.last_attempt_at)}),
         el("td", {text: clock(d.done_at)}), el("td", {text: (d.objects || []).map(o =>
           `${o.sop_class || o.sop_instance_uid}: ${o.outcome}${o.detail && o.outcome !== "sent" ? ` (${o.detail})` : ""}`).join("; ")}),
-        el("td", {class: "error-text", text: d.last_error || ""})));
-      if (!rows.length) rows.push(el("tr", {}, el("td", {colspan: "7", class: "muted", text: "no destinations"})));
+        el("td", {class: "next-attempt", text: d.next_attempt_at ? nextAttempt(d.next_attempt_at) : ""}),
+        el("td", {class: "error-text reason", text: d.last_error || ""})));
+      if (!rows.length) rows.push(el("tr", {}, el("td", {colspan: "8", class: "muted", text: "no destinations"})));
       fillBody(document.getElementById("deliveries-table"), rows);
 
+      const mem = j.peak_memory;
+      document.getElementById("job-peak-memory").textContent = mem
+        ? `${mem.peak_mib} MiB on ${mem.device} (${mem.kind === "cuda_allocated" ? "GPU, allocated by PyTorch" : "process resident memory, growth over the run"})`
+        : "";
+      document.getElementById("job-model-warm").textContent = j.model_warm === null || j.model_warm === undefined
+        ? "" : (j.model_warm ? "warm (already loaded)" : "cold (loaded for this job)");
       const res = document.getElementById("results");
       const items = Object.entries(j.results).flatMap(([k, v]) =>
         [el("dt", {text: k}), el("dd", {class: k.endsWith("_uid") ? "uid" : "", text: typeof v === "object" ? JSON.stringify(v) : String(v)})]);
@@ -336,5 +364,5 @@ const DicomNode = (() => {
     }
   }
 
-  return {dashboard, jobPage, seriesPage, duration};
+  return {dashboard, jobPage, seriesPage, duration, clock, ago, el, fillBody, getJSON, every};
 })();
