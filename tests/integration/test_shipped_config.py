@@ -15,6 +15,15 @@ from tests.support import procs
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
+#: Tool caches in the work tree that other tests write while this one runs (``make test`` runs
+#: two test files at a time: mypy's cache is SQLite files); no node data can land there.
+TOOL_CACHES = frozenset({".mypy_cache", ".ruff_cache", ".pytest_cache", ".import_linter_cache", ".hypothesis"})
+
+
+def _repo_databases_and_config() -> set[Path]:
+    """Every ``*.db`` of the work tree outside the tool caches, and everything under config/."""
+    databases = {p for p in REPO.rglob("*.db") if TOOL_CACHES.isdisjoint(p.relative_to(REPO).parts)}
+    return databases | set((REPO / "config").rglob("*"))
 
 
 def test_shipped_config_serves_echo(tmp_path: Path) -> None:
@@ -68,7 +77,7 @@ def test_shipped_config_keeps_its_data_outside_the_repository(tmp_path: Path) ->
     port, web_port = procs.free_port(), procs.free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE_")}
     env.update(HOME=str(home), DICOM_NODE_LISTENER__PORT=str(port), DICOM_NODE_WEB__PORT=str(web_port))
-    before = {p for p in REPO.rglob("*.db")} | set((REPO / "config").rglob("*"))
+    before = _repo_databases_and_config()
     log = (tmp_path / "node.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "dicom_node", "serve", "--config", str(REPO / "config" / "dicom-node.toml")],
@@ -82,4 +91,4 @@ def test_shipped_config_keeps_its_data_outside_the_repository(tmp_path: Path) ->
         procs.stop_process(proc, timeout=30)
     data = home / ".local" / "share" / "dicom-node"
     assert (data / "dicom-node.db").is_file() and (data / "spool").is_dir(), (tmp_path / "node.log").read_text()
-    assert {p for p in REPO.rglob("*.db")} | set((REPO / "config").rglob("*")) == before
+    assert _repo_databases_and_config() == before
