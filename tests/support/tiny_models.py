@@ -9,6 +9,7 @@ suffice and their output can be checked against the phantom's truth.  Used by th
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,10 +36,13 @@ def phantom_labels(phantom: Phantom) -> np.ndarray:
 
 
 def _train(
-    network: torch.nn.Module, image: np.ndarray, labels: np.ndarray, *, steps: int, seed: int = 0,
+    build: Callable[[], torch.nn.Module], image: np.ndarray, labels: np.ndarray, *, steps: int, seed: int = 0,
     sample: tuple[int, int, int] = (8, 32, 32),
 ) -> torch.nn.Module:
     """Cross-entropy with Adam on class-balanced voxel samples; deterministic for a seed.
+
+    The network is built (``build``) after seeding, so its initial weights do not depend on
+    what the process drew from torch's generator before (other tests, in any order).
 
     The tiny networks see one voxel at a time (1x1x1 kernels at full resolution), so each
     step trains on ``sample`` voxels drawn evenly from every intensity class (air, fat, soft
@@ -47,6 +51,7 @@ def _train(
     import torch
 
     torch.manual_seed(seed)
+    network = build()
     rng = np.random.default_rng(seed)
     groups = [np.flatnonzero(labels.ravel() == k) for k in np.unique(labels)]
     # Background holds air, fat and soft tissue: sample it by intensity band too.
@@ -149,7 +154,7 @@ def make_bundle(root: Path, phantom: Phantom, *, steps: int = 200, torchscript: 
     # on the phantom's own voxels with the bundle's intensity scaling; the bundle resamples to
     # 4 x 4 x 5 mm at inference.
     image = np.clip((phantom.hu - WINDOW[0]) / (WINDOW[1] - WINDOW[0]), 0.0, 1.0) * (SCALED[1] - SCALED[0]) + SCALED[0]
-    net = _train(bundle_network(), image, phantom_labels(phantom), steps=steps)
+    net = _train(bundle_network, image, phantom_labels(phantom), steps=steps)
     torch.save(net.state_dict(), root / "models" / "model.pt")
     if torchscript:
         torch.jit.save(torch.jit.script(net), str(root / "models" / "model.ts"))
@@ -222,10 +227,9 @@ def make_nnunet(root: Path, phantom: Phantom, *, steps: int = 200, folds: tuple[
     manager = PlansManager(plans)
     configuration = manager.get_configuration("3d_fullres")
     for fold in folds:
-        net = nnUNetTrainer.build_network_architecture(manager, configuration, 1, len(LABELS),
-                                                       enable_deep_supervision=False)
-        net = _train(net, np.ascontiguousarray(normalised), np.ascontiguousarray(labels), steps=steps,
-                     seed=fold)
+        net = _train(lambda: nnUNetTrainer.build_network_architecture(manager, configuration, 1, len(LABELS),
+                                                                      enable_deep_supervision=False),
+                     np.ascontiguousarray(normalised), np.ascontiguousarray(labels), steps=steps, seed=fold)
         (root / f"fold_{fold}").mkdir(exist_ok=True)
         torch.save(
             {"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer",
