@@ -181,6 +181,15 @@ def test_failed_job_is_listed_shown_and_retried(
         assert workers.count() == 1 and "4242, 4243" in workers.inner_text()
         # The pool child's warm model, in the worker's "warm models" column.
         assert workers.locator(".warm-models").inner_text() == "ct-tissue"
+        # 20.3: the models panel lists every model with its version, where it is warm, its rules.
+        tissue = page.locator('#models-table tbody tr[data-model="ct-tissue"]')
+        tissue.wait_for()
+        assert tissue.get_attribute("data-warm") == "warm"
+        assert "warm on celery@gpu-01 pid 4243 (cpu)" in tissue.locator(".warm-state").inner_text()
+        assert tissue.locator(".rules").inner_text() == ", ".join(
+            r.name for r in make_settings(tmp_path).rules if "ct-tissue" in r.models) or "no rule"
+        cold = page.locator('#models-table tbody tr[data-model="foreground"]')
+        assert cold.get_attribute("data-warm") == "cold" and cold.locator(".warm-state").inner_text() == "cold"
         page.locator('#destinations-table tbody tr[data-destination="viewer"]', has_text="failing").wait_for()
         # 22.3: the series no rule matched has its own panel, with the reason.
         unmatched = page.locator(f'#unmatched-table tbody tr[data-series-uid="{ROOT}.9.1"]')
