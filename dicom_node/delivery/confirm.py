@@ -15,6 +15,7 @@ from pathlib import Path
 
 import structlog
 from pydicom import Dataset, dcmread
+from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
@@ -58,11 +59,9 @@ def confirm_by_find(dest: DestinationSettings, paths: Iterable[Path], *, calling
     queries = [_keys(Path(p)) for p in paths]
     if not queries:
         return []
-    scp = dest.query_scp
-    where = _describe(scp)
-    ae = _make_ae(dest.calling_ae_title or calling_ae_title, timeout)
+    where = _describe(dest.query_scp)
     try:
-        assoc = _associate(ae, scp, [build_context(StudyRootQueryRetrieveInformationModelFind)])
+        assoc = _find_association(dest, calling_ae_title, timeout)
     except TransientError as exc:
         _log.warning("find_failed", destination=dest.name, reason=str(exc))
         return [Confirmation(str(q.SOPInstanceUID), False, f"C-FIND not possible: {exc}") for q in queries]
@@ -143,11 +142,9 @@ def check_overwrite(dest: DestinationSettings, paths: Iterable[Path], *, calling
     stamped = [_stamp(Path(p)) for p in paths]
     if not stamped:
         return []
-    scp = dest.query_scp
-    where = _describe(scp)
-    ae = _make_ae(dest.calling_ae_title or calling_ae_title, timeout)
+    where = _describe(dest.query_scp)
     try:
-        assoc = _associate(ae, scp, [build_context(StudyRootQueryRetrieveInformationModelFind)])
+        assoc = _find_association(dest, calling_ae_title, timeout)
     except TransientError as exc:
         return [Overwrite(str(q.SOPInstanceUID), None, f"C-FIND not possible: {exc}") for q, _ in stamped]
     out: list[Overwrite] = []
@@ -173,3 +170,10 @@ def check_overwrite(dest: DestinationSettings, paths: Iterable[Path], *, calling
         if assoc.is_established:
             assoc.release()
     return out
+
+
+def _find_association(dest: DestinationSettings, calling_ae_title: str, timeout: float) -> Association:
+    """An association proposing Study Root C-FIND to ``dest``'s query SCP (``TransientError``
+    when it cannot be opened)."""
+    ae = _make_ae(dest.calling_ae_title or calling_ae_title, timeout)
+    return _associate(ae, dest.query_scp, [build_context(StudyRootQueryRetrieveInformationModelFind)])
