@@ -39,13 +39,10 @@ from dicom_node.results.common import (
     ResultOptions,
     ResultUIDs,
     SourceFrames,
-    contributing_equipment,
     fill_type2,
-    lo,
-    series_description,
 )
 from dicom_node.results.context import EncodeContext
-from dicom_node.results.seg import display_colors, geometry_sources, segment_description
+from dicom_node.results.seg import geometry_sources, seg_attributes, segment_descriptions
 from inference.prediction import Prediction, Segment
 from inference.stacks import StackedVolume
 from inference.volume import Volume
@@ -141,29 +138,15 @@ def encode_resampled_seg(
         pixel_array = stack
     images, geometry = geometry_sources(frames)
     thickness = geometry["pixel_measures"][0].get("SliceThickness")  # type: ignore[index]
-    colors = display_colors(segments)
     seg = Segmentation(
         source_images=images,
         pixel_array=pixel_array,
         segmentation_type=seg_type,
-        segment_descriptions=[
-            segment_description(n, s, prediction, uids, color)
-            for n, (s, color) in enumerate(zip(segments, colors, strict=True), start=1)
-        ],
+        segment_descriptions=segment_descriptions(segments, prediction, uids),
         series_instance_uid=uids.series(KIND),
         series_number=options.series_number(KIND),
         sop_instance_uid=uids.instance(KIND),
-        instance_number=1,
-        manufacturer=lo(options.manufacturer),
-        manufacturer_model_name=lo(prediction.model_name),
-        software_versions=lo(options.software_version),
-        device_serial_number=uids.device,
-        transfer_syntax_uid=options.seg_transfer_syntax,
-        omit_empty_frames=True,
-        content_label="AI_RESULT",
-        content_description=lo(f"{prediction.model_name} {prediction.model_version} orthogonal"),
-        series_description=lo(series_description("SEG", prediction) + " orthogonal"),
-        contributing_equipment=[contributing_equipment(prediction, options, uids.device)],
+        **seg_attributes(prediction, options, uids.device, suffix=" orthogonal"),
         pixel_measures=hd.PixelMeasuresSequence(
             pixel_spacing=[float(v) for v in geometry["pixel_measures"][0].PixelSpacing],  # type: ignore[index]
             slice_thickness=float(thickness) if thickness not in (None, "") else None,

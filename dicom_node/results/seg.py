@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import colorsys
 from collections.abc import Sequence
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -304,31 +305,16 @@ def encode_seg(
         raise ResultEncodingError("a SEG needs at least one non-empty segment")
     seg_type = hd.seg.SegmentationTypeValues(options.segmentation_type.upper())
     labelmap = seg_type == hd.seg.SegmentationTypeValues.LABELMAP
-    colors = display_colors(segments)
-    descriptions = [
-        segment_description(n, s, prediction, uids, color)
-        for n, (s, color) in enumerate(zip(segments, colors, strict=True), start=1)
-    ]
     images, geometry = geometry_sources(frames)
     seg = Segmentation(
         source_images=images,
         pixel_array=_pixel_array(segments, frames, labelmap),
         segmentation_type=seg_type,
-        segment_descriptions=descriptions,
+        segment_descriptions=segment_descriptions(segments, prediction, uids),
         series_instance_uid=uids.seg_series,
         series_number=options.seg_series_number,
         sop_instance_uid=uids.seg_instance,
-        instance_number=1,
-        manufacturer=lo(options.manufacturer),
-        manufacturer_model_name=lo(prediction.model_name),
-        software_versions=lo(options.software_version),
-        device_serial_number=uids.device,
-        transfer_syntax_uid=options.seg_transfer_syntax,
-        omit_empty_frames=True,
-        content_label="AI_RESULT",
-        content_description=lo(f"{prediction.model_name} {prediction.model_version}"),
-        series_description=series_description("SEG", prediction),
-        contributing_equipment=[contributing_equipment(prediction, options, uids.device)],
+        **seg_attributes(prediction, options, uids.device),
         **geometry,  # type: ignore[arg-type]
     )
     spacing = slice_spacing(frames, geometry["plane_orientation"][0].ImageOrientationPatient)  # type: ignore[index]
@@ -341,3 +327,31 @@ def encode_seg(
     seg.DeviceUID = uids.device
     fill_type2(seg)
     return seg
+
+
+def segment_descriptions(
+    segments: Sequence[Segment], prediction: Prediction, uids: ResultUIDs
+) -> list[hd.seg.SegmentDescription]:
+    """The segments numbered 1.. in order, each with its display colour."""
+    colors = display_colors(segments)
+    return [segment_description(n, s, prediction, uids, color)
+            for n, (s, color) in enumerate(zip(segments, colors, strict=True), start=1)]
+
+
+def seg_attributes(prediction: Prediction, options: ResultOptions, device: str, *,
+                   suffix: str = "") -> dict[str, Any]:
+    """What every SEG the node writes says of itself: equipment, encoding, content and series
+    description (``suffix`` tells a variant apart, e.g. " orthogonal")."""
+    return {
+        "instance_number": 1,
+        "manufacturer": lo(options.manufacturer),
+        "manufacturer_model_name": lo(prediction.model_name),
+        "software_versions": lo(options.software_version),
+        "device_serial_number": device,
+        "transfer_syntax_uid": options.seg_transfer_syntax,
+        "omit_empty_frames": True,
+        "content_label": "AI_RESULT",
+        "content_description": lo(f"{prediction.model_name} {prediction.model_version}{suffix}"),
+        "series_description": lo(series_description("SEG", prediction) + suffix),
+        "contributing_equipment": [contributing_equipment(prediction, options, device)],
+    }
