@@ -169,20 +169,35 @@ class _Busy(torch.nn.Module):
         return (x - 0.35) * 100.0 + y * 0.0
 
 
-def busy_model(folder: Path, name: str, patch: list[int], seconds_per_patch: float) -> dict[str, str]:
-    """A TorchScript model dir (``model.pt`` + ``model.toml``) whose forward takes about that long."""
+#: Environment for a worker that runs a :func:`busy_model` calibrated with ``threads=1``.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def busy_model(folder: Path, name: str, patch: list[int], seconds_per_patch: float,
+               threads: int | None = None) -> dict[str, str]:
+    """A TorchScript model dir (``model.pt`` + ``model.toml``) whose forward takes about that long.
+
+    ``threads``: calibrate with that many torch intra-op threads (the worker must run with as
+    many, e.g. :data:`ONE_THREAD`); None calibrates with this process's own setting.
+    """
     probe = torch.zeros(1, 1, *patch)
+    previous_threads = torch.get_num_threads()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is what user models ship
-        net = torch.jit.script(_Busy(200))
-        net(probe)
-        # The fastest of several timed runs: load on the machine only slows a run down, so the
-        # minimum is what an idle worker will do, and the forward never ends early there.
-        timings = []
-        for _ in range(5):
-            t0 = time.perf_counter()
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            net = torch.jit.script(_Busy(200))
             net(probe)
-            timings.append(time.perf_counter() - t0)
+            # The fastest of several timed runs: load on the machine only slows a run down, so the
+            # minimum is what an idle worker will do, and the forward never ends early there.
+            timings = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                net(probe)
+                timings.append(time.perf_counter() - t0)
+        finally:
+            torch.set_num_threads(previous_threads)
         per_iteration = min(timings) / 200
         iterations = max(1, int(seconds_per_patch / per_iteration))
         folder.mkdir(parents=True, exist_ok=True)
@@ -328,7 +343,14 @@ def test_killed_worker_redelivers_once_and_poison_job_stops(tmp_path: Path) -> N
     require_tool("redis-server")
     redis = procs.start_redis(tmp_path / "redis")
     archive = start_archive(tmp_path / "archive")
-    model = busy_model(tmp_path / "models" / "busy", "busy", [12, 96, 96], seconds_per_patch=2.5)
+    # One intra-op thread, in the calibration and in the worker.  The busy forward is some
+    # 10,000 tiny tanh ops; with torch's default of one thread per core each op is an OpenMP
+    # fork/join, and on a loaded machine (the suite runs in 2 xdist processes) every join waits
+    # for a thread the scheduler has parked: 1.4-27 ms per op with two threads against
+    # 1.1-2.3 ms with one, same load, and attempt 2 (which only has to finish) took 7 to 114 s
+    # of the 120 s below.  Single-threaded it slows down in proportion to the load, like the
+    # calibration: 11-35 s over 9 runs under the same load.
+    model = busy_model(tmp_path / "models" / "busy", "busy", [12, 96, 96], seconds_per_patch=2.5, threads=1)
     workdir = tmp_path / "node"
     config = node_config(workdir, broker_url=redis.extra["url"], idle_seconds=0.5,
                          destinations=[destination(archive.port)], rules=[rule("ct", "busy", ["archive"])],
@@ -336,7 +358,7 @@ def test_killed_worker_redelivers_once_and_poison_job_stops(tmp_path: Path) -> N
     config["models"] = [model]
     node = start_node(workdir, config)
     try:
-        worker = node.start_worker("w1")
+        worker = node.start_worker("w1", extra_env=ONE_THREAD)
         catalog = catalog_of(node)
 
         def kill_running_attempt(series_uid: str, attempt: int) -> None:
