@@ -40,6 +40,8 @@ log = structlog.get_logger(__name__)
 
 #: Seconds between heartbeats; readiness wants one within ``heartbeat.ALIVE_WITHIN_S`` (30 s).
 DEFAULT_INTERVAL_S = 5.0
+#: Longest a fork of a worker process waits for a heartbeat in progress to end.
+FORK_WAIT_S = 60.0
 
 
 class _Heartbeats:
@@ -63,12 +65,39 @@ class _Heartbeats:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._broker_ok = True
-        # A lock held by the parent's heartbeat thread at fork time would stay held forever in
-        # the child: give the child fresh synchronisation objects.
-        os.register_at_fork(after_in_child=self._after_fork)
+        # Held for the whole of each beat (broker probe and catalog write) and by every fork of
+        # this process, so that a fork never happens in the middle of a beat.  The prefork pool
+        # forks a replacement process from the worker's main process while that process's
+        # heartbeat thread may be inside SQLite (or kombu, redis-py): the library's own locks
+        # (SQLite's mutexes, kombu's cached_property lock) were copied held by a thread that
+        # does not exist in the child, and the child's first use of them blocked forever.  Seen
+        # as a replacement pool process stuck in ``sqlite3.connect`` before its warm-up (the
+        # redelivered job never started: "Timed out waiting for UP message"), 1 in about 30
+        # replacements under CPU load.  The first pool processes are forked before the
+        # heartbeat thread starts; only replacements (a killed or recycled process) were hit.
+        self._beating = threading.Lock()
+        self._beating_at_fork = False
+        os.register_at_fork(
+            before=self._before_fork, after_in_parent=self._after_fork_in_parent,
+            after_in_child=self._after_fork,
+        )
+
+    def _before_fork(self) -> None:
+        # Bounded: a beat waits at most for the broker probe's timeout and the catalog's busy
+        # timeout; a fork is never held up for good by a database that does not answer.
+        self._beating_at_fork = self._beating.acquire(timeout=FORK_WAIT_S)
+
+    def _after_fork_in_parent(self) -> None:
+        if self._beating_at_fork:
+            self._beating_at_fork = False
+            self._beating.release()
 
     def _after_fork(self) -> None:
+        # A lock held by the parent's heartbeat thread at fork time would stay held forever in
+        # the child: give the child fresh synchronisation objects.
         self._lock = threading.Lock()
+        self._beating = threading.Lock()
+        self._beating_at_fork = False
         self._stop = threading.Event()
         self._thread = None
 
@@ -91,24 +120,28 @@ class _Heartbeats:
     def _beat_once(self) -> None:
         if self.hostname is None:
             return
+        with self._beating:  # no fork of this process in the middle of a beat (see __init__)
+            self._beat_locked(self.hostname)
+
+    def _beat_locked(self, hostname: str) -> None:
         ok, detail = probe_broker(self.app)
         if not ok:
             # No beat: a worker that cannot reach its broker gets no jobs (see module doc).
             if self._broker_ok:
-                log.error("worker_broker_unreachable", hostname=self.hostname, detail=detail)
+                log.error("worker_broker_unreachable", hostname=hostname, detail=detail)
             self._broker_ok = False
             return
         if not self._broker_ok:
-            log.info("worker_broker_reachable", hostname=self.hostname)
+            log.info("worker_broker_reachable", hostname=hostname)
             self._broker_ok = True
         try:
             heartbeat.beat(
-                self.catalog(), self.hostname, os.getpid(), queues=self.queues, device=self.device,
+                self.catalog(), hostname, os.getpid(), queues=self.queues, device=self.device,
                 warm_models=self._warm(),
             )
         except Exception as exc:  # thread boundary: the worker keeps working without its heartbeat
             log.warning(
-                "heartbeat_failed", hostname=self.hostname, error=f"{type(exc).__name__}: {exc}"
+                "heartbeat_failed", hostname=hostname, error=f"{type(exc).__name__}: {exc}"
             )
 
     def _warm(self) -> list[dict[str, Any]] | None:
@@ -213,10 +246,14 @@ class _Heartbeats:
     def _set_current(self, job_id: int | None, model: str | None) -> None:
         if self.hostname is None:
             return
+        with self._beating:  # a catalog write, like a beat (see __init__)
+            self._set_current_locked(self.hostname, job_id, model)
+
+    def _set_current_locked(self, hostname: str, job_id: int | None, model: str | None) -> None:
         try:
             heartbeat.set_current_job(
                 self.catalog(),
-                self.hostname,
+                hostname,
                 os.getpid(),
                 job_id,
                 model,
