@@ -11,7 +11,10 @@ alone, so it survives any crash:
   ``commitment_resends`` times, then ``unconfirmed`` with the archive's reason;
 - a transaction without a report ``commitment_timeout_seconds`` after its last N-ACTION is
   requested again (same Transaction UID) up to ``commitment_max_requests`` N-ACTIONs, then its
-  objects are ``unconfirmed``.
+  objects are ``unconfirmed``;
+- a transaction whose delivery is started again (``resend``) before it closed is ``superseded``
+  by the catalog (:meth:`Catalog.reopen_deliveries`): never applied, so a late report cannot
+  touch the objects of the new attempt, which share the delivery row and the SOP Instance UIDs.
 
 The job itself is ``done`` once every destination took its results (see docs/architecture.md,
 "What done means"): confirmation is recorded beside it, per destination and per object.
