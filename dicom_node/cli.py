@@ -466,13 +466,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     from dicom_node.catalog import Catalog, JobState, queries
     from dicom_node.catalog.heartbeats import worker_statuses
     from dicom_node.catalog.senders import sender_stats
-    from dicom_node.delivery.dicom import echo
+    from dicom_node.delivery.dicom import probe_echo
     from dicom_node.ingest.spool import Spool
 
     settings = _settings(args)
     catalog = Catalog(settings.database.url)
     lst = settings.listener
-    listening = echo(_own_listener(settings), calling_ae_title=lst.ae_title, timeout=5) if lst.tls is None else None
+    # A listener that rejects the probe's association (an allow-list without the node's own AE
+    # title) is up: only "down" is a failure.
+    probe, probe_detail = (probe_echo(_own_listener(settings), calling_ae_title=lst.ae_title, timeout=5)
+                           if lst.tls is None else ("not probed", "TLS"))
+    listening = {"answers": True, "down": False}.get(probe)
     by_state = catalog.count_jobs_by_state()
     by_priority = {priority: n for (queue, priority), (n, _) in catalog.queue_depth().items() if queue == "inference"}
     workers = worker_statuses(catalog)
@@ -483,7 +487,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     free_mb = Spool(settings.storage.root).free_mb()
     rejected = _rejected_associations(settings)
     data: dict[str, Any] = {
-        "listener": {"ae_title": lst.ae_title, "host": lst.host, "port": lst.port, "answers_echo": listening},
+        "listener": {"ae_title": lst.ae_title, "host": lst.host, "port": lst.port, "answers_echo": listening,
+                     "probe": probe, "probe_detail": probe_detail},
         "jobs_by_state": by_state,
         "queued_by_priority": by_priority,
         "workers": [{"hostname": w.hostname, "pid": w.pid, "alive": w.alive, "queues": list(w.queues),
@@ -498,7 +503,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                      "premature": st.premature} for st in senders],
         "rejected_associations": rejected,
     }
-    echo_text = {True: "answers C-ECHO", False: "NOT ANSWERING", None: "TLS (not probed)"}[listening]
+    echo_text = {"answers": "answers C-ECHO", "down": "NOT ANSWERING",
+                 "rejected": f"up, but rejected this probe from {lst.ae_title} ({probe_detail})",
+                 "not probed": "TLS (not probed)"}[probe]
     lines = [f"listener  {lst.ae_title}@{lst.host}:{lst.port}  {echo_text}",
              "jobs      " + (", ".join(f"{k} {v}" for k, v in sorted(by_state.items())) or "none"),
              "queued    " + (", ".join(f"{k} {v}" for k, v in sorted(by_priority.items())) or "none"),
@@ -521,7 +528,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     lines.append("failures  " + ("none" if not failures else "".join(
         f"\n          job {j.id} {j.model}: {j.reason}" for j in failures)))
     _print(args, data, "\n".join(lines))
-    return 0 if listening is not False else 1
+    return 1 if probe == "down" else 0
 
 
 def cmd_send(args: argparse.Namespace) -> int:

@@ -80,7 +80,8 @@ def test_status_lists_the_rejected_associations(tmp_path: Path) -> None:
     from pynetdicom import AE
 
     web_port = procs.free_port()
-    # DICOM_NODE: `status` probes the listener with C-ECHO under the node's own AE title.
+    # DICOM_NODE: `status` probes the listener with C-ECHO under the node's own AE title (left
+    # out, the probe is rejected: test_status_counts_a_listener_that_rejects_its_probe_as_up).
     config = node_config(tmp_path / "node", listener={"allowed_calling_ae_titles": ["PACS", "DICOM_NODE"]},
                          web={"enabled": True, "host": procs.LOOPBACK, "port": web_port})
     node = start_node(tmp_path / "node", config)
@@ -132,3 +133,26 @@ def test_status_lists_the_rejected_associations(tmp_path: Path) -> None:
                 "the log's association_rejected lines have them") in text
     finally:
         node.stop()
+
+
+def test_status_counts_a_listener_that_rejects_its_probe_as_up(tmp_path: Path) -> None:
+    """With an allow-list that leaves out the node's own AE title, the listener rejects
+    `status`'s C-ECHO probe: that answer proves it is up, so `status` says so and exits 0; a
+    stopped node is still NOT ANSWERING (exit 1)."""
+    config = node_config(tmp_path / "node", listener={"allowed_calling_ae_titles": ["PACS"]})
+    node = start_node(tmp_path / "node", config)
+    try:
+        status = cli(node.config_path, "status", "--json")
+        assert status.returncode == 0, status.stdout + status.stderr
+        listener = json.loads(status.stdout)["listener"]
+        assert listener["probe"] == "rejected" and listener["answers_echo"] is None
+        assert "rejected the association" in listener["probe_detail"]
+        assert "calling ae title not recogni" in listener["probe_detail"]  # pynetdicom: "recognised"
+        text = cli(node.config_path, "status")
+        assert text.returncode == 0
+        assert "up, but rejected this probe from DICOM_NODE" in text.stdout, text.stdout
+    finally:
+        node.stop()
+    down = cli(node.config_path, "status", "--json")
+    assert down.returncode == 1
+    assert json.loads(down.stdout)["listener"]["probe"] == "down"
