@@ -8,9 +8,10 @@ each sending a quarter of the corpus).  dicom-node runs in child processes: one 
 ``--processes N`` listeners sharing the port with ``SO_REUSEPORT`` (one Python process is held
 to one core by the GIL).  Each listener runs as in ``dicom-node serve``: the real catalog
 recorder (SQLite) behind it, every instance on disk before success (an unnamed file
-fdatasync'd, linked under its name, its folder fsync'd).  storescp and Orthanc (as configured
-here) do not fsync at all.  Each row also gives
-the receiver's own CPU time per instance (all its processes and threads, senders excluded).
+fdatasync'd, linked under its name, its folder fsync'd).  storescp does not fsync at all;
+Orthanc (its defaults, ``SyncStorageArea`` true) fdatasyncs each file but not its folder, so
+the file's name is not yet durable when it answers.  Each row also gives the receiver's own
+CPU time per instance (all its processes and threads, senders excluded).
 
 Also used by :mod:`benchmarks.stock_sender` (same corpus, same helpers).
 """
@@ -346,7 +347,7 @@ def measure_interleaved(
     """Instances/s per target; runs interleave the targets so ratios share the machine's mood.
 
     Each run starts a fresh receiver on a fresh folder (no file is ever replaced), after an
-    ``os.sync()``: a receiver that does not fsync (storescp, Orthanc) leaves ~100 MB of dirty
+    ``os.sync()``: a receiver that does not fsync (storescp) leaves ~100 MB of dirty
     pages, and the kernel writing them back would slow the next receiver's flushes and fsyncs
     (ext4 writes a file's data before the commit that makes its name durable).  Once the
     receiver is up, :func:`warm_free_memory` gives every receiver the same memory to write into.
@@ -438,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
         ]
         if args.orthanc and procs.tool_path("Orthanc"):
-            targets.append(Target("Orthanc (no fsync)", "ORTHANC", lambda w: orthanc(w, nodelay)))
+            targets.append(Target("Orthanc (file fdatasync)", "ORTHANC", lambda w: orthanc(w, nodelay)))
         if args.references:
             targets += [
                 Target(

@@ -409,18 +409,74 @@ def _own_listener(settings: Settings) -> DestinationSettings:
     return DestinationSettings(name="this node", ae_title=lst.ae_title, host=host, port=lst.port)
 
 
+#: Groups of rejected associations ``status`` prints (the JSON has them all).
+STATUS_REJECTED_LINES = 10
+
+
+def _rejected_associations(settings: Settings) -> dict[str, Any]:
+    """The listener's recent rejections, grouped, from the running ``serve``'s web API: they are
+    kept in its memory only (:mod:`dicom_node.ingest.rejections`), never in the catalog.
+    ``error`` says why they are unknown (web server off or not answering)."""
+    import urllib.error
+    import urllib.request
+    from dataclasses import asdict
+
+    from dicom_node.ingest.rejections import Rejection, group
+
+    web = settings.web
+    host = "127.0.0.1" if web.host in ("0.0.0.0", "::") else web.host  # noqa: S104 - compared, not bound
+    url = f"http://{f'[{host}]' if ':' in host else host}:{web.port}/api/rejected-associations"
+    if not web.enabled:
+        return {"source": None, "error": "[web] enabled = false: they are shown through serve's web API"}
+    try:
+        with urllib.request.urlopen(url, timeout=5) as rsp:
+            body = json.loads(rsp.read())
+        rejections = [Rejection(float(r["at"]), str(r["calling_ae_title"]), str(r["called_ae_title"]),
+                                str(r["peer"]), str(r["reason"])) for r in body["rejections"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        why = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        return {"source": url, "error": f"the web server did not answer: {why}"}
+    return {"source": url, "error": None, "total": int(body["total"]), "kept": int(body["kept"]),
+            "groups": [asdict(g) for g in group(rejections)]}
+
+
+def _rejected_lines(rejected: dict[str, Any]) -> str:
+    import datetime as dt
+
+    if rejected["error"]:
+        return (f"rejected  unknown ({rejected['error']}); "
+                "the log's association_rejected lines have them")
+    if not rejected["total"]:
+        return "rejected  none since the node started"
+    groups = rejected["groups"]
+    text = f"rejected  {rejected['total']} since the node started" + (
+        f" (the newest {rejected['kept']} are kept)" if rejected["total"] > rejected["kept"] else "")
+    for g in groups[:STATUS_REJECTED_LINES]:
+        last = dt.datetime.fromtimestamp(g["last_at"], dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        text += (f"\n          {g['calling_ae_title'] or '(empty)'} from {g['peer_host']} "
+                 f"calling {g['called_ae_title'] or '(empty)'}: {g['reason']}, "
+                 f"{g['count']} time{'s' if g['count'] != 1 else ''}, last {last}")
+    if len(groups) > STATUS_REJECTED_LINES:
+        text += f"\n          ... {len(groups) - STATUS_REJECTED_LINES} more (--json, or the dashboard)"
+    return text
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    """One screen for ops: listener, queue, workers, disk, recent failures."""
+    """One screen for ops: listener, queue, workers, disk, senders, rejected associations, recent failures."""
     from dicom_node.catalog import Catalog, JobState, queries
     from dicom_node.catalog.heartbeats import worker_statuses
     from dicom_node.catalog.senders import sender_stats
-    from dicom_node.delivery.dicom import echo
+    from dicom_node.delivery.dicom import probe_echo
     from dicom_node.ingest.spool import Spool
 
     settings = _settings(args)
     catalog = Catalog(settings.database.url)
     lst = settings.listener
-    listening = echo(_own_listener(settings), calling_ae_title=lst.ae_title, timeout=5) if lst.tls is None else None
+    # A listener that rejects the probe's association (an allow-list without the node's own AE
+    # title) is up: only "down" is a failure.
+    probe, probe_detail = (probe_echo(_own_listener(settings), calling_ae_title=lst.ae_title, timeout=5)
+                           if lst.tls is None else ("not probed", "TLS"))
+    listening = {"answers": True, "down": False}.get(probe)
     by_state = catalog.count_jobs_by_state()
     by_priority = {priority: n for (queue, priority), (n, _) in catalog.queue_depth().items() if queue == "inference"}
     workers = worker_statuses(catalog)
@@ -429,8 +485,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     senders = sorted(sender_stats(catalog, settings.completion.learn_min_series).values(),
                      key=lambda st: (st.calling_ae_title, st.rule))
     free_mb = Spool(settings.storage.root).free_mb()
+    rejected = _rejected_associations(settings)
     data: dict[str, Any] = {
-        "listener": {"ae_title": lst.ae_title, "host": lst.host, "port": lst.port, "answers_echo": listening},
+        "listener": {"ae_title": lst.ae_title, "host": lst.host, "port": lst.port, "answers_echo": listening,
+                     "probe": probe, "probe_detail": probe_detail},
         "jobs_by_state": by_state,
         "queued_by_priority": by_priority,
         "workers": [{"hostname": w.hostname, "pid": w.pid, "alive": w.alive, "queues": list(w.queues),
@@ -443,8 +501,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         "senders": [{"calling_ae_title": st.calling_ae_title, "rule": st.rule, "mode": st.mode,
                      "series": st.series, "splits": st.splits, "split_rate": round(st.split_rate, 4),
                      "premature": st.premature} for st in senders],
+        "rejected_associations": rejected,
     }
-    echo_text = {True: "answers C-ECHO", False: "NOT ANSWERING", None: "TLS (not probed)"}[listening]
+    echo_text = {"answers": "answers C-ECHO", "down": "NOT ANSWERING",
+                 "rejected": f"up, but rejected this probe from {lst.ae_title} ({probe_detail})",
+                 "not probed": "TLS (not probed)"}[probe]
     lines = [f"listener  {lst.ae_title}@{lst.host}:{lst.port}  {echo_text}",
              "jobs      " + (", ".join(f"{k} {v}" for k, v in sorted(by_state.items())) or "none"),
              "queued    " + (", ".join(f"{k} {v}" for k, v in sorted(by_priority.items())) or "none"),
@@ -463,10 +524,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         + f", split rate {100 * st.split_rate:.0f} % of {st.series} series"
         + (f", {st.premature} premature" if st.premature else "")
         for st in senders)))
+    lines.append(_rejected_lines(rejected))
     lines.append("failures  " + ("none" if not failures else "".join(
         f"\n          job {j.id} {j.model}: {j.reason}" for j in failures)))
     _print(args, data, "\n".join(lines))
-    return 0 if listening is not False else 1
+    return 1 if probe == "down" else 0
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -658,7 +720,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--older-than-days", type=float, default=None, help="override storage.retention_days")
     p.add_argument("--dry-run", action="store_true", help="only report what would be removed")
     add("drift", cmd_drift, "input and output drift per model and scanner (PSI), silent scanners; exit 1 on either")
-    p = add("status", cmd_status, "one screen: listener, queue, workers, disk, recent failures")
+    p = add("status", cmd_status,
+            "one screen: listener, queue, workers, disk, rejected associations, recent failures")
     p = add("send", cmd_send, "send a folder of DICOM files to this node (or --to DEST), with a progress bar")
     p.add_argument("directory")
     p.add_argument("--to", default=None, help="a configured destination name (default: this node's listener)")

@@ -17,6 +17,10 @@ class TransientError(DicomNodeError):
     """Worth retrying: peer down, association rejected, out of resources."""
 
 
+class AssociationRejectedError(TransientError):
+    """The peer answered, with an A-ASSOCIATE-RJ: it is up, but not for this association."""
+
+
 class PermanentError(DicomNodeError):
     """Unsupported or inconsistent input; retrying will not help (fail the job with the reason)."""
 

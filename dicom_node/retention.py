@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import os
 import shutil
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from pathlib import Path
 import structlog
 
 from dicom_node.catalog import Catalog, JobState, SeriesState, queries
+from dicom_node.periodic import PeriodicLoop
 from dicom_node.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -151,32 +150,24 @@ def collect_garbage(settings: Settings, catalog: Catalog, *, older_than_days: fl
     return report
 
 
-class RetentionLoop:
+class RetentionLoop(PeriodicLoop):
     """Runs :func:`collect_garbage` every ``storage.gc_interval_seconds`` in a thread."""
 
+    name = "retention"
+    failure_event = "gc_failed"
+
     def __init__(self, settings: Settings, catalog: Catalog) -> None:
+        super().__init__()
         self.settings = settings
         self.catalog = catalog
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="retention", daemon=True)
 
     @property
     def enabled(self) -> bool:
         """True when ``storage.retention_days`` or ``drift.retention_days`` asks for a clean-up."""
         return self.settings.storage.retention_days > 0 or self.settings.drift.retention_days > 0
 
-    def start(self) -> None:
-        if self.enabled:
-            self._thread.start()
+    def interval(self) -> float:
+        return self.settings.storage.gc_interval_seconds
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.settings.storage.gc_interval_seconds):
-            try:
-                collect_garbage(self.settings, self.catalog)
-            except Exception:  # process boundary: a failed clean-up is retried next period
-                log.exception("gc_failed", pid=os.getpid())
+    def run_once(self) -> None:
+        collect_garbage(self.settings, self.catalog)

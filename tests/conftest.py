@@ -41,6 +41,15 @@ def require_playwright() -> Any:
 
 
 @pytest.fixture
+def screenshots(tmp_path: Path) -> Path:
+    """Where a test writes the screenshots of docs/images/: tmp_path, or docs/images itself
+    under ``DICOM_NODE_UPDATE_SCREENSHOTS=1`` (see :mod:`tests.support.screenshots`)."""
+    from tests.support.screenshots import screenshot_dir
+
+    return screenshot_dir(tmp_path)
+
+
+@pytest.fixture
 def tool() -> object:
     """``tool("storescu", "dciodvfy")`` inside a test: require those tools."""
     return require_tool

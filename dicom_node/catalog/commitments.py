@@ -5,6 +5,9 @@ with ``commitment=``), before its N-ACTION goes out.  From then on every change 
 compare-and-set, so the worker (a report on the N-ACTION's own association), the listener (a
 report on a new association) and the node's commitment loop (time-outs, re-sends) can race,
 and a node killed at any point can restart, without a report being lost or applied twice.
+A delivery repeated before its transaction closed (``resend``) supersedes it
+(``Catalog._supersede_commitments``): its report, however late, is never applied to the
+repeated delivery's objects.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ from typing import Any
 from sqlalchemy import select, update
 
 from dicom_node.catalog.store import Catalog
-from dicom_node.catalog.tables import CommitmentRow, DeliveryRow
+from dicom_node.catalog.tables import COMMITMENT_SUPERSEDED, CommitmentRow, DeliveryRow
 
 REQUESTED = "requested"
 REPORTED = "reported"
 CLOSED = "closed"
+#: Closed unapplied: its delivery was started again (``resend``) before its report was applied.
+SUPERSEDED = COMMITMENT_SUPERSEDED
 
 
 def new_row(job_id: int, destination: str, transaction_uid: str, objects: Sequence[Mapping[str, str]], *,
@@ -73,8 +78,10 @@ def request_failed(catalog: Catalog, transaction_uid: str, error: str) -> None:
 
 def record_report(catalog: Catalog, transaction_uid: str, committed: Sequence[str],
                   failed: Mapping[str, str], now: float) -> str:
-    """Keep an N-EVENT-REPORT: ``recorded``, ``unknown`` (no such transaction) or ``duplicate``
-    (already reported or closed: a second answer to a request sent again)."""
+    """Keep an N-EVENT-REPORT: ``recorded``, ``unknown`` (no such transaction), ``duplicate``
+    (already reported or closed: a second answer to a request sent again) or ``superseded``
+    (the delivery it proves was started again: a late report of the earlier attempt, kept out
+    so it cannot confirm or fail the new attempt's objects)."""
     report = json.dumps({"committed": list(committed), "failed": dict(failed)})
     with catalog.session() as s:
         result = s.execute(
@@ -84,7 +91,10 @@ def record_report(catalog: Catalog, transaction_uid: str, committed: Sequence[st
         )
         if result.rowcount:  # type: ignore[attr-defined]
             return "recorded"
-        return "duplicate" if s.get(CommitmentRow, transaction_uid) is not None else "unknown"
+        current = s.get(CommitmentRow, transaction_uid)
+        if current is None:
+            return "unknown"
+        return "superseded" if current.state == SUPERSEDED else "duplicate"
 
 
 def close(catalog: Catalog, row: CommitmentRow, outcomes: Mapping[str, Mapping[str, Any]], now: float,

@@ -23,6 +23,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -31,6 +32,8 @@ from dicom_node.attributes import ROUTING_KEYWORDS
 from dicom_node.catalog.schema import upgrade_schema
 from dicom_node.catalog.tables import (
     _TRANSITIONS,
+    COMMITMENT_OPEN,
+    COMMITMENT_SUPERSEDED,
     QUEUE_OF_STATE,
     UNFINISHED,
     CatalogError,
@@ -613,6 +616,9 @@ class Catalog:
         """
         now = time.time()
         with self.session() as s:
+            # A transaction of an earlier attempt still open here (the attempt was repeated by
+            # a path that did not supersede it) must not confirm this one's objects.
+            self._supersede_commitments(s, job_id, [destination], now, "a new delivery attempt was recorded")
             if commitment is not None:
                 s.add(commitment)
             row = s.scalars(select(DeliveryRow).where(
@@ -694,6 +700,9 @@ class Catalog:
                                    + ("" if job.state in (JobState.DONE.value, JobState.FAILED.value)
                                       else " yet (it is still being processed)"))
             wanted = list(destinations) if destinations else job.destinations
+            # First, so a late report of the attempt being repeated finds its transaction
+            # closed (the commitment loop's compare-and-set fails) and never touches the new one.
+            superseded = self._supersede_commitments(s, job_id, wanted, now, reason, add_events=False)
             current = job.destinations
             if any(d not in current for d in wanted):
                 job.destinations_json = json.dumps(current + [d for d in wanted if d not in current])
@@ -712,7 +721,43 @@ class Catalog:
             job.encoded_at = now
             job.reason = None
             s.add(JobEventRow(job_id=job_id, state=JobState.ENCODED.value, at=now, detail=reason))
+            for detail in superseded:
+                s.add(JobEventRow(job_id=job_id, state=JobState.ENCODED.value, at=now, detail=detail))
             return job
+
+    def _supersede_commitments(self, s: Session, job_id: int, destinations: Sequence[str], now: float,
+                               why: str, *, add_events: bool = True) -> list[str]:
+        """Close, unapplied, the open Storage Commitment transactions of the job's deliveries to
+        ``destinations``: the delivery they prove is being repeated.  One job event per
+        destination (added here with ``add_events``, else returned for the caller to add after its
+        own); a report that still comes for them is kept out (``record_report`` answers
+        ``superseded``)."""
+        if not destinations:
+            return []
+        open_rows = list(s.scalars(
+            select(CommitmentRow).where(CommitmentRow.job_id == job_id,
+                                        CommitmentRow.destination.in_(list(destinations)),
+                                        CommitmentRow.state.in_(COMMITMENT_OPEN))
+            .order_by(CommitmentRow.requested_at).with_for_update()))
+        if not open_rows:
+            return []
+        s.execute(update(CommitmentRow)
+                  .where(CommitmentRow.transaction_uid.in_([r.transaction_uid for r in open_rows]),
+                         CommitmentRow.state.in_(COMMITMENT_OPEN))
+                  .values(state=COMMITMENT_SUPERSEDED, closed_at=now)
+                  .execution_options(synchronize_session=False))
+        details = []
+        for dest in dict.fromkeys(r.destination for r in open_rows):
+            uids = [r.transaction_uid for r in open_rows if r.destination == dest]
+            details.append(f"storage commitment of the previous delivery to {dest} superseded ({why}): "
+                           f"a late report for transaction {', '.join(uids)} will not be applied")
+            log.info("commitment_superseded", job_id=job_id, destination=dest, transaction_uids=uids, why=why)
+        if add_events:
+            job = s.get(JobRow, job_id)
+            for detail in details:
+                s.add(JobEventRow(job_id=job_id, state=job.state if job else JobState.ENCODED.value, at=now,
+                                  detail=detail))
+        return details
 
     def reset_deliveries(self, job_id: int, *, include_done: bool = False, reset_attempts: bool = False) -> None:
         """Make every delivery of the job not yet done (with ``include_done``, every one) ``pending``
@@ -721,7 +766,11 @@ class Catalog:
             q = select(DeliveryRow).where(DeliveryRow.job_id == job_id)
             if not include_done:
                 q = q.where(DeliveryRow.state != "done")
-            for row in s.scalars(q):
+            rows = list(s.scalars(q))
+            if include_done:
+                self._supersede_commitments(s, job_id, [r.destination for r in rows if r.state == "done"],
+                                            time.time(), "the job runs again")
+            for row in rows:
                 row.state = "pending"
                 row.next_attempt_at = None
                 if reset_attempts:

@@ -286,14 +286,24 @@ class DestinationFindingRow(Base):
     found_at: Mapped[float] = mapped_column(Float)
 
 
+#: States of a :class:`CommitmentRow` still waiting for its report or for the report to be applied.
+COMMITMENT_OPEN = ("requested", "reported")
+#: State of a transaction whose delivery was started again (``resend``, a retry of a done job)
+#: before it closed: its report, if it still comes, is never applied.
+COMMITMENT_SUPERSEDED = "superseded"
+
+
 class CommitmentRow(Base):
     """One Storage Commitment transaction (revision 0009_commitment).
 
     ``state``: ``requested`` (written with the delivery, before the N-ACTION; ``requests``
     counts the N-ACTIONs sent, ``requested_at`` is the last one), ``reported`` (the archive's
     N-EVENT-REPORT is in ``report_json``, not applied yet), ``closed`` (applied to the
-    delivery's objects).  Every change is a compare-and-set on ``state`` (and ``requests``), so
-    a report that comes twice, or from a request sent again, is applied once.
+    delivery's objects), ``superseded`` (closed unapplied: the delivery it proves was started
+    again before its report was applied, so the report must not touch the new attempt's
+    objects).  Every change is a compare-and-set on ``state`` (and ``requests``), so a report
+    that comes twice, or from a request sent again, is applied once, and one that comes for a
+    superseded transaction never.
     """
 
     __tablename__ = "commitments"

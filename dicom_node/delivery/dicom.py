@@ -56,7 +56,7 @@ from dicom_node._compat.pynetdicom import (
     send_files_as_stored_bytes,
 )
 from dicom_node.delivery.report import InstanceResult, SendReport
-from dicom_node.errors import PermanentError, TransientError
+from dicom_node.errors import AssociationRejectedError, PermanentError, TransientError
 from dicom_node.settings import DestinationSettings
 
 #: pynetdicom accepts at most 128 presentation contexts per association.
@@ -168,7 +168,7 @@ def _associate(
             f"{rsp.result_str}, source {rsp.source_str}: {rsp.reason_str}".lower()
             if rsp is not None else "no reason given"
         )
-        raise TransientError(f"archive {where} rejected the association ({detail})")
+        raise AssociationRejectedError(f"archive {where} rejected the association ({detail})")
     sock = assoc.dul.socket
     error = sock.connect_error if isinstance(sock, TunedAssociationSocket) else None
     if error is not None:
@@ -310,17 +310,28 @@ def send_instances(
 def echo(dest: DestinationSettings, *, calling_ae_title: str = "DICOM_NODE",
          timeout: float = 10) -> bool:
     """C-ECHO ``dest``; ``True`` when it answers success, ``False`` on any failure."""
+    return probe_echo(dest, calling_ae_title=calling_ae_title, timeout=timeout)[0] == "answers"
+
+
+def probe_echo(dest: DestinationSettings, *, calling_ae_title: str = "DICOM_NODE",
+               timeout: float = 10) -> tuple[str, str]:
+    """C-ECHO ``dest`` and say how it went: ``("answers", "")`` on success; ``("rejected",
+    why)`` when it refused the association (it is up, but not for this calling AE title, say);
+    ``("down", why)`` when nothing answered, or the echo failed."""
     ae = _make_ae(dest.calling_ae_title or calling_ae_title, timeout)
     try:
         assoc = _associate(ae, dest, [build_context(Verification)])
     except TransientError as exc:
         _log.info("echo_failed", destination=dest.name, reason=str(exc))
-        return False
+        return ("rejected" if isinstance(exc, AssociationRejectedError) else "down"), str(exc)
     try:
         rsp = assoc.send_c_echo()
-        return rsp is not None and int(rsp.get("Status", -1)) == statuses.SUCCESS
+        status = int(rsp.Status) if rsp is not None and "Status" in rsp else None
     finally:
         assoc.release()
+    if status == statuses.SUCCESS:
+        return "answers", ""
+    return "down", "no C-ECHO response" if status is None else f"C-ECHO status 0x{status:04X}"
 
 
 #: The classes of the node's results, proposed by :func:`capabilities`.

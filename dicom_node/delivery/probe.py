@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import structlog
 
 from dicom_node.delivery import reachable
+from dicom_node.periodic import PeriodicLoop
 from dicom_node.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -27,28 +28,31 @@ class Reachability:
     checked_at: float
 
 
-class DestinationProber:
+class DestinationProber(PeriodicLoop):
     """Probes every configured destination every ``interval`` seconds (the first time at once)."""
 
+    name = "destination-prober"
+    failure_event = "destination_probe_failed"
+    first_at_once = True
+
     def __init__(self, settings: Settings, interval: float = 60.0, timeout: float = 10.0) -> None:
+        super().__init__()
         self.settings = settings
-        self.interval = interval
+        self.interval_seconds = interval
         self.timeout = timeout
+        self.join_seconds = timeout + 5
         self._results: dict[str, Reachability] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        if self.settings.destinations and self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="destination-prober", daemon=True)
-            self._thread.start()
+    @property
+    def enabled(self) -> bool:
+        return bool(self.settings.destinations)
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(self.timeout + 5)
-            self._thread = None
+    def interval(self) -> float:
+        return self.interval_seconds
+
+    def run_once(self) -> None:
+        self.probe_once()
 
     def results(self) -> dict[str, Reachability]:
         """The last result per destination name (none until its first probe ended)."""
@@ -68,8 +72,3 @@ class DestinationProber:
             if before is None or before.reachable != ok:
                 (log.info if ok else log.warning)("destination_reachability", destination=dest.name,
                                                    reachable=ok, detail=detail)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.probe_once()
-            self._stop.wait(self.interval)

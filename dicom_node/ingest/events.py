@@ -65,7 +65,8 @@ class CommitmentSink(Protocol):
     """Optional side of a sink: keeps Storage Commitment reports durably before they are answered."""
 
     def commitment_reported(self, report: CommitmentReport) -> str:
-        """Record ``report``; return ``recorded``, ``duplicate`` or ``unknown`` (no such transaction)."""
+        """Record ``report``; return ``recorded``, ``duplicate``, ``unknown`` (no such transaction)
+        or ``superseded`` (its delivery was started again: the report is not applied)."""
         ...
 
 

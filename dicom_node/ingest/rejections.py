@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 #: How many rejections are kept (the oldest is dropped first).
@@ -50,3 +51,32 @@ class RejectionLog:
         """The kept rejections, newest first."""
         with self._lock:
             return list(reversed(self._items))
+
+
+@dataclass(frozen=True)
+class RejectionGroup:
+    """Rejections of one peer for one reason: how many of the kept ones, and the newest."""
+
+    calling_ae_title: str
+    called_ae_title: str
+    #: The peer's address without its (ephemeral) port.
+    peer_host: str
+    reason: str
+    count: int
+    last_at: float
+
+
+def peer_host(peer: str) -> str:
+    """``"10.0.0.7:51234"`` -> ``"10.0.0.7"`` (an IPv6 address keeps its colons)."""
+    host, sep, port = peer.rpartition(":")
+    return host if sep and port.isdigit() else peer
+
+
+def group(rejections: Iterable[Rejection]) -> list[RejectionGroup]:
+    """``rejections`` by (calling AE, called AE, peer host, reason), newest group first: a sender
+    retrying with a wrong AE title is one line with a count, not fifty (``dicom-node status``)."""
+    groups: dict[tuple[str, str, str, str], list[Rejection]] = {}
+    for r in rejections:
+        groups.setdefault((r.calling_ae_title, r.called_ae_title, peer_host(r.peer), r.reason), []).append(r)
+    out = [RejectionGroup(*key, count=len(items), last_at=max(i.at for i in items)) for key, items in groups.items()]
+    return sorted(out, key=lambda g: -g.last_at)

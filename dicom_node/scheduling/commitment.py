@@ -11,7 +11,10 @@ alone, so it survives any crash:
   ``commitment_resends`` times, then ``unconfirmed`` with the archive's reason;
 - a transaction without a report ``commitment_timeout_seconds`` after its last N-ACTION is
   requested again (same Transaction UID) up to ``commitment_max_requests`` N-ACTIONs, then its
-  objects are ``unconfirmed``.
+  objects are ``unconfirmed``;
+- a transaction whose delivery is started again (``resend``) before it closed is ``superseded``
+  by the catalog (:meth:`Catalog.reopen_deliveries`): never applied, so a late report cannot
+  touch the objects of the new attempt, which share the delivery row and the SOP Instance UIDs.
 
 The job itself is ``done`` once every destination took its results (see docs/architecture.md,
 "What done means"): confirmation is recorded beside it, per destination and per object.
@@ -19,7 +22,6 @@ The job itself is ``done`` once every destination took its results (see docs/arc
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +35,7 @@ from dicom_node.delivery import commitment
 from dicom_node.delivery.dicom import send_instances
 from dicom_node.delivery.report import SendReport
 from dicom_node.errors import DicomNodeError
+from dicom_node.periodic import PeriodicLoop
 from dicom_node.settings import DestinationSettings, Settings
 from dicom_node.uids import random_uid
 
@@ -164,33 +167,26 @@ def advance(settings: Settings, catalog: Catalog, now: float | None = None) -> i
     return acted
 
 
-class CommitmentLoop:
+class CommitmentLoop(PeriodicLoop):
     """Runs :func:`advance` every ``poll_seconds`` in a thread of ``serve`` (when a destination
     asks for storage commitment)."""
 
+    name = "commitment"
+    failure_event = "commitment_pass_failed"
+    join_seconds = 60.0
+
     def __init__(self, settings: Settings, catalog: Catalog, poll_seconds: float = 1.0) -> None:
+        super().__init__()
         self.settings = settings
         self.catalog = catalog
         self.poll_seconds = poll_seconds
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="commitment", daemon=True)
 
     @property
     def enabled(self) -> bool:
         return any(d.commitment == "storage-commitment" for d in self.settings.destinations)
 
-    def start(self) -> None:
-        if self.enabled:
-            self._thread.start()
+    def interval(self) -> float:
+        return self.poll_seconds
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=60)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.poll_seconds):
-            try:
-                advance(self.settings, self.catalog)
-            except Exception:  # process boundary: the catalog holds the state, the next pass retries
-                log.exception("commitment_pass_failed")
+    def run_once(self) -> None:
+        advance(self.settings, self.catalog)

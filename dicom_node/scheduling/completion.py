@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from dataclasses import dataclass
 
@@ -44,6 +43,7 @@ import structlog
 
 from dicom_node.catalog import Catalog, JobSpec, SeriesRow
 from dicom_node.catalog.senders import SenderStats, complete_series, receiving_series, sender_stats
+from dicom_node.periodic import PeriodicLoop
 from dicom_node.scheduling.jobs import JobQueue, queue_job, requeue_stale_jobs
 from dicom_node.scheduling.routing import matching_rules
 from dicom_node.settings import RuleSettings, Settings
@@ -70,27 +70,23 @@ class Decision:
     incomplete: str | None = None
 
 
-class CompletionLoop:
+class CompletionLoop(PeriodicLoop):
     """Polls the catalog for complete series and turns them into queued jobs."""
 
+    name = "completion"
+    failure_event = "completion_tick_failed"
+    join_seconds = 10.0
+
     def __init__(self, settings: Settings, catalog: Catalog, queue: JobQueue) -> None:
+        super().__init__()
         self.settings = settings
         self.catalog = catalog
         self.queue = queue
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="completion", daemon=True)
         # Stale jobs are looked for a few times per ``requeue_after_seconds`` (at most every minute).
         self._sweep_every = min(60.0, max(0.5, settings.worker.requeue_after_seconds / 4))
         self._next_sweep = time.monotonic() + self._sweep_every
         #: When the earliest association grace still running ends (epoch s; None: none runs).
         self._grace_ends: float | None = None
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
     def pause(self, now: float | None = None) -> float:
         """Seconds to sleep before the next tick: ``poll_seconds``, or less when an association
@@ -102,12 +98,15 @@ class CompletionLoop:
         now = time.time() if now is None else now
         return min(poll, max(0.005, self._grace_ends - now))
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.pause()):
-            try:
-                self.tick()
-            except Exception:  # process boundary: keep completing series after a hiccup
-                log.exception("completion_tick_failed")
+    def interval(self) -> float:
+        return self.pause()
+
+    def run_once(self) -> None:
+        """One :meth:`tick`, then the stale-job sweep when it is due (also after a failed tick;
+        a failed sweep is logged on its own and does not hide the tick's error)."""
+        try:
+            self.tick()
+        finally:
             if time.monotonic() >= self._next_sweep:
                 self._next_sweep = time.monotonic() + self._sweep_every
                 try:

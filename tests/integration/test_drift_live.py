@@ -2,7 +2,8 @@
 them changes its kernel and noise; the drift metric and alert fire for that scanner only.
 
 storescu → ``dicom-node serve`` (embedded worker, ``ct-tissue``) → one drift observation per job
-→ ``/api/drift``, ``/metrics`` and the dashboard panel (screenshot: docs/images/drift-panel.png).
+→ ``/api/drift``, ``/metrics`` and the dashboard panel (screenshot: docs/images/drift-panel.png, written
+there only under DICOM_NODE_UPDATE_SCREENSHOTS=1, see tests/support/screenshots.py).
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from tests.conftest import require_playwright, require_tool
 from tests.integration.test_end_to_end import storescu
 from tests.support.node import node_config, start_node, wait_until
 from tests.support.procs import free_port
+from tests.support.screenshots import check_png
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-IMAGES = Path(__file__).resolve().parents[2] / "docs" / "images"
 #: Small and quick: 12 slices of 64 x 64.
 SPEC = ChestSpec(rows=64, columns=64, slices=12, pixel_spacing=5.5, slice_spacing=15.0, lung_axes=(45.0, 60.0, 70.0))
 STABLE = {"Manufacturer": "GE MEDICAL SYSTEMS", "ManufacturerModelName": "Revolution", "StationName": "CT01",
@@ -55,7 +56,7 @@ def get(url: str) -> Any:
     return json.loads(body) if r.headers.get_content_type() == "application/json" else body
 
 
-def test_only_the_scanner_whose_input_shifted_drifts(tmp_path: Path) -> None:
+def test_only_the_scanner_whose_input_shifted_drifts(tmp_path: Path, screenshots: Path) -> None:
     require_tool("storescu")
     require_tool("chromium")
     sync_playwright = require_playwright()
@@ -113,7 +114,7 @@ def test_only_the_scanner_whose_input_shifted_drifts(tmp_path: Path) -> None:
         seen = {s.labels["scanner"] for s in families["dicom_node_scanner_last_seen_timestamp"].samples}
         assert seen == {stable, shifting}
 
-        screenshot_panel(sync_playwright, tmp_path, base, shifting)
+        screenshot_panel(sync_playwright, tmp_path, base, shifting, screenshots)
     except Exception:
         print(node.logs()[-6000:])
         raise
@@ -121,7 +122,7 @@ def test_only_the_scanner_whose_input_shifted_drifts(tmp_path: Path) -> None:
         node.stop()
 
 
-def screenshot_panel(sync_playwright: Any, tmp_path: Path, base: str, drifting: str) -> None:
+def screenshot_panel(sync_playwright: Any, tmp_path: Path, base: str, drifting: str, folder: Path) -> None:
     """The dashboard's drift panel in the Debian Chromium: the drifting row is highlighted."""
     with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
@@ -136,8 +137,8 @@ def screenshot_panel(sync_playwright: Any, tmp_path: Path, base: str, drifting: 
             row = page.locator(f"#drift-table tr[data-scanner='{drifting}']")
             assert "drift-alert" in (row.get_attribute("class") or "")
             assert row.locator("svg.drift-hist rect").count() > 0
-            IMAGES.mkdir(parents=True, exist_ok=True)
-            page.locator("#drift").screenshot(path=str(IMAGES / "drift-panel.png"))
+            page.locator("#drift").screenshot(path=str(folder / "drift-panel.png"))
+            check_png(folder / "drift-panel.png")
         finally:
             context.close()
 

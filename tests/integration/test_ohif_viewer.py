@@ -7,7 +7,8 @@ nodules, on which ct-lung-nodules finds nothing (its SR has no measurement group
 Every SR is opened in the viewer; the test fails on OHIF's error boundary ("Something went
 wrong", which OHIF logs only at debug level), on any uncaught page error, on any console error
 of the SR extension, when a finding's measurements are not drawn on the image, or when the
-nodule SEG does not overlay the nodule's pixels.  Screenshots go to docs/images/.
+nodule SEG does not overlay the nodule's pixels.  The screenshots docs/results.md shows are taken
+to tmp_path, to docs/images/ under DICOM_NODE_UPDATE_SCREENSHOTS=1 (tests/support/screenshots.py).
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ import pytest
 
 from tests.conftest import REQUIRE_TOOLS, require_playwright, require_tool
 from tests.support import ohif
+from tests.support.screenshots import check_png
 from tests.support.study import Study, build_study
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-IMAGES = REPO / "docs" / "images"
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM_FLAGS = [
     "--headless",
@@ -164,7 +165,7 @@ def _step_through_findings(viewer: Viewer, description: str, count: int) -> list
 
 
 def test_every_sr_loads_and_shows_its_findings_with_measurements(
-    viewer: tuple[Viewer, Study],
+    viewer: tuple[Viewer, Study], screenshots: Path,
 ) -> None:
     """Each SR opens without an error and draws each finding with its measurements."""
     view, study = viewer
@@ -199,11 +200,11 @@ def test_every_sr_loads_and_shows_its_findings_with_measurements(
             for _ in range(back):
                 view.page.locator("[data-cy=viewport-action-arrows-left]").first.click()
                 view.page.wait_for_timeout(600)
-            IMAGES.mkdir(parents=True, exist_ok=True)
-            view.page.screenshot(path=str(IMAGES / shot))
+            view.page.screenshot(path=str(screenshots / shot))
+            check_png(screenshots / shot)
 
 
-def test_sr_with_no_finding_loads_without_error(viewer: tuple[Viewer, Study]) -> None:
+def test_sr_with_no_finding_loads_without_error(viewer: tuple[Viewer, Study], screenshots: Path) -> None:
     """The nodule model's SR on the nodule-free series (no measurement group) breaks nothing."""
     view, study = viewer
     assert study.predictions["ct-lung-nodules (no nodule)"].segments == []
@@ -219,8 +220,8 @@ def test_sr_with_no_finding_loads_without_error(viewer: tuple[Viewer, Study]) ->
     spread = pixels.max(axis=2) - pixels.min(axis=2)
     blue = pixels[..., 2] >= pixels[..., :2].max(axis=2)
     assert ((spread > 40) & ~blue).sum() > 500, "no annotation drawn"
-    IMAGES.mkdir(parents=True, exist_ok=True)
-    view.page.screenshot(path=str(IMAGES / "ohif-sr-no-finding.png"))
+    view.page.screenshot(path=str(screenshots / "ohif-sr-no-finding.png"))
+    check_png(screenshots / "ohif-sr-no-finding.png")
 
 
 def _canvas_pixels(view: Viewer) -> tuple[np.ndarray, dict[str, float]]:
@@ -235,7 +236,7 @@ def _canvas_pixels(view: Viewer) -> tuple[np.ndarray, dict[str, float]]:
     return np.asarray(Image.open(BytesIO(png)).convert("RGB")).astype(np.int16), box
 
 
-def test_nodule_seg_overlays_the_nodule(viewer: tuple[Viewer, Study]) -> None:
+def test_nodule_seg_overlays_the_nodule(viewer: tuple[Viewer, Study], screenshots: Path) -> None:
     """After loading the nodule SEG, segment-coloured pixels cover the nodule on the shown slice."""
     view, study = viewer
     view.fresh()
@@ -258,8 +259,8 @@ def test_nodule_seg_overlays_the_nodule(viewer: tuple[Viewer, Study]) -> None:
         masks |= s.mask[k]
     assert masks.any(), f"OHIF shows slice {k} without a nodule voxel"
     pixels, _ = _canvas_pixels(view)
-    IMAGES.mkdir(parents=True, exist_ok=True)
-    view.page.screenshot(path=str(IMAGES / "ohif-seg-nodules.png"))
+    view.page.screenshot(path=str(screenshots / "ohif-seg-nodules.png"))
+    check_png(screenshots / "ohif-seg-nodules.png")
     # Segment pixels: the CT is grey (r == g == b) and OHIF's own overlays (scroll bar, icons)
     # are blue; the nodule segments are orange, red and green.
     spread = pixels.max(axis=2) - pixels.min(axis=2)

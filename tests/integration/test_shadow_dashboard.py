@@ -1,6 +1,7 @@
 """The shadow panel of the dashboard in a real headless Chromium: shadow model vs live model
 with the figures of /api/shadow, the per-series list, and shadow jobs labelled ``done (shadow)``.
-Writes the screenshot docs/models.md shows (docs/images/shadow-panel.png)."""
+Takes the screenshot docs/models.md shows (docs/images/shadow-panel.png: written there only under
+DICOM_NODE_UPDATE_SCREENSHOTS=1, see tests/support/screenshots.py)."""
 
 from __future__ import annotations
 
@@ -18,15 +19,15 @@ from inference.prediction import ANATOMICAL_STRUCTURE, LUNG, Label, Prediction, 
 from inference.volume import Volume
 from tests.integration.test_dashboard_browser import browser_page  # noqa: F401  (fixture)
 from tests.support.queues import MemoryQueue
+from tests.support.screenshots import check_png
 from tests.unit.test_catalog import inst
 from tests.unit.test_shadow import SHAPE, _box, _finish, _settings
 
 pytestmark = pytest.mark.integration
 
-IMAGES = Path(__file__).resolve().parents[2] / "docs" / "images"
 
-
-def test_shadow_panel_shows_the_comparison_and_shadow_jobs(tmp_path: Path, browser_page: Any) -> None:  # noqa: F811
+def test_shadow_panel_shows_the_comparison_and_shadow_jobs(tmp_path: Path, browser_page: Any,  # noqa: F811
+                                                           screenshots: Path) -> None:
     settings, _ = _settings(tmp_path)
     catalog = Catalog(settings.database.url)
     volume = Volume(np.zeros(SHAPE, np.float32), np.eye(4), "CT")
@@ -60,8 +61,8 @@ def test_shadow_panel_shows_the_comparison_and_shadow_jobs(tmp_path: Path, brows
         badges = page.locator("#jobs-table .state-shadow")
         badges.first.wait_for()
         assert set(badges.all_inner_texts()) == {"done (shadow)"} and badges.count() == 3
-        IMAGES.mkdir(exist_ok=True)
-        page.locator("#shadow-panel").screenshot(path=str(IMAGES / "shadow-panel.png"))
+        page.locator("#shadow-panel").screenshot(path=str(screenshots / "shadow-panel.png"))
+        check_png(screenshots / "shadow-panel.png")
     finally:
         server.stop()
         catalog.close()

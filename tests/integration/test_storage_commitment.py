@@ -72,8 +72,8 @@ def orthanc_has(server: procs.Server, sop_instance_uid: str) -> str | None:
 class NodeSide:
     """The node's listener (with the catalog recorder) and catalog, in this process."""
 
-    def __init__(self, root: Path) -> None:
-        self.catalog = Catalog(f"sqlite:///{root / 'node.db'}")
+    def __init__(self, root: Path, database_url: str | None = None) -> None:
+        self.catalog = Catalog(database_url or f"sqlite:///{root / 'node.db'}")
         self.recorder = CatalogRecorder(self.catalog)
         self.recorder.start()
         storage = StorageSettings(root=root / "spool", min_free_mb=0)
@@ -304,3 +304,162 @@ def test_a_report_on_the_same_association_is_taken(tmp_path: Path) -> None:
     finally:
         node.stop()
         server.shutdown()
+
+
+class HoldingArchive:
+    """A pynetdicom archive (AE ARCHIVE: C-STORE and Storage Commitment SCP) that answers every
+    N-ACTION at once and keeps its N-EVENT-REPORT until the test sends it, on a new association
+    to the node's listener (as Orthanc and dcm4chee-arc do): a report as late as the test wants."""
+
+    def __init__(self, node_port: int) -> None:
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import CTImageStorage, StorageCommitmentPushModel  # type: ignore[attr-defined]
+
+        self.node_port = node_port
+        self.stored: list[str] = []
+        #: Transaction UID -> the SOP Instance UIDs asked for, in the order of the N-ACTIONs.
+        self.asked: dict[str, list[str]] = {}
+
+        def on_store(event: Any) -> int:
+            self.stored.append(str(event.request.AffectedSOPInstanceUID))
+            return 0x0000
+
+        def on_action(event: Any) -> tuple[int, None]:
+            info = event.action_information
+            self.asked[str(info.TransactionUID)] = [str(i.ReferencedSOPInstanceUID)
+                                                    for i in info.ReferencedSOPSequence]
+            return 0x0000, None
+
+        ae = AE("ARCHIVE")
+        ae.add_supported_context(CTImageStorage)
+        ae.add_supported_context(StorageCommitmentPushModel)
+        self.port = procs.free_port()
+        self.server = ae.start_server((procs.LOOPBACK, self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_N_ACTION, on_action)])
+
+    def report(self, transaction_uid: str, sop_class_uid: str, *, failed: bool) -> int:
+        """Send the report of ``transaction_uid`` now (every object committed, or every one
+        failed with 0x0112, no such object instance); return the node's status."""
+        from pydicom.dataset import Dataset
+        from pynetdicom import AE, build_role
+        from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+            StorageCommitmentPushModel,
+            StorageCommitmentPushModelInstance,
+        )
+
+        ds = Dataset()
+        ds.TransactionUID = transaction_uid
+        items = []
+        for uid in self.asked[transaction_uid]:
+            item = Dataset()
+            item.ReferencedSOPClassUID = sop_class_uid
+            item.ReferencedSOPInstanceUID = uid
+            if failed:
+                item.FailureReason = 0x0112
+            items.append(item)
+        if failed:
+            ds.FailedSOPSequence = items
+        else:
+            ds.ReferencedSOPSequence = items
+        ae = AE("ARCHIVE")
+        ae.add_requested_context(StorageCommitmentPushModel)
+        assoc = ae.associate(procs.LOOPBACK, self.node_port, ae_title="DICOM_NODE",
+                             ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)])
+        assert assoc.is_established
+        try:
+            status, _ = assoc.send_n_event_report(ds, 2 if failed else 1, StorageCommitmentPushModel,
+                                                  StorageCommitmentPushModelInstance)
+            return int(status.Status)
+        finally:
+            assoc.release()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_late_report_of_a_resent_delivery_leaves_the_new_delivery_alone(tmp_path: Path, database: str) -> None:
+    """The race: a delivery's transaction is still open when ``resend`` repeats the delivery
+    (same objects, same SOP Instance UIDs, same delivery row); the archive's report of the first
+    transaction arrives only after the second delivery was recorded, and it says every object
+    failed.  It must not touch the second delivery's objects (before the fix it made them
+    ``unconfirmed``): the resend superseded the first transaction, the report is kept out, and
+    only the second transaction's report confirms the objects.  On SQLite and PostgreSQL (the
+    supersede is a locking update there)."""
+    from dicom_node.catalog import JobState
+    from dicom_node.scheduling import operator
+    from tests.conftest import REQUIRE_TOOLS
+    from tests.support.postgres import PostgresUnavailable, start_postgres
+    from tests.support.queues import MemoryQueue
+
+    postgres = None
+    if database == "postgresql":
+        try:
+            postgres = start_postgres()
+        except PostgresUnavailable as exc:
+            if REQUIRE_TOOLS:
+                pytest.fail(f"{exc} (DICOM_NODE_REQUIRE_TOOLS=1)")
+            pytest.skip(str(exc))
+    node = NodeSide(tmp_path / "node", postgres.create_database() if postgres else None)
+    archive = HoldingArchive(node.listener_settings.port)
+    try:
+        dest = DestinationSettings(name="orthanc", ae_title="ARCHIVE", host=procs.LOOPBACK, port=archive.port,
+                                   commitment="storage-commitment", commitment_wait_seconds=0,
+                                   commitment_timeout_seconds=600, commitment_resends=0)
+        settings = Settings(listener=node.listener_settings, destinations=[dest])
+        files = series_files(tmp_path, "commit-resend-race")[:3]
+        job_id = node.job(files)
+        for state in (JobState.QUEUED, JobState.RUNNING, JobState.ENCODED, JobState.DELIVERING):
+            node.catalog.transition(job_id, state)
+        node.catalog.set_results(job_id, {"files": [str(f) for f in files]})
+
+        def deliver() -> str:
+            """What the worker's dispatch does for a storage-commitment destination."""
+            before = {r.transaction_uid for r in commitments.of_job(node.catalog, job_id)}
+            report = send_instances(dest, files, calling_ae_title="DICOM_NODE")
+            start_transaction(node.catalog, job_id, dest, report, report.records(), calling_ae_title="DICOM_NODE")
+            [new] = {r.transaction_uid for r in commitments.of_job(node.catalog, job_id)} - before
+            return new
+
+        first = deliver()
+        node.catalog.transition(job_id, JobState.DONE)
+        sop_class = instance_from_file(files[0]).sop_class_uid
+        uids = [instance_from_file(f).sop_instance_uid for f in files]
+        assert archive.asked[first] == uids
+
+        queue = MemoryQueue()
+        operator.resend(node.catalog, queue, settings, str(job_id), by="test")
+        assert queue.dispatch == [job_id]
+        assert commitments.get(node.catalog, first).state == commitments.SUPERSEDED  # type: ignore[union-attr]
+        node.catalog.transition(job_id, JobState.DELIVERING)
+        second = deliver()
+        assert second != first and archive.asked[second] == uids
+        assert archive.stored == uids + uids  # delivered twice, same objects
+
+        # The first transaction's report, late, says every object failed.
+        assert archive.report(first, sop_class, failed=True) == 0x0000  # taken, and kept out
+        advance(settings, node.catalog)
+        old = commitments.get(node.catalog, first)
+        assert old is not None and old.state == commitments.SUPERSEDED and old.report_json is None
+        [delivery] = node.catalog.deliveries(job_id)
+        assert [o["sop_instance_uid"] for o in delivery.objects] == uids
+        assert {o["outcome"] for o in delivery.objects} == {"sent"}, delivery.objects
+        assert delivery.confirmation is None
+
+        # The second transaction's own report confirms them.
+        assert archive.report(second, sop_class, failed=False) == 0x0000
+        advance(settings, node.catalog)
+        rows = {r.transaction_uid: r.state for r in commitments.of_job(node.catalog, job_id)}
+        assert rows == {first: commitments.SUPERSEDED, second: commitments.CLOSED}
+        [delivery] = node.catalog.deliveries(job_id)
+        assert {o["outcome"] for o in delivery.objects} == {"confirmed"}, delivery.objects
+        assert delivery.confirmation == "confirmed"
+        events = [e.detail or "" for e in node.catalog.job_events(job_id)]
+        assert any("resend by operator (test)" in e for e in events)
+        assert any(f"superseded (resend by operator (test) to orthanc): a late report for transaction {first}"
+                   in e for e in events), events
+    finally:
+        archive.stop()
+        node.stop()
+        if postgres is not None:
+            postgres.stop()
