@@ -148,14 +148,16 @@ class Node:
 
     def start(self) -> None:
         self.spool.clean_temp_files()
-        recovered = reconcile_spool(self.catalog, self.spool.iter_instances())
+        known = self.catalog.known_sop_instance_uids()
+        recovered = reconcile_spool(self.catalog, self.spool.iter_instances(), known)
         # A series cut off by a crash waits a full idle period for its sender to resend the rest.
         self.catalog.restart_idle_clocks(time.time())
         requeued = reconcile_jobs(self.catalog, self.queue)
         # A rule whose mode changed since the last start (a shadow model promoted): audited.
         record_rule_modes(self.catalog, self.settings.rules)
         self.metrics.skip_history(self.catalog)
-        self.recorder.start()
+        self.recorder.start(known)  # the duplicate-UID check's index of what is stored
+        del known
         self.completion.start()
         self.retention.start()
         self.commitment.start()

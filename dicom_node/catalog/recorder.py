@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import TypeVar
 
@@ -20,6 +20,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from dicom_node.catalog import Catalog
+from dicom_node.catalog.known import KnownUids
 from dicom_node.ingest.events import CATALOG_ATTRIBUTES, AssociationSummary, CommitmentReport, StoredInstance
 
 log = structlog.get_logger(__name__)
@@ -65,8 +66,20 @@ class CatalogRecorder:
         #: the catalog yet); bounded, the catalog answers for older ones.
         self._claims: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self._claims_lock = threading.Lock()
+        #: Every SOP Instance UID the catalog may hold (see :mod:`dicom_node.catalog.known`):
+        #: a claim of a UID not in it needs no catalog query.  Built by :meth:`start`; grown
+        #: under ``_claims_lock``.
+        self._known: KnownUids | None = None
 
-    def start(self) -> None:
+    def start(self, known_uids: Collection[str] | None = None) -> None:
+        """Start the recorder thread.  ``known_uids``: every SOP Instance UID in the catalog
+        (``serve`` has them from :func:`reconcile_spool`); else they are read from the catalog.
+        Instances written to the catalog other than through this recorder after this call are
+        not seen by the duplicate check's filter (``serve`` writes them all through it)."""
+        if known_uids is None:
+            known_uids = self.catalog.known_sop_instance_uids()
+        self._known = KnownUids.of(known_uids, len(known_uids))
+        log.info("known_instances_indexed", instances=len(known_uids), filter_bytes=self._known.nbytes)
         self._thread.start()
 
     def stop(self) -> None:
@@ -97,7 +110,11 @@ class CatalogRecorder:
             owner = self._claims.get(sop_instance_uid)
             if owner is not None:
                 return self._settle(sop_instance_uid, wanted, owner)
-        stored = self.catalog.owner_of_instance(sop_instance_uid)
+        known = self._known
+        if known is not None and sop_instance_uid not in known:
+            stored = None  # never stored: the catalog has nothing to say
+        else:
+            stored = self.catalog.owner_of_instance(sop_instance_uid)
         with self._claims_lock:
             return self._settle(sop_instance_uid, wanted, self._claims.get(sop_instance_uid) or stored)
 
@@ -106,6 +123,8 @@ class CatalogRecorder:
         """Under the claims lock: the other owner, or None having claimed the UID for ``wanted``."""
         if owner is not None and owner != wanted:
             return owner
+        if sop_instance_uid not in self._claims and self._known is not None:
+            self._known.add(sop_instance_uid)  # before the claim can be forgotten (MAX_CLAIMS)
         self._claims[sop_instance_uid] = wanted
         self._claims.move_to_end(sop_instance_uid)
         while len(self._claims) > self.MAX_CLAIMS:
@@ -216,6 +235,11 @@ class CatalogRecorder:
                 if (inst.association_id, inst.series_instance_uid) not in new_pairs:
                     new_pairs.append((inst.association_id, inst.series_instance_uid))
                     opened[inst.series_instance_uid] = opened.get(inst.series_instance_uid, 0) + 1
+        if self._known is not None:  # before they reach the catalog (instances not claimed first too)
+            with self._claims_lock:
+                for inst in instances:
+                    if inst.sop_instance_uid not in self._known:
+                        self._known.add(inst.sop_instance_uid)
         premature: list[tuple[str, str]] = []
         counts: dict[str, int] = {}
         reopened = self.catalog.record_instances(instances, late_policy=self.late_policy, opened=opened,
@@ -261,10 +285,14 @@ def instance_from_file(path: Path, *, calling_ae_title: str = "", association_id
     )
 
 
-def reconcile_spool(catalog: Catalog, paths: Iterable[Path]) -> int:
+def reconcile_spool(catalog: Catalog, paths: Iterable[Path], known: set[str] | None = None) -> int:
     """Record spooled instances the catalog does not know (the process died between the
-    fsync and the catalog write).  Returns how many were added."""
-    known = catalog.known_sop_instance_uids()
+    fsync and the catalog write).  Returns how many were added.
+
+    ``known``: the catalog's SOP Instance UIDs, read by the caller (else here); the recovered
+    ones are added to it, so it can go on to :meth:`CatalogRecorder.start`."""
+    if known is None:
+        known = catalog.known_sop_instance_uids()
     missing = []
     for path in paths:
         if path.stem in known:
@@ -275,6 +303,7 @@ def reconcile_spool(catalog: Catalog, paths: Iterable[Path]) -> int:
             log.warning("spool_file_unreadable", path=str(path), error=str(exc))
     for start in range(0, len(missing), 500):
         catalog.record_instances(missing[start:start + 500])
+    known.update(i.sop_instance_uid for i in missing)
     if missing:
         log.info("spool_reconciled", recovered=len(missing))
     return len(missing)

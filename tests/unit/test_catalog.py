@@ -322,3 +322,64 @@ def test_associations_racing_for_one_instance_uid_agree_on_one_owner(
     winners = [n for n, owner in answers.items() if owner is None]
     assert len(answers) == 8 and len(winners) == 1
     assert {owner for owner in answers.values() if owner is not None} == {(STUDY, f"1.2.3.50.{winners[0]}")}
+
+
+def test_a_started_recorder_asks_the_catalog_only_for_uids_it_may_hold(
+    catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once started, the recorder answers a claim of a never-stored UID from its in-memory
+    index (no catalog query: each one cost the association threads interpreter-lock hand-overs);
+    a UID stored before it started, or recorded since, is still refused for another series."""
+    import threading
+
+    before = inst(1, 1.0)
+    catalog.record_instances([before])  # stored by an earlier run of the node
+    recorder = CatalogRecorder(catalog, linger_s=0.0)
+    asked: list[str] = []
+    real = catalog.owner_of_instance
+
+    def counting(uid: str) -> tuple[str, str] | None:
+        asked.append(uid)
+        return real(uid)
+
+    monkeypatch.setattr(catalog, "owner_of_instance", counting)
+    recorder.start()
+    try:
+        news = [f"1.2.3.60.{n}" for n in range(2000)]
+        assert all(recorder.claim(STUDY, "1.2.3.60", uid) is None for uid in news)
+        # A Bloom filter at 1 % false positives, sized for a million: a handful at most.
+        assert len(asked) <= 20, len(asked)
+        assert recorder.claim(STUDY, "1.2.3.999", before.sop_instance_uid) == (STUDY, SERIES)
+        assert before.sop_instance_uid in asked  # "maybe stored": the catalog decided
+
+        # Recorded through the recorder without a claim (e.g. recovered), then forgotten by the
+        # claims: still known, still refused for another series.
+        late = replace_uid(inst(2, 2.0), "1.2.3.61.1")
+        recorder.instance_stored(late)
+        recorder.flush(timeout=10)
+        recorder._claims.clear()
+        assert recorder.claim(STUDY, "1.2.3.998", "1.2.3.61.1") == (STUDY, SERIES)
+
+        # Threads racing for one new UID (no catalog query at all) still agree on one owner.
+        answers: dict[int, tuple[str, str] | None] = {}
+        start = threading.Barrier(8)
+
+        def claim(n: int) -> None:
+            start.wait(timeout=10)
+            answers[n] = recorder.claim(STUDY, f"1.2.3.70.{n}", "1.2.3.70.99")
+
+        threads = [threading.Thread(target=claim, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=20)
+        winners = [n for n, owner in answers.items() if owner is None]
+        assert len(answers) == 8 and len(winners) == 1
+    finally:
+        recorder.stop()
+
+
+def replace_uid(instance: StoredInstance, uid: str) -> StoredInstance:
+    from dataclasses import replace
+
+    return replace(instance, sop_instance_uid=uid, path=Path(f"/spool/{uid}.dcm"))
