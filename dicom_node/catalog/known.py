@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable
+from collections.abc import Collection
 
 #: False positives wanted at the filter's capacity (each one only costs the catalog query).
 FALSE_POSITIVE_RATE = 0.01
@@ -31,6 +31,7 @@ class KnownUids:
 
     Not thread-safe for :meth:`add`: the caller holds its own lock (reads may run beside an
     add: a bit is only ever set, so a concurrent read sees the UID or asks the catalog).
+    Adding a UID again changes no answer; :attr:`count` counts the additions.
     """
 
     def __init__(self, capacity: int = MIN_CAPACITY, false_positive_rate: float = FALSE_POSITIVE_RATE) -> None:
@@ -43,9 +44,9 @@ class KnownUids:
         self.count = 0
 
     @classmethod
-    def of(cls, uids: Iterable[str], count: int) -> KnownUids:
-        """A filter holding ``uids`` (``count`` of them), sized for four times as many."""
-        known = cls(max(MIN_CAPACITY, 4 * count))
+    def of(cls, uids: Collection[str]) -> KnownUids:
+        """A filter holding ``uids``, sized for four times as many."""
+        known = cls(max(MIN_CAPACITY, 4 * len(uids)))
         for uid in uids:
             known.add(uid)
         return known

@@ -78,8 +78,12 @@ class CatalogRecorder:
         not seen by the duplicate check's filter (``serve`` writes them all through it)."""
         if known_uids is None:
             known_uids = self.catalog.known_sop_instance_uids()
-        self._known = KnownUids.of(known_uids, len(known_uids))
-        log.info("known_instances_indexed", instances=len(known_uids), filter_bytes=self._known.nbytes)
+        known = KnownUids.of(known_uids)
+        with self._claims_lock:  # claimed before the start (not in the catalog yet)
+            for uid in self._claims:
+                known.add(uid)
+            self._known = known
+        log.info("known_instances_indexed", instances=len(known_uids), filter_bytes=known.nbytes)
         self._thread.start()
 
     def stop(self) -> None:
@@ -123,7 +127,7 @@ class CatalogRecorder:
         """Under the claims lock: the other owner, or None having claimed the UID for ``wanted``."""
         if owner is not None and owner != wanted:
             return owner
-        if sop_instance_uid not in self._claims and self._known is not None:
+        if self._known is not None and sop_instance_uid not in self._claims:
             self._known.add(sop_instance_uid)  # before the claim can be forgotten (MAX_CLAIMS)
         self._claims[sop_instance_uid] = wanted
         self._claims.move_to_end(sop_instance_uid)
@@ -235,10 +239,12 @@ class CatalogRecorder:
                 if (inst.association_id, inst.series_instance_uid) not in new_pairs:
                     new_pairs.append((inst.association_id, inst.series_instance_uid))
                     opened[inst.series_instance_uid] = opened.get(inst.series_instance_uid, 0) + 1
-        if self._known is not None:  # before they reach the catalog (instances not claimed first too)
+        if self._known is not None:
+            # Claimed instances are in the filter already (``_settle``); one that reached the
+            # recorder without a claim goes in before it reaches the catalog.
             with self._claims_lock:
                 for inst in instances:
-                    if inst.sop_instance_uid not in self._known:
+                    if inst.sop_instance_uid not in self._claims:
                         self._known.add(inst.sop_instance_uid)
         premature: list[tuple[str, str]] = []
         counts: dict[str, int] = {}

@@ -379,6 +379,22 @@ def test_a_started_recorder_asks_the_catalog_only_for_uids_it_may_hold(
         recorder.stop()
 
 
+def test_a_uid_claimed_before_the_recorder_started_is_still_refused_later(catalog: Catalog) -> None:
+    """A claim made before :meth:`CatalogRecorder.start` (not in the catalog yet, so not in the
+    filter built from it) is put in the filter by ``start``: recorded afterwards and forgotten by
+    the claims, it is still refused for another series."""
+    recorder = CatalogRecorder(catalog, linger_s=0.0)
+    assert recorder.claim(STUDY, SERIES, "1.2.3.80.1") is None
+    recorder.start()
+    try:
+        recorder.instance_stored(replace_uid(inst(1, 1.0), "1.2.3.80.1"))
+        recorder.flush(timeout=10)
+        recorder._claims.clear()
+        assert recorder.claim(STUDY, "1.2.3.997", "1.2.3.80.1") == (STUDY, SERIES)
+    finally:
+        recorder.stop()
+
+
 def replace_uid(instance: StoredInstance, uid: str) -> StoredInstance:
     from dataclasses import replace
 
