@@ -309,10 +309,20 @@ def test_associations_racing_for_one_instance_uid_agree_on_one_owner(
         return answer
 
     monkeypatch.setattr(catalog, "owner_of_instance", slow_owner)
+    assert_one_owner_of_a_raced_uid(recorder, "1.2.3.50")
+
+
+def assert_one_owner_of_a_raced_uid(recorder: CatalogRecorder, prefix: str) -> None:
+    """8 threads, started together, claim ``prefix.99`` for 8 series ``prefix.N``: exactly one
+    gets it, and the other seven are told that one is the owner."""
+    import threading
+
     answers: dict[int, tuple[str, str] | None] = {}
+    start = threading.Barrier(8)
 
     def claim(n: int) -> None:
-        answers[n] = recorder.claim(STUDY, f"1.2.3.50.{n}", "1.2.3.50.99")
+        start.wait(timeout=10)
+        answers[n] = recorder.claim(STUDY, f"{prefix}.{n}", f"{prefix}.99")
 
     threads = [threading.Thread(target=claim, args=(n,)) for n in range(8)]
     for t in threads:
@@ -321,7 +331,7 @@ def test_associations_racing_for_one_instance_uid_agree_on_one_owner(
         t.join(timeout=20)
     winners = [n for n, owner in answers.items() if owner is None]
     assert len(answers) == 8 and len(winners) == 1
-    assert {owner for owner in answers.values() if owner is not None} == {(STUDY, f"1.2.3.50.{winners[0]}")}
+    assert {owner for owner in answers.values() if owner is not None} == {(STUDY, f"{prefix}.{winners[0]}")}
 
 
 def test_a_started_recorder_asks_the_catalog_only_for_uids_it_may_hold(
@@ -330,7 +340,6 @@ def test_a_started_recorder_asks_the_catalog_only_for_uids_it_may_hold(
     """Once started, the recorder answers a claim of a never-stored UID from its in-memory
     index (no catalog query: each one cost the association threads interpreter-lock hand-overs);
     a UID stored before it started, or recorded since, is still refused for another series."""
-    import threading
 
     before = inst(1, 1.0)
     catalog.record_instances([before])  # stored by an earlier run of the node
@@ -361,20 +370,7 @@ def test_a_started_recorder_asks_the_catalog_only_for_uids_it_may_hold(
         assert recorder.claim(STUDY, "1.2.3.998", "1.2.3.61.1") == (STUDY, SERIES)
 
         # Threads racing for one new UID (no catalog query at all) still agree on one owner.
-        answers: dict[int, tuple[str, str] | None] = {}
-        start = threading.Barrier(8)
-
-        def claim(n: int) -> None:
-            start.wait(timeout=10)
-            answers[n] = recorder.claim(STUDY, f"1.2.3.70.{n}", "1.2.3.70.99")
-
-        threads = [threading.Thread(target=claim, args=(n,)) for n in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=20)
-        winners = [n for n, owner in answers.items() if owner is None]
-        assert len(answers) == 8 and len(winners) == 1
+        assert_one_owner_of_a_raced_uid(recorder, "1.2.3.70")
     finally:
         recorder.stop()
 
