@@ -102,6 +102,7 @@ def _listener_main(
     from dicom_node.catalog.recorder import CatalogRecorder
     from dicom_node.ingest.listener import Listener
     from dicom_node.ingest.spool import Spool
+    from dicom_node.node import freeze_startup_heap
     from dicom_node.settings import ListenerSettings, StorageSettings
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
@@ -117,6 +118,7 @@ def _listener_main(
         storage,
         reuse_port=processes > 1,
     )
+    freeze_startup_heap()  # as serve does before its listener starts
     listener.start()
     ready.set()
     stop.wait()

@@ -6,6 +6,7 @@ catalog missed, re-enqueue unfinished jobs, and only then accept associations.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -33,6 +34,22 @@ log = structlog.get_logger(__name__)
 
 #: ``prctl`` option: the signal the kernel sends a process when its parent dies (Linux).
 PR_SET_PDEATHSIG = 1
+
+
+def freeze_startup_heap() -> int:
+    """Collect once, then move every object alive now out of the collector's reach
+    (:func:`gc.freeze`); return how many objects are frozen.
+
+    What start-up leaves (modules, SQLAlchemy's mappers, pynetdicom's and pydicom's tables:
+    about 133,000 objects in the ingest benchmark's listener) lives as long as the process.
+    Unfrozen, every full collection walks all of it while holding the interpreter lock, which
+    stalls every association thread: 54 ms per full collection there, freeing nothing.  The
+    price: a cycle among these objects that becomes garbage later is never freed (start-up's
+    objects live as long as the process).
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
@@ -166,9 +183,11 @@ class Node:
             self.worker.start()
         if self.web is not None:
             self.web.start()  # before the listener: /healthz answers first
+        frozen = freeze_startup_heap()
         self.listener.start()
         log.info("node_started", ae_title=self.settings.listener.ae_title, host=self.settings.listener.host,
                  port=self.listener.port, recovered_instances=recovered, requeued_jobs=requeued,
+                 frozen_objects=frozen,
                  in_process_worker=self.worker is not None, web_port=self.web.port if self.web else None)
 
     def stop(self) -> None:

@@ -53,6 +53,8 @@ def test_worker_prefetches_queued_series(tmp_path: Path, storescp_archive: procs
         assert len(got.get(SEG_CLASS, [])) == SERIES and len(got.get(SR_CLASS, [])) == SERIES
         events = [json.loads(line) for line in node.logs().splitlines() if line.startswith("{")]
         assert sum(e.get("event") == "series_prefetched" for e in events) >= sum(prefetched)
+        started = next(e for e in events if e.get("event") == "node_started")
+        assert started["frozen_objects"] > 10_000  # start-up's heap is out of full collections
     finally:
         catalog.close()
         node.stop()
