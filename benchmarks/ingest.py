@@ -1,6 +1,6 @@
 """Ingest throughput: dicom-node listener vs DCMTK storescp (and Orthanc), DCMTK senders.
 
-Run by hand: ``python -m benchmarks.ingest [--instances 200] [--runs 3] [--orthanc]``.
+Run by hand: ``python -m benchmarks.ingest [--instances 200] [--runs 3] [--orthanc] [--serve]``.
 
 The fair protocol comparison: ``TCP_NODELAY=1`` in the environment of every DCMTK tool (sender
 and storescp), see docs/performance.md.  1 and 4 parallel associations (4 storescu processes,
@@ -11,7 +11,8 @@ recorder (SQLite) behind it, every instance on disk before success (an unnamed f
 fdatasync'd, linked under its name, its folder fsync'd).  storescp does not fsync at all;
 Orthanc (its defaults, ``SyncStorageArea`` true) fdatasyncs each file but not its folder, so
 the file's name is not yet durable when it answers.  Each row also gives the receiver's own
-CPU time per instance (all its processes and threads, senders excluded).
+CPU time per instance (all its processes and threads, senders excluded).  ``--serve`` adds
+the whole product as ``make run`` starts it (``dicom-node serve``: web server, embedded worker).
 
 Also used by :mod:`benchmarks.stock_sender` (same corpus, same helpers).
 """
@@ -19,6 +20,7 @@ Also used by :mod:`benchmarks.stock_sender` (same corpus, same helpers).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import multiprocessing as mp
@@ -154,6 +156,53 @@ def dicom_node_listeners(root: Path, processes: int = 1) -> Iterator[int]:
             p.join(30)
             if p.is_alive():
                 p.terminate()
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux ``/proc/<pid>/task/*/children``)."""
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        for children in Path(f"/proc/{current}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in children.read_text().split()]
+    return tree
+
+
+def wait_until_idle(pid: int, timeout: float = 180.0, busy: float = 0.05) -> None:
+    """Return once ``pid`` and its descendants used less than ``busy`` of a core for 1 s
+    (the embedded worker imports torch and warms its models after ``serve`` listens)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = cpu_seconds(_process_tree(pid))
+        time.sleep(1.0)
+        if cpu_seconds(_process_tree(pid)) - before < busy:
+            return
+    raise RuntimeError(f"serve (pid {pid}) still busy after {timeout:g} s")
+
+
+@contextmanager
+def dicom_node_serve(workdir: Path) -> Iterator[int]:
+    """The whole product as ``make run`` starts it: ``dicom-node serve`` with its web server
+    and embedded worker (SQLite catalog and broker), no rules; yield its DICOM port once the
+    worker is idle.  CPU is counted for the ``serve`` process only."""
+    from tests.support.node import node_config, start_node
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = node_config(
+        workdir, idle_seconds=60.0, web={"enabled": True, "port": procs.free_port()},
+        worker={"in_process": "yes"},
+    )
+    node = start_node(workdir, config)
+    try:
+        pid = node.server.proc.pid
+        wait_until_idle(pid)
+        RECEIVER_PIDS[node.port] = [pid]
+        yield node.port
+    finally:
+        RECEIVER_PIDS.pop(node.port, None)
+        node.stop()
 
 
 def _pynetdicom_main(port: int, root: str, mode: str, max_pdu: int, ready: Any, stop: Any) -> None:
@@ -403,6 +452,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--orthanc", action="store_true", help="also measure Orthanc")
     parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="also measure the whole 'dicom-node serve' (web server, embedded worker)",
+    )
+    parser.add_argument(
         "--references",
         action="store_true",
         help="also storescp --ignore and plain pynetdicom SCPs (the issue's reference rows)",
@@ -440,6 +494,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 lambda w: dicom_node_listeners(w / "spool", args.processes),
             ),
         ]
+        if args.serve:
+            targets.append(Target("dicom-node serve (web, worker)", "DICOM_NODE", dicom_node_serve))
         if args.orthanc and procs.tool_path("Orthanc"):
             targets.append(Target("Orthanc (file fdatasync)", "ORTHANC", lambda w: orthanc(w, nodelay)))
         if args.references:
