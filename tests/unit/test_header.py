@@ -13,9 +13,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
-from pydicom.sequence import Sequence
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -24,7 +21,6 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
 )
 
-from dicom_node.demo import ChestSpec, SeriesInfo, make_chest_phantom, slice_datasets
 from dicom_node.ingest.header import (
     RawValue,
     UndecodableDatasetError,
@@ -35,62 +31,11 @@ from dicom_node.ingest.header import (
     read_header,
     scan_elements,
 )
-
-
-def _encode(ds: Dataset, *, implicit: bool = False, little: bool = True) -> bytes:
-    fp = DicomBytesIO()
-    fp.is_implicit_VR = implicit
-    fp.is_little_endian = little
-    write_dataset(fp, ds)
-    return fp.getvalue()
+from tests.support.headers import encode_dataset, plain_ct, vendor_ct
 
 
 def _by_pydicom(body: bytes, syntax: str) -> tuple[dict[str, str | None], dict[str, str | int | float]]:
     return header_values(_raw_values(read_header(BytesIO(body), syntax)))
-
-
-def _ct() -> Dataset:
-    phantom = make_chest_phantom(ChestSpec(rows=8, columns=8, slices=2))
-    ds = slice_datasets(phantom.hu, phantom.affine, SeriesInfo(seed="header"))[0]
-    del ds.file_meta
-    return ds
-
-
-def _item(**values: object) -> Dataset:
-    item = Dataset()
-    for keyword, value in values.items():
-        setattr(item, keyword, value)
-    return item
-
-
-def _vendor_ct() -> Dataset:
-    """A CT header as scanners write it: sequences of undefined length (nested, with undefined
-    length items), private groups with long values, multi-valued and empty Type 2 attributes,
-    a Latin-1 description."""
-    ds = _ct()
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SeriesDescription = "Thorax nativ Lunge éà 1.0 B70f"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "CT_SOM5 SPI"]
-    ds.BodyPartExamined = ""  # Type 2, empty
-    ds.SeriesNumber = None
-    ds.ReferencedImageSequence = Sequence([
-        _item(ReferencedSOPClassUID="1.2.840.10008.5.1.4.1.1.2", ReferencedSOPInstanceUID="1.2.3.4.5"),
-        _item(ReferencedSOPClassUID="1.2.840.10008.5.1.4.1.1.2", ReferencedSOPInstanceUID="1.2.3.4.6"),
-    ])
-    ds.ReferencedImageSequence.is_undefined_length = True
-    for item in ds.ReferencedImageSequence:
-        item.is_undefined_length_sequence_item = True
-    ds.ProcedureCodeSequence = Sequence([_item(
-        CodeValue="CTCHEST", CodingSchemeDesignator="L", CodeMeaning="CT Thorax",
-        ConceptNameCodeSequence=Sequence([_item(CodeValue="1", CodingSchemeDesignator="L", CodeMeaning="x")]),
-    )])
-    ds.ProcedureCodeSequence.is_undefined_length = True
-    ds.ProcedureCodeSequence[0].ConceptNameCodeSequence.is_undefined_length = True
-    ds.add_new(0x00190010, "LO", "SIEMENS CT VA1 DUMMY")
-    ds.add_new(0x00191090, "OB", bytes(range(256)) * 4)
-    ds.add_new(0x00290010, "LO", "SIEMENS CSA HEADER")
-    ds.add_new(0x00291010, "OB", b"SV10\x04\x03\x02\x01" + bytes(900))
-    return ds
 
 
 _UN_OF_UNDEFINED_LENGTH = b"".join((
@@ -111,15 +56,15 @@ def _with_un_sequence(ds: Dataset) -> bytes:
     before, after = Dataset(), Dataset()
     for elem in ds:
         (before if elem.tag < 0x00090000 else after).add(elem)
-    return _encode(before) + _UN_OF_UNDEFINED_LENGTH + _encode(after)
+    return encode_dataset(before) + _UN_OF_UNDEFINED_LENGTH + encode_dataset(after)
 
 
 @pytest.mark.parametrize("implicit", [False, True], ids=["explicit", "implicit"])
-@pytest.mark.parametrize("make", [_ct, _vendor_ct], ids=["plain", "vendor"])
+@pytest.mark.parametrize("make", [plain_ct, vendor_ct], ids=["plain", "vendor"])
 def test_the_scanner_reads_what_pydicom_reads(make: object, implicit: bool) -> None:
     """On well-formed headers the fast path is taken and gives pydicom's values exactly."""
     ds = make()  # type: ignore[operator]
-    body = _encode(ds, implicit=implicit)
+    body = encode_dataset(ds, implicit=implicit)
     syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
     scan_elements(body, not implicit)  # no _Unusual: the fast path is taken
     uids, attributes = parse_header(body, syntax)
@@ -130,8 +75,8 @@ def test_the_scanner_reads_what_pydicom_reads(make: object, implicit: bool) -> N
 
 def test_vendor_values_come_out_decoded() -> None:
     """Multi-valued strings stay joined, Latin-1 is decoded, empty Type 2 values are left out."""
-    ds = _vendor_ct()
-    _, attributes = parse_header(_encode(ds), ExplicitVRLittleEndian)
+    ds = vendor_ct()
+    _, attributes = parse_header(encode_dataset(ds), ExplicitVRLittleEndian)
     assert attributes["ImageType"] == "ORIGINAL\\PRIMARY\\AXIAL\\CT_SOM5 SPI"
     assert attributes["SeriesDescription"] == "Thorax nativ Lunge éà 1.0 B70f"
     assert "BodyPartExamined" not in attributes and "SeriesNumber" not in attributes
@@ -140,44 +85,44 @@ def test_vendor_values_come_out_decoded() -> None:
 
 def test_a_un_element_of_undefined_length_is_skipped_as_implicit_items() -> None:
     """UN of undefined length holds implicit VR items (PS3.5 6.2.2): skipped, values agree."""
-    body = _with_un_sequence(_vendor_ct())
+    body = _with_un_sequence(vendor_ct())
     scan_elements(body, True)
     assert parse_header(body, ExplicitVRLittleEndian) == _by_pydicom(body, ExplicitVRLittleEndian)
 
 
 def test_compressed_syntaxes_and_data_sets_without_pixels_take_the_fast_path() -> None:
     """An encapsulated (JPEG) data set's header is explicit VR little endian; an SR has no pixels."""
-    ds = _ct()
+    ds = plain_ct()
     ds.PixelData = b"\xfe\xff\x00\xe0\x00\x00\x00\x00" + b"\xfe\xff\x00\xe0\x04\x00\x00\x00\xff\xd8\xff\xd9" \
         + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
     ds["PixelData"].is_undefined_length = True
     ds["PixelData"].VR = "OB"
-    body = _encode(ds)
+    body = encode_dataset(ds)
     scan_elements(body, True)
     assert parse_header(body, JPEGBaseline8Bit) == _by_pydicom(body, ExplicitVRLittleEndian)
     del ds.PixelData
-    assert parse_header(_encode(ds), ExplicitVRLittleEndian)[0]["SOPInstanceUID"] == ds.SOPInstanceUID
+    assert parse_header(encode_dataset(ds), ExplicitVRLittleEndian)[0]["SOPInstanceUID"] == ds.SOPInstanceUID
 
 
 def test_big_endian_and_deflated_go_to_pydicom() -> None:
     """Retired big endian and deflated data sets are read by pydicom, with the same values."""
     import zlib
 
-    ds = _vendor_ct()
-    little = parse_header(_encode(ds), ExplicitVRLittleEndian)
-    assert parse_header(_encode(ds, little=False), ExplicitVRBigEndian) == little
+    ds = vendor_ct()
+    little = parse_header(encode_dataset(ds), ExplicitVRLittleEndian)
+    assert parse_header(encode_dataset(ds, little=False), ExplicitVRBigEndian) == little
     deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    deflated = deflate.compress(_encode(ds)) + deflate.flush()
+    deflated = deflate.compress(encode_dataset(ds)) + deflate.flush()
     assert parse_header(deflated, DeflatedExplicitVRLittleEndian) == little
 
 
 def test_elements_out_of_order_are_left_to_pydicom() -> None:
     """A header whose tags go backwards is not the scanner's to judge: pydicom reads it."""
-    ds = _ct()
+    ds = plain_ct()
     first, rest = Dataset(), Dataset()
     for elem in ds:
         (first if elem.tag >> 16 == 0x0020 else rest).add(elem)
-    body = _encode(first) + _encode(rest)  # group 0020 before group 0008
+    body = encode_dataset(first) + encode_dataset(rest)  # group 0020 before group 0008
     with pytest.raises(_Unusual, match="out of order"):
         scan_elements(body, True)
     uids, _ = parse_header(body, ExplicitVRLittleEndian)
@@ -191,8 +136,8 @@ def test_garbage_is_refused_as_undecodable() -> None:
         parse_header(b"\x08\x00\x16\x00SQ\x00\x00\xff\xff\xff\xff" + b"x" * 20, ExplicitVRLittleEndian)
 
 
-_BODY = _encode(_vendor_ct())
-_UN_BODY = _with_un_sequence(_vendor_ct())
+_BODY = encode_dataset(vendor_ct())
+_UN_BODY = _with_un_sequence(vendor_ct())
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
