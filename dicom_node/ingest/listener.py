@@ -25,6 +25,21 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, cast
 
 import structlog
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 from pynetdicom import AllStoragePresentationContexts
 
 from dicom_node import statuses
@@ -47,19 +62,19 @@ from dicom_node.settings import ListenerSettings, StorageSettings, TlsSettings
 
 #: Transfer syntaxes accepted for every storage SOP class (datasets are stored as sent).
 TRANSFER_SYNTAXES: tuple[str, ...] = (
-    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-    "1.2.840.10008.1.2",  # Implicit VR Little Endian
-    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
-    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
-    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
-    "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
-    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Non-Hierarchical (Process 14)
-    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, First-Order Prediction (Process 14 SV1)
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
-    "1.2.840.10008.1.2.4.90",  # JPEG 2000 (Lossless Only)
-    "1.2.840.10008.1.2.4.91",  # JPEG 2000
-    "1.2.840.10008.1.2.5",  # RLE Lossless
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    ExplicitVRBigEndian,  # retired, still sent by old modalities
+    DeflatedExplicitVRLittleEndian,
+    JPEGBaseline8Bit,  # Process 1
+    JPEGExtended12Bit,  # Process 2 & 4
+    JPEGLossless,  # Non-Hierarchical (Process 14)
+    JPEGLosslessSV1,  # First-Order Prediction (Process 14 SV1)
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
 )
 
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
@@ -581,8 +596,8 @@ def _commitment_report(request: EventReportRequest, calling_ae_title: str) -> Co
     if request.dataset is None:
         raise ValueError("N-EVENT-REPORT without Event Information")
     syntax = request.context.transfer_syntax
-    info = read_dataset(BytesIO(request.dataset), is_implicit_VR=syntax == "1.2.840.10008.1.2",
-                        is_little_endian=syntax != "1.2.840.10008.1.2.2")
+    info = read_dataset(BytesIO(request.dataset), is_implicit_VR=syntax == ImplicitVRLittleEndian,
+                        is_little_endian=syntax != ExplicitVRBigEndian)
     uid = str(info.get("TransactionUID", "") or "")
     if not uid:
         raise ValueError("N-EVENT-REPORT without a Transaction UID")

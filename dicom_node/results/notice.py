@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.sr.codedict import codes as dcm_codes
+from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.results.common import (
     ResultEncodingError,
@@ -162,7 +163,7 @@ def notice_sc(notice: Notice, sources: Sequence[Dataset], options: ResultOptions
         instance_number=1,
         manufacturer=lo(options.manufacturer),
         patient_orientation=("L", "P"),
-        transfer_syntax_uid=hd.UID("1.2.840.10008.1.2.1"),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description=lo(f"AI NOT APPLIED {notice.model_name}"),
     )
     sc.copy_patient_and_study_information(source)

@@ -25,6 +25,7 @@ import highdicom as hd
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.results import drawing
 from dicom_node.results.common import (
@@ -215,7 +216,7 @@ def encode(ctx: EncodeContext) -> list[Dataset]:
             manufacturer=lo(ctx.options.manufacturer),
             pixel_spacing=_pixel_spacing(source, scale),  # type: ignore[arg-type]
             patient_orientation=patient_orientation(ctx.volume.affine),
-            transfer_syntax_uid=hd.UID("1.2.840.10008.1.2.1"),
+            transfer_syntax_uid=ExplicitVRLittleEndian,
             contributing_equipment=[
                 contributing_equipment(prediction, ctx.options, ctx.uids.device)
             ],
