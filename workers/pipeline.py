@@ -447,19 +447,21 @@ def _deliver(ctx: WorkerContext, job: JobRow) -> list[str]:
             ctx.catalog.record_delivery(job.id, name, ok=True, objects=objects)
         log.info("results_sent", job_id=job.id, destination=name, files=report.sent,
                  refused=[r.refused for r in report.refused])
-        if dest.type == "dicom" and job.generation > 1:
+        if job.generation > 1:
             _check_overwrite(ctx, job, dest, report, calling)
     return pending
 
 
 def _check_overwrite(ctx: WorkerContext, job: JobRow, dest: Any, report: Any, calling: str) -> None:
     """A re-run sent objects this destination already had (same SOP Instance UIDs, new content):
-    C-FIND which version it holds.  An archive that kept the first is warned about once (log,
-    job event, ``destination_findings`` row behind the metric, ``/readyz`` and the dashboard);
-    one seen replacing them clears the finding.  Never fails the delivery."""
+    ask which version it holds (C-FIND, or QIDO-RS for a DICOMweb destination).  An archive that
+    kept the first is warned about once (log, job event, ``destination_findings`` row behind the
+    metric, ``/readyz`` and the dashboard); one seen replacing them clears the finding.  Never
+    fails the delivery."""
     from dicom_node.catalog import queries
     from dicom_node.catalog.tables import KEEPS_FIRST_INSTANCE
-    from dicom_node.delivery.confirm import KEEPS_FIRST_FIX, check_overwrite
+    from dicom_node.delivery import check_overwrite
+    from dicom_node.delivery.report import KEEPS_FIRST_FIX
 
     again = queries.delivered_before(ctx.catalog, job, dest.name)
     paths = [r.path for r in report.results if r.refused is None and r.sop_instance_uid in again]

@@ -3,8 +3,8 @@
 A destination's ``type`` (``[[destinations]] type = ...``) picks its target: ``dicom`` (C-STORE,
 :mod:`dicom_node.delivery.dicom`, whose tuned pynetdicom transport is
 ``dicom_node._compat.pynetdicom``) or ``dicomweb`` (STOW-RS, :mod:`dicom_node.delivery.dicomweb`).
-A new type is one module with ``send`` and ``reachable`` functions plus one line in
-:data:`TARGETS`.
+A new type is one module with ``send``, ``reachable`` and ``check_overwrite`` functions plus one
+line in :data:`TARGETS`.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Protocol
 
 from dicom_node.delivery import dicom, dicomweb
-from dicom_node.delivery.report import InstanceResult, SendReport
+from dicom_node.delivery.report import InstanceResult, Overwrite, SendReport
 from dicom_node.settings import DestinationSettings
 
-__all__ = ["TARGETS", "InstanceResult", "SendReport", "Target", "reachable", "send_files"]
+__all__ = ["TARGETS", "InstanceResult", "Overwrite", "SendReport", "Target", "check_overwrite", "reachable",
+           "send_files"]
 
 
 class Target(Protocol):
@@ -29,6 +30,12 @@ class Target(Protocol):
 
     def reachable(self, dest: DestinationSettings, *, calling_ae_title: str, timeout: float) -> tuple[bool, str]:
         """Whether the destination answers (C-ECHO, or an authenticated request), and why not."""
+        ...
+
+    def check_overwrite(self, dest: DestinationSettings, paths: Sequence[Path], *, calling_ae_title: str,
+                        timeout: float = 30.0) -> list[Overwrite]:
+        """Which version the destination holds of objects it was sent again (same SOP Instance
+        UIDs, new content): one :class:`Overwrite` each; never raises for the destination's sake."""
         ...
 
 
@@ -47,3 +54,10 @@ def send_files(dest: DestinationSettings, paths: Sequence[Path], *, calling_ae_t
 def reachable(dest: DestinationSettings, *, calling_ae_title: str, timeout: float = 10.0) -> tuple[bool, str]:
     """Whether ``dest`` answers, by its type (C-ECHO for dicom, an authenticated QIDO for dicomweb)."""
     return TARGETS[dest.type].reachable(dest, calling_ae_title=calling_ae_title, timeout=timeout)
+
+
+def check_overwrite(dest: DestinationSettings, paths: Sequence[Path], *, calling_ae_title: str,
+                    timeout: float = 30.0) -> list[Overwrite]:
+    """Which version ``dest`` holds of objects sent to it again, by its type (C-FIND for dicom,
+    QIDO-RS for dicomweb)."""
+    return TARGETS[dest.type].check_overwrite(dest, paths, calling_ae_title=calling_ae_title, timeout=timeout)

@@ -21,6 +21,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # t
 
 from dicom_node import statuses
 from dicom_node.delivery.dicom import _associate, _describe, _make_ae
+from dicom_node.delivery.report import CREATION_STAMP, Overwrite, compare_stamps, read_stamp
 from dicom_node.errors import TransientError
 from dicom_node.settings import DestinationSettings
 
@@ -96,39 +97,6 @@ def confirm_by_find(dest: DestinationSettings, paths: Iterable[Path], *, calling
 
 # -- does the archive replace an object sent again with the same SOP Instance UID? ----------
 
-#: The node-set attributes compared: highdicom stamps each result with the time it was made (to
-#: the microsecond), and archives index them at IMAGE level (Orthanc keeps both as main tags).
-_STAMP = ("InstanceCreationDate", "InstanceCreationTime")
-#: Where to look for the fix, by what a wrong archive setting is called.
-KEEPS_FIRST_FIX = ('Orthanc: "OverwriteInstances": true; dcm4chee-arc: Overwrite Policy '
-                   "(dcmOverwritePolicy) ALWAYS, or SAME_SOURCE when only the node sends these objects")
-
-
-@dataclass(frozen=True)
-class Overwrite:
-    """What the archive holds for one object the node sent again with a known SOP Instance UID.
-
-    ``replaced`` is True when the archive holds what was just sent, False when it still holds
-    an older object (it keeps the first), None when the query could not tell.
-    """
-
-    sop_instance_uid: str
-    replaced: bool | None
-    detail: str
-
-
-def _stamp(path: Path) -> tuple[Dataset, str]:
-    ds = dcmread(path, stop_before_pixels=True,
-                 specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", *_STAMP])
-    query = Dataset()
-    query.QueryRetrieveLevel = "IMAGE"
-    query.StudyInstanceUID = ds.StudyInstanceUID
-    query.SeriesInstanceUID = ds.SeriesInstanceUID
-    query.SOPInstanceUID = ds.SOPInstanceUID
-    for keyword in _STAMP:
-        setattr(query, keyword, "")
-    return query, " ".join(str(ds.get(k, "")) for k in _STAMP).strip()
-
 
 def check_overwrite(dest: DestinationSettings, paths: Iterable[Path], *, calling_ae_title: str,
                     timeout: float = 30) -> list[Overwrite]:
@@ -139,33 +107,34 @@ def check_overwrite(dest: DestinationSettings, paths: Iterable[Path], *, calling
     Never raises for the archive's sake: a query that fails or returns no creation time is
     ``replaced=None`` (unknown), so only a clear answer ever warns.
     """
-    stamped = [_stamp(Path(p)) for p in paths]
+    stamped = [read_stamp(Path(p)) for p in paths]
     if not stamped:
         return []
     where = _describe(dest.query_scp)
     try:
         assoc = _find_association(dest, calling_ae_title, timeout)
     except TransientError as exc:
-        return [Overwrite(str(q.SOPInstanceUID), None, f"C-FIND not possible: {exc}") for q, _ in stamped]
+        return [Overwrite(s.sop_instance_uid, None, f"C-FIND not possible: {exc}") for s in stamped]
     out: list[Overwrite] = []
     try:
         if not assoc.accepted_contexts:
-            return [Overwrite(str(q.SOPInstanceUID), None, f"{where} does not accept Study Root C-FIND")
-                    for q, _ in stamped]
-        for query, sent in stamped:
-            uid = str(query.SOPInstanceUID)
+            return [Overwrite(s.sop_instance_uid, None, f"{where} does not accept Study Root C-FIND")
+                    for s in stamped]
+        for s in stamped:
+            query = Dataset()
+            query.QueryRetrieveLevel = "IMAGE"
+            query.StudyInstanceUID = s.study_instance_uid
+            query.SeriesInstanceUID = s.series_instance_uid
+            query.SOPInstanceUID = s.sop_instance_uid
+            for keyword in CREATION_STAMP:
+                setattr(query, keyword, "")
             held = None
             for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
                 code = int(status.get("Status", -1)) if status is not None and "Status" in status else None
-                if code in _PENDING and identifier is not None and str(identifier.get("SOPInstanceUID", "")) == uid:
-                    held = " ".join(str(identifier.get(k, "") or "") for k in _STAMP).strip()
-            if not held or not sent:
-                out.append(Overwrite(uid, None, f"C-FIND at {where} returned no instance creation time"))
-            elif held == sent:
-                out.append(Overwrite(uid, True, f"{where} holds the object sent (created {sent})"))
-            else:
-                out.append(Overwrite(uid, False, f"{where} still holds the object created {held}, "
-                                                 f"not the one sent (created {sent})"))
+                if (code in _PENDING and identifier is not None
+                        and str(identifier.get("SOPInstanceUID", "")) == s.sop_instance_uid):
+                    held = " ".join(str(identifier.get(k, "") or "") for k in CREATION_STAMP).strip()
+            out.append(compare_stamps(s.sop_instance_uid, held or "", s.stamp, where=where, query="C-FIND"))
     finally:
         if assoc.is_established:
             assoc.release()

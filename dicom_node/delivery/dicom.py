@@ -55,7 +55,7 @@ from dicom_node._compat.pynetdicom import (
     queued_associate_reply,
     send_files_as_stored_bytes,
 )
-from dicom_node.delivery.report import InstanceResult, SendReport
+from dicom_node.delivery.report import InstanceResult, Overwrite, SendReport
 from dicom_node.errors import AssociationRejectedError, PermanentError, TransientError
 from dicom_node.settings import DestinationSettings
 
@@ -370,3 +370,12 @@ def reachable(dest: DestinationSettings, *, calling_ae_title: str, timeout: floa
     """The ``dicom`` target's check: a C-ECHO."""
     ok = echo(dest, calling_ae_title=calling_ae_title, timeout=timeout)
     return ok, "answers C-ECHO" if ok else "does not answer C-ECHO"
+
+
+def check_overwrite(dest: DestinationSettings, paths: Sequence[Path], *, calling_ae_title: str,
+                    timeout: float = 30.0) -> list[Overwrite]:
+    """The ``dicom`` target's answer to "which version do you hold?": an IMAGE-level C-FIND per
+    object at the destination's query SCP (:func:`dicom_node.delivery.confirm.check_overwrite`)."""
+    from dicom_node.delivery.confirm import check_overwrite as by_find  # confirm builds on this module
+
+    return by_find(dest, paths, calling_ae_title=calling_ae_title, timeout=timeout)

@@ -19,12 +19,16 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from dicom_node.delivery.report import InstanceResult, SendReport
+from dicom_node.delivery.report import InstanceResult, Overwrite, SendReport, compare_stamps, read_stamp
 from dicom_node.errors import ConfigError, PermanentError, TransientError
 from dicom_node.settings import DestinationSettings
 
 log = structlog.get_logger(__name__)
 
+#: InstanceCreationDate and InstanceCreationTime (``report.CREATION_STAMP``) and SOP Instance UID,
+#: as DICOM JSON names them.
+_STAMP_TAGS = ("00080012", "00080013")
+_SOP_INSTANCE_UID = "00080018"
 #: HTTP answers that a later attempt may get past (busy, restarting, a proxy in between).
 _TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 
@@ -153,3 +157,43 @@ def reachable(dest: DestinationSettings, *, calling_ae_title: str, timeout: floa
     if response.status_code in (200, 204):
         return True, f"answers QIDO-RS (HTTP {response.status_code})"
     return False, str(_http_error(dest, requests.HTTPError(response=response)))
+
+
+def _json_text(item: dict[str, Any], tag: str) -> str:
+    """The first value of ``tag`` in a DICOM JSON object (PS3.18 F.2), or ``""``."""
+    values = (item.get(tag) or {}).get("Value") or [""]
+    return str(values[0] or "")
+
+
+def check_overwrite(dest: DestinationSettings, paths: Sequence[Path], *, calling_ae_title: str,
+                    timeout: float = 30.0) -> list[Overwrite]:
+    """The ``dicomweb`` target's answer to "which version do you hold?": a QIDO-RS search per
+    object (its study, series and SOP Instance UID) for InstanceCreationDate/Time, compared with
+    the file's.  Requests time out after the destination's ``timeout_seconds``.
+
+    Never raises for the server's sake: a search that fails or returns no creation time is
+    ``replaced=None`` (unknown), so only a clear answer ever warns.
+    """
+    del calling_ae_title, timeout  # no AE titles; the client's timeout is the destination's
+    stamped = [read_stamp(Path(p)) for p in paths]
+    if not stamped:
+        return []
+    where = f"{dest.name} ({dest.url})"
+    try:
+        client = _client(dest)
+    except ConfigError as exc:
+        return [Overwrite(s.sop_instance_uid, None, f"QIDO-RS not possible: {exc}") for s in stamped]
+    out: list[Overwrite] = []
+    for s in stamped:
+        try:
+            found = client.search_for_instances(
+                study_instance_uid=s.study_instance_uid, series_instance_uid=s.series_instance_uid,
+                search_filters={"SOPInstanceUID": s.sop_instance_uid}, fields=list(_STAMP_TAGS),
+            )
+        except requests.RequestException as exc:
+            out.append(Overwrite(s.sop_instance_uid, None, f"QIDO-RS failed: {_http_error(dest, exc)}"))
+            continue
+        held = next((" ".join(_json_text(item, t) for t in _STAMP_TAGS).strip() for item in found
+                     if _json_text(item, _SOP_INSTANCE_UID) == s.sop_instance_uid), "")
+        out.append(compare_stamps(s.sop_instance_uid, held, s.stamp, where=where, query="QIDO-RS"))
+    return out

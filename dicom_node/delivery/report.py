@@ -71,3 +71,59 @@ class SendReport:
     def records(self) -> list[dict[str, str | int | None]]:
         """Per-object records for the catalog (``deliveries.objects``)."""
         return [r.record() for r in self.results]
+
+
+# -- does a destination replace an object sent again with the same SOP Instance UID? -------
+
+#: The node-set attributes compared: highdicom stamps each result with the time it was made (to
+#: the microsecond), and archives index them at instance level (Orthanc keeps both as main tags).
+CREATION_STAMP = ("InstanceCreationDate", "InstanceCreationTime")
+#: Where to look for the fix, by what a wrong archive setting is called.
+KEEPS_FIRST_FIX = ('Orthanc: "OverwriteInstances": true (for DICOM and DICOMweb alike); dcm4chee-arc: '
+                   "Overwrite Policy (dcmOverwritePolicy) ALWAYS, or SAME_SOURCE when only the node sends "
+                   "these objects")
+
+
+@dataclass(frozen=True)
+class Overwrite:
+    """What the destination holds for one object the node sent again with a known SOP Instance
+    UID.
+
+    ``replaced`` is True when it holds what was just sent, False when it still holds an older
+    object (it keeps the first), None when the query could not tell.
+    """
+
+    sop_instance_uid: str
+    replaced: bool | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class Stamped:
+    """A result file's UIDs and its creation stamp (``"date time"``, empty when it has none)."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    stamp: str
+
+
+def read_stamp(path: Path) -> Stamped:
+    """The UIDs and creation stamp of a result file (header only)."""
+    from pydicom import dcmread
+
+    ds = dcmread(path, stop_before_pixels=True,
+                 specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", *CREATION_STAMP])
+    return Stamped(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID),
+                   " ".join(str(ds.get(k, "") or "") for k in CREATION_STAMP).strip())
+
+
+def compare_stamps(sop_instance_uid: str, held: str, sent: str, *, where: str, query: str) -> Overwrite:
+    """:class:`Overwrite` from the stamp ``where`` returned to ``query`` (C-FIND, QIDO-RS) and the
+    one sent; unknown when either is missing."""
+    if not held or not sent:
+        return Overwrite(sop_instance_uid, None, f"{query} at {where} returned no instance creation time")
+    if held == sent:
+        return Overwrite(sop_instance_uid, True, f"{where} holds the object sent (created {sent})")
+    return Overwrite(sop_instance_uid, False,
+                     f"{where} still holds the object created {held}, not the one sent (created {sent})")

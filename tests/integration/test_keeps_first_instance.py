@@ -11,19 +11,23 @@ import json
 import subprocess
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
 
 from dicom_node.catalog import KEEPS_FIRST_INSTANCE
+from dicom_node.delivery import check_overwrite as delivery_check_overwrite
+from dicom_node.delivery import send_files
 from dicom_node.delivery.confirm import check_overwrite
 from dicom_node.delivery.dicom import send_instances
 from dicom_node.metrics import NodeMetrics
 from dicom_node.settings import DestinationSettings
 from tests.conftest import require_tool
 from tests.integration.test_faults import catalog_of, rule, series_files, storescu, wait_job
-from tests.support import procs
+from tests.support import ohif, procs
 from tests.support.node import node_config, start_node, wait_until
 
 
@@ -82,6 +86,37 @@ def test_the_check_tells_an_archive_that_keeps_the_first_from_one_that_replaces(
         assert "20261206 101010.000001" in check.detail and "20261206 111111.000002" in check.detail
 
 
+@pytest.mark.parametrize("overwrite", [False, True], ids=["keeps-first", "overwrites"])
+def test_the_qido_check_tells_a_dicomweb_archive_that_keeps_the_first(tmp_path: Path, overwrite: bool) -> None:
+    """The same over DICOMweb: two versions sent with STOW-RS, then a QIDO-RS search for the
+    creation time tells Orthanc keeping the first (OverwriteInstances false) from replacing."""
+    require_tool("Orthanc")
+    if ohif.dicomweb_plugin() is None:
+        require_tool("libOrthancDicomWeb.so")  # skips, or fails under DICOM_NODE_REQUIRE_TOOLS=1
+    [src] = series_files(tmp_path, "keeps-first-web")[:1]
+    first = _version(src, tmp_path / "v1" / "x.dcm", "101010.000001")
+    second = _version(src, tmp_path / "v2" / "x.dcm", "111111.000002")
+    with ohif.start_orthanc(tmp_path / "orthanc", extra={"OverwriteInstances": overwrite}) as server:
+        dest = DestinationSettings.model_validate({
+            "name": "web", "type": "dicomweb", "url": f"http://{procs.LOOPBACK}:{server.port}/dicom-web"})
+        for version in (first, second):
+            report = send_files(dest, [version], calling_ae_title="DICOM_NODE")
+            assert report.sent == 1 and report.results[0].status == 0
+        [check] = delivery_check_overwrite(dest, [second], calling_ae_title="DICOM_NODE")
+    assert check.replaced is overwrite, check.detail
+    if not overwrite:
+        assert "20261206 101010.000001" in check.detail and "20261206 111111.000002" in check.detail
+
+
+def test_the_qido_check_cannot_tell_when_the_server_does_not_answer(tmp_path: Path) -> None:
+    """Nothing listening at the DICOMweb URL: unknown (None) with the reason, never a warning."""
+    [path] = series_files(tmp_path, "keeps-first-web-down")[:1]
+    dest = DestinationSettings.model_validate({
+        "name": "web", "type": "dicomweb", "url": f"http://{procs.LOOPBACK}:{procs.free_port()}/dicom-web"})
+    [check] = delivery_check_overwrite(dest, [path], calling_ae_title="DICOM_NODE")
+    assert check.replaced is None and "QIDO-RS" in check.detail and "unreachable" in check.detail
+
+
 def test_the_check_cannot_tell_without_a_query_scp(tmp_path: Path) -> None:
     """storescp answers no C-FIND: unknown (None), never a warning."""
     server = procs.start_storescp(tmp_path / "scp")
@@ -94,27 +129,36 @@ def test_the_check_cannot_tell_without_a_query_scp(tmp_path: Path) -> None:
     assert check.replaced is None and "C-FIND" in check.detail
 
 
-@pytest.mark.slow
-def test_a_rerun_warns_once_about_an_archive_that_keeps_the_first(
-        tmp_path: Path, orthanc: tuple[procs.Server, bool]) -> None:
-    """End to end: a series delivered to Orthanc, then re-run twice (same result UIDs, new
-    content).  OverwriteInstances false: one finding, one job event, the metric and /readyz's
-    warning name the destination and the fix; true: none of them."""
-    server, overwrite = orthanc
-    seg_sr = {"outputs": ["seg", "sr"], "notify_not_applied": False}
-    destinations = [{"name": "orthanc", "ae_title": "ORTHANC", "host": procs.LOOPBACK, "port": server.port,
-                     "find_delay_seconds": 0, **seg_sr}]
+@dataclass
+class _Reruns:
+    """What a node showed after a series was delivered and re-run twice."""
+
+    jobs: list[Any]
+    findings: list[Any]
+    warned: list[str]
+    events: list[str]
+    exposition: str
+    ready: dict[str, Any]
+    health: dict[str, Any]
+    log: str
+
+
+def _deliver_and_rerun_twice(tmp_path: Path, destination: dict[str, Any], seed: str) -> _Reruns:
+    """A node delivering ``ct-tissue`` SEG + SR to ``destination`` (named ``orthanc``): a series
+    sent, done, then re-run twice through the API (same result UIDs, new content)."""
     workdir = tmp_path / "node"
     web_port = procs.free_port()
+    destinations = [{"name": "orthanc", "find_delay_seconds": 0, "outputs": ["seg", "sr"],
+                     "notify_not_applied": False, **destination}]
     node = start_node(workdir, node_config(workdir, idle_seconds=0.5, destinations=destinations,
                                             rules=[rule("ct", "ct-tissue", ["orthanc"])],
                                             web={"enabled": True, "host": procs.LOOPBACK, "port": web_port,
                                                  "api_token": "t0ken"}))
     try:
-        storescu(node.port, series_files(tmp_path, "keeps-first-e2e"))
+        storescu(node.port, series_files(tmp_path, seed))
         from dicom_node.demo import SeriesInfo
 
-        series_uid = SeriesInfo(seed="keeps-first-e2e").uid("series")
+        series_uid = SeriesInfo(seed=seed).uid("series")
         catalog = catalog_of(node)
         first = wait_job(node, catalog, series_uid, ("done", "failed"))
         assert first.state == "done", first.reason
@@ -129,25 +173,56 @@ def test_a_rerun_warns_once_about_an_archive_that_keeps_the_first(
             job = catalog.get_job(job_id)
             assert job is not None and job.state == "done", job
             jobs.append(job)
-        findings = catalog.destination_findings()
         events = [e.detail or "" for j in jobs for e in catalog.job_events(j.id)]
-        warned = [e for e in events if "keeps the first object" in e]
-        exposition = NodeMetrics(catalog).exposition().decode()
         with urllib.request.urlopen(f"http://{procs.LOOPBACK}:{web_port}/readyz", timeout=30) as answer:
             ready = json.loads(answer.read())
         with urllib.request.urlopen(f"http://{procs.LOOPBACK}:{web_port}/api/destinations", timeout=30) as answer:
             [health] = json.loads(answer.read())
-        log = (workdir / "node.log").read_text(errors="replace")
+        return _Reruns(jobs, catalog.destination_findings(), [e for e in events if "keeps the first object" in e],
+                       events, NodeMetrics(catalog).exposition().decode(), ready, health,
+                       (workdir / "node.log").read_text(errors="replace"))
     finally:
         node.stop()
+
+
+def _assert_warned_once(seen: _Reruns) -> None:
+    """One finding (the first re-run's), one job event, the metric, /readyz, the destination's
+    health and one log line, each naming the fix."""
+    assert [(f.destination, f.kind, f.job_id) for f in seen.findings] == [
+        ("orthanc", KEEPS_FIRST_INSTANCE, seen.jobs[0].id)]
+    assert len(seen.warned) == 1 and '"OverwriteInstances": true' in seen.warned[0], seen.events
+    assert 'dicom_node_destination_keeps_first_instance{destination="orthanc"} 1.0' in seen.exposition
+    assert "OverwriteInstances" in seen.ready["warnings"]["orthanc"]["keeps_first_instance"]
+    assert seen.health["keeps_first_instance"] == seen.findings[0].detail
+    assert seen.log.count('"event": "destination_keeps_first_instance"') == 1, seen.log[-3000:]
+
+
+@pytest.mark.slow
+def test_a_rerun_warns_once_about_an_archive_that_keeps_the_first(
+        tmp_path: Path, orthanc: tuple[procs.Server, bool]) -> None:
+    """End to end: a series delivered to Orthanc, then re-run twice (same result UIDs, new
+    content).  OverwriteInstances false: one finding, one job event, the metric and /readyz's
+    warning name the destination and the fix; true: none of them."""
+    server, overwrite = orthanc
+    seen = _deliver_and_rerun_twice(
+        tmp_path, {"ae_title": "ORTHANC", "host": procs.LOOPBACK, "port": server.port}, "keeps-first-e2e")
     if overwrite:
-        assert findings == [] and warned == []
-        assert "dicom_node_destination_keeps_first_instance{" not in exposition
-        assert "warnings" not in ready and health["keeps_first_instance"] is None
+        assert seen.findings == [] and seen.warned == []
+        assert "dicom_node_destination_keeps_first_instance{" not in seen.exposition
+        assert "warnings" not in seen.ready and seen.health["keeps_first_instance"] is None
     else:
-        assert [(f.destination, f.kind, f.job_id) for f in findings] == [("orthanc", KEEPS_FIRST_INSTANCE, jobs[0].id)]
-        assert len(warned) == 1 and '"OverwriteInstances": true' in warned[0], events
-        assert 'dicom_node_destination_keeps_first_instance{destination="orthanc"} 1.0' in exposition
-        assert "OverwriteInstances" in ready["warnings"]["orthanc"]["keeps_first_instance"]
-        assert health["keeps_first_instance"] == findings[0].detail
-        assert log.count('"event": "destination_keeps_first_instance"') == 1, log[-3000:]
+        _assert_warned_once(seen)
+
+
+@pytest.mark.slow
+def test_a_rerun_warns_once_about_a_dicomweb_archive_that_keeps_the_first(tmp_path: Path) -> None:
+    """The same through STOW-RS and QIDO-RS: Orthanc's DICOMweb with OverwriteInstances false
+    acknowledges the re-run's objects and keeps the first; the node says so once."""
+    require_tool("Orthanc")
+    if ohif.dicomweb_plugin() is None:
+        require_tool("libOrthancDicomWeb.so")  # skips, or fails under DICOM_NODE_REQUIRE_TOOLS=1
+    with ohif.start_orthanc(tmp_path / "orthanc", extra={"OverwriteInstances": False}) as server:
+        seen = _deliver_and_rerun_twice(
+            tmp_path, {"type": "dicomweb", "url": f"http://{procs.LOOPBACK}:{server.port}/dicom-web"},
+            "keeps-first-web-e2e")
+    _assert_warned_once(seen)

@@ -91,9 +91,12 @@ def dicomweb_plugin() -> str | None:
 
 
 @contextmanager
-def start_orthanc(workdir: Path, users: dict[str, str] | None = None) -> Iterator[procs.Server]:
+def start_orthanc(
+    workdir: Path, users: dict[str, str] | None = None, extra: dict[str, object] | None = None
+) -> Iterator[procs.Server]:
     """Orthanc with the DICOMweb plugin on free loopback ports (``/dicom-web/``); HTTP basic
-    authentication for ``users`` (name -> password) when given, else none."""
+    authentication for ``users`` (name -> password) when given, else none; ``extra``: more
+    configuration options (e.g. ``OverwriteInstances``)."""
     plugin = dicomweb_plugin()
     if plugin is None:
         raise FileNotFoundError("orthanc-dicomweb plugin not installed")
@@ -111,6 +114,7 @@ def start_orthanc(workdir: Path, users: dict[str, str] | None = None) -> Iterato
         "RegisteredUsers": users or {},
         "Plugins": [plugin],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False},
+        **(extra or {}),
     }
     (workdir / "orthanc.json").write_text(json.dumps(config))
     log = (workdir / "orthanc.log").open("wb")
