@@ -378,7 +378,9 @@ def test_killed_worker_redelivers_once_and_poison_job_stops(tmp_path: Path) -> N
         storescu(node.port, series_files(tmp_path, "kill-once"))
         kill_running_attempt(survivor, 1)
         job = wait_job(node, catalog, survivor, ("done", "failed"), timeout=120)
-        assert job.state == "done", job.reason
+        if job.state != "done":  # seen once in 40 runs under load: keep what the processes said
+            pytest.fail(f"{job.reason}\n--- node and worker\n{node.logs()[-6000:]}\n"
+                        f"--- archive\n{archive.log_text()[-3000:]}")
         assert job.attempts == 2
         stores = wait_until(lambda: (s := archive_stores(archive)) and len(s) >= 2 and s, 30, what="archive")
         time.sleep(1.0)
