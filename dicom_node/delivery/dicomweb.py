@@ -159,10 +159,12 @@ def reachable(dest: DestinationSettings, *, calling_ae_title: str, timeout: floa
     return False, str(_http_error(dest, requests.HTTPError(response=response)))
 
 
-def _json_text(item: dict[str, Any], tag: str) -> str:
-    """The first value of ``tag`` in a DICOM JSON object (PS3.18 F.2), or ``""``."""
-    values = (item.get(tag) or {}).get("Value") or [""]
-    return str(values[0] or "")
+def _json_text(item: object, tag: str) -> str:
+    """The first value of ``tag`` in a DICOM JSON object (PS3.18 F.2), or ``""`` (also for
+    whatever a broken server sends instead)."""
+    element = item.get(tag) if isinstance(item, dict) else None
+    values = element.get("Value") if isinstance(element, dict) else None
+    return str(values[0]) if isinstance(values, list) and values and values[0] is not None else ""
 
 
 def check_overwrite(dest: DestinationSettings, paths: Sequence[Path], *, calling_ae_title: str,
@@ -193,7 +195,11 @@ def check_overwrite(dest: DestinationSettings, paths: Sequence[Path], *, calling
         except requests.RequestException as exc:
             out.append(Overwrite(s.sop_instance_uid, None, f"QIDO-RS failed: {_http_error(dest, exc)}"))
             continue
-        held = next((" ".join(_json_text(item, t) for t in _STAMP_TAGS).strip() for item in found
+        except ValueError:  # not JSON (json's error; requests' own is a RequestException above)
+            out.append(Overwrite(s.sop_instance_uid, None, f"QIDO-RS at {where} answered no DICOM JSON"))
+            continue
+        items = found if isinstance(found, list) else []
+        held = next((" ".join(_json_text(item, t) for t in _STAMP_TAGS).strip() for item in items
                      if _json_text(item, _SOP_INSTANCE_UID) == s.sop_instance_uid), "")
         out.append(compare_stamps(s.sop_instance_uid, held, s.stamp, where=where, query="QIDO-RS"))
     return out

@@ -7,8 +7,10 @@ new InstanceCreationDate/Time: the C-FIND after delivery tells the two apart.
 
 from __future__ import annotations
 
+import http.server
 import json
 import subprocess
+import threading
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -115,6 +117,38 @@ def test_the_qido_check_cannot_tell_when_the_server_does_not_answer(tmp_path: Pa
         "name": "web", "type": "dicomweb", "url": f"http://{procs.LOOPBACK}:{procs.free_port()}/dicom-web"})
     [check] = delivery_check_overwrite(dest, [path], calling_ae_title="DICOM_NODE")
     assert check.replaced is None and "QIDO-RS" in check.detail and "unreachable" in check.detail
+
+
+@pytest.mark.parametrize(("body", "content_type"), [
+    (b'[["not an object"], "x", {"00080018": "no Value"}, {"00080012": {"Value": [null]}}]', "application/dicom+json"),
+    (b"<html>proxy error</html>", "text/html"),
+    (b'{"00080018": {"vr": "UI"}}', "application/dicom+json"),
+], ids=["wrong-shapes", "html", "an-object-not-a-list"])
+def test_the_qido_check_cannot_tell_from_a_broken_answer(tmp_path: Path, body: bytes, content_type: str) -> None:
+    """A server (or a proxy in front of it) answering QIDO-RS with something that is not a list
+    of DICOM JSON objects: unknown (None), never a warning, never an exception."""
+    class Broken(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer((procs.LOOPBACK, 0), Broken)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        [path] = series_files(tmp_path, "keeps-first-web-broken")[:1]
+        dest = DestinationSettings.model_validate({
+            "name": "web", "type": "dicomweb", "url": f"http://{procs.LOOPBACK}:{server.server_port}/dicom-web"})
+        [check] = delivery_check_overwrite(dest, [path], calling_ae_title="DICOM_NODE")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert check.replaced is None and "QIDO-RS" in check.detail, check.detail
 
 
 def test_the_check_cannot_tell_without_a_query_scp(tmp_path: Path) -> None:
