@@ -8,7 +8,9 @@ The SCU transport (no library file is edited; the subclasses override private me
   and a wake-up ``eventfd``.
 * :class:`TunedDUL`: the DICOM upper layer with a loop delay of 0 - it no longer sleeps 1 ms
   per message, it waits in ``poll`` and is woken when the service user queues a PDU to send.
-* :class:`TunedAE`: ``ae.associate`` uses the tuned socket and DUL.
+* :class:`TunedAE`: ``ae.associate`` uses the tuned socket and DUL, and a
+  :class:`ReactorCheckpoint` that closes a race of pynetdicom's in which the association's
+  reactor thread takes a response meant for the request being sent.
 
 And two helpers for the C-STORE SCU: :func:`send_files_as_stored_bytes` (the process-global
 ``pynetdicom._config`` flag) and :func:`queued_associate_reply` (``DULServiceProvider.peek_next_pdu``).
@@ -16,6 +18,7 @@ And two helpers for the C-STORE SCU: :func:`send_files_as_stored_bytes` (the pro
 The private names used, checked by ``tests/unit/test_compat.py``: ``DULServiceProvider._run_loop_delay``,
 ``._kill_thread``, ``.peek_next_pdu``; ``AssociationSocket._create_socket``, ``._is_connected``,
 ``.event_queue``, ``.tls_args``; ``ApplicationEntity._create_socket``;
+``Association._reactor_checkpoint``, ``._is_paused``;
 ``pynetdicom._config.STORE_SEND_CHUNKED_DATASET``.
 """
 
@@ -211,6 +214,57 @@ def install_tuned_dul(assoc: Association) -> None:
     assoc.network_timeout = assoc.network_timeout
 
 
+class ReactorCheckpoint(threading.Event):
+    """pynetdicom's ``Association._reactor_checkpoint``, whose ``wait`` returns to the reactor
+    only once it has said "not paused" and the checkpoint is still set.
+
+    Before each request (C-STORE, C-FIND, N-ACTION, release) pynetdicom pauses the association's
+    reactor thread - ``clear()``, then it waits until the reactor says ``_is_paused`` - so the
+    reactor cannot take the response off the DIMSE queue; after the response it ``set()``s the
+    checkpoint again.  The reactor says ``_is_paused = True`` before ``wait()`` and False after
+    it returns, with nothing in between: a pause that comes while the reactor is between the two
+    (woken, or passing a set checkpoint, but not yet running: a loaded machine) sees True, the
+    request goes out, and the reactor, running at last, takes its response as if it were a
+    request.  The sender then waits ``dimse_timeout`` for nothing ("no C-STORE response (timed
+    out or aborted)": seen once in about 40 runs of the killed-worker test under load, and by a
+    C-FIND test beside it).  Here the reactor says "not paused" first and then looks again: a
+    checkpoint cleared meanwhile sends it back to paused, so a pause is only ever answered by a
+    reactor that is paused.
+
+    Assumes the association answers a network timeout with A-ABORT (pynetdicom's default, which
+    :func:`install_reactor_checkpoint` pins): its A-RELEASE answer releases from the reactor
+    thread, which would then wait for itself to pause.
+    """
+
+    def __init__(self, assoc: Association) -> None:
+        super().__init__()
+        self._assoc = weakref.ref(assoc)
+
+    def _woken(self) -> None:
+        """Called each time the underlying wait returns (tests delay the reactor here)."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        assoc = self._assoc()
+        while True:
+            woken = super().wait(timeout)
+            self._woken()
+            if assoc is None or not woken:
+                return woken
+            assoc._is_paused = False
+            if self.is_set():
+                return True
+            assoc._is_paused = True  # cleared meanwhile: a pause is asked for, stay paused
+
+
+def install_reactor_checkpoint(assoc: Association) -> None:
+    """Give ``assoc`` (not yet started) a :class:`ReactorCheckpoint`, set as pynetdicom's is,
+    and keep its answer to a network timeout at A-ABORT."""
+    checkpoint = ReactorCheckpoint(assoc)
+    checkpoint.set()
+    assoc._reactor_checkpoint = checkpoint
+    assoc.network_timeout_response = "A-ABORT"
+
+
 class TunedAE(ApplicationEntity):
     """An :class:`ApplicationEntity` whose associations (as SCU) use the tuned transport."""
 
@@ -229,6 +283,7 @@ class TunedAE(ApplicationEntity):
         tls_args: tuple[ssl.SSLContext, str] | None,
     ) -> AssociationSocket:
         install_tuned_dul(assoc)
+        install_reactor_checkpoint(assoc)
         sock = self.socket_type(assoc, address=address)
         sock.tls_args = tls_args
         return sock

@@ -8,6 +8,8 @@ that depends on the name it checks.
 from __future__ import annotations
 
 import inspect
+import re
+import threading
 
 import highdicom as hd
 import pynetdicom
@@ -56,6 +58,19 @@ def test_pynetdicom_socket_privates_used_by_the_tuned_socket() -> None:
 def test_pynetdicom_application_entity_creates_sockets_through_one_private_method() -> None:
     """``TunedAE`` overrides ``ApplicationEntity._create_socket(assoc, address, tls_args)``."""
     assert _parameters(ApplicationEntity._create_socket) == ["self", "assoc", "address", "tls_args"]
+
+
+def test_pynetdicom_reactor_checkpoint_privates() -> None:
+    """``install_reactor_checkpoint`` replaces ``Association._reactor_checkpoint`` (an Event the
+    reactor waits on, set at start) and writes ``_is_paused`` and ``network_timeout_response``;
+    ``ReactorCheckpoint.wait`` stands where the reactor loop says paused, waits, says not paused."""
+    assoc = Association(ApplicationEntity(), "requestor")
+    assert isinstance(assoc._reactor_checkpoint, threading.Event) and assoc._reactor_checkpoint.is_set()
+    assert assoc._is_paused is False
+    assert assoc.network_timeout_response == "A-ABORT"
+    loop = inspect.getsource(Association._run_reactor)
+    assert re.search(r"self\._is_paused = True\s+self\._reactor_checkpoint\.wait\(\)\s+self\._is_paused = False",
+                     loop), "the reactor's pause changed shape: re-check ReactorCheckpoint"
 
 
 def test_pynetdicom_chunked_store_flag() -> None:
