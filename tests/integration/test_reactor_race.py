@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +21,6 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node._compat.pynetdicom import ReactorCheckpoint, TunedAE
-from tests.conftest import require_tool
 from tests.support import procs
 
 pytestmark = pytest.mark.integration
@@ -74,16 +71,6 @@ class _AE(TunedAE):
         return sock
 
 
-@pytest.fixture
-def storescp(tmp_path: Path) -> Iterator[procs.Server]:
-    require_tool("storescp")
-    server = procs.start_storescp(tmp_path / "scp")
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def _echo_statuses(port: int, checkpoint: type[threading.Event], count: int = 3) -> list[int | None]:
     assoc = _AE(checkpoint).associate(procs.LOOPBACK, port, ae_title="ARCHIVE")
     assert assoc.is_established
@@ -103,11 +90,11 @@ def _echo_statuses(port: int, checkpoint: type[threading.Event], count: int = 3)
     return statuses
 
 
-def test_every_request_is_answered_when_the_reactor_wakes_late(storescp: procs.Server) -> None:
-    assert _echo_statuses(storescp.port, _SlowPatched) == [0, 0, 0]
+def test_every_request_is_answered_when_the_reactor_wakes_late(storescp_archive: procs.Server) -> None:
+    assert _echo_statuses(storescp_archive.port, _SlowPatched) == [0, 0, 0]
 
 
-def test_pynetdicoms_own_checkpoint_still_loses_the_answer(storescp: procs.Server) -> None:
+def test_pynetdicoms_own_checkpoint_still_loses_the_answer(storescp_archive: procs.Server) -> None:
     """The upstream race, still there: an answer goes to the reactor instead of the requester."""
-    statuses = _echo_statuses(storescp.port, _SlowStock)
+    statuses = _echo_statuses(storescp_archive.port, _SlowStock)
     assert None in statuses, "pynetdicom no longer loses answers: drop ReactorCheckpoint"
