@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
 from dicom_node import statuses
 from dicom_node.delivery.dicom import _associate, _describe, _make_ae
-from dicom_node.delivery.report import CREATION_STAMP, Overwrite, compare_stamps, read_stamp
+from dicom_node.delivery.report import CREATION_STAMP, Overwrite, Stamped, compare_stamps, read_stamp
 from dicom_node.errors import TransientError
 from dicom_node.settings import DestinationSettings
 
@@ -39,15 +39,31 @@ class Confirmation:
     reason: str | None = None
 
 
-def _keys(path: Path) -> Dataset:
-    ds = dcmread(path, stop_before_pixels=True,
-                 specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
+def _image_query(stamped: Stamped, *returned: str) -> Dataset:
+    """An IMAGE-level C-FIND identifier with the object's three UIDs as unique keys, asking for
+    the ``returned`` keywords too."""
     query = Dataset()
     query.QueryRetrieveLevel = "IMAGE"
-    query.StudyInstanceUID = ds.StudyInstanceUID
-    query.SeriesInstanceUID = ds.SeriesInstanceUID
-    query.SOPInstanceUID = ds.SOPInstanceUID
+    query.StudyInstanceUID = stamped.study_instance_uid
+    query.SeriesInstanceUID = stamped.series_instance_uid
+    query.SOPInstanceUID = stamped.sop_instance_uid
+    for keyword in returned:
+        setattr(query, keyword, "")
     return query
+
+
+def _find_one(assoc: Association, query: Dataset) -> tuple[Dataset | None, int | None]:
+    """Send ``query``; return the (last) match carrying its SOP Instance UID, and the final
+    status (None: no final response, the query timed out or was aborted)."""
+    uid = str(query.SOPInstanceUID)
+    match, final = None, None
+    for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+        code = int(status.get("Status", -1)) if status is not None and "Status" in status else None
+        if code in _PENDING and identifier is not None and str(identifier.get("SOPInstanceUID", "")) == uid:
+            match = identifier
+        elif code not in _PENDING:
+            final = code
+    return match, final
 
 
 def confirm_by_find(dest: DestinationSettings, paths: Iterable[Path], *, calling_ae_title: str,
@@ -57,30 +73,24 @@ def confirm_by_find(dest: DestinationSettings, paths: Iterable[Path], *, calling
     Never raises for the archive's sake: an unreachable query SCP makes every object
     ``unconfirmed`` with that reason.
     """
-    queries = [_keys(Path(p)) for p in paths]
-    if not queries:
+    stamped = [read_stamp(Path(p)) for p in paths]
+    if not stamped:
         return []
     where = _describe(dest.query_scp)
     try:
         assoc = _find_association(dest, calling_ae_title, timeout)
     except TransientError as exc:
         _log.warning("find_failed", destination=dest.name, reason=str(exc))
-        return [Confirmation(str(q.SOPInstanceUID), False, f"C-FIND not possible: {exc}") for q in queries]
+        return [Confirmation(s.sop_instance_uid, False, f"C-FIND not possible: {exc}") for s in stamped]
     out: list[Confirmation] = []
     try:
         if not assoc.accepted_contexts:
             reason = f"C-FIND not possible: {where} does not accept Study Root C-FIND"
-            return [Confirmation(str(q.SOPInstanceUID), False, reason) for q in queries]
-        for query in queries:
-            uid = str(query.SOPInstanceUID)
-            found, final = False, None
-            for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
-                code = int(status.get("Status", -1)) if status is not None and "Status" in status else None
-                if code in _PENDING and identifier is not None and str(identifier.get("SOPInstanceUID", "")) == uid:
-                    found = True
-                elif code not in _PENDING:
-                    final = code
-            if found:
+            return [Confirmation(s.sop_instance_uid, False, reason) for s in stamped]
+        for s in stamped:
+            uid = s.sop_instance_uid
+            match, final = _find_one(assoc, _image_query(s))
+            if match is not None:
                 out.append(Confirmation(uid, True))
             elif final is None:
                 out.append(Confirmation(uid, False, f"C-FIND at {where} got no response (timed out or aborted)"))
@@ -121,20 +131,9 @@ def check_overwrite(dest: DestinationSettings, paths: Iterable[Path], *, calling
             return [Overwrite(s.sop_instance_uid, None, f"{where} does not accept Study Root C-FIND")
                     for s in stamped]
         for s in stamped:
-            query = Dataset()
-            query.QueryRetrieveLevel = "IMAGE"
-            query.StudyInstanceUID = s.study_instance_uid
-            query.SeriesInstanceUID = s.series_instance_uid
-            query.SOPInstanceUID = s.sop_instance_uid
-            for keyword in CREATION_STAMP:
-                setattr(query, keyword, "")
-            held = None
-            for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
-                code = int(status.get("Status", -1)) if status is not None and "Status" in status else None
-                if (code in _PENDING and identifier is not None
-                        and str(identifier.get("SOPInstanceUID", "")) == s.sop_instance_uid):
-                    held = " ".join(str(identifier.get(k, "") or "") for k in CREATION_STAMP).strip()
-            out.append(compare_stamps(s.sop_instance_uid, held or "", s.stamp, where=where, query="C-FIND"))
+            match, _ = _find_one(assoc, _image_query(s, *CREATION_STAMP))
+            held = "" if match is None else " ".join(str(match.get(k, "") or "") for k in CREATION_STAMP).strip()
+            out.append(compare_stamps(s.sop_instance_uid, held, s.stamp, where=where, query="C-FIND"))
     finally:
         if assoc.is_established:
             assoc.release()
