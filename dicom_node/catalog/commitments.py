@@ -19,11 +19,19 @@ from typing import Any
 from sqlalchemy import select, update
 
 from dicom_node.catalog.store import Catalog
-from dicom_node.catalog.tables import COMMITMENT_SUPERSEDED, CommitmentRow, DeliveryRow
+from dicom_node.catalog.tables import (
+    COMMITMENT_CLOSED,
+    COMMITMENT_OPEN,
+    COMMITMENT_REPORTED,
+    COMMITMENT_REQUESTED,
+    COMMITMENT_SUPERSEDED,
+    CommitmentRow,
+    DeliveryRow,
+)
 
-REQUESTED = "requested"
-REPORTED = "reported"
-CLOSED = "closed"
+REQUESTED = COMMITMENT_REQUESTED
+REPORTED = COMMITMENT_REPORTED
+CLOSED = COMMITMENT_CLOSED
 #: Closed unapplied: its delivery was started again (``resend``) before its report was applied.
 SUPERSEDED = COMMITMENT_SUPERSEDED
 
@@ -53,7 +61,7 @@ def of_job(catalog: Catalog, job_id: int) -> list[CommitmentRow]:
 def open_transactions(catalog: Catalog) -> list[CommitmentRow]:
     """Transactions still waiting for a report, or whose report is not applied yet."""
     with catalog.session() as s:
-        return list(s.scalars(select(CommitmentRow).where(CommitmentRow.state.in_((REQUESTED, REPORTED)))
+        return list(s.scalars(select(CommitmentRow).where(CommitmentRow.state.in_(COMMITMENT_OPEN))
                               .order_by(CommitmentRow.requested_at)))
 
 

@@ -286,11 +286,15 @@ class DestinationFindingRow(Base):
     found_at: Mapped[float] = mapped_column(Float)
 
 
-#: States of a :class:`CommitmentRow` still waiting for its report or for the report to be applied.
-COMMITMENT_OPEN = ("requested", "reported")
+#: States of a :class:`CommitmentRow` (named again in :mod:`dicom_node.catalog.commitments`).
+COMMITMENT_REQUESTED = "requested"
+COMMITMENT_REPORTED = "reported"
+COMMITMENT_CLOSED = "closed"
 #: State of a transaction whose delivery was started again (``resend``, a retry of a done job)
 #: before it closed: its report, if it still comes, is never applied.
 COMMITMENT_SUPERSEDED = "superseded"
+#: States of a transaction still waiting for its report or for the report to be applied.
+COMMITMENT_OPEN = (COMMITMENT_REQUESTED, COMMITMENT_REPORTED)
 
 
 class CommitmentRow(Base):
