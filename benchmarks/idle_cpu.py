@@ -19,27 +19,10 @@ from pathlib import Path
 
 from dicom_node.catalog import Catalog
 from dicom_node.catalog.heartbeats import worker_statuses
+from tests.support import procs
 from tests.support.node import node_config, start_node, wait_until
 
 TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (from ``/proc/<pid>/task/*/children``)."""
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            out += [int(p) for p in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return out
-
-
-def tree(pid: int) -> list[int]:
-    pids = [pid]
-    for child in children(pid):
-        pids += tree(child)
-    return pids
 
 
 def cpu_seconds(pid: int) -> float:
@@ -64,8 +47,8 @@ def measure(seconds: float) -> dict[str, float]:
             catalog.close()
             time.sleep(5.0)  # let start-up work (imports, warm-up) finish
             serve = node.server.proc.pid
-            worker = next(p for p in children(serve) if " worker" in cmdline(p))
-            groups = {"serve": [serve], "worker main": [worker], "worker pool children": tree(worker)[1:]}
+            worker = next(p for p in procs.child_processes(serve) if " worker" in cmdline(p))
+            groups = {"serve": [serve], "worker main": [worker], "worker pool children": procs.process_tree(worker)[1:]}
             before = {name: sum(cpu_seconds(p) for p in pids) for name, pids in groups.items()}
             t0 = time.monotonic()
             time.sleep(seconds)

@@ -20,7 +20,6 @@ Also used by :mod:`benchmarks.stock_sender` (same corpus, same helpers).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import multiprocessing as mp
@@ -158,26 +157,14 @@ def dicom_node_listeners(root: Path, processes: int = 1) -> Iterator[int]:
                 p.terminate()
 
 
-def _process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (Linux ``/proc/<pid>/task/*/children``)."""
-    tree, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        tree.append(current)
-        for children in Path(f"/proc/{current}/task").glob("*/children"):
-            with contextlib.suppress(OSError):
-                todo += [int(c) for c in children.read_text().split()]
-    return tree
-
-
 def wait_until_idle(pid: int, timeout: float = 180.0, busy: float = 0.05) -> None:
     """Return once ``pid`` and its descendants used less than ``busy`` of a core for 1 s
     (the embedded worker imports torch and warms its models after ``serve`` listens)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        before = cpu_seconds(_process_tree(pid))
+        before = cpu_seconds(procs.process_tree(pid))
         time.sleep(1.0)
-        if cpu_seconds(_process_tree(pid)) - before < busy:
+        if cpu_seconds(procs.process_tree(pid)) - before < busy:
             return
     raise RuntimeError(f"serve (pid {pid}) still busy after {timeout:g} s")
 

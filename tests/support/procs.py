@@ -60,6 +60,23 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {start}-{start + size - 1}")
 
 
+def child_processes(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from ``/proc/<pid>/task/*/children``; Linux)."""
+    out: list[int] = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            out += [int(p) for p in children.read_text().split()]
+    return out
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process below it (children, their children, ...)."""
+    pids = [pid]
+    for child in child_processes(pid):
+        pids += process_tree(child)
+    return pids
+
+
 def wait_for_port(
     port: int, host: str = LOOPBACK, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None
 ) -> None:
