@@ -9,23 +9,42 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
 from tests.support import procs
 
+if TYPE_CHECKING:
+    from tests.support.postgres import PostgresServer
+
 REQUIRE_TOOLS = os.environ.get("DICOM_NODE_REQUIRE_TOOLS") == "1"
+
+
+def missing_part(msg: str) -> NoReturn:
+    """A real part the test needs is missing (``msg`` says which): skip the test, or fail it
+    under DICOM_NODE_REQUIRE_TOOLS=1."""
+    if REQUIRE_TOOLS:
+        pytest.fail(msg + " (DICOM_NODE_REQUIRE_TOOLS=1)")
+    pytest.skip(msg)
 
 
 def require_tool(*names: str) -> None:
     """Skip (or fail under DICOM_NODE_REQUIRE_TOOLS=1) unless every tool is on PATH."""
     missing = [n for n in names if procs.tool_path(n) is None]
     if missing:
-        msg = f"required tool(s) not installed: {', '.join(missing)}"
-        if REQUIRE_TOOLS:
-            pytest.fail(msg + " (DICOM_NODE_REQUIRE_TOOLS=1)")
-        pytest.skip(msg)
+        missing_part(f"required tool(s) not installed: {', '.join(missing)}")
+
+
+def require_postgres() -> PostgresServer:
+    """A throw-away PostgreSQL server (skip, or fail under DICOM_NODE_REQUIRE_TOOLS=1, without
+    one); the caller stops it."""
+    from tests.support.postgres import PostgresUnavailable, start_postgres
+
+    try:
+        return start_postgres()
+    except PostgresUnavailable as exc:
+        missing_part(str(exc))
 
 
 def require_playwright() -> Any:
@@ -33,10 +52,7 @@ def require_playwright() -> Any:
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        msg = "the Python package playwright is not installed (pip install playwright)"
-        if REQUIRE_TOOLS:
-            pytest.fail(msg + " (DICOM_NODE_REQUIRE_TOOLS=1)")
-        pytest.skip(msg)
+        missing_part("the Python package playwright is not installed (pip install playwright)")
     return sync_playwright
 
 

@@ -149,15 +149,9 @@ def test_drift_catalog_on_postgresql() -> None:
     from dicom_node.catalog.drift import OTHER, observations, prune_observations, record_observation
     from dicom_node.drift.monitor import evaluate
     from dicom_node.settings import DriftSettings
-    from tests.conftest import REQUIRE_TOOLS
-    from tests.support.postgres import PostgresUnavailable, start_postgres
+    from tests.conftest import require_postgres
 
-    try:
-        server = start_postgres()
-    except PostgresUnavailable as exc:
-        if REQUIRE_TOOLS:
-            pytest.fail(f"{exc} (DICOM_NODE_REQUIRE_TOOLS=1)")
-        pytest.skip(str(exc))
+    server = require_postgres()
     try:
         catalog = Catalog(server.create_database())
         t0 = 1_780_000_000.0

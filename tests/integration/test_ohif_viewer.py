@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import REQUIRE_TOOLS, require_playwright, require_tool
+from tests.conftest import missing_part, require_playwright, require_tool
 from tests.support import ohif
 from tests.support.screenshots import check_png
 from tests.support.study import Study, build_study
@@ -51,10 +51,7 @@ VIEWPORT = {"width": 1400, "height": 900}
 def _need_viewer() -> Path:
     require_tool("chromium", "Orthanc", "npm")
     if ohif.dicomweb_plugin() is None:
-        msg = "the orthanc-dicomweb plugin is not installed"
-        if REQUIRE_TOOLS:
-            pytest.fail(msg + " (DICOM_NODE_REQUIRE_TOOLS=1)")
-        pytest.skip(msg)
+        missing_part("the orthanc-dicomweb plugin is not installed")
     return ohif.fetch_ohif_dist()
 
 

@@ -34,11 +34,11 @@ from dicom_node.demo import (
     write_datasets,
 )
 from dicom_node.settings import load_settings
-from tests.conftest import REQUIRE_TOOLS, require_tool
+from tests.conftest import require_postgres, require_tool
 from tests.integration.test_end_to_end import SEG_CLASS, SR_CLASS, archived, storescu
 from tests.support import procs
 from tests.support.node import NodeProcess, node_config, start_node, wait_until
-from tests.support.postgres import PostgresServer, PostgresUnavailable, start_postgres
+from tests.support.postgres import PostgresServer
 from tests.unit.test_migrations import assert_upgrade_builds_the_models, concurrent_upgrades, schema_diff, version_rows
 
 pytestmark = pytest.mark.integration
@@ -51,12 +51,7 @@ N_SERIES = 4
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PostgresServer]:
     """One PostgreSQL for the module (about 1 s to start); each test takes a fresh database."""
-    try:
-        server = start_postgres()
-    except PostgresUnavailable as exc:
-        if REQUIRE_TOOLS:
-            pytest.fail(f"{exc} (DICOM_NODE_REQUIRE_TOOLS=1)")
-        pytest.skip(str(exc))
+    server = require_postgres()
     try:
         yield server
     finally:

@@ -388,18 +388,12 @@ def test_a_late_report_of_a_resent_delivery_leaves_the_new_delivery_alone(tmp_pa
     supersede is a locking update there)."""
     from dicom_node.catalog import JobState
     from dicom_node.scheduling import operator
-    from tests.conftest import REQUIRE_TOOLS
-    from tests.support.postgres import PostgresUnavailable, start_postgres
+    from tests.conftest import require_postgres
     from tests.support.queues import MemoryQueue
 
     postgres = None
     if database == "postgresql":
-        try:
-            postgres = start_postgres()
-        except PostgresUnavailable as exc:
-            if REQUIRE_TOOLS:
-                pytest.fail(f"{exc} (DICOM_NODE_REQUIRE_TOOLS=1)")
-            pytest.skip(str(exc))
+        postgres = require_postgres()
     node = NodeSide(tmp_path / "node", postgres.create_database() if postgres else None)
     archive = HoldingArchive(node.listener_settings.port)
     try:

@@ -5,7 +5,6 @@ repository)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from inference.models.lung_nodules import (
     LungNoduleModel,
 )
 from inference.prediction import DIAMETER
+from tests.conftest import missing_part
 from tests.support.chest_masses import (
     MASS_SET,
     LesionMatch,
@@ -34,7 +34,6 @@ from tests.support.chest_masses import (
 from tests.support.chest_nodules import make_nodule_phantom
 
 CPU = torch.device("cpu")
-REQUIRE_TOOLS = os.environ.get("DICOM_NODE_REQUIRE_TOOLS") == "1"
 REAL_SERIES = "chest_ct_siemens_b40f_tumour"
 
 pytestmark = pytest.mark.slow
@@ -181,10 +180,7 @@ def test_real_chest_ct_tumour_is_found(model: LungNoduleModel) -> None:
     and there are at most 3 other findings."""
     data = shared_data()
     if data is None:
-        message = f"real CT {REAL_SERIES} not found in ../shared/data"
-        if REQUIRE_TOOLS:
-            pytest.fail(message + " (DICOM_NODE_REQUIRE_TOOLS=1)")
-        pytest.skip(message)
+        missing_part(f"real CT {REAL_SERIES} not found in ../shared/data")
     box = json.loads((data / f"{REAL_SERIES}.json").read_text(encoding="utf-8"))["tumour_bbox_mm"]
     lo, hi = np.array(box["lo"]) - 10.0, np.array(box["hi"]) + 10.0
     longest = float(max(box["hi"][0] - box["lo"][0], box["hi"][1] - box["lo"][1]))

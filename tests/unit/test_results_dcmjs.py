@@ -15,7 +15,7 @@ import pytest
 from dicom_node.results.sr import mask_volume_ml
 from inference.prediction import SegmentKind
 from inference.volume import Volume
-from tests.conftest import REQUIRE_TOOLS, require_tool
+from tests.conftest import missing_part, require_tool
 from tests.support.study import Study, build_study
 
 pytestmark = pytest.mark.slow
@@ -27,10 +27,7 @@ def _node_modules() -> None:
     require_tool("node")
     for package in ("dcmjs", "@cornerstonejs/adapters", "@babel/runtime"):
         if not (VIEWER / "node_modules" / package / "package.json").is_file():
-            msg = f"npm package {package} not installed (cd tests/viewer && npm ci)"
-            if REQUIRE_TOOLS:
-                pytest.fail(msg + " (DICOM_NODE_REQUIRE_TOOLS=1)")
-            pytest.skip(msg)
+            missing_part(f"npm package {package} not installed (cd tests/viewer && npm ci)")
 
 
 @pytest.fixture(scope="module")
