@@ -402,11 +402,16 @@ def cmd_drift(args: argparse.Namespace) -> int:
     return 1 if out.alerts or out.silent else 0
 
 
+def _reach(bind_host: str) -> str:
+    """The address to reach a server of this node bound to ``bind_host`` (a wildcard bind
+    address is reached on loopback)."""
+    return "127.0.0.1" if bind_host in ("0.0.0.0", "::") else bind_host  # noqa: S104 - compared, not bound
+
+
 def _own_listener(settings: Settings) -> DestinationSettings:
-    """This node's listener as a destination (a wildcard bind address is reached on loopback)."""
+    """This node's listener as a destination."""
     lst = settings.listener
-    host = "127.0.0.1" if lst.host in ("0.0.0.0", "::") else lst.host  # noqa: S104 - compared, not bound
-    return DestinationSettings(name="this node", ae_title=lst.ae_title, host=host, port=lst.port)
+    return DestinationSettings(name="this node", ae_title=lst.ae_title, host=_reach(lst.host), port=lst.port)
 
 
 #: Groups of rejected associations ``status`` prints (the JSON has them all).
@@ -424,7 +429,7 @@ def _rejected_associations(settings: Settings) -> dict[str, Any]:
     from dicom_node.ingest.rejections import Rejection, group
 
     web = settings.web
-    host = "127.0.0.1" if web.host in ("0.0.0.0", "::") else web.host  # noqa: S104 - compared, not bound
+    host = _reach(web.host)
     url = f"http://{f'[{host}]' if ':' in host else host}:{web.port}/api/rejected-associations"
     if not web.enabled:
         return {"source": None, "error": "[web] enabled = false: they are shown through serve's web API"}
