@@ -3,7 +3,7 @@
 Every C-STORE data set is walked to its last byte and its UIDs and catalog attributes read
 (:func:`dicom_node.ingest.header.parse_header`).  Little endian data sets take the hand-written
 scanner; big endian ones and elements out of order take pydicom's reader
-(:func:`~dicom_node.ingest.header.read_header`, stopping before the pixel data), which gives
+(:func:`~dicom_node.ingest.header.values_by_pydicom`, stopping before the pixel data), which gives
 the same values (``tests/unit/test_header.py``).  This times both, in the same run, on whole
 CT data sets as they arrive (512 x 512 pixels, no file meta): the demo phantom's slice and a
 vendor-like one (sequences of undefined length, private groups, Latin-1), explicit and
@@ -17,19 +17,11 @@ from __future__ import annotations
 import argparse
 import timeit
 from collections.abc import Callable
-from io import BytesIO
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from dicom_node.ingest.header import _raw_values, header_values, parse_header, read_header
+from dicom_node.ingest.header import parse_header, values_by_pydicom
 from tests.support.headers import encode_dataset, plain_ct, vendor_ct
-
-Values = tuple[dict[str, str | None], dict[str, str | int | float]]
-
-
-def by_pydicom(body: bytes, syntax: str) -> Values:
-    """What :func:`parse_header` does for a big endian data set, without its walk."""
-    return header_values(_raw_values(read_header(BytesIO(body), syntax)))
 
 
 def per_call_us(call: Callable[[], object], number: int, repeat: int) -> list[float]:
@@ -48,10 +40,10 @@ def main() -> None:
         for implicit in (False, True):
             syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
             body = encode_dataset(make(args.size), implicit=implicit)
-            if parse_header(body, syntax) != by_pydicom(body, syntax):
+            if parse_header(body, syntax) != values_by_pydicom(body, syntax):
                 raise SystemExit(f"{name}: the scanner and pydicom disagree")
             fast = per_call_us(lambda b=body, s=syntax: parse_header(b, s), args.number, args.repeat)  # type: ignore[misc]
-            slow = per_call_us(lambda b=body, s=syntax: by_pydicom(b, s), args.number, args.repeat)  # type: ignore[misc]
+            slow = per_call_us(lambda b=body, s=syntax: values_by_pydicom(b, s), args.number, args.repeat)  # type: ignore[misc]
             label = f"{name}, {'implicit' if implicit else 'explicit'}"
             fast_median, slow_median = fast[len(fast) // 2], slow[len(slow) // 2]
             print(f"{label:<26} {fast_median:>11.1f} {slow_median:>11.1f} {slow_median / fast_median:>17.1f}x"

@@ -359,6 +359,14 @@ def header_values(
     return uids, attributes
 
 
+def values_by_pydicom(
+    data: bytes | bytearray | memoryview, transfer_syntax: str,
+) -> tuple[dict[str, str | None], dict[str, str | int | float]]:
+    """The UIDs and catalog attributes as pydicom's reader gives them (:func:`read_header`):
+    :func:`parse_header`'s answer for big endian data sets and elements out of order."""
+    return header_values(_raw_values(read_header(BytesIO(data), transfer_syntax)))
+
+
 def parse_header(
     data: bytes | bytearray | memoryview, transfer_syntax: str, *, max_inflated: int | None = None,
 ) -> tuple[dict[str, str | None], dict[str, str | int | float]]:
@@ -388,7 +396,7 @@ def parse_header(
         walked = walk(data, not implicit, transfer_syntax_read != ExplicitVRBigEndian)
         if transfer_syntax_read == ExplicitVRBigEndian or walked.unordered:
             # Well formed, but its values are pydicom's to read (byte order, duplicates).
-            return header_values(_raw_values(read_header(BytesIO(data), transfer_syntax_read)))
+            return values_by_pydicom(data, transfer_syntax_read)
         return header_values(walked.found)
     except DataSetTooLargeError:
         raise

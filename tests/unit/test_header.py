@@ -30,13 +30,9 @@ from dicom_node.ingest.header import (
     parse_header,
     read_header,
     scan_elements,
+    values_by_pydicom,
 )
 from tests.support.headers import encode_dataset, plain_ct, vendor_ct
-
-
-def _by_pydicom(body: bytes, syntax: str) -> tuple[dict[str, str | None], dict[str, str | int | float]]:
-    return header_values(_raw_values(read_header(BytesIO(body), syntax)))
-
 
 _UN_OF_UNDEFINED_LENGTH = b"".join((
     struct.pack("<HH2sHL", 0x0009, 0x1010, b"UN", 0, 0xFFFFFFFF),
@@ -68,7 +64,7 @@ def test_the_scanner_reads_what_pydicom_reads(make: object, implicit: bool) -> N
     syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
     scan_elements(body, not implicit)  # no _Unusual: the fast path is taken
     uids, attributes = parse_header(body, syntax)
-    assert (uids, attributes) == _by_pydicom(body, syntax)
+    assert (uids, attributes) == values_by_pydicom(body, syntax)
     assert uids["SOPInstanceUID"] == ds.SOPInstanceUID
     assert uids["SeriesInstanceUID"] == ds.SeriesInstanceUID
 
@@ -87,7 +83,7 @@ def test_a_un_element_of_undefined_length_is_skipped_as_implicit_items() -> None
     """UN of undefined length holds implicit VR items (PS3.5 6.2.2): skipped, values agree."""
     body = _with_un_sequence(vendor_ct())
     scan_elements(body, True)
-    assert parse_header(body, ExplicitVRLittleEndian) == _by_pydicom(body, ExplicitVRLittleEndian)
+    assert parse_header(body, ExplicitVRLittleEndian) == values_by_pydicom(body, ExplicitVRLittleEndian)
 
 
 def test_compressed_syntaxes_and_data_sets_without_pixels_take_the_fast_path() -> None:
@@ -99,7 +95,7 @@ def test_compressed_syntaxes_and_data_sets_without_pixels_take_the_fast_path() -
     ds["PixelData"].VR = "OB"
     body = encode_dataset(ds)
     scan_elements(body, True)
-    assert parse_header(body, JPEGBaseline8Bit) == _by_pydicom(body, ExplicitVRLittleEndian)
+    assert parse_header(body, JPEGBaseline8Bit) == values_by_pydicom(body, ExplicitVRLittleEndian)
     del ds.PixelData
     assert parse_header(encode_dataset(ds), ExplicitVRLittleEndian)[0]["SOPInstanceUID"] == ds.SOPInstanceUID
 
