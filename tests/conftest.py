@@ -36,6 +36,15 @@ def require_tool(*names: str) -> None:
         missing_part(f"required tool(s) not installed: {', '.join(missing)}")
 
 
+def require_orthanc_dicomweb() -> None:
+    """Skip (or fail under DICOM_NODE_REQUIRE_TOOLS=1) without Orthanc and its DICOMweb plugin."""
+    from tests.support import ohif
+
+    require_tool("Orthanc")
+    if ohif.dicomweb_plugin() is None:
+        missing_part("the orthanc-dicomweb plugin is not installed")
+
+
 def require_postgres() -> PostgresServer:
     """A throw-away PostgreSQL server (skip, or fail under DICOM_NODE_REQUIRE_TOOLS=1, without
     one); the caller stops it."""

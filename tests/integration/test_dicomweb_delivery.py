@@ -17,7 +17,7 @@ import pytest
 from dicom_node.delivery import reachable, send_files
 from dicom_node.errors import PermanentError, TransientError
 from dicom_node.settings import DestinationSettings
-from tests.conftest import require_tool
+from tests.conftest import require_orthanc_dicomweb
 from tests.integration.test_faults import catalog_of, rule, series_files, storescu, wait_job
 from tests.support import ohif, procs
 from tests.support.node import node_config, start_node, wait_until
@@ -29,9 +29,7 @@ USER, PASSWORD = "node", "s3cret-stow-pw"
 @pytest.fixture
 def orthanc(tmp_path: Path) -> Iterator[procs.Server]:
     """Orthanc with its DICOMweb plugin at /dicom-web, basic auth (user ``node``) on free ports."""
-    require_tool("Orthanc")
-    if ohif.dicomweb_plugin() is None:
-        require_tool("libOrthancDicomWeb.so")  # skips, or fails under DICOM_NODE_REQUIRE_TOOLS=1
+    require_orthanc_dicomweb()
     with ohif.start_orthanc(tmp_path / "orthanc", users={USER: PASSWORD}) as server:
         yield server
 

@@ -27,7 +27,7 @@ from dicom_node.delivery.confirm import check_overwrite
 from dicom_node.delivery.dicom import send_instances
 from dicom_node.metrics import NodeMetrics
 from dicom_node.settings import DestinationSettings
-from tests.conftest import require_tool
+from tests.conftest import require_orthanc_dicomweb, require_tool
 from tests.integration.test_faults import catalog_of, rule, series_files, storescu, wait_job
 from tests.support import ohif, procs
 from tests.support.node import node_config, start_node, wait_until
@@ -88,19 +88,22 @@ def test_the_check_tells_an_archive_that_keeps_the_first_from_one_that_replaces(
         assert "20261206 101010.000001" in check.detail and "20261206 111111.000002" in check.detail
 
 
+def _web_destination(port: int) -> DestinationSettings:
+    """A DICOMweb destination at ``http://127.0.0.1:port/dicom-web``, without credentials."""
+    return DestinationSettings.model_validate(
+        {"name": "web", "type": "dicomweb", "url": f"http://{procs.LOOPBACK}:{port}/dicom-web"})
+
+
 @pytest.mark.parametrize("overwrite", [False, True], ids=["keeps-first", "overwrites"])
 def test_the_qido_check_tells_a_dicomweb_archive_that_keeps_the_first(tmp_path: Path, overwrite: bool) -> None:
     """The same over DICOMweb: two versions sent with STOW-RS, then a QIDO-RS search for the
     creation time tells Orthanc keeping the first (OverwriteInstances false) from replacing."""
-    require_tool("Orthanc")
-    if ohif.dicomweb_plugin() is None:
-        require_tool("libOrthancDicomWeb.so")  # skips, or fails under DICOM_NODE_REQUIRE_TOOLS=1
+    require_orthanc_dicomweb()
     [src] = series_files(tmp_path, "keeps-first-web")[:1]
     first = _version(src, tmp_path / "v1" / "x.dcm", "101010.000001")
     second = _version(src, tmp_path / "v2" / "x.dcm", "111111.000002")
     with ohif.start_orthanc(tmp_path / "orthanc", extra={"OverwriteInstances": overwrite}) as server:
-        dest = DestinationSettings.model_validate({
-            "name": "web", "type": "dicomweb", "url": f"http://{procs.LOOPBACK}:{server.port}/dicom-web"})
+        dest = _web_destination(server.port)
         for version in (first, second):
             report = send_files(dest, [version], calling_ae_title="DICOM_NODE")
             assert report.sent == 1 and report.results[0].status == 0
@@ -113,8 +116,7 @@ def test_the_qido_check_tells_a_dicomweb_archive_that_keeps_the_first(tmp_path: 
 def test_the_qido_check_cannot_tell_when_the_server_does_not_answer(tmp_path: Path) -> None:
     """Nothing listening at the DICOMweb URL: unknown (None) with the reason, never a warning."""
     [path] = series_files(tmp_path, "keeps-first-web-down")[:1]
-    dest = DestinationSettings.model_validate({
-        "name": "web", "type": "dicomweb", "url": f"http://{procs.LOOPBACK}:{procs.free_port()}/dicom-web"})
+    dest = _web_destination(procs.free_port())
     [check] = delivery_check_overwrite(dest, [path], calling_ae_title="DICOM_NODE")
     assert check.replaced is None and "QIDO-RS" in check.detail and "unreachable" in check.detail
 
@@ -142,8 +144,7 @@ def test_the_qido_check_cannot_tell_from_a_broken_answer(tmp_path: Path, body: b
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         [path] = series_files(tmp_path, "keeps-first-web-broken")[:1]
-        dest = DestinationSettings.model_validate({
-            "name": "web", "type": "dicomweb", "url": f"http://{procs.LOOPBACK}:{server.server_port}/dicom-web"})
+        dest = _web_destination(server.server_port)
         [check] = delivery_check_overwrite(dest, [path], calling_ae_title="DICOM_NODE")
     finally:
         server.shutdown()
@@ -252,9 +253,7 @@ def test_a_rerun_warns_once_about_an_archive_that_keeps_the_first(
 def test_a_rerun_warns_once_about_a_dicomweb_archive_that_keeps_the_first(tmp_path: Path) -> None:
     """The same through STOW-RS and QIDO-RS: Orthanc's DICOMweb with OverwriteInstances false
     acknowledges the re-run's objects and keeps the first; the node says so once."""
-    require_tool("Orthanc")
-    if ohif.dicomweb_plugin() is None:
-        require_tool("libOrthancDicomWeb.so")  # skips, or fails under DICOM_NODE_REQUIRE_TOOLS=1
+    require_orthanc_dicomweb()
     with ohif.start_orthanc(tmp_path / "orthanc", extra={"OverwriteInstances": False}) as server:
         seen = _deliver_and_rerun_twice(
             tmp_path, {"type": "dicomweb", "url": f"http://{procs.LOOPBACK}:{server.port}/dicom-web"},

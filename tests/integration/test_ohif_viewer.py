@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import missing_part, require_playwright, require_tool
+from tests.conftest import require_orthanc_dicomweb, require_playwright, require_tool
 from tests.support import ohif
 from tests.support.screenshots import check_png
 from tests.support.study import Study, build_study
@@ -49,9 +49,8 @@ VIEWPORT = {"width": 1400, "height": 900}
 
 
 def _need_viewer() -> Path:
-    require_tool("chromium", "Orthanc", "npm")
-    if ohif.dicomweb_plugin() is None:
-        missing_part("the orthanc-dicomweb plugin is not installed")
+    require_tool("chromium", "npm")
+    require_orthanc_dicomweb()
     return ohif.fetch_ohif_dist()
 
 
